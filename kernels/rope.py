@@ -1,0 +1,69 @@
+"""Rotary embeddings: TM-RoPE (interleaved time/height/width sections) and plain 1-D RoPE.
+
+Rotate-half convention: frequency slot j rotates channel j with channel j + head_dim/2 (MODEL_SPEC §4.1).
+"""
+
+import torch
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """(head_dim/2,) float32 inverse frequencies theta^(-2j/head_dim)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def tm_rope_axis_of_slot(num_slots: int, mrope_section) -> torch.Tensor:
+    """(num_slots,) int64: which position axis (0=t, 1=h, 2=w) drives each frequency slot.
+
+    The rule transformers implements (not "counts"): every slot starts as t; slots 1, 4, 7, ... below
+    3*section[1] become h; slots 2, 5, 8, ... below 3*section[2] become w. section[0] is never read.
+    """
+    axis = torch.zeros(num_slots, dtype=torch.int64)
+    for dim, offset in ((1, 1), (2, 2)):
+        axis[offset:min(3 * mrope_section[dim], num_slots):3] = dim
+    return axis
+
+
+def rope_cos_sin_ref(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section, dtype: torch.dtype):
+    """positions: (3, ...) t/h/w ids (float or int) for TM-RoPE, or (...) ids for 1-D RoPE (mrope_section None).
+    inv_freq: (head_dim/2,) float32. Returns (cos, sin), each (..., head_dim) in `dtype`.
+
+    Angles are computed in fp32; cos/sin are cast to the activation dtype before use, as the model does.
+    """
+    positions = positions.to(torch.float32)
+    inv_freq = inv_freq.to(device=positions.device, dtype=torch.float32)
+    if mrope_section is None:
+        angles = positions[..., None] * inv_freq  # (..., D/2)
+    else:
+        axis = tm_rope_axis_of_slot(inv_freq.numel(), mrope_section).to(positions.device)
+        per_axis = positions[..., None] * inv_freq  # (3, ..., D/2)
+        angles = _select_axis(per_axis, axis)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _select_axis(per_axis: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """per_axis: (3, ..., S); axis: (S,) -> (..., S) taking slot s from per_axis[axis[s]]."""
+    index = axis.view(1, *([1] * (per_axis.dim() - 2)), -1).expand(1, *per_axis.shape[1:])
+    return per_axis.gather(0, index).squeeze(0)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, head_dim). Returns the rotated x (new tensor)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return x * cos + rotate_half(x) * sin
+
+
+def qk_norm_rope_ref(q, k, q_norm_weight, k_norm_weight, eps: float, cos, sin):
+    """q: (batch, seq, q_heads, head_dim); k: (batch, seq, kv_heads, head_dim); norm weights: (head_dim,);
+    cos/sin: (batch, seq, head_dim). Returns (q, k): Qwen3's per-head RMSNorm, then rotary, as new tensors.
+    """
+    from kernels.norm import rms_norm_ref
+
+    q = apply_rope_ref(rms_norm_ref(q, q_norm_weight, eps), cos, sin)
+    k = apply_rope_ref(rms_norm_ref(k, k_norm_weight, eps), cos, sin)
+    return q, k

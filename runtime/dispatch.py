@@ -1,0 +1,105 @@
+"""The one dispatch point for hot ops: model modules call these functions and never know which
+implementation ran.
+
+Each op has a `torch` reference (kernels/*_ref, the CPU path and the oracle); Triton (`triton`) and CUDA
+(`cuda`) implementations register themselves under the same op name with the same signature. Select with
+`use(op, backend)` / `use_all(backend)` or the `OMNI_RT_BACKEND` environment variable (e.g. `triton`).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Callable
+
+from kernels import attention as _attention
+from kernels import moe as _moe
+from kernels import norm as _norm
+from kernels import rope as _rope
+
+_IMPLS: dict[str, dict[str, Callable]] = {
+    "rms_norm": {"torch": _norm.rms_norm_ref},
+    "rope_cos_sin": {"torch": _rope.rope_cos_sin_ref},
+    "apply_rope": {"torch": _rope.apply_rope_ref},
+    "qk_norm_rope": {"torch": _rope.qk_norm_rope_ref},
+    "attention": {"torch": _attention.attention_ref},
+    "route_topk": {"torch": _moe.route_topk_ref},
+    "moe_experts": {"torch": _moe.moe_experts_ref},
+}
+_selected: dict[str, str] = {op: "torch" for op in _IMPLS}
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    """Make `fn` available as `backend` for `op` (same signature as the reference)."""
+    if op not in _IMPLS:
+        raise KeyError(f"unknown op {op!r}; known ops: {', '.join(sorted(_IMPLS))}")
+    _IMPLS[op][backend] = fn
+
+
+def backends(op: str) -> list[str]:
+    return sorted(_IMPLS[op])
+
+
+def use(op: str, backend: str) -> None:
+    if op not in _IMPLS:
+        raise KeyError(f"unknown op {op!r}; known ops: {', '.join(sorted(_IMPLS))}")
+    if backend not in _IMPLS[op]:
+        raise ValueError(f"op {op!r} has no {backend!r} implementation (available: {', '.join(backends(op))})")
+    _selected[op] = backend
+
+
+def use_all(backend: str) -> None:
+    """Select `backend` for every op that has it; the others keep their current implementation."""
+    for op, impls in _IMPLS.items():
+        if backend in impls:
+            _selected[op] = backend
+
+
+@contextmanager
+def using(backend: str):
+    saved = dict(_selected)
+    use_all(backend)
+    try:
+        yield
+    finally:
+        _selected.update(saved)
+
+
+def selected() -> dict[str, str]:
+    return dict(_selected)
+
+
+def _call(op: str) -> Callable:
+    return _IMPLS[op][_selected[op]]
+
+
+def rms_norm(x, weight, eps):
+    return _call("rms_norm")(x, weight, eps)
+
+
+def rope_cos_sin(positions, inv_freq, mrope_section, dtype):
+    return _call("rope_cos_sin")(positions, inv_freq, mrope_section, dtype)
+
+
+def apply_rope(x, cos, sin):
+    return _call("apply_rope")(x, cos, sin)
+
+
+def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, eps, cos, sin):
+    return _call("qk_norm_rope")(q, k, q_norm_weight, k_norm_weight, eps, cos, sin)
+
+
+def attention(q, k, v, mask, scale):
+    return _call("attention")(q, k, v, mask, scale)
+
+
+def route_topk(router_logits, top_k, norm_topk_prob):
+    return _call("route_topk")(router_logits, top_k, norm_topk_prob)
+
+
+def moe_experts(hidden, expert_ids, expert_weights, gate_up_proj, down_proj):
+    return _call("moe_experts")(hidden, expert_ids, expert_weights, gate_up_proj, down_proj)
+
+
+if os.environ.get("OMNI_RT_BACKEND"):
+    use_all(os.environ["OMNI_RT_BACKEND"])

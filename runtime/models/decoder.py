@@ -1,0 +1,115 @@
+"""The Qwen3 decoder shared by the thinker and talker text models (MoE, TM-RoPE) and the code predictor
+(dense, 1-D RoPE): pre-norm layers of q/k-normed GQA attention and an MLP (MODEL_SPEC §3, §8, §9).
+
+Shapes: B = batch, L = new tokens this call, S = cached + new tokens, H = hidden_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.attention import causal_mask
+from kernels.rope import rope_inv_freq
+from runtime import dispatch
+from runtime.config import DecoderConfig
+from runtime.kv_cache import DynamicKVCache
+from runtime.models.layers import FusedLinear, GatedMLP, RMSNorm, SparseMoeBlock
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = FusedLinear(cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size],
+                                    ["q_proj", "k_proj", "v_proj"], bias=False)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: DynamicKVCache | None, layer: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.qkv_proj(x)
+        q = q.view(batch, length, self.num_heads, self.head_dim)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
+        q, k = dispatch.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # [B, S, kv_heads, D]
+        out = dispatch.attention(q, k, v, mask, self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(batch, length, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.self_attn = DecoderAttention(cfg)
+        if cfg.num_experts:
+            self.mlp = SparseMoeBlock(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size,
+                                      cfg.norm_topk_prob, cfg.shared_expert_intermediate_size)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, layer) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class DeepStack:
+    """Visual features added to the hidden states at `visual_mask` positions after layers 0..len-1."""
+
+    visual_mask: torch.Tensor  # [B, L] bool
+    features: list[torch.Tensor]  # each [num_visual_tokens, H]
+
+
+@dataclass
+class DecoderOutput:
+    hidden: torch.Tensor  # [B, L, H] after the final norm
+    layer_outputs: list[torch.Tensor] | None  # [i] = output of layer i (before DeepStack), when asked
+
+
+class Decoder(nn.Module):
+    """Layers + final norm; the owner adds its own embedding tables and head."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the non-persistent rotary table, e.g. after materialising from the meta device."""
+        self.register_buffer("inv_freq", rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta),
+                             persistent=False)
+
+    def new_cache(self) -> DynamicKVCache:
+        return DynamicKVCache(self.cfg.num_layers)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, cache: DynamicKVCache | None = None,
+                deepstack: DeepStack | None = None, output_layers: bool = False) -> DecoderOutput:
+        """inputs_embeds: [B, L, H]; position_ids: [3, B, L] (t, h, w) for TM-RoPE or [B, L] for 1-D RoPE;
+        attention_mask: [B, S] with 1 for real tokens (left padding), None when nothing is padded;
+        cache: appended in place."""
+        batch, length, _ = inputs_embeds.shape
+        past = cache.seq_len if cache is not None else 0
+        cos, sin = dispatch.rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section, inputs_embeds.dtype)
+        mask = causal_mask(length, past + length, inputs_embeds.device)
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :].bool()
+        x = inputs_embeds
+        outputs = [] if output_layers else None
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, index)
+            if outputs is not None:
+                outputs.append(x)
+            if deepstack is not None and index < len(deepstack.features):
+                x = x.clone()
+                x[deepstack.visual_mask] = x[deepstack.visual_mask] + deepstack.features[index].to(x.dtype)
+        return DecoderOutput(self.norm(x), outputs)

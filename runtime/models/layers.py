@@ -1,0 +1,88 @@
+"""Building blocks shared by the model modules.
+
+Parameters keep the checkpoint's names except where the loader fuses them (runtime/weights.py):
+`FusedLinear` holds q|k|v or gate|up as one weight, `MoEExperts` holds all experts stacked.
+Hot math goes through runtime.dispatch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime import dispatch
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.rms_norm(x, self.weight, self.eps)
+
+
+class FusedLinear(nn.Module):
+    """Several linears over the same input run as one GEMM. The checkpoint stores them separately as
+    `<prefix>.<part_name>.weight|bias`; the loader concatenates them along the output dim in this order."""
+
+    def __init__(self, in_features: int, part_sizes: list[int], part_names: list[str], bias: bool):
+        super().__init__()
+        self.part_sizes = list(part_sizes)
+        self.part_names = list(part_names)
+        self.weight = nn.Parameter(torch.empty(sum(part_sizes), in_features))
+        self.bias = nn.Parameter(torch.empty(sum(part_sizes))) if bias else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.part_sizes, dim=-1)
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate x) * up x), gate|up fused."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = FusedLinear(hidden_size, [intermediate_size] * 2, ["gate_proj", "up_proj"], bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class MoEExperts(nn.Module):
+    """All experts stacked: gate_up_proj (E, 2I, H), down_proj (E, H, I). On disk each expert is
+    `<prefix>.<e>.{gate_proj,up_proj,down_proj}.weight`."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+
+class SparseMoeBlock(nn.Module):
+    """Softmax top-k router over `experts`, plus the talker's sigmoid-gated shared expert when configured."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
+                 norm_topk_prob: bool, shared_expert_intermediate_size: int = 0):
+        super().__init__()
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = MoEExperts(num_experts, hidden_size, intermediate_size)
+        if shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(hidden_size, shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])  # [T, H]
+        weights, ids = dispatch.route_topk(self.gate(tokens), self.top_k, self.norm_topk_prob)
+        out = dispatch.moe_experts(tokens, ids, weights, self.experts.gate_up_proj, self.experts.down_proj)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
+        return out.reshape(shape)
