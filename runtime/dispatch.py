@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 from kernels import attention as _attention
+from kernels import conv as _conv
 from kernels import moe as _moe
 from kernels import norm as _norm
 from kernels import rope as _rope
@@ -25,6 +26,10 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "attention": {"torch": _attention.attention_ref},
     "route_topk": {"torch": _moe.route_topk_ref},
     "moe_experts": {"torch": _moe.moe_experts_ref},
+    "causal_conv1d": {"torch": _conv.causal_conv1d_ref},
+    "causal_conv1d_update": {"torch": _conv.causal_conv1d_update_ref},
+    "causal_conv_transpose1d": {"torch": _conv.causal_conv_transpose1d_ref},
+    "causal_conv_transpose1d_update": {"torch": _conv.causal_conv_transpose1d_update_ref},
 }
 _selected: dict[str, str] = {op: "torch" for op in _IMPLS}
 
@@ -99,6 +104,22 @@ def route_topk(router_logits, top_k, norm_topk_prob):
 
 def moe_experts(hidden, expert_ids, expert_weights, gate_up_proj, down_proj):
     return _call("moe_experts")(hidden, expert_ids, expert_weights, gate_up_proj, down_proj)
+
+
+def causal_conv1d(x, weight, bias, dilation, groups):
+    return _call("causal_conv1d")(x, weight, bias, dilation, groups)
+
+
+def causal_conv1d_update(x_chunk, conv_state, weight, bias, dilation, groups, slot_ids=None):
+    return _call("causal_conv1d_update")(x_chunk, conv_state, weight, bias, dilation, groups, slot_ids)
+
+
+def causal_conv_transpose1d(x, weight, bias, stride):
+    return _call("causal_conv_transpose1d")(x, weight, bias, stride)
+
+
+def causal_conv_transpose1d_update(x_chunk, tail_state, weight, bias, stride, start, slot_ids=None):
+    return _call("causal_conv_transpose1d_update")(x_chunk, tail_state, weight, bias, stride, start, slot_ids)
 
 
 if os.environ.get("OMNI_RT_BACKEND"):

@@ -1,0 +1,365 @@
+"""Code2Wav: codec codes (B, num_quantizers, L) at 12.5 Hz → 24 kHz waveform (MODEL_SPEC §10), the same
+computation as transformers' Qwen3OmniMoeCode2Wav `forward`, plus a stateful streaming decode.
+
+Pipeline: mean of the per-quantizer code embeddings → sliding-window causal transformer → upsampling
+stages (causal transposed conv + ConvNeXt block) → decoder (causal conv, SnakeBeta/transposed-conv blocks
+with dilated residual units, SnakeBeta, causal conv to 1 channel) → clamp to [−1, 1].
+
+Everything is causal, so the stream (`new_state` / `decode_step` / `flush`) decodes each frame once: it
+keeps the last window−1 keys/values per layer (rotary positions continue), the left context of every
+causal conv and the overlap-add tail of every transposed conv. After n frames in total it has emitted
+exactly `num_samples(n)` samples (1920·n − 555 for the released config), which are the first samples of
+the full decode of any longer code sequence. That is every final sample: output sample t depends on frame
+⌊(t + 555)/1920⌋ (MODEL_SPEC §10.5), so sample 1920·n − 555 needs frame n. `flush` therefore emits
+nothing: the samples still pending (555 per stream on the released config) are exactly those a full
+decode trims on the right, so the stream's total equals the full decode, sample for sample and in length.
+
+Shapes: B = batch, L = frames (or samples, inside the conv stack), H = hidden_size, C = channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.attention import causal_mask
+from kernels.conv import transpose_output_length
+from kernels.rope import rope_inv_freq
+from runtime import dispatch
+from runtime.config import Code2WavConfig
+from runtime.models.layers import FusedLinear, GatedMLP, RMSNorm
+
+CONVNEXT_KERNEL = 7
+DECODER_KERNEL = 7
+RESIDUAL_DILATIONS = (1, 3, 9)
+SNAKE_EPS = 1e-9  # transformers' no_div_by_zero
+CONVNEXT_NORM_EPS = 1e-6
+CONVNEXT_GAMMA_INIT = 1e-6
+
+
+@dataclass
+class Code2WavState:
+    """What a stream carries between `Code2Wav.decode_step` calls; all rows advance in lockstep.
+
+    Conv states are keyed by the module's path in Code2Wav (e.g. "decoder.1.block.2.conv1"), so the
+    whole state is a flat set of tensors that can later live in preallocated per-slot pools.
+    """
+
+    batch: int
+    frames: int = 0  # codec frames consumed = rotary position of the next frame
+    samples: int = 0  # waveform samples emitted
+    finished: bool = False
+    keys: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, <= window−1, kv_heads, D], rotated
+    values: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, <= window−1, kv_heads, D]
+    conv: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, C_in, (K−1)·d] left context per causal conv
+    tails: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, C_out, k−s] overlap-add tail per transposed conv
+    consumed: dict[str, int] = field(default_factory=dict)  # input samples each transposed conv has seen
+
+    def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [B, n, kv_heads, D] for the new frames. Returns cached + new ([B, past + n, kv_heads, D]) and
+        keeps only the last `keep` (= window − 1) positions: all a later query can attend to."""
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=1)
+            v = torch.cat((self.values[layer], v), dim=1)
+        first = max(0, k.shape[1] - keep)
+        self.keys[layer], self.values[layer] = k[:, first:].contiguous(), v[:, first:].contiguous()
+        return k, v
+
+
+class _ConvParams(nn.Module):
+    """Weight and bias of a conv as the checkpoint stores them (`<conv>.conv.weight|bias`); the math lives in
+    the owner, which calls runtime.dispatch."""
+
+    def __init__(self, weight_shape: tuple[int, int, int], out_channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d, stride 1, left zero pad (K−1)·d. Streaming keeps the last (K−1)·d input samples."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1, groups: int = 1):
+        super().__init__()
+        self.conv = _ConvParams((out_channels, in_channels // groups, kernel_size), out_channels)
+        self.in_channels, self.dilation, self.groups = in_channels, dilation, groups
+        self.state_len = (kernel_size - 1) * dilation
+        self.state_key: str | None = None  # path in Code2Wav, set by its constructor
+
+    def forward(self, x: torch.Tensor, state: Code2WavState | None = None) -> torch.Tensor:
+        """x: [B, C_in, L] → [B, C_out, L]; with `state`, x continues the stream and its state is updated."""
+        if state is None or self.state_len == 0:  # a 1-tap conv needs no context
+            return dispatch.causal_conv1d(x, self.conv.weight, self.conv.bias, self.dilation, self.groups)
+        return dispatch.causal_conv1d_update(x, state.conv[self.state_key], self.conv.weight, self.conv.bias,
+                                             self.dilation, self.groups)
+
+
+class CausalTransConv1d(nn.Module):
+    """ConvTranspose1d(k, s) with k−s samples trimmed on both sides: n inputs → n·s − (k−s) samples.
+    Streaming keeps the k−s not-yet-final overlap-add samples (kernels/conv.py)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int):
+        super().__init__()
+        self.conv = _ConvParams((in_channels, out_channels, kernel_size), out_channels)
+        self.out_channels, self.kernel_size, self.stride = out_channels, kernel_size, stride
+        self.state_key: str | None = None
+
+    def output_length(self, num_inputs: int) -> int:
+        return transpose_output_length(num_inputs, self.kernel_size, self.stride)
+
+    def forward(self, x: torch.Tensor, state: Code2WavState | None = None) -> torch.Tensor:
+        """x: [B, C_in, L] → [B, C_out, L·s − (k−s)]; with `state`: the samples these L inputs made final."""
+        if state is None:
+            return dispatch.causal_conv_transpose1d(x, self.conv.weight, self.conv.bias, self.stride)
+        key = self.state_key
+        out = dispatch.causal_conv_transpose1d_update(x, state.tails[key], self.conv.weight, self.conv.bias,
+                                                      self.stride, state.consumed[key])
+        state.consumed[key] += x.shape[-1]
+        return out
+
+
+class SnakeBeta(nn.Module):
+    """x + sin²(e^α·x) / (e^β + 1e-9), α and β per channel in log space."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, state: Code2WavState | None = None) -> torch.Tensor:
+        """x: [B, C, L] (pointwise in time: no streaming state)."""
+        alpha = torch.exp(self.alpha)[None, :, None]  # [1, C, 1]
+        beta = torch.exp(self.beta)[None, :, None]
+        return x + (1.0 / (beta + SNAKE_EPS)) * torch.sin(x * alpha).pow(2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """x + γ·Linear(GELU(Linear(LayerNorm(causal depthwise conv7(x))))) over channels."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = CausalConv1d(dim, dim, CONVNEXT_KERNEL, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=CONVNEXT_NORM_EPS)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), CONVNEXT_GAMMA_INIT))
+
+    def forward(self, x: torch.Tensor, state: Code2WavState | None = None) -> torch.Tensor:
+        """x: [B, C, L] → [B, C, L]."""
+        h = self.dwconv(x, state).transpose(1, 2)  # [B, L, C]
+        h = self.pwconv2(F.gelu(self.pwconv1(self.norm(h))))
+        return x + (self.gamma * h).transpose(1, 2)
+
+
+class ResidualUnit(nn.Module):
+    """x + conv1x1(snake(conv7_dilated(snake(x))))."""
+
+    def __init__(self, dim: int, dilation: int):
+        super().__init__()
+        self.act1 = SnakeBeta(dim)
+        self.conv1 = CausalConv1d(dim, dim, DECODER_KERNEL, dilation=dilation)
+        self.act2 = SnakeBeta(dim)
+        self.conv2 = CausalConv1d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, state: Code2WavState | None = None) -> torch.Tensor:
+        h = self.conv1(self.act1(x), state)
+        return x + self.conv2(self.act2(h), state)
+
+
+class DecoderBlock(nn.Module):
+    """SnakeBeta → causal ConvTranspose1d(k 2r, stride r) halving the channels → residual units (d 1, 3, 9).
+    n samples → (n−1)·r."""
+
+    def __init__(self, in_dim: int, out_dim: int, rate: int):
+        super().__init__()
+        self.block = nn.ModuleList([SnakeBeta(in_dim), CausalTransConv1d(in_dim, out_dim, 2 * rate, rate),
+                                    *(ResidualUnit(out_dim, d) for d in RESIDUAL_DILATIONS)])
+
+    def forward(self, x: torch.Tensor, state: Code2WavState | None = None) -> torch.Tensor:
+        for module in self.block:
+            x = module(x, state)
+        return x
+
+
+class Code2WavAttention(nn.Module):
+    """GQA self-attention, no biases, no q/k norm, 1-D rotary; the sliding window is in the mask."""
+
+    def __init__(self, cfg: Code2WavConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.keep = cfg.sliding_window - 1  # past positions a query still sees
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = FusedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], ["q_proj", "k_proj", "v_proj"],
+                                    bias=False)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, state: Code2WavState | None, layer: int) -> torch.Tensor:
+        """x: [B, n, H]; cos/sin: [1, n, D]; mask: [1, 1, n, past + n] bool."""
+        batch, length, _ = x.shape
+        q, k, v = self.qkv_proj(x)
+        q = dispatch.apply_rope(q.view(batch, length, self.num_heads, self.head_dim), cos, sin)
+        k = dispatch.apply_rope(k.view(batch, length, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
+        if state is not None:
+            k, v = state.append_kv(layer, k, v, self.keep)  # [B, past + n, kv_heads, D]
+        out = dispatch.attention(q, k, v, mask, self.head_dim ** -0.5)  # [B, n, heads, D]
+        return self.o_proj(out.reshape(batch, length, -1))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, initial_scale: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), initial_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
+class Code2WavTransformerLayer(nn.Module):
+    def __init__(self, cfg: Code2WavConfig):
+        super().__init__()
+        self.self_attn = Code2WavAttention(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn_layer_scale = LayerScale(cfg.hidden_size, cfg.layer_scale_initial_scale)
+        self.mlp_layer_scale = LayerScale(cfg.hidden_size, cfg.layer_scale_initial_scale)
+
+    def forward(self, x, cos, sin, mask, state, layer) -> torch.Tensor:
+        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask, state, layer))
+        return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Code2WavTransformer(nn.Module):
+    """Pre-norm layers with LayerScale, causal attention over the last `sliding_window` frames (self
+    included), final RMSNorm. Rotary positions are frame indices within the stream (0… in a full decode)."""
+
+    def __init__(self, cfg: Code2WavConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Code2WavTransformerLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the non-persistent rotary table, e.g. after materialising from the meta device."""
+        self.register_buffer("inv_freq", rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta), persistent=False)
+
+    def forward(self, x: torch.Tensor, state: Code2WavState | None = None) -> torch.Tensor:
+        """x: [B, n, H] embeddings of n frames (all of them, or the next n of the stream) → [B, n, H]."""
+        length = x.shape[1]
+        start = state.frames if state is not None else 0
+        past = 0 if state is None or state.keys[0] is None else state.keys[0].shape[1]
+        positions = torch.arange(start, start + length, device=x.device)[None]  # [1, n]
+        cos, sin = dispatch.rope_cos_sin(positions, self.inv_freq, None, x.dtype)  # [1, n, D]
+        mask = causal_mask(length, past + length, x.device, window=self.cfg.sliding_window)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, state, index)
+        return self.norm(x)
+
+
+class Code2Wav(nn.Module):
+    """codes [B, num_quantizers, L] (int64, each in [0, codebook_size)) → waveform [B, 1, num_samples(L)]."""
+
+    def __init__(self, cfg: Code2WavConfig):
+        super().__init__()
+        self.cfg = cfg
+        hidden = cfg.hidden_size
+        self.pre_transformer = Code2WavTransformer(cfg)
+        self.code_embedding = nn.Embedding(cfg.codebook_size * cfg.num_quantizers, hidden)
+        # upsample.i = [transposed conv (k = s = ratio: nothing trimmed), ConvNeXt block]
+        self.upsample = nn.ModuleList(
+            nn.ModuleList([CausalTransConv1d(hidden, hidden, ratio, ratio), ConvNeXtBlock(hidden)])
+            for ratio in cfg.upsampling_ratios)
+        dims = [cfg.decoder_dim // 2 ** i for i in range(len(cfg.upsample_rates) + 1)]  # 1536, 768, …, 96
+        self.decoder = nn.ModuleList([
+            CausalConv1d(hidden, dims[0], DECODER_KERNEL),
+            *(DecoderBlock(dims[i], dims[i + 1], rate) for i, rate in enumerate(cfg.upsample_rates)),
+            SnakeBeta(dims[-1]),
+            CausalConv1d(dims[-1], 1, DECODER_KERNEL),
+        ])
+        for name, module in self.named_modules():
+            if isinstance(module, (CausalConv1d, CausalTransConv1d)):
+                module.state_key = name
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the non-persistent code offsets (quantizer q's codes live at q·codebook_size)."""
+        offsets = torch.arange(self.cfg.num_quantizers).view(1, -1, 1) * self.cfg.codebook_size  # [1, Q, 1]
+        self.register_buffer("code_offset", offsets, persistent=False)
+
+    def num_samples(self, num_frames: int) -> int:
+        """Waveform samples of a full decode of `num_frames` frames (1920·L − 555 for the released config)."""
+        length = num_frames
+        for module in self.modules():  # registration order = data-flow order
+            if isinstance(module, CausalTransConv1d):
+                length = module.output_length(length)
+        return length
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, Q, L] → mean of the Q code embeddings [B, L, H]."""
+        if codes.dim() != 3 or codes.shape[1] != self.cfg.num_quantizers:
+            raise ValueError(f"codes must be [batch, {self.cfg.num_quantizers} quantizers, frames], "
+                             f"got {tuple(codes.shape)}")
+        return self.code_embedding(codes + self.code_offset).mean(1)  # [B, Q, L, H] → [B, L, H]
+
+    def _convnet(self, x: torch.Tensor, state: Code2WavState | None) -> torch.Tensor:
+        """x: [B, H, L] transformer output → [B, 1, samples] clamped waveform."""
+        for stage in self.upsample:
+            for module in stage:
+                x = module(x, state)
+        for module in self.decoder:
+            x = module(x, state)
+        return x.clamp(min=-1.0, max=1.0)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, Q, L] → waveform [B, 1, num_samples(L)] in the parameters' dtype: one full decode."""
+        hidden = self.pre_transformer(self.embed(codes))  # [B, L, H]
+        return self._convnet(hidden.transpose(1, 2), None)
+
+    # ---- streaming ---------------------------------------------------------------------------------
+
+    def new_state(self, batch: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> Code2WavState:
+        """A fresh stream for `batch` rows: no frames seen, zero conv contexts and tails (= the left zero
+        pads of the full decode). Defaults: the parameters' device and dtype."""
+        weight = self.code_embedding.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        state = Code2WavState(batch=batch, keys=[None] * self.cfg.num_layers, values=[None] * self.cfg.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, CausalConv1d) and module.state_len:
+                state.conv[name] = torch.zeros(batch, module.in_channels, module.state_len, device=device, dtype=dtype)
+            elif isinstance(module, CausalTransConv1d):
+                trim = module.kernel_size - module.stride
+                state.tails[name] = torch.zeros(batch, module.out_channels, trim, device=device, dtype=dtype)
+                state.consumed[name] = 0
+        return state
+
+    @torch.no_grad()
+    def decode_step(self, codes: torch.Tensor, state: Code2WavState) -> torch.Tensor:
+        """codes [B, Q, n] (n >= 0): the next n frames of each row. Returns [B, 1, num_samples(F + n) −
+        num_samples(F)] (F = frames before the call): every sample these frames made final, which are the
+        samples at the same positions of the full decode of the whole sequence. Each frame is processed
+        once (no left-context re-decode). `state` is updated in place."""
+        if state.finished:
+            raise RuntimeError("decode_step after flush: start a new stream with new_state()")
+        if codes.shape[0] != state.batch:
+            raise ValueError(f"codes has {codes.shape[0]} rows, the stream has {state.batch}")
+        if codes.shape[-1] == 0:
+            return self.code_embedding.weight.new_zeros(state.batch, 1, 0)
+        hidden = self.pre_transformer(self.embed(codes), state)  # [B, n, H]; reads state.frames
+        wav = self._convnet(hidden.transpose(1, 2), state)  # [B, 1, new samples]
+        state.frames += codes.shape[-1]
+        state.samples += wav.shape[-1]
+        return wav
+
+    def flush(self, state: Code2WavState) -> torch.Tensor:
+        """End the stream. Returns [B, 1, 0]: after F frames the stream has already emitted num_samples(F),
+        the full decode's length; what is still pending (the transposed convs' tails, 555 samples per
+        stream on the released config) is what the full decode trims on the right."""
+        state.finished = True
+        return self.code_embedding.weight.new_zeros(state.batch, 1, 0)
