@@ -1,0 +1,341 @@
+"""The talker (MODEL_SPEC §8) and its code predictor (the MTP module, §9): thinker states in, codec frames out.
+
+    thinker embeddings / layer-`accept_hidden_layer` states --text_projection | hidden_projection--> [B, P, H]
+      + codec embeddings of the 9-position assistant prefix              (build_prompt, §8.3)
+    -> Qwen3-MoE decoder with shared expert, TM-RoPE -> final norm -> hidden [B, L, H] -> codec_head -> code 0
+    -> code predictor on [hidden, C(code 0)]: one dense-decoder step per residual codebook -> codes 1..G-1
+    -> next talker input = C(code 0) + Σ predictor embeddings of codes 1..G-1 + one text embedding (§8.4)
+
+Children carry the checkpoint's names under `talker.`: `model` (`codec_embedding`, `layers.N`, `norm`),
+`text_projection`, `hidden_projection` (`linear_fc1`, `linear_fc2`), `codec_head`, and `code_predictor`
+(`model.codec_embedding.N`, `model.layers.N`, `model.norm`, `lm_head.N`), so
+runtime.weights.load_weights(talker, dir, prefix="talker.") fills it.
+
+Shapes: B = batch, L = tokens this call, S = cached + new tokens, H = talker hidden_size, Ht = thinker
+hidden_size, V = codec vocab (codebook-0 codes + control ids), G = num_code_groups, Vc = codebook size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import DecoderConfig, OmniConfig, TalkerConfig
+from runtime.kv_cache import DynamicKVCache
+from runtime.models.decoder import Decoder
+
+SampleFn = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] -> codes [B] int64
+
+ASSISTANT_PREFIX = 3  # `<|im_start|> assistant \n` before the first generated text token
+SUPPRESSED_CONTROL_IDS = 1024  # generate never samples the top 1024 codec ids, except codec EOS (§8.2)
+
+
+class ResizeMLP(nn.Module):
+    """linear_fc2(silu(linear_fc1 x)), both with bias: thinker width Ht -> talker width H."""
+
+    def __init__(self, in_features: int, intermediate_size: int, out_features: int):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(in_features, intermediate_size, bias=True)
+        self.linear_fc2 = nn.Linear(intermediate_size, out_features, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(F.silu(self.linear_fc1(x)))
+
+
+class TalkerModel(Decoder):
+    """`talker.model.`: the MoE decoder plus the codec embedding (not tied to codec_head)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__(cfg)
+        self.codec_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+
+
+class CodePredictorModel(Decoder):
+    """`talker.code_predictor.model.`: the dense 1-D-RoPE decoder plus one embedding per residual codebook;
+    codec_embedding[i] embeds codebook i+1."""
+
+    def __init__(self, cfg: DecoderConfig, num_code_groups: int):
+        super().__init__(cfg)
+        self.codec_embedding = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+                                             for _ in range(num_code_groups - 1))
+
+
+class CodePredictor(nn.Module):
+    """Predicts codebooks 1..G-1 of one frame from the talker's hidden state and code 0 (MODEL_SPEC §9).
+    lm_head[i] predicts codebook i+1."""
+
+    def __init__(self, cfg: DecoderConfig, num_code_groups: int):
+        super().__init__()
+        if cfg.mrope_section is not None:
+            raise ValueError("the code predictor uses plain 1-D RoPE; its config must not carry an mrope_section")
+        self.cfg = cfg
+        self.num_code_groups = num_code_groups
+        self.model = CodePredictorModel(cfg, num_code_groups)
+        self.lm_head = nn.ModuleList(nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+                                     for _ in range(num_code_groups - 1))
+
+    def new_cache(self) -> DynamicKVCache:
+        return self.model.new_cache()
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: DynamicKVCache | None,
+                head_index: int) -> torch.Tensor:
+        """inputs_embeds: [B, L, H]; position_ids: [B, L] 1-D positions (0, 1 for the prefill, then g+1);
+        cache: appended in place; head_index: which lm_head (predicts codebook head_index+1).
+        Returns logits [B, L, Vc]."""
+        hidden = self.model(inputs_embeds, position_ids, None, cache).hidden
+        return self.lm_head[head_index](hidden)
+
+    def embed_residuals(self, residual_codes: torch.Tensor) -> torch.Tensor:
+        """residual_codes: [B, G-1] codes of codebooks 1..G-1 -> [B, G-1, H] their embeddings."""
+        return torch.stack([table(residual_codes[:, i]) for i, table in enumerate(self.model.codec_embedding)], dim=1)
+
+    def predict_frame(self, talker_hidden: torch.Tensor, code0_embed: torch.Tensor, sample_fn: SampleFn | None = None,
+                      return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The whole per-frame loop on a fresh cache: one prefill of [talker_hidden, code0_embed] at positions 0, 1,
+        then G-2 single steps feeding back each new code.
+
+        talker_hidden: [B, H] the talker's final-norm hidden state at the position that produced code 0.
+        code0_embed: [B, H] the *talker's* codec_embedding(code 0) (Talker.predict_frame looks it up).
+        sample_fn: logits [B, Vc] -> codes [B] int64; None = greedy (argmax, first index on ties).
+        Returns residual codes [B, G-1] int64 (codebooks 1..G-1), and with return_logits also the logits each
+        step sampled from, [B, G-1, Vc].
+        """
+        batch = talker_hidden.shape[0]
+        device = talker_hidden.device
+        choose = sample_fn or (lambda logits: logits.argmax(-1))
+        cache = self.new_cache()
+        inputs = torch.stack((talker_hidden, code0_embed.to(talker_hidden.dtype)), dim=1)  # [B, 2, H]
+        positions = torch.arange(2, device=device).expand(batch, -1)  # [B, 2]
+        codes, all_logits = [], []
+        for step in range(self.num_code_groups - 1):
+            logits = self(inputs, positions, cache, step)[:, -1]  # [B, Vc]
+            code = choose(logits)  # [B]
+            codes.append(code)
+            if return_logits:
+                all_logits.append(logits)
+            if step < self.num_code_groups - 2:  # the last code is never fed back (§9)
+                inputs = self.model.codec_embedding[step](code)[:, None]  # [B, 1, H]
+                positions = torch.full((batch, 1), step + 2, dtype=torch.long, device=device)
+        residual = torch.stack(codes, dim=1)  # [B, G-1]
+        return (residual, torch.stack(all_logits, dim=1)) if return_logits else residual
+
+
+@dataclass
+class TalkerPrompt:
+    """The talker's prefill and the text it consumes while decoding (MODEL_SPEC §8.3).
+
+    inputs_embeds: [B, P, H] user part (right-aligned, P = longest user part + 9) then the 9 assistant positions.
+    input_ids: [B, P] thinker ids of the user part, then tts_pad for the assistant positions; used only for
+      TM-RoPE positions (get_rope_index when the prompt has images or videos).
+    attention_mask: [B, P] int64, 0 at the leading slots of rows with a shorter user part.
+    trailing_text_hidden: [B, T, H] projected text for frames 0..T-1: t2, t3, ..., then tts_eos (per row, after
+      its own thinker EOS when one was given), tts_pad past it.
+    tts_pad_embed: [H] projected tts_pad, the text input of every frame from T on.
+    """
+
+    inputs_embeds: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    trailing_text_hidden: torch.Tensor
+    tts_pad_embed: torch.Tensor
+
+    def text_for_frame(self, frame: int) -> torch.Tensor:
+        """[B, H] the text embedding added to the talker input that follows frame `frame` (0-based)."""
+        if frame < self.trailing_text_hidden.shape[1]:
+            return self.trailing_text_hidden[:, frame]
+        return self.tts_pad_embed.expand(self.inputs_embeds.shape[0], -1)
+
+    def text_position_ids(self) -> torch.Tensor:
+        """[3, B, P] prefill positions of a prompt without images or videos (audio spans number their tokens one
+        by one, so they land here too): the count of real tokens before each one, padding at 0, equal on all
+        three axes. Decode steps continue at the last position + 1."""
+        mask = self.attention_mask.long()
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, P]
+        return positions.unsqueeze(0).expand(3, -1, -1)
+
+
+def code0_suppress_mask(cfg: TalkerConfig, device=None) -> torch.Tensor:
+    """[V] bool, True for the codec ids that generate never samples as code 0: the top 1024 ids except codec EOS
+    (MODEL_SPEC §8.2). Apply as logits.masked_fill(mask, -inf) before choosing code 0."""
+    vocab = cfg.text.vocab_size
+    ids = torch.arange(vocab, device=device)
+    return (ids >= vocab - SUPPRESSED_CONTROL_IDS) & (ids != cfg.codec_eos_token_id)
+
+
+class Talker(nn.Module):
+    def __init__(self, cfg: TalkerConfig):
+        super().__init__()
+        self.cfg = cfg
+        text = cfg.text
+        self.model = TalkerModel(text)
+        self.text_projection = ResizeMLP(cfg.thinker_hidden_size, text.intermediate_size, text.hidden_size)
+        self.hidden_projection = ResizeMLP(cfg.thinker_hidden_size, text.intermediate_size, text.hidden_size)
+        self.codec_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.code_predictor = CodePredictor(cfg.code_predictor, cfg.num_code_groups)
+
+    def new_cache(self) -> DynamicKVCache:
+        return self.model.new_cache()
+
+    # ------------------------------------------------------------------ inputs
+
+    def project_text(self, thinker_embeds: torch.Tensor) -> torch.Tensor:
+        """[..., Ht] thinker input embeddings (layer-0 input) -> [..., H]."""
+        return self.text_projection(thinker_embeds)
+
+    def project_hidden(self, thinker_hidden: torch.Tensor) -> torch.Tensor:
+        """[..., Ht] thinker hidden states of layer `accept_hidden_layer` (multimodal positions) -> [..., H]."""
+        return self.hidden_projection(thinker_hidden)
+
+    def frame_input(self, codes: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
+        """The talker input after one frame (MODEL_SPEC §8.4): the G code embeddings summed, plus the text.
+
+        codes: [B, G] int64, code 0 (talker vocab) then codebooks 1..G-1; text_embed: [B, H] from
+        TalkerPrompt.text_for_frame. Returns [B, 1, H].
+        """
+        code0 = self.model.codec_embedding(codes[:, 0])  # [B, H]
+        residual = self.code_predictor.embed_residuals(codes[:, 1:])  # [B, G-1, H]
+        # Summed in sequence order (code 0 first), as transformers does, so fp32 results match bit for bit.
+        summed = torch.cat((code0[:, None], residual), dim=1).sum(1)
+        return (summed + text_embed.to(summed.dtype))[:, None]
+
+    def build_prompt(self, cfg: OmniConfig, input_ids: torch.Tensor, sequences: torch.Tensor,
+                     thinker_embeds: torch.Tensor, thinker_hidden: torch.Tensor,
+                     thinker_embedding: Callable[[torch.Tensor], torch.Tensor], speaker: str | int = "ethan",
+                     attention_mask: torch.Tensor | None = None,
+                     thinker_eos_token_id: int | Sequence[int] | None = None) -> TalkerPrompt:
+        """The talker prefill from a finished (or running) thinker generation, as transformers' omni `generate`
+        builds it (MODEL_SPEC §8.3).
+
+        cfg: the whole model's config (chat and tts token ids live at its top level).
+        input_ids: [B, L] the thinker prompt, left-padded, ending in `<|im_start|>assistant\\n`.
+        sequences: [B, L + n] prompt + generated ids.
+        thinker_embeds: [B, N, Ht] thinker layer-0 input (after the multimodal merge) of every position fed through
+          the thinker (N = L + n - 1 after a finished generation; at least L + 1, i.e. t1 was fed).
+        thinker_hidden: [B, N, Ht] thinker output of layer accept_hidden_layer - 1 (transformers'
+          `hidden_states[accept_hidden_layer]`) at the same positions.
+        thinker_embedding: the thinker's token embedding (thinker.model.embed_tokens), for tts_bos/eos/pad.
+        speaker: a name in cfg.talker.speaker_id (any case) or a codec id.
+        attention_mask: [B, L], 1 = real token; None = nothing padded.
+        thinker_eos_token_id: the thinker's EOS id(s). Given, each row's trailing text ends with tts_eos right
+          after its own first EOS and tts_pad from there (needed for batches whose rows stop at different steps).
+        """
+        talker_cfg = self.cfg
+        batch, length = input_ids.shape
+        device = input_ids.device
+        if sequences.shape[0] != batch or sequences.shape[1] < length:
+            raise ValueError(f"sequences {tuple(sequences.shape)} must start with the prompt {tuple(input_ids.shape)}")
+        if thinker_embeds.shape[:2] != thinker_hidden.shape[:2]:
+            raise ValueError(f"thinker_embeds {tuple(thinker_embeds.shape)} and thinker_hidden "
+                             f"{tuple(thinker_hidden.shape)} must cover the same positions")
+        speaker_id = self._speaker_id(speaker)
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+
+        # ---- user part: every token of every user turn, from its <|im_start|> to the next one.
+        positions = torch.arange(length, device=device).expand(batch, -1)  # [B, L]
+        turn_start = torch.where(input_ids == cfg.im_start_token_id, positions, -1).cummax(-1).values.clamp_min(0)
+        role = input_ids.gather(1, (turn_start + 1).clamp_max(length - 1))  # [B, L] token after the turn's start
+        is_user = (role == cfg.user_token_id) & mask  # [B, L]
+        user_lengths = is_user.sum(-1)  # [B]
+        width = int(user_lengths.max())
+        # Right-align each row's user tokens in `width` slots, in order: sort user positions after all others and
+        # keep the last `width`. A shorter row's leading (masked) slots then hold its last non-user positions, as
+        # in transformers; their values never reach an unmasked output.
+        order = torch.where(is_user, positions + length, positions).argsort(dim=-1, stable=True)[:, length - width:]
+
+        multimodal = torch.isin(sequences[:, :length], torch.tensor(
+            [cfg.thinker.audio_token_id, cfg.thinker.image_token_id, cfg.thinker.video_token_id], device=device))
+        user_mm = multimodal.gather(1, order)  # [B, U]
+        gather = lambda t: t[:, :length].gather(1, order[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        user_embeds = thinker_embeds.new_empty(batch, width, talker_cfg.text.hidden_size)  # [B, U, H]
+        user_embeds[user_mm] = self.project_hidden(gather(thinker_hidden)[user_mm])
+        user_embeds[~user_mm] = self.project_text(gather(thinker_embeds)[~user_mm])
+        user_ids = input_ids.gather(1, order)  # [B, U]
+        user_mask = (torch.arange(width, device=device) >= (width - user_lengths)[:, None]).long()  # [B, U]
+
+        # ---- assistant part: the last `<|im_start|> assistant` of the prompt (the same column in every row).
+        starts = (input_ids[:, :-1] == cfg.im_start_token_id) & (input_ids[:, 1:] == cfg.assistant_token_id)
+        if not starts.any(-1).all():
+            raise ValueError("every prompt row must contain `<|im_start|>assistant` (the turn the talker speaks)")
+        last_start = torch.where(starts, positions[:, :-1], -1).max(-1).values  # [B]
+        if (last_start != last_start[0]).any():
+            raise ValueError(f"the assistant turn starts at different columns per row ({last_start.tolist()}); "
+                             "left-pad the prompt so that every row ends with it")
+        start = int(last_start[0])
+        if thinker_embeds.shape[1] < start + ASSISTANT_PREFIX + 1:
+            raise ValueError(f"the thinker states cover {thinker_embeds.shape[1]} positions; the talker prompt needs "
+                             f"{start + ASSISTANT_PREFIX + 1} (through the first generated text token)")
+
+        special = torch.tensor([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id], device=device)
+        tts_bos, tts_eos, tts_pad = self.project_text(thinker_embedding(special)).to(user_embeds.dtype)  # 3 × [H]
+        assistant_text = self.project_text(thinker_embeds[:, start:])  # [B, 3 + fed text tokens, H]
+        text_side = torch.cat((
+            assistant_text[:, :ASSISTANT_PREFIX],  # <|im_start|> assistant \n
+            tts_pad.expand(batch, 4, -1),
+            tts_bos.expand(batch, 1, -1),
+            assistant_text[:, ASSISTANT_PREFIX:ASSISTANT_PREFIX + 1],  # t1
+        ), dim=1)  # [B, 9, H]
+        codec_ids = torch.tensor([talker_cfg.codec_nothink_id, talker_cfg.codec_think_bos_id,
+                                  talker_cfg.codec_think_eos_id, speaker_id, talker_cfg.codec_pad_id,
+                                  talker_cfg.codec_bos_id], device=device)
+        codec_side = self.model.codec_embedding(codec_ids).to(user_embeds.dtype)  # [6, H]
+        assistant_embeds = text_side + torch.cat((codec_side.new_zeros(ASSISTANT_PREFIX, codec_side.shape[-1]),
+                                                  codec_side))  # [B, 9, H]
+
+        trailing = torch.cat((assistant_text[:, ASSISTANT_PREFIX + 1:], tts_eos.expand(batch, 1, -1)), dim=1)  # [B, T, H]
+        if thinker_eos_token_id is not None:
+            # trailing[j] is generated token j+1; a row whose first EOS is generated token e gets tts_eos at j = e.
+            generated = sequences[:, length:]  # [B, n]
+            eos_ids = torch.as_tensor(thinker_eos_token_id, device=device).reshape(-1)
+            steps = torch.arange(generated.shape[1], device=device)
+            first_eos = torch.where(torch.isin(generated, eos_ids), steps, generated.shape[1]).min(-1).values  # [B]
+            slots = torch.arange(trailing.shape[1], device=device)[None, :, None]  # [1, T, 1]
+            trailing = torch.where(slots > first_eos[:, None, None], tts_pad, trailing)
+            trailing = torch.where(slots == first_eos[:, None, None], tts_eos, trailing)
+
+        return TalkerPrompt(
+            inputs_embeds=torch.cat((user_embeds, assistant_embeds), dim=1),
+            input_ids=torch.cat((user_ids, user_ids.new_full((batch, 9), cfg.tts_pad_token_id)), dim=1),
+            attention_mask=torch.cat((user_mask, user_mask.new_ones(batch, 9)), dim=1),
+            trailing_text_hidden=trailing,
+            tts_pad_embed=tts_pad,
+        )
+
+    def _speaker_id(self, speaker: str | int) -> int:
+        if isinstance(speaker, int):
+            return speaker
+        speaker_id = self.cfg.speaker_id.get(speaker.lower())
+        if speaker_id is None:
+            raise ValueError(f"unknown speaker {speaker!r}; this checkpoint has {', '.join(sorted(self.cfg.speaker_id))}")
+        return speaker_id
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, cache: DynamicKVCache | None = None,
+                num_logits_to_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs_embeds: [B, L, H]; position_ids: [3, B, L] TM-RoPE (t, h, w) ids; attention_mask: [B, S]
+        (1 = real token, left padding) covering the cache too, None when nothing is padded; cache: appended in
+        place; num_logits_to_keep: logits for the last k positions only (generation needs 1).
+
+        Returns (logits [B, L or k, V], hidden [B, L, H] after the final norm: the code predictor's input).
+        """
+        if position_ids.dim() != 3 or position_ids.shape[0] != 3:
+            raise ValueError(f"position_ids must be [3, batch, seq] TM-RoPE ids, got {tuple(position_ids.shape)}")
+        hidden = self.model(inputs_embeds, position_ids, attention_mask, cache).hidden
+        kept = hidden if num_logits_to_keep is None else hidden[:, -num_logits_to_keep:]
+        return self.codec_head(kept), hidden
+
+    def predict_frame(self, talker_hidden: torch.Tensor, code0: torch.Tensor, sample_fn: SampleFn | None = None,
+                      return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """talker_hidden: [B, H] final-norm hidden state that produced code0; code0: [B] int64 (talker vocab).
+        Returns codes [B, G] (code0, then the code predictor's codebooks 1..G-1), and with return_logits the
+        predictor's per-step logits [B, G-1, Vc]. sample_fn as in CodePredictor.predict_frame (None = greedy)."""
+        out = self.code_predictor.predict_frame(talker_hidden, self.model.codec_embedding(code0), sample_fn,
+                                                return_logits)
+        residual, logits = out if return_logits else (out, None)
+        codes = torch.cat((code0[:, None], residual), dim=1)
+        return (codes, logits) if return_logits else codes
