@@ -101,6 +101,11 @@ def build_oracle(variant: str, tmp_dir, seed: int | None = None):
     # transformers initialises some weights (norms, LayerScale, snake params) to constants; perturb every
     # tensor so that a transposed or misrouted parameter shows up as an error.
     with torch.no_grad():
+        # transformers 5.23 leaves the talker's routed experts as torch.empty memory (occasionally ~1e36):
+        # give them real values before perturbing everything.
+        for name, param in model.talker.named_parameters():
+            if ".experts." in name:
+                param.normal_(0.0, 0.05)
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
     model.save_pretrained(tmp_dir)

@@ -104,6 +104,7 @@ class CausalTransConv1d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int):
         super().__init__()
         self.conv = _ConvParams((in_channels, out_channels, kernel_size), out_channels)
+        self.conv.fan_in = in_channels * kernel_size // stride  # inputs reaching one output sample (random init)
         self.out_channels, self.kernel_size, self.stride = out_channels, kernel_size, stride
         self.state_key: str | None = None
 

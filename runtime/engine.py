@@ -1,0 +1,254 @@
+"""`OmniEngine`: a checkpoint (or preset) in; text and speech out.
+
+    engine = OmniEngine.from_pretrained("path/to/Qwen3-Omni-30B-A3B-Instruct", device="cuda", dtype=torch.bfloat16)
+    result = engine.generate(text="What is said here?", audio="question.wav", return_audio=True)
+    result.text, result.waveform, result.sample_rate
+
+Raw inputs (text, audio files or waveforms with their sample rate, images, video frames) go through the
+front ends in runtime/frontend; the tensors transformers' processor produces can be passed instead under
+the names transformers' `generate` uses (input_ids, input_features, feature_attention_mask, pixel_values,
+image_grid_thw, pixel_values_videos, video_grid_thw, video_second_per_grid).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from runtime.config import OmniConfig
+from runtime.frontend import audio as audio_frontend
+from runtime.frontend import vision as vision_frontend
+from runtime.frontend.prompt import DEFAULT_SYSTEM_PROMPT, tokenize_prompt
+from runtime.models.omni import OmniModel, build_model
+from runtime.models.thinker import MultimodalInputs
+
+AudioInput = str | os.PathLike | torch.Tensor | np.ndarray
+
+
+@dataclass
+class Prompt:
+    """A prepared thinker prompt: ids plus the encoder inputs its placeholders stand for."""
+
+    input_ids: torch.Tensor  # [B, L] int64, left-padded when rows differ
+    attention_mask: torch.Tensor | None  # [B, L], 1 = real token; None = nothing padded
+    inputs: MultimodalInputs = field(default_factory=MultimodalInputs)
+
+
+@dataclass
+class GenerateResult:
+    sequences: torch.Tensor  # [B, prompt + new] int64, as transformers' generate returns
+    text: list[str]  # decoded new tokens per row (empty strings without a tokenizer)
+    codes: torch.Tensor | None = None  # [B, num_code_groups, frames] int64
+    waveform: torch.Tensor | None = None  # [B, samples] float32 in [-1, 1]
+    sample_rate: int = 24000
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class OmniEngine:
+    def __init__(self, config: OmniConfig, model: OmniModel, tokenizer=None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, seed: int = 0) -> "OmniEngine":
+        """A checkpoint directory (config.json, safetensors, tokenizer), or a preset name:
+        `tiny` (the demo's checkpoint, written on first use) or `qwen3-omni-30b-a3b` (the released shapes
+        with random weights and no tokenizer: for benchmarks, takes input_ids only)."""
+        from runtime.presets import PRESETS
+        from runtime.weights import init_random, load_weights
+
+        _check_device_dtype(device, dtype)
+        name = os.fspath(path_or_preset)
+        if name == "tiny":
+            from runtime.tiny import ensure_tiny_checkpoint
+
+            name = os.fspath(ensure_tiny_checkpoint())
+        if name in PRESETS:
+            config = OmniConfig.from_pretrained(name)
+            return cls(config, init_random(config, device, dtype, seed), None, device, dtype)
+        config = OmniConfig.from_pretrained(name)
+        model = build_model(config, "meta")
+        load_weights(model, name, prefix="", dtype=dtype, device=device)
+        model.eval()
+        tokenizer = None
+        if any((Path(name) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+            from runtime.frontend.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(name)
+        return cls(config, model, tokenizer, device, dtype)
+
+    # ------------------------------------------------------------------ inputs
+
+    def prepare(self, text: str | None = None, audio: AudioInput | Sequence[AudioInput] | None = None,
+                sample_rate: int | None = None, images: Sequence[Any] | Any | None = None,
+                videos: Sequence[Any] | None = None, video_fps: float = 1.0,
+                system: str | None = DEFAULT_SYSTEM_PROMPT, use_audio_in_video: bool = False) -> Prompt:
+        """Raw inputs -> Prompt. One user turn: audios, then images, then videos, then the text.
+
+        audio: a file path (decoded and resampled to 16 kHz), or a waveform (1-D float) with `sample_rate`
+          (resampled when it is not 16 kHz), or a list of those. images: PIL images, HxWx3 uint8 arrays or file
+          paths. videos: each a [T, H, W, 3] uint8 array or a list of frames, sampled at `video_fps`.
+        """
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer (a preset with random weights, or a checkpoint without "
+                             "tokenizer.json): pass input_ids instead of text")
+        waveforms = [self._load_audio(a, sample_rate) for a in _as_list(audio)]
+        image_list = [_open_image(i) for i in _as_list(images)]
+        video_list = list(videos or [])
+        thinker = self.config.thinker
+        merge = thinker.vision.spatial_merge_size
+        inputs = MultimodalInputs(use_audio_in_video=use_audio_in_video)
+        counts = []
+        if waveforms:
+            features, mask = audio_frontend.extract_audio_features(waveforms)
+            inputs.input_features, inputs.feature_attention_mask = features.to(self.dtype), mask
+            counts = [int(audio_frontend.audio_token_count(int(n), thinker.audio.n_window)) for n in mask.sum(-1)]
+        vision = dict(patch_size=thinker.vision.patch_size, temporal_patch_size=thinker.vision.temporal_patch_size,
+                      merge_size=merge)
+        if image_list:
+            inputs.pixel_values, inputs.image_grid_thw = vision_frontend.preprocess_images(image_list, **vision)
+        seconds_per_grid = []
+        if video_list:
+            pieces = [vision_frontend.preprocess_video(v, fps=video_fps, **vision) for v in video_list]
+            inputs.pixel_values_videos = torch.cat([p[0] for p in pieces])
+            inputs.video_grid_thw = torch.cat([p[1] for p in pieces])
+            inputs.video_second_per_grid = torch.cat([p[2] for p in pieces])
+            seconds_per_grid = [thinker.vision.temporal_patch_size / video_fps] * len(video_list)
+        content = ([{"type": "audio"}] * len(waveforms) + [{"type": "image"}] * len(image_list)
+                   + [{"type": "video"}] * len(video_list))
+        if text:
+            content.append({"type": "text", "text": text})
+        input_ids = tokenize_prompt(
+            self.tokenizer, [{"role": "user", "content": content}], system=system, audio_token_counts=counts,
+            image_grid_thw=_grid_rows(inputs.image_grid_thw), video_grid_thw=_grid_rows(inputs.video_grid_thw),
+            video_second_per_grid=seconds_per_grid or None, merge_size=merge,
+            position_id_per_seconds=thinker.position_id_per_seconds, use_audio_in_video=use_audio_in_video)
+        for name in ("pixel_values", "pixel_values_videos"):
+            if getattr(inputs, name) is not None:
+                setattr(inputs, name, getattr(inputs, name).to(self.dtype))
+        return Prompt(input_ids, None, inputs)
+
+    def _load_audio(self, audio: AudioInput, sample_rate: int | None) -> torch.Tensor:
+        if isinstance(audio, (str, os.PathLike)):
+            return audio_frontend.load_audio(audio)
+        if sample_rate is None:
+            raise ValueError("a raw audio waveform needs its sample_rate (it is resampled to 16 kHz)")
+        waveform = torch.as_tensor(audio, dtype=torch.float32)
+        if waveform.dim() != 1:
+            raise ValueError(f"audio waveform must be 1-D (mono samples), got shape {tuple(waveform.shape)}")
+        if waveform.numel() == 0:
+            raise ValueError("audio waveform is empty (zero samples)")
+        return audio_frontend.resample(waveform, sample_rate) if sample_rate != audio_frontend.SAMPLE_RATE else waveform
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def generate(self, text: str | None = None, audio=None, sample_rate: int | None = None, images=None,
+                 videos=None, *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 input_features=None, feature_attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, video_second_per_grid=None,
+                 use_audio_in_video: bool = False, video_fps: float = 1.0, system: str | None = DEFAULT_SYSTEM_PROMPT,
+                 speaker: str | None = None, max_new_tokens: int = 128, talker_max_new_tokens: int = 1024,
+                 do_sample: bool = False, return_audio: bool | None = None) -> GenerateResult:
+        """Generate text (and speech when `return_audio`, default: whenever the checkpoint can speak).
+
+        Give either raw inputs (text / audio / images / videos) or processor tensors (input_ids and friends).
+        Greedy decoding (`do_sample=False`) is the supported mode: sampling comes with the streaming runtime.
+        """
+        if do_sample:
+            raise NotImplementedError("do_sample=True is not supported yet; use greedy decoding (do_sample=False)")
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        if input_ids is None:
+            prompt = self.prepare(text, audio, sample_rate, images, videos, video_fps, system, use_audio_in_video)
+        else:
+            if any(x is not None for x in (text, audio, images, videos)):
+                raise ValueError("give either raw inputs (text/audio/images/videos) or input_ids, not both")
+            prompt = Prompt(input_ids, attention_mask, MultimodalInputs(
+                input_features, feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                video_grid_thw, video_second_per_grid, use_audio_in_video))
+        prompt = self._to_device(prompt)
+        timings["preprocess"] = time.perf_counter() - start
+
+        want_audio = self.model.has_audio_output if return_audio is None else return_audio
+        if want_audio and not self.model.has_audio_output:
+            raise ValueError("this checkpoint has no talker (enable_audio_output is false): use return_audio=False")
+        if want_audio:
+            self._check_speaker(speaker)
+        from runtime.generate import thinker_generate
+
+        start = time.perf_counter()
+        sequences = thinker_generate(
+            self.model.thinker, prompt.input_ids, prompt.attention_mask, max_new_tokens=max_new_tokens,
+            eos_token_id=self.config.im_end_token_id, **vars(prompt.inputs))
+        timings["thinker"] = time.perf_counter() - start
+        result = GenerateResult(sequences=sequences, text=self._decode(sequences, prompt.input_ids.shape[1]),
+                                timings=timings, sample_rate=_output_sample_rate(self.config))
+        if want_audio:
+            raise NotImplementedError("speech output lands with the talker pipeline")
+        return result
+
+    def _check_speaker(self, speaker: str | None) -> None:
+        speakers = self.config.talker.speaker_id
+        if speaker is not None and speaker.lower() not in speakers:
+            raise ValueError(f"unknown speaker {speaker!r}; this checkpoint has: {', '.join(sorted(speakers))}")
+
+    def _decode(self, sequences: torch.Tensor, prompt_len: int) -> list[str]:
+        if self.tokenizer is None:
+            return [""] * sequences.shape[0]
+        return [self.tokenizer.decode(row[prompt_len:].tolist()) for row in sequences]
+
+    def _to_device(self, prompt: Prompt) -> Prompt:
+        inputs = MultimodalInputs(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                                     for k, v in vars(prompt.inputs).items()})
+        mask = prompt.attention_mask.to(self.device) if prompt.attention_mask is not None else None
+        return Prompt(prompt.input_ids.to(self.device), mask, inputs)
+
+
+def _check_device_dtype(device, dtype) -> None:
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {dtype}; omni-rt runs float32, bfloat16 or float16")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but CUDA is not available (no GPU or no CUDA build of torch)")
+
+
+def _output_sample_rate(config: OmniConfig) -> int:
+    from runtime.config import Code2WavConfig
+
+    return Code2WavConfig.SAMPLE_RATE
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _open_image(image):
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"image file {os.fspath(image)!r} does not exist")
+        with Image.open(image) as handle:
+            return handle.convert("RGB")
+    return image
+
+
+def _grid_rows(grid: torch.Tensor | None) -> list:
+    return [] if grid is None else grid.tolist()
