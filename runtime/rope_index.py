@@ -5,7 +5,7 @@ A prompt is text with multimodal spans. Each span is introduced by a start token
 end token(s); the span body is a run of placeholder tokens whose (t, h, w) ids come from the grid or the
 audio length, not from the token ids:
 
-    <audio_start> audio*N <audio_end>                          N = audio_output_length(mel frames)
+    <audio_start> audio*N <audio_end>                          N = audio_token_count(mel frames)
     <vision_start> image*(t*h*w/M²) <vision_end>               t ids: i*position_id_per_seconds
     <vision_start> video*(t*h*w/M²) <vision_end>               t ids: i*second_per_grid*position_id_per_seconds
     <vision_start><audio_start> video|audio interleaved by t <audio_end><vision_end>   (use_audio_in_video)
@@ -26,19 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.config import ThinkerConfig
-
-
-def audio_output_length(mel_frames: int, n_window: int) -> int:
-    """Audio tokens the encoder emits for `mel_frames` log-mel frames (MODEL_SPEC §5).
-
-    Chunks of 2*n_window frames give 13 tokens each (3 stride-2 convs over 100 frames: 100→50→25→13;
-    transformers hard-codes the 13); the remainder r gives ceil(r/8) tokens (0 for r = 0).
-    """
-    chunk = 2 * n_window
-    rest = mel_frames % chunk
-    for _ in range(3):  # three stride-2, padding-1, kernel-3 convolutions: r -> (r - 1)//2 + 1, 0 stays 0
-        rest = (rest - 1) // 2 + 1 if rest > 0 else 0
-    return 13 * (mel_frames // chunk) + rest
+from runtime.frontend.audio import audio_token_count
 
 
 @dataclass
@@ -192,7 +180,7 @@ def get_rope_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     image_grid_thw / video_grid_thw: [num_images|num_videos, 3] int (t, h, w) in patch units, items in
       batch-then-sequence order.
     audio_seqlens: [num_audios] int, **log-mel frame counts** (feature_attention_mask.sum(-1)), the same
-      input transformers takes; the token count per audio is `audio_output_length(frames, n_window)`.
+      input transformers takes; the token count per audio is `audio_token_count(frames, n_window)`.
     video_second_per_grid: [num_videos] seconds per temporal grid (temporal_patch_size / fps).
     use_audio_in_video: videos are `<vision_start><audio_start> interleaved <audio_end><vision_end>` spans
       that consume one video and one audio each.
@@ -225,7 +213,7 @@ def get_rope_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
         video_grids=to_grids(video_grid_thw),
         video_seconds=None if video_second_per_grid is None else video_second_per_grid.detach().cpu().float().reshape(-1),
         audio_lengths=[] if audio_seqlens is None else
-        [audio_output_length(int(frames), n_window) for frames in audio_seqlens.reshape(-1).tolist()],
+        [audio_token_count(int(frames), n_window) for frames in audio_seqlens.reshape(-1).tolist()],
     )
     position_ids = torch.zeros(3, batch, length, dtype=torch.float32)
     deltas = torch.zeros(batch, 1, dtype=torch.float32)

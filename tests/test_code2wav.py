@@ -22,16 +22,6 @@ TOL_STREAM = 1e-5  # fp32, stream vs our full decode: measured ~2e-7 to 5e-7
 TOL_OP = 1e-6  # fp32, conv refs vs independent formulations / streamed vs full: measured ~1e-7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These shapes are tiny: one thread is faster, and it avoids OpenMP barrier stalls that made single
-    small convs take ~50 ms on a loaded 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 # ---- model ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=["pow2", "odd"])

@@ -194,9 +194,14 @@ def test_load_audio_errors(tmp_path, seed):
 def test_audio_token_count_matches_transformers():
     named = [1, 7, 8, 9, 99, 100, 101, 199, 200, 201, 250, 1000, 2050, 3001]
     frames = torch.tensor(named + list(range(0, 5000, 7)))
-    for n_window in (50, 25, 64):
-        ours = audio_token_count(frames, n_window=n_window)
-        assert torch.equal(ours, _get_feat_extract_output_lengths(frames, n_window))
+    # The released n_window: equal to transformers' formula.
+    assert torch.equal(audio_token_count(frames, n_window=50), _get_feat_extract_output_lengths(frames, 50))
+    # Other windows: transformers hard-codes 13 tokens per full chunk, which its own convs do not produce;
+    # ours counts what the convs give, ceil(chunk / 8) per full chunk.
+    for n_window in (25, 64):
+        chunk = 2 * n_window
+        expected = math.ceil(chunk / 8) * (frames // chunk) + torch.ceil((frames % chunk) / 8).long()
+        assert torch.equal(audio_token_count(frames, n_window=n_window), expected)
     for t in named:  # plain ints give ints; the closed form from MODEL_SPEC §5
         assert audio_token_count(t) == 13 * (t // 100) + math.ceil((t % 100) / 8)
     assert [audio_token_count(t) for t in (100, 101, 250, 1000)] == [13, 14, 33, 130]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from runtime.config import OmniConfig
-from runtime.rope_index import audio_output_length, decode_position_ids, get_rope_index
+from runtime.frontend.audio import audio_token_count
+from runtime.rope_index import decode_position_ids, get_rope_index
 from tests.oracle import build_oracle
 
 VARIANTS = ["pow2", "odd"]
@@ -44,7 +45,7 @@ class PromptBuilder:
     def audio(self):
         frames = self.rng.choice([self.rng.randint(1, 99), self.rng.randint(100, 350), 100, 200])
         self.audio_frames.append(frames)
-        n = audio_output_length(frames, self.cfg.audio.n_window)
+        n = audio_token_count(frames, self.cfg.audio.n_window)
         return [self.cfg.audio_start_token_id] + [self.cfg.audio_token_id] * n + [self.cfg.audio_start_token_id + 1]
 
     def image(self):
@@ -64,7 +65,7 @@ class PromptBuilder:
             return [vs] + [self.cfg.video_token_id] * (grid[0] * per_frame) + [ve]
         frames = self.rng.randint(1, 400)
         self.audio_frames.append(frames)
-        num_audio = audio_output_length(frames, self.cfg.audio.n_window)
+        num_audio = audio_token_count(frames, self.cfg.audio.n_window)
         # The processor's order: by time, video before audio on ties (video t = i * seconds * 13, audio t = j).
         pps = self.cfg.position_id_per_seconds
         video_t = [float(torch.tensor(float(i)) * torch.tensor(seconds, dtype=torch.float32) * pps)

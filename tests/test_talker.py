@@ -19,16 +19,6 @@ TOL = 1e-4  # fp32, relative, for anything that went through a decoder
 EXACT = 1e-6  # prompt and frame inputs: a few linears and sums
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These models are tiny: one intra-op thread is fastest, and on a busy 2-core machine the OpenMP hand-off
-    makes each small op (index_add_ in the MoE reference) take milliseconds instead of microseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["pow2", "odd"])
 def pair(request, tmp_path_factory):
     """(transformers' whole model, our talker with the same weights, our config)."""
@@ -203,10 +193,10 @@ def _chat_prompt(cfg: OmniConfig, rng: random.Random, with_audio: bool, user_tex
     frames = 0
     body = text(user_text)
     if with_audio:
-        from runtime.rope_index import audio_output_length
+        from runtime.frontend.audio import audio_token_count
 
         frames = rng.randint(60, 180)
-        audio = [t.audio_token_id] * audio_output_length(frames, t.audio.n_window)
+        audio = [t.audio_token_id] * audio_token_count(frames, t.audio.n_window)
         body = text(2) + [t.audio_start_token_id] + audio + [t.audio_start_token_id + 1] + body
     ids = (turn(cfg.system_token_id, text(4)) + turn(cfg.user_token_id, body)
            + turn(cfg.assistant_token_id, text(3)) + turn(cfg.user_token_id, text(2))

@@ -30,7 +30,6 @@ NUM_MEL_BINS = 128
 MEL_MAX_HZ = 8000.0  # Nyquist of 16 kHz; transformers fixes the filterbank's top at 8 kHz
 LOG_FLOOR = 1e-10
 DYNAMIC_RANGE = 8.0  # log10 units kept below each audio's peak (80 dB)
-FULL_CHUNK_TOKENS = 13  # AuT tokens of one full 100-frame chunk: ceil(100 / 8)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,13 +188,16 @@ def extract_audio_features(waveforms: list[torch.Tensor], sampling_rate: int = S
 def audio_token_count(num_mel_frames, n_window: int = 50):
     """num_mel_frames: int or int64 tensor of mel frame counts -> same type: AuT output tokens per audio.
 
+    The one place this count is computed (prompt expansion, TM-RoPE ids and the encoder all use it).
     Each 2·n_window-frame chunk goes through three stride-2 convs (k 3, pad 1), so a chunk of r frames gives
-    ceil(r / 8) tokens. As transformers' `_get_feat_extract_output_lengths` does, full chunks count a fixed 13
-    (= ceil(100 / 8), exact for the released n_window 50) and the remainder counts ceil((T mod 2·n_window) / 8):
-    tokens(T) = 13·floor(T / 2n) + ceil((T mod 2n) / 8).
+    ceil(r / 8) tokens: tokens(T) = ceil(2n / 8)·floor(T / 2n) + ceil((T mod 2n) / 8), e.g. 100 -> 13, 101 -> 14,
+    250 -> 33 for the released n_window = 50. transformers' `_get_feat_extract_output_lengths` hard-codes 13 per
+    full chunk, which is the same number for n_window = 50.
     """
     chunk = 2 * n_window
-    remainder = num_mel_frames % chunk
-    # ceil(r / 8) written as three ceil-halvings, one per stride-2 conv (also exact for tensors).
-    after_convs = ((((remainder + 1) // 2) + 1) // 2 + 1) // 2
-    return after_convs + (num_mel_frames // chunk) * FULL_CHUNK_TOKENS
+    return conv_out_len(chunk) * (num_mel_frames // chunk) + conv_out_len(num_mel_frames % chunk)
+
+
+def conv_out_len(frames):
+    """AuT's three stride-2, kernel-3, padding-1 convs: frames -> ceil(frames / 8) (0 stays 0), ints or int tensors."""
+    return (((frames + 1) // 2 + 1) // 2 + 1) // 2

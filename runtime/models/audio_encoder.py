@@ -33,19 +33,12 @@ from torch import nn
 
 from runtime import dispatch
 from runtime.config import AudioEncoderConfig
+from runtime.frontend.audio import audio_token_count, conv_out_len
 from runtime.models.layers import FusedLinear
 
 LAYER_NORM_EPS = 1e-5  # every audio LayerNorm (MODEL_SPEC §14.5)
 CONV_BATCH = 500  # chunks per conv call: bounds the conv activations (transformers' conv_chunksize)
 SINUSOID_MAX_TIMESCALE = 10000.0
-
-
-def conv_out_len(frames):
-    """Length after the three Conv2d(k=3, s=2, p=1) along time: ceil(frames / 2) three times (0 stays 0).
-    Works on ints and integer tensors."""
-    for _ in range(3):
-        frames = (frames - 1) // 2 + 1
-    return frames
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = SINUSOID_MAX_TIMESCALE) -> torch.Tensor:
@@ -200,15 +193,7 @@ class AudioEncoder(nn.Module):
         rows = conv_out_len(2 * self.cfg.n_window)
         self.register_buffer("positional_embedding", sinusoids(rows, self.cfg.d_model), persistent=False)
 
-    @staticmethod
-    def num_tokens(num_frames, n_window: int = 50):
-        """Output tokens for an audio of `num_frames` mel frames (int or integer tensor): every full chunk
-        of 2*n_window frames gives conv_out_len(2*n_window) tokens (13), the remainder conv_out_len(r).
-        For n_window = 50: 13*(T // 100) + ceil((T % 100) / 8), e.g. 100 -> 13, 101 -> 14, 250 -> 33.
-        transformers' `_get_feat_extract_output_lengths` counts a fixed 13 per full chunk instead; the two
-        agree for n_window = 50, the only value with which transformers' encoder is self-consistent."""
-        chunk_len = 2 * n_window
-        return (num_frames // chunk_len) * conv_out_len(chunk_len) + conv_out_len(num_frames % chunk_len)
+    num_tokens = staticmethod(audio_token_count)  # tokens per audio for a mel length (runtime.frontend.audio)
 
     def forward(self, input_features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
         """input_features: [num_mel_bins, total_frames] float, the valid frames of every audio concatenated
