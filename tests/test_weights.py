@@ -132,3 +132,16 @@ def test_init_random_on_meta_builds_sane_weights():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
     bf16 = init_random_(TextModel(tiny_text_config()).to("meta"), seed=1, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters()) and bf16.inv_freq.dtype == torch.float32
+
+
+def test_released_preset_matches_the_published_checkpoint():
+    """Built on the meta device at the real shapes: the parameter count and the number of checkpoint tensors
+    equal those published for Qwen3-Omni-30B-A3B-Instruct (35,259,818,545 and 28,010; MODEL_SPEC §0, §12)."""
+    from runtime.models.omni import build_model
+    from runtime.weights import _plan
+
+    model = build_model(OmniConfig.from_pretrained("qwen3-omni-30b-a3b"))
+    assert sum(p.numel() for p in model.parameters()) == 35_259_818_545
+    assert sum(p.numel() for p in model.thinker.audio_tower.parameters()) == 647_927_168
+    assert sum(p.numel() for p in model.thinker.visual.parameters()) == 538_631_408
+    assert sum(len(source.parts) for source in _plan(model, "")) == 28_010
