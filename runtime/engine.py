@@ -186,20 +186,46 @@ class OmniEngine:
         want_audio = self.model.has_audio_output if return_audio is None else return_audio
         if want_audio and not self.model.has_audio_output:
             raise ValueError("this checkpoint has no talker (enable_audio_output is false): use return_audio=False")
+        _check_prompt(prompt, self.config, need_assistant_turn=want_audio)
         if want_audio:
             self._check_speaker(speaker)
-        from runtime.generate import thinker_generate
+        from runtime.generate import generate_with_states
 
+        thinker, eos = self.model.thinker, self.config.im_end_token_id
         start = time.perf_counter()
-        sequences = thinker_generate(
-            self.model.thinker, prompt.input_ids, prompt.attention_mask, max_new_tokens=max_new_tokens,
-            eos_token_id=self.config.im_end_token_id, **vars(prompt.inputs))
+        generation = generate_with_states(
+            thinker, prompt.input_ids, prompt.attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos,
+            hidden_layer=self.config.talker.accept_hidden_layer if want_audio else None, **vars(prompt.inputs))
         timings["thinker"] = time.perf_counter() - start
+        sequences = generation.sequences
         result = GenerateResult(sequences=sequences, text=self._decode(sequences, prompt.input_ids.shape[1]),
                                 timings=timings, sample_rate=_output_sample_rate(self.config))
         if want_audio:
-            raise NotImplementedError("speech output lands with the talker pipeline")
+            self._speak(result, prompt, generation, speaker or "ethan", talker_max_new_tokens)
         return result
+
+    def _speak(self, result: GenerateResult, prompt: Prompt, generation, speaker: str, max_frames: int) -> None:
+        """Talker + code predictor frames, then one full Code2Wav decode (not transformers' 300-frame chunked
+        decode, which skips 555 samples at every chunk boundary; for <= 300 frames the two are equal)."""
+        from runtime.speech import talker_generate, talker_position_ids
+
+        talker, code2wav, inputs = self.model.talker, self.model.code2wav, prompt.inputs
+        start = time.perf_counter()
+        talker_prompt = talker.build_prompt(
+            self.config, prompt.input_ids, generation.sequences, generation.embeddings, generation.accepted_hidden,
+            self.model.thinker.model.embed_tokens, speaker, prompt.attention_mask,
+            thinker_eos_token_id=self.config.im_end_token_id)
+        positions = talker_position_ids(talker_prompt, self.config, inputs.image_grid_thw, inputs.video_grid_thw,
+                                        inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video)
+        codes, lengths = talker_generate(talker, talker_prompt, positions, max_new_tokens=max_frames)
+        result.timings["talker"] = time.perf_counter() - start
+        start = time.perf_counter()
+        waveform = code2wav(codes)[:, 0] if codes.shape[-1] else codes.new_zeros(codes.shape[0], 0, dtype=torch.float32)
+        samples = torch.tensor([code2wav.num_samples(int(n)) if n else 0 for n in lengths])
+        keep = torch.arange(waveform.shape[-1]) < samples[:, None]  # rows that stopped early end with zeros
+        result.waveform = (waveform.float() * keep.to(waveform.device)).contiguous()
+        result.codes = codes
+        result.timings["code2wav"] = time.perf_counter() - start
 
     def _check_speaker(self, speaker: str | None) -> None:
         speakers = self.config.talker.speaker_id
@@ -216,6 +242,23 @@ class OmniEngine:
                                      for k, v in vars(prompt.inputs).items()})
         mask = prompt.attention_mask.to(self.device) if prompt.attention_mask is not None else None
         return Prompt(prompt.input_ids.to(self.device), mask, inputs)
+
+
+def _check_prompt(prompt: Prompt, config: OmniConfig, need_assistant_turn: bool) -> None:
+    """Errors that must surface before any model work."""
+    mask = prompt.inputs.feature_attention_mask
+    if mask is not None and (mask.sum(-1) == 0).any():
+        empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+        raise ValueError(f"zero-length audio: feature_attention_mask rows {empty} have no frames")
+    if not need_assistant_turn:
+        return
+    ids = prompt.input_ids
+    for row in range(ids.shape[0]):
+        starts = (ids[row] == config.im_start_token_id).nonzero().flatten()
+        if starts.numel() == 0 or starts[-1] + 1 >= ids.shape[1] or ids[row, starts[-1] + 1] != config.assistant_token_id:
+            raise ValueError("speech output needs a prompt that ends with an open assistant turn "
+                             "(`<|im_start|>assistant\\n`): the talker speaks that turn; row "
+                             f"{row} has none")
 
 
 def _check_device_dtype(device, dtype) -> None:

@@ -11,6 +11,7 @@ generate does. For a prompt that ends in text this equals `cache length + rope_d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -25,7 +26,16 @@ def _eos_ids(eos_token_id: int | Iterable[int] | None, device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-@torch.inference_mode()
+@dataclass
+class ThinkerGeneration:
+    """A finished thinker generation and, when asked, the states the talker is built from (MODEL_SPEC §8.3),
+    for every position fed through the thinker (N = prompt + generated − 1, as transformers records them)."""
+
+    sequences: torch.Tensor  # [B, L + n] int64
+    embeddings: torch.Tensor | None = None  # [B, N, H] decoder input after the multimodal merge
+    accepted_hidden: torch.Tensor | None = None  # [B, N, H] transformers' hidden_states[hidden_layer]
+
+
 def thinker_generate(thinker: Thinker, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                      max_new_tokens: int, eos_token_id: int | Iterable[int] | None = None,
                      pad_token_id: int | None = None, **multimodal) -> torch.LongTensor:
@@ -37,6 +47,17 @@ def thinker_generate(thinker: Thinker, input_ids: torch.Tensor, attention_mask: 
     Raises ValueError for an empty prompt (or an all-padding row) and when L + max_new_tokens exceeds the
     thinker's max_position_embeddings.
     """
+    return generate_with_states(thinker, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, **multimodal).sequences
+
+
+@torch.inference_mode()
+def generate_with_states(thinker: Thinker, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                         max_new_tokens: int, eos_token_id: int | Iterable[int] | None = None,
+                         pad_token_id: int | None = None, hidden_layer: int | None = None,
+                         **multimodal) -> ThinkerGeneration:
+    """`thinker_generate`, also recording the embeddings and transformers' `hidden_states[hidden_layer]`
+    (0 = embeddings, k = output of layer k − 1) of every fed position when `hidden_layer` is given."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
     batch, length = input_ids.shape
@@ -53,7 +74,7 @@ def thinker_generate(thinker: Thinker, input_ids: torch.Tensor, attention_mask: 
         raise ValueError(f"prompt length {length} + max_new_tokens {max_new_tokens} = {length + max_new_tokens} "
                          f"exceeds the thinker's max_position_embeddings {limit}")
     if max_new_tokens == 0:
-        return input_ids
+        return ThinkerGeneration(input_ids)
 
     device = input_ids.device
     eos = _eos_ids(eos_token_id, device)
@@ -61,7 +82,17 @@ def thinker_generate(thinker: Thinker, input_ids: torch.Tensor, attention_mask: 
         pad_token_id = int(eos[0]) if eos.numel() else 0
     cache = thinker.new_cache()
 
-    out = thinker(input_ids, attention_mask, MultimodalInputs(**multimodal), cache=cache, num_logits_to_keep=1)
+    collect = hidden_layer is not None
+    embeddings, accepted = [], []
+
+    def record(step_out):
+        if collect:
+            embeddings.append(step_out.embeddings)
+            accepted.append(step_out.hidden_states[hidden_layer])
+
+    out = thinker(input_ids, attention_mask, MultimodalInputs(**multimodal), cache=cache, num_logits_to_keep=1,
+                  output_hidden_states=collect)
+    record(out)
     positions = out.position_ids[:, :, -1:]  # [3, B, 1] ids of the last prompt token
     sequences = input_ids
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
@@ -75,5 +106,9 @@ def thinker_generate(thinker: Thinker, input_ids: torch.Tensor, attention_mask: 
         if attention_mask is not None:
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(batch, 1)), dim=1)
         positions = positions + 1
-        out = thinker(next_tokens[:, None], attention_mask, cache=cache, position_ids=positions)
-    return sequences
+        out = thinker(next_tokens[:, None], attention_mask, cache=cache, position_ids=positions,
+                      output_hidden_states=collect)
+        record(out)
+    if not collect:
+        return ThinkerGeneration(sequences)
+    return ThinkerGeneration(sequences, torch.cat(embeddings, dim=1), torch.cat(accepted, dim=1))

@@ -1,0 +1,44 @@
+"""`python -m runtime demo | generate`: a playable 24 kHz wav, the text and the per-stage timings."""
+
+import subprocess
+import sys
+
+import numpy as np
+import soundfile
+from PIL import Image
+
+from runtime.__main__ import main
+
+
+def test_demo_writes_a_playable_wav(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OMNI_RT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo.wav"
+    assert main(["demo", "--out", str(out), "--max-new-tokens", "4", "--talker-max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "text:" in printed and "timings (s): preprocess" in printed and "code2wav" in printed
+    audio, rate = soundfile.read(out)
+    assert rate == 24000 and audio.ndim == 1 and audio.size > 0 and np.abs(audio).max() <= 1.0
+    assert (tmp_path / "cache" / "tiny" / "config.json").is_file(), "the tiny checkpoint is kept for reuse"
+
+
+def test_generate_with_files_and_clear_errors(tmp_path, monkeypatch, capsys):
+    from runtime.tiny import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt")
+    clip, picture = tmp_path / "q.wav", tmp_path / "p.png"
+    soundfile.write(clip, (0.2 * np.random.randn(30000)).astype(np.float32), 48000)
+    Image.fromarray((np.random.rand(40, 56, 3) * 255).astype(np.uint8)).save(picture)
+    out = tmp_path / "answer.wav"
+    args = ["generate", "--checkpoint", str(checkpoint), "--audio", str(clip), "--image", str(picture),
+            "--text", "What is this?", "--out", str(out), "--max-new-tokens", "3", "--talker-max-new-tokens", "5"]
+    assert main(args) == 0
+    assert soundfile.info(out).samplerate == 24000
+    assert main(args[:-4] + ["--speaker", "nobody"]) == 2
+    assert "unknown speaker" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(checkpoint), "--audio", str(tmp_path / "missing.wav")]) == 2
+    assert "missing.wav" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    done = subprocess.run([sys.executable, "-m", "runtime", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "demo" in done.stdout and "generate" in done.stdout
