@@ -58,6 +58,82 @@ def generate_with_states(thinker: Thinker, input_ids: torch.Tensor, attention_ma
                          **multimodal) -> ThinkerGeneration:
     """`thinker_generate`, also recording the embeddings and transformers' `hidden_states[hidden_layer]`
     (0 = embeddings, k = output of layer k − 1) of every fed position when `hidden_layer` is given."""
+    stepper = ThinkerStepper(thinker, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, hidden_layer=hidden_layer,
+                             **multimodal)
+    while not stepper.done:
+        stepper.step()
+    return stepper.result()
+
+
+class ThinkerStepper:
+    """Greedy thinker decoding one token at a time: `step()` returns the next token of every row. The offline
+    `generate_with_states` runs it to the end; the streaming engine interleaves it with the talker.
+
+    The prompt is checked at construction (before any model work); the prefill runs on the first step.
+    """
+
+    def __init__(self, thinker: Thinker, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int, eos_token_id: int | Iterable[int] | None = None,
+                 pad_token_id: int | None = None, hidden_layer: int | None = None, **multimodal):
+        _check_prompt(thinker, input_ids, attention_mask, max_new_tokens)
+        self.thinker, self.max_new_tokens = thinker, max_new_tokens
+        self.attention_mask = attention_mask
+        self.multimodal = MultimodalInputs(**multimodal)
+        self.eos = _eos_ids(eos_token_id, input_ids.device)
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (int(self.eos[0]) if self.eos.numel() else 0)
+        self.hidden_layer = hidden_layer
+        self.sequences = input_ids  # [B, L + generated]
+        self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.embeddings: list[torch.Tensor] = []  # per forward: [B, fed this call, H]
+        self.accepted: list[torch.Tensor] = []
+        self.cache = thinker.new_cache()
+        self.positions = None  # [3, B, 1] ids of the last fed token
+        self.logits = None  # [B, V] of the last fed token
+        self.generated = 0
+        self.done = max_new_tokens == 0
+
+    def _feed(self, out) -> None:
+        self.logits = out.logits[:, -1]
+        if self.hidden_layer is not None:
+            self.embeddings.append(out.embeddings)
+            self.accepted.append(out.hidden_states[self.hidden_layer])
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """Generate one token per row ([B] int64; finished rows get pad_token_id). Sets `done` after the last."""
+        if self.done:
+            raise RuntimeError("the thinker generation has finished")
+        collect = self.hidden_layer is not None
+        if self.logits is None:  # prefill
+            out = self.thinker(self.sequences, self.attention_mask, self.multimodal, cache=self.cache,
+                               num_logits_to_keep=1, output_hidden_states=collect)
+            self.positions = out.position_ids[:, :, -1:]
+            self._feed(out)
+        next_tokens = self.logits.argmax(-1)  # [B]
+        next_tokens = torch.where(self.unfinished, next_tokens, torch.full_like(next_tokens, self.pad_token_id))
+        self.sequences = torch.cat((self.sequences, next_tokens[:, None]), dim=1)
+        self.unfinished &= ~torch.isin(next_tokens, self.eos)
+        self.generated += 1
+        self.done = not self.unfinished.any() or self.generated == self.max_new_tokens
+        if not self.done:  # feed it: its logits give the next token, its states are recorded
+            batch = next_tokens.shape[0]
+            if self.attention_mask is not None:
+                self.attention_mask = torch.cat((self.attention_mask, self.attention_mask.new_ones(batch, 1)), dim=1)
+            self.positions = self.positions + 1
+            out = self.thinker(next_tokens[:, None], self.attention_mask, cache=self.cache,
+                               position_ids=self.positions, output_hidden_states=collect)
+            self._feed(out)
+        return next_tokens
+
+    def result(self) -> ThinkerGeneration:
+        if self.hidden_layer is None or not self.embeddings:
+            return ThinkerGeneration(self.sequences)
+        return ThinkerGeneration(self.sequences, torch.cat(self.embeddings, dim=1), torch.cat(self.accepted, dim=1))
+
+
+def _check_prompt(thinker: Thinker, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  max_new_tokens: int) -> None:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
     batch, length = input_ids.shape
@@ -73,42 +149,3 @@ def generate_with_states(thinker: Thinker, input_ids: torch.Tensor, attention_ma
     if length + max_new_tokens > limit:
         raise ValueError(f"prompt length {length} + max_new_tokens {max_new_tokens} = {length + max_new_tokens} "
                          f"exceeds the thinker's max_position_embeddings {limit}")
-    if max_new_tokens == 0:
-        return ThinkerGeneration(input_ids)
-
-    device = input_ids.device
-    eos = _eos_ids(eos_token_id, device)
-    if pad_token_id is None:
-        pad_token_id = int(eos[0]) if eos.numel() else 0
-    cache = thinker.new_cache()
-
-    collect = hidden_layer is not None
-    embeddings, accepted = [], []
-
-    def record(step_out):
-        if collect:
-            embeddings.append(step_out.embeddings)
-            accepted.append(step_out.hidden_states[hidden_layer])
-
-    out = thinker(input_ids, attention_mask, MultimodalInputs(**multimodal), cache=cache, num_logits_to_keep=1,
-                  output_hidden_states=collect)
-    record(out)
-    positions = out.position_ids[:, :, -1:]  # [3, B, 1] ids of the last prompt token
-    sequences = input_ids
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        next_tokens = out.logits[:, -1].argmax(-1)  # [B]
-        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
-        sequences = torch.cat((sequences, next_tokens[:, None]), dim=1)
-        unfinished &= ~torch.isin(next_tokens, eos)
-        if not unfinished.any() or step == max_new_tokens - 1:
-            break
-        if attention_mask is not None:
-            attention_mask = torch.cat((attention_mask, attention_mask.new_ones(batch, 1)), dim=1)
-        positions = positions + 1
-        out = thinker(next_tokens[:, None], attention_mask, cache=cache, position_ids=positions,
-                      output_hidden_states=collect)
-        record(out)
-    if not collect:
-        return ThinkerGeneration(sequences)
-    return ThinkerGeneration(sequences, torch.cat(embeddings, dim=1), torch.cat(accepted, dim=1))
