@@ -168,27 +168,15 @@ class OmniEngine:
         Give either raw inputs (text / audio / images / videos) or processor tensors (input_ids and friends).
         Greedy decoding (`do_sample=False`) is the supported mode: sampling comes with the streaming runtime.
         """
-        if do_sample:
-            raise NotImplementedError("do_sample=True is not supported yet; use greedy decoding (do_sample=False)")
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        if input_ids is None:
-            prompt = self.prepare(text, audio, sample_rate, images, videos, video_fps, system, use_audio_in_video)
-        else:
-            if any(x is not None for x in (text, audio, images, videos)):
-                raise ValueError("give either raw inputs (text/audio/images/videos) or input_ids, not both")
-            prompt = Prompt(input_ids, attention_mask, MultimodalInputs(
-                input_features, feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                video_grid_thw, video_second_per_grid, use_audio_in_video))
-        prompt = self._to_device(prompt)
+        prompt = self._prompt(text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
+                              feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                              video_grid_thw, video_second_per_grid, use_audio_in_video, video_fps, system,
+                              do_sample)
         timings["preprocess"] = time.perf_counter() - start
 
-        want_audio = self.model.has_audio_output if return_audio is None else return_audio
-        if want_audio and not self.model.has_audio_output:
-            raise ValueError("this checkpoint has no talker (enable_audio_output is false): use return_audio=False")
-        _check_prompt(prompt, self.config, need_assistant_turn=want_audio)
-        if want_audio:
-            self._check_speaker(speaker)
+        want_audio = self._want_audio(return_audio, prompt, speaker, max_new_tokens)
         from runtime.generate import generate_with_states
 
         thinker, eos = self.model.thinker, self.config.im_end_token_id
@@ -211,6 +199,10 @@ class OmniEngine:
 
         talker, code2wav, inputs = self.model.talker, self.model.code2wav, prompt.inputs
         start = time.perf_counter()
+        if generation.embeddings.shape[1] <= prompt.input_ids.shape[1]:  # the first token was EOS: nothing to say
+            result.codes = torch.zeros(1, talker.cfg.num_code_groups, 0, dtype=torch.long)
+            result.waveform = torch.zeros(generation.sequences.shape[0], 0)
+            return
         talker_prompt = talker.build_prompt(
             self.config, prompt.input_ids, generation.sequences, generation.embeddings, generation.accepted_hidden,
             self.model.thinker.model.embed_tokens, speaker, prompt.attention_mask,
@@ -226,6 +218,60 @@ class OmniEngine:
         result.waveform = (waveform.float() * keep.to(waveform.device)).contiguous()
         result.codes = codes
         result.timings["code2wav"] = time.perf_counter() - start
+
+    def stream(self, text: str | None = None, audio=None, sample_rate: int | None = None, images=None, videos=None,
+               *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+               input_features=None, feature_attention_mask=None, pixel_values=None, image_grid_thw=None,
+               pixel_values_videos=None, video_grid_thw=None, video_second_per_grid=None,
+               use_audio_in_video: bool = False, video_fps: float = 1.0, system: str | None = DEFAULT_SYSTEM_PROMPT,
+               speaker: str | None = None, max_new_tokens: int = 128, talker_max_new_tokens: int = 1024,
+               do_sample: bool = False, return_audio: bool | None = None, audio_format: str = "float32",
+               chunk_frames: int = 1):
+        """Like `generate`, but returns a `Stream`: iterate it for TextDelta and AudioChunk objects as they are
+        ready (runtime/streaming.py); `stream.timings` holds the request's timing record. One request (batch 1).
+        audio_format: "float32" or "pcm16" samples; chunk_frames: codec frames per AudioChunk (80 ms each).
+        Input errors are raised here, before any model work."""
+        from runtime.streaming import Stream, StreamTimings, stream_request
+
+        started = time.perf_counter()
+        prompt = self._prompt(text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
+                              feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                              video_grid_thw, video_second_per_grid, use_audio_in_video, video_fps, system,
+                              do_sample)
+        want_audio = self._want_audio(return_audio, prompt, speaker, max_new_tokens)
+        timings = StreamTimings(preprocess=time.perf_counter() - started)
+        events = stream_request(self, prompt, speaker=speaker or "ethan", max_new_tokens=max_new_tokens,
+                                talker_max_new_tokens=talker_max_new_tokens, return_audio=want_audio,
+                                audio_format=audio_format, chunk_frames=chunk_frames, started=started,
+                                timings=timings)
+        return Stream(events, timings)
+
+    def _prompt(self, text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
+                feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                video_second_per_grid, use_audio_in_video, video_fps, system, do_sample) -> Prompt:
+        if do_sample:
+            raise NotImplementedError("do_sample=True is not supported yet; use greedy decoding (do_sample=False)")
+        if input_ids is None:
+            prompt = self.prepare(text, audio, sample_rate, images, videos, video_fps, system, use_audio_in_video)
+        else:
+            if any(x is not None for x in (text, audio, images, videos)):
+                raise ValueError("give either raw inputs (text/audio/images/videos) or input_ids, not both")
+            prompt = Prompt(input_ids, attention_mask, MultimodalInputs(
+                input_features, feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                video_grid_thw, video_second_per_grid, use_audio_in_video))
+        return self._to_device(prompt)
+
+    def _want_audio(self, return_audio: bool | None, prompt: Prompt, speaker: str | None, max_new_tokens: int) -> bool:
+        want_audio = self.model.has_audio_output if return_audio is None else return_audio
+        if want_audio and not self.model.has_audio_output:
+            raise ValueError("this checkpoint has no talker (enable_audio_output is false): use return_audio=False")
+        _check_prompt(prompt, self.config, need_assistant_turn=want_audio)
+        if want_audio:
+            self._check_speaker(speaker)
+            if max_new_tokens < 2:
+                raise ValueError(f"speech output needs max_new_tokens >= 2 (got {max_new_tokens}): the talker "
+                                 "starts from the first generated text token once it has been fed back")
+        return want_audio
 
     def _check_speaker(self, speaker: str | None) -> None:
         speakers = self.config.talker.speaker_id

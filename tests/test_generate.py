@@ -42,29 +42,35 @@ def _capture_codes(oracle):
     return seen, oracle.code2wav.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def speech_request(engine, min_frames=3, attempts=8, **kwargs):
+    """Fresh random audio prompts until our greedy speech runs at least `min_frames` frames (a random talker
+    sometimes emits EOS at once, which would leave nothing to compare). Returns (request kwargs, result)."""
+    for _ in range(attempts):
+        frames = int(torch.randint(60, 260, ()).item())
+        request = dict(input_ids=_audio_prompt(engine.config, frames), input_features=torch.randn(1, 128, frames),
+                       feature_attention_mask=torch.ones(1, frames, dtype=torch.long), **kwargs)
+        result = engine.generate(**request, return_audio=True)
+        if result.codes.shape[-1] >= min_frames:
+            return request, result
+    pytest.fail(f"the random talker stopped before {min_frames} frames in {attempts} fresh prompts")
+
+
 def test_speech_generate_matches_transformers(pair):
     oracle, engine = pair
-    cfg = engine.config
-    frames = int(torch.randint(60, 260, ()).item())
-    input_ids = _audio_prompt(cfg, frames)
-    features = torch.randn(1, 128, frames)
-    mask = torch.ones(1, frames, dtype=torch.long)
-    # A thinker EOS the random model is unlikely to emit, so both run the full text length.
     thinker_tokens, talker_tokens = 6, 12
+    request, ours = speech_request(engine, max_new_tokens=thinker_tokens, talker_max_new_tokens=talker_tokens,
+                                   speaker="ethan")
     seen, handle = _capture_codes(oracle)
     try:
         theirs_sequences, theirs_wave = oracle.generate(
-            input_ids=input_ids, input_features=features, feature_attention_mask=mask, return_audio=True,
+            input_ids=request["input_ids"], input_features=request["input_features"],
+            feature_attention_mask=request["feature_attention_mask"], return_audio=True,
             thinker_max_new_tokens=thinker_tokens, thinker_do_sample=False, talker_max_new_tokens=talker_tokens,
             talker_do_sample=False, talker_repetition_penalty=1.0, speaker="Ethan",
-            thinker_eos_token_id=cfg.im_end_token_id)
+            thinker_eos_token_id=engine.config.im_end_token_id)
     finally:
         handle.remove()
-    ours = engine.generate(input_ids=input_ids, input_features=features, feature_attention_mask=mask,
-                           max_new_tokens=thinker_tokens, talker_max_new_tokens=talker_tokens, speaker="ethan",
-                           return_audio=True)
     assert torch.equal(ours.sequences, theirs_sequences)
-    assert ours.codes.shape[-1] >= 3, f"only {ours.codes.shape[-1]} frames: too few to compare"
     assert torch.equal(ours.codes, seen["codes"])
     theirs_wave = theirs_wave.reshape(-1)
     assert ours.waveform.shape == (1, theirs_wave.numel())
