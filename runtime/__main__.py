@@ -1,8 +1,9 @@
 """Command line: `python -m runtime demo` and `python -m runtime generate ...`.
 
 demo      builds (first run) or reuses the tiny default checkpoint, answers a built-in prompt with a
-          synthetic audio clip and image, prints the text and per-stage timings, writes demo.wav.
-generate  runs a checkpoint directory (or preset) on your text / audio / images and writes the speech.
+          synthetic audio clip and image, streams the speech into demo.wav, prints the text and the
+          timing record (the paper's Table 2 rows).
+generate  runs a checkpoint directory (or preset) on your text / audio / images and streams the speech.
 """
 
 from __future__ import annotations
@@ -28,18 +29,50 @@ def _demo_inputs() -> tuple[np.ndarray, int, np.ndarray]:
     return audio.astype(np.float32), rate, image
 
 
-def _write_wav(path: str, waveform: torch.Tensor, sample_rate: int) -> None:
+def _run(engine, out: str | None, **request) -> int:
+    """Stream one request: text to stdout as it comes, audio into `out` frame by frame, a progress line on
+    stderr, then the timing record (the paper's Table 2 rows)."""
     import soundfile
 
-    soundfile.write(path, waveform.detach().float().cpu().numpy().reshape(-1), sample_rate, subtype="PCM_16")
+    from runtime.streaming import AudioChunk, TextDelta
+
+    stream = engine.stream(**request)
+    wav, frames, text = None, 0, []
+    try:
+        for event in stream:
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, AudioChunk):
+                if wav is None:
+                    wav = soundfile.SoundFile(out, "w", samplerate=event.sample_rate, channels=1, subtype="PCM_16")
+                wav.write(event.samples.numpy())
+                frames = event.frame + 1
+                if sys.stderr.isatty():
+                    print(f"\rspeaking: {frames} frames, {stream.timings.audio_seconds:.2f} s of audio",
+                          end="", file=sys.stderr, flush=True)
+    finally:
+        if wav is not None:
+            wav.close()
+    if frames and sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(f"text: {''.join(text)!r}")
+    if wav is not None:
+        print(f"speech: {frames} codec frames, {stream.timings.audio_seconds:.2f} s at 24000 Hz -> {out}")
+    _print_timings(stream.timings)
+    return 0
 
 
-def _print_result(result, out: str | None) -> None:
-    print(f"text: {result.text[0]!r}")
-    if result.waveform is not None:
-        seconds = result.waveform.shape[-1] / result.sample_rate
-        print(f"speech: {result.codes.shape[-1]} codec frames, {seconds:.2f} s at {result.sample_rate} Hz -> {out}")
-    print("timings (s): " + ", ".join(f"{stage} {value:.3f}" for stage, value in result.timings.items()))
+def _print_timings(t) -> None:
+    ms = lambda v: "-" if v is None else f"{v * 1000:.1f} ms"  # noqa: E731
+    per = lambda xs: "-" if not xs else f"{sum(xs) / len(xs) * 1000:.2f} ms"  # noqa: E731
+    rows = [("preprocessing", ms(t.preprocess)), ("thinker first token", ms(t.thinker_first_token)),
+            ("talker first frame", ms(t.talker_first_frame)),
+            ("code predictor per frame", per(t.code_predictor_per_frame)),
+            ("code2wav per frame", per(t.code2wav_per_frame)), ("first audio packet", ms(t.first_packet)),
+            ("total", ms(t.total)), ("RTF", "-" if t.rtf is None else f"{t.rtf:.3f}")]
+    print("timings:")
+    for name, value in rows:
+        print(f"  {name:<26} {value}")
 
 
 def _engine(checkpoint: str, device: str, dtype: str):
@@ -55,25 +88,16 @@ def demo(args) -> int:
     engine = _engine(args.checkpoint, args.device, args.dtype)
     audio, rate, image = _demo_inputs()
     print(f"prompt: {DEMO_TEXT!r} + 1.5 s audio clip + 96x128 image")
-    result = engine.generate(text=DEMO_TEXT, audio=audio, sample_rate=rate, images=[image],
-                             max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
-                             speaker=args.speaker, return_audio=engine.model.has_audio_output)
-    if result.waveform is not None:
-        _write_wav(args.out, result.waveform[0], result.sample_rate)
-    _print_result(result, args.out)
-    return 0
+    return _run(engine, args.out, text=DEMO_TEXT, audio=audio, sample_rate=rate, images=[image],
+                max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
+                speaker=args.speaker, return_audio=engine.model.has_audio_output)
 
 
 def generate(args) -> int:
     engine = _engine(args.checkpoint, args.device, args.dtype)
-    want_audio = engine.model.has_audio_output and not args.no_audio
-    result = engine.generate(text=args.text, audio=args.audio or None, images=args.image or None,
-                             max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
-                             speaker=args.speaker, return_audio=want_audio)
-    if result.waveform is not None:
-        _write_wav(args.out, result.waveform[0], result.sample_rate)
-    _print_result(result, args.out if want_audio else None)
-    return 0
+    return _run(engine, args.out, text=args.text, audio=args.audio or None, images=args.image or None,
+                max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
+                speaker=args.speaker, return_audio=engine.model.has_audio_output and not args.no_audio)
 
 
 def main(argv: list[str] | None = None) -> int:
