@@ -63,10 +63,19 @@ class OmniEngine:
 
     @classmethod
     def from_pretrained(cls, path_or_preset: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, seed: int = 0) -> "OmniEngine":
+                        dtype: torch.dtype = torch.float32, seed: int = 0,
+                        backends: dict[str, str] | None = None) -> "OmniEngine":
         """A checkpoint directory (config.json, safetensors, tokenizer), or a preset name:
         `tiny` (the demo's checkpoint, written on first use) or `qwen3-omni-30b-a3b` (the released shapes
-        with random weights and no tokenizer: for benchmarks, takes input_ids only)."""
+        with random weights and no tokenizer: for benchmarks, takes input_ids only).
+        backends: module -> "torch" | "ort:DIR" (an export from `python -m export`), e.g.
+        {"code2wav": "ort:engines/"}; an export made for other weights or shapes is refused (export/ort.py)."""
+        if backends:
+            from export.ort import apply_backends
+
+            engine = cls.from_pretrained(path_or_preset, device, dtype, seed)
+            engine.backends = apply_backends(engine.model, backends, dtype)
+            return engine
         from runtime.presets import PRESETS
         from runtime.weights import init_random, load_weights
 

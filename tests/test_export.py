@@ -41,13 +41,16 @@ def assert_close(got, want, what):
 
 @pytest.fixture(scope="module")
 def model():
-    return init_random("tiny", "cpu", torch.float32, seed=0)
+    """The tiny checkpoint's model (random weights written once), so OmniEngine("tiny") can use the export."""
+    from runtime.engine import OmniEngine
+
+    return OmniEngine.from_pretrained("tiny", "cpu", torch.float32).model
 
 
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx")
-    manifest = export_all(model, MODULES, out, torch.float32, {"code2wav_frames": FRAMES}, "preset:tiny:seed=0")
+    manifest = export_all(model, MODULES, out, torch.float32, {"code2wav_frames": FRAMES}, "tiny")
     return out, manifest
 
 
@@ -90,7 +93,7 @@ def test_files_pass_checker_and_manifest_describes_them(exported):
         assert [i.name for i in model.graph.input] == [i["name"] for i in entry["inputs"]]
         assert [o.name for o in model.graph.output] == [o["name"] for o in entry["outputs"]]
         assert entry["opset"] >= 17 and entry["dtype"] == "float32" and len(entry["weights_sha256"]) == 64
-        assert entry["omni_rt_version"] and entry["checkpoint"] == "preset:tiny:seed=0"
+        assert entry["omni_rt_version"] and entry["checkpoint"] == "tiny"
         assert (out / entry["external_data"]).is_file()
     step = manifest["modules"]["thinker_step"]
     assert step["inputs"][1]["shape"] == [3, "batch", "seq"]  # TM-RoPE position ids
@@ -205,10 +208,15 @@ def test_backends_plug_code2wav_into_the_model(model, exported):
     codes = torch.randint(0, 64, (1, 4, FRAMES))
     with torch.no_grad():
         want = model.code2wav(codes)
-    clone = init_random("tiny", "cpu", torch.float32, seed=0)
-    plugged = apply_backends(clone, {"code2wav": f"ort:{out}", "thinker_step": f"ort:{out}", "talker_step": "torch"})
-    assert set(plugged) == {"code2wav", "thinker_step"}
-    assert_close(clone.code2wav(codes), want, "code2wav through the ort backend")
+    from runtime.engine import OmniEngine
+
+    engine = OmniEngine.from_pretrained("tiny", backends={"code2wav": f"ort:{out}", "thinker_step": f"ort:{out}",
+                                                          "talker_step": "torch"})
+    assert set(engine.backends) == {"code2wav", "thinker_step"}
+    assert isinstance(engine.backends["code2wav"], OrtCode2Wav)
+    assert_close(engine.model.code2wav(codes), want, "code2wav through the ort backend")
+    with pytest.raises(ValueError, match="ort:DIR"):
+        apply_backends(engine.model, {"code2wav": "onnx"})
 
 
 def test_tensorrt_refuses_without_tensorrt_or_cuda(exported, tmp_path):
