@@ -132,7 +132,7 @@ def build_spec(model, name: str, dtype: torch.dtype, shapes: dict | None = None)
     if name == "audio_encoder":
         tower = model.thinker.audio_tower
         feats = torch.randn(tower.cfg.num_mel_bins, int(shapes["audio_frames"]), dtype=dtype)
-        return ExportSpec(name, wrappers.AudioEncoderForward(tower), tower, (feats,), ["input_features"],
+        return ExportSpec(name, wrappers.AudioEncoderForward(tower, feats.shape[-1]), tower, (feats,), ["input_features"],
                           ["audio_embeds"])
     if name == "vision_encoder":
         visual = model.thinker.visual

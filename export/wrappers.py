@@ -138,25 +138,80 @@ class Code2WavDecode(nn.Module):
 
 
 class AudioEncoderForward(nn.Module):
-    """input_features [num_mel_bins, frames] (one clip) -> audio embeddings [tokens, output_dim]."""
+    """input_features [num_mel_bins, frames] (one clip of a fixed frame count) -> [tokens, output_dim].
 
-    def __init__(self, audio_tower):
+    AudioEncoder.forward lays out chunks and windows on the host from the lengths (feature_lens.tolist());
+    for a fixed frame count that layout is a constant, so it is computed here once and kept as index
+    buffers, and the forward is the same math with gathers (index_select) instead of boolean masks.
+    """
+
+    def __init__(self, audio_tower, frames: int):
         super().__init__()
-        self.audio_tower = audio_tower
+        from runtime.models.audio_encoder import audio_layout, pad_segments
+
+        self.tower = audio_tower
+        cfg = audio_tower.cfg
+        self.layout = audio_layout([frames], cfg.n_window, cfg.n_window_infer)
+        frame_index, frame_valid = pad_segments(self.layout.chunk_frames, "cpu")  # [C, Fc]
+        window_index, window_valid = pad_segments(self.layout.window_tokens, "cpu")  # [W, L]
+        self.register_buffer("frame_index", frame_index, persistent=False)
+        self.register_buffer("frame_valid", frame_valid, persistent=False)
+        self.register_buffer("window_index", window_index, persistent=False)
+        self.register_buffer("token_slots", window_valid.flatten().nonzero().squeeze(1), persistent=False)
+        num_windows, window_len = window_index.shape
+        mask = window_valid[:, None, None, :].expand(num_windows, 1, window_len, window_len).contiguous()
+        self.register_buffer("window_mask", mask if min(self.layout.window_tokens) < window_len else None,
+                             persistent=False)
+        self.register_buffer("chunk_tokens", torch.tensor(self.layout.chunk_tokens), persistent=False)  # [C]
 
     def forward(self, input_features):
-        lengths = torch.full((1,), input_features.shape[-1], dtype=torch.long)
-        return self.audio_tower(input_features, lengths)
+        tower = self.tower
+        chunks = torch.where(self.frame_valid, input_features[:, self.frame_index], 0)  # [mel, C, Fc]
+        h = chunks.transpose(0, 1).unsqueeze(1)  # [C, 1, mel, Fc]
+        h = F.gelu(tower.conv2d3(F.gelu(tower.conv2d2(F.gelu(tower.conv2d1(h))))))  # [C, ch, mel/8, Tc]
+        c, ch, freq, time = h.shape
+        x = tower.conv_out(h.permute(0, 3, 1, 2).reshape(c, time, ch * freq))  # [C, Tc, d]
+        x = x + tower.positional_embedding[:time].to(x.dtype)
+        keep = (torch.arange(time)[None, :] < self.chunk_tokens[:, None]).flatten().nonzero().squeeze(1)
+        x = x.reshape(-1, x.shape[-1]).index_select(0, keep.to(x.device))  # [N, d]
+        for layer in tower.layers:
+            x = layer(x, self.window_index, self.window_mask, self.token_slots)
+        return tower.proj2(F.gelu(tower.proj1(tower.ln_post(x))))
 
 
 class VisionEncoderForward(nn.Module):
-    """pixel_values [patches, C·T·P·P] for one image of a fixed grid -> (embeds, *deepstack features)."""
+    """pixel_values [patches, C·T·P·P] for one image/video of a fixed grid (t, h, w) -> (embeds, *deepstack).
+
+    The grid's layout (attention runs, position-table taps and weights, rotary cos/sin) is host arithmetic
+    on grid_thw, constant for a fixed grid: computed here once; the forward is VisionEncoder.forward's math.
+    """
 
     def __init__(self, visual, grid_thw: tuple[int, int, int]):
         super().__init__()
+        from runtime.models.vision_encoder import pos_embed_taps, vision_layout, vision_rope_cos_sin
+
         self.visual = visual
-        self.register_buffer("grid_thw", torch.tensor([list(grid_thw)], dtype=torch.long), persistent=False)
+        cfg = visual.cfg
+        self.layout = vision_layout(torch.tensor([list(grid_thw)], dtype=torch.long), cfg.spatial_merge_size)
+        side = visual.num_grid_per_side
+        row_taps, row_weights = pos_embed_taps(self.layout.rows, self.layout.heights, side)  # [N, 2] each
+        col_taps, col_weights = pos_embed_taps(self.layout.cols, self.layout.widths, side)
+        self.register_buffer("taps", (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4),
+                             persistent=False)  # [N, 4]
+        self.register_buffer("tap_weights", (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4),
+                             persistent=False)  # [N, 4] fp32
+        cos, sin = vision_rope_cos_sin(self.layout.rows, self.layout.cols, visual.inv_freq)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, pixel_values):
-        embeds, levels = self.visual(pixel_values, self.grid_thw)
-        return (embeds, *levels)
+        visual, cfg = self.visual, self.visual.cfg
+        table = visual.pos_embed.weight
+        x = visual.patch_embed(pixel_values)  # [N, H]
+        x = x + (table[self.taps] * self.tap_weights[:, :, None]).sum(dim=1).to(table.dtype).to(x.dtype)
+        deepstack = []
+        for index, block in enumerate(visual.blocks):
+            x = block(x, self.cos, self.sin, self.layout.runs)
+            if index in cfg.deepstack_visual_indexes:
+                deepstack.append(visual.merger_list[cfg.deepstack_visual_indexes.index(index)](x))
+        return (visual.merger(x), *deepstack)

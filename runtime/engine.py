@@ -45,9 +45,13 @@ class GenerateResult:
     sequences: torch.Tensor  # [B, prompt + new] int64, as transformers' generate returns
     text: list[str]  # decoded new tokens per row (empty strings without a tokenizer)
     codes: torch.Tensor | None = None  # [B, num_code_groups, frames] int64
-    waveform: torch.Tensor | None = None  # [B, samples] float32 in [-1, 1]
+    waveform: torch.Tensor | None = None  # [B, samples] float32 in [-1, 1]; zero past a row's num_samples
     sample_rate: int = 24000
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    # Speech per row: in a batch a row that stopped early has zero codes and zero samples after these counts
+    # (transformers returns the same rows trimmed, as a list).
+    num_frames: torch.Tensor | None = None  # [B] int64 codec frames before the row's codec EOS
+    num_samples: torch.Tensor | None = None  # [B] int64 waveform samples of those frames
 
 
 class OmniEngine:
@@ -208,9 +212,13 @@ class OmniEngine:
 
         talker, code2wav, inputs = self.model.talker, self.model.code2wav, prompt.inputs
         start = time.perf_counter()
-        if generation.embeddings.shape[1] <= prompt.input_ids.shape[1]:  # the first token was EOS: nothing to say
-            result.codes = torch.zeros(1, talker.cfg.num_code_groups, 0, dtype=torch.long)
-            result.waveform = torch.zeros(generation.sequences.shape[0], 0)
+        batch, device = generation.sequences.shape[0], generation.sequences.device
+        if generation.embeddings.shape[1] <= prompt.input_ids.shape[1]:
+            # Every row's first token was EOS: no text to speak (transformers fails on this input).
+            result.codes = torch.zeros(batch, talker.cfg.num_code_groups, 0, dtype=torch.long, device=device)
+            result.waveform = torch.zeros(batch, 0, device=device)
+            result.num_frames = result.num_samples = torch.zeros(batch, dtype=torch.long)
+            result.timings.update(talker=time.perf_counter() - start, code2wav=0.0)
             return
         talker_prompt = talker.build_prompt(
             self.config, prompt.input_ids, generation.sequences, generation.embeddings, generation.accepted_hidden,
@@ -225,7 +233,7 @@ class OmniEngine:
         samples = torch.tensor([code2wav.num_samples(int(n)) if n else 0 for n in lengths])
         keep = torch.arange(waveform.shape[-1]) < samples[:, None]  # rows that stopped early end with zeros
         result.waveform = (waveform.float() * keep.to(waveform.device)).contiguous()
-        result.codes = codes
+        result.codes, result.num_frames, result.num_samples = codes, lengths.cpu(), samples
         result.timings["code2wav"] = time.perf_counter() - start
 
     def stream(self, text: str | None = None, audio=None, sample_rate: int | None = None, images=None, videos=None,

@@ -23,7 +23,13 @@ from runtime.rope_index import get_rope_index
 def talker_position_ids(prompt: TalkerPrompt, config, image_grid_thw=None, video_grid_thw=None,
                         audio_seqlens=None, video_second_per_grid=None, use_audio_in_video: bool = False):
     """[3, B, P] prefill positions: plain real-token counts, or TM-RoPE ids of the talker input ids when the prompt
-    has images or videos (get_rope_index with the talker's own ids and rates, as transformers does)."""
+    has images or videos (get_rope_index with the talker's own ids and rates, as transformers does).
+
+    Audio and an image/video in one prompt (MODEL_SPEC §14.16): transformers 5.23 raises AttributeError there (its
+    talker's get_rope_index reads `config.audio_config.n_window`, which the talker config lacks). We count audio
+    tokens with the thinker's n_window, the count the prompt's audio placeholders were made with (4.57.1 used the
+    default 50, which is the released value); this equals 5.23 with the thinker's audio config given to its talker.
+    """
     if image_grid_thw is None and video_grid_thw is None:
         return prompt.text_position_ids()
     positions, _ = get_rope_index(prompt.input_ids, prompt.attention_mask, image_grid_thw, video_grid_thw,

@@ -25,8 +25,10 @@ from runtime.kv_cache import DynamicKVCache  # noqa: E402
 from runtime.weights import init_random  # noqa: E402
 
 TOL = 1e-4  # fp32: ‖ort − torch‖ / ‖torch‖
-MODULES = ["thinker_step", "code_predictor", "talker_step", "code2wav"]
+MODULES = ["thinker_step", "code_predictor", "talker_step", "code2wav", "audio_encoder", "vision_encoder"]
 FRAMES = 6
+AUDIO_FRAMES = 137  # one full 100-frame chunk plus a remainder: padded chunk and window slots
+VISION_GRID = (2, 6, 4)  # a video-like grid: two frames, non-square
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -50,7 +52,8 @@ def model():
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx")
-    manifest = export_all(model, MODULES, out, torch.float32, {"code2wav_frames": FRAMES}, "tiny")
+    manifest = export_all(model, MODULES, out, torch.float32, {"code2wav_frames": FRAMES, "audio_frames": AUDIO_FRAMES,
+                                                                 "vision_grid": VISION_GRID}, "tiny")
     return out, manifest
 
 
@@ -176,6 +179,31 @@ def test_code2wav_matches_torch(model, exported):
         with torch.no_grad():
             want = code2wav(codes)
         assert_close(backend(codes), want, "code2wav waveform")
+
+
+def test_audio_encoder_matches_torch(model, exported):
+    out, _ = exported
+    tower = model.thinker.audio_tower
+    session = OrtModule(out, "audio_encoder", expect=tower, shapes={"input_features": [128, AUDIO_FRAMES]})
+    torch.manual_seed(5)
+    features = torch.randn(tower.cfg.num_mel_bins, AUDIO_FRAMES)
+    with torch.no_grad():
+        want = tower(features, torch.tensor([AUDIO_FRAMES]))
+    assert_close(session(features)[0], want, "audio encoder")
+
+
+def test_vision_encoder_matches_torch(model, exported):
+    out, _ = exported
+    visual = model.thinker.visual
+    session = OrtModule(out, "vision_encoder", expect=visual)
+    torch.manual_seed(6)
+    pixels = torch.randn(VISION_GRID[0] * VISION_GRID[1] * VISION_GRID[2], 3 * 2 * 16 * 16)
+    with torch.no_grad():
+        embeds, deepstack = visual(pixels, torch.tensor([list(VISION_GRID)]))
+    got = session(pixels)
+    assert len(got) == 1 + len(deepstack)
+    for i, (g, w) in enumerate(zip(got, [embeds, *deepstack])):
+        assert_close(g, w, f"vision encoder output {i}")
 
 
 def test_other_weights_are_refused(exported):

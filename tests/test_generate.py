@@ -1,14 +1,21 @@
 """End-to-end generation against transformers' own `generate` (greedy, no repetition penalty): the same
-sequences, the same codec codes, and the same waveform. Also the bad inputs of speech output."""
+sequences, the same codec codes and the same waveform, for audio, image and audio + image prompts and for a
+left-padded batch whose rows stop speaking at different frames. Also the thinker states recorded during
+generation, and the bad inputs of speech output."""
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from runtime.engine import OmniEngine
 from runtime.frontend.audio import audio_token_count
+from runtime.generate import generate_with_states
 from tests.oracle import build_oracle, rel_err
 
 NEWLINE = 10  # any ordinary token id of the tiny vocab
+AUDIO_END, VISION_END = 484, 486  # the oracle's audio_end / vision_end ids (not in our config: the model never reads them)
+THINKER_TOKENS, TALKER_TOKENS = 6, 12  # talker: at most 11 frames
 
 
 @pytest.fixture(scope="module", params=["pow2", "odd"])
@@ -22,14 +29,50 @@ def _text(n):
     return torch.randint(11, 470, (n,)).tolist()  # ordinary ids: the special ids of the oracle start at 480
 
 
+def _chat(cfg, user: list[int], system: bool = True) -> list[int]:
+    """[system turn,] a user turn with `user` as its body, then the open assistant turn."""
+    head = [cfg.im_start_token_id, cfg.system_token_id, NEWLINE] + _text(4) + [cfg.im_end_token_id, NEWLINE]
+    return ((head if system else []) + [cfg.im_start_token_id, cfg.user_token_id, NEWLINE] + user
+            + [cfg.im_end_token_id, NEWLINE, cfg.im_start_token_id, cfg.assistant_token_id, NEWLINE])
+
+
+def _audio_span(cfg, frames: int) -> list[int]:
+    thinker = cfg.thinker
+    return ([thinker.audio_start_token_id] + [thinker.audio_token_id] * audio_token_count(frames, thinker.audio.n_window)
+            + [AUDIO_END])
+
+
 def _audio_prompt(cfg, frames):
     """A system turn, a user turn with text and an audio span of `frames` mel frames, the assistant prefix."""
-    thinker = cfg.thinker
-    audio = [thinker.audio_start_token_id] + [thinker.audio_token_id] * audio_token_count(frames) + [484]
-    ids = ([cfg.im_start_token_id, cfg.system_token_id, NEWLINE] + _text(4) + [cfg.im_end_token_id, NEWLINE]
-           + [cfg.im_start_token_id, cfg.user_token_id, NEWLINE] + audio + _text(5) + [cfg.im_end_token_id, NEWLINE]
-           + [cfg.im_start_token_id, cfg.assistant_token_id, NEWLINE])
-    return torch.tensor([ids])
+    return torch.tensor([_chat(cfg, _audio_span(cfg, frames) + _text(5))])
+
+
+def _image(cfg) -> tuple[list[int], dict]:
+    """(placeholder span, processor tensors) of one random image of 4 x 6 patches."""
+    vision = cfg.thinker.vision
+    grid = torch.tensor([[1, 4, 6]])
+    patches = int(grid.prod())
+    pixels = torch.randn(patches, 3 * vision.temporal_patch_size * vision.patch_size ** 2)
+    span = ([cfg.thinker.vision_start_token_id] + [cfg.thinker.image_token_id] * (patches // vision.spatial_merge_size ** 2)
+            + [VISION_END])
+    return span, dict(pixel_values=pixels, image_grid_thw=grid)
+
+
+def audio_request(cfg) -> dict:
+    frames = int(torch.randint(60, 260, ()).item())
+    return dict(input_ids=_audio_prompt(cfg, frames), input_features=torch.randn(1, cfg.thinker.audio.num_mel_bins, frames),
+                feature_attention_mask=torch.ones(1, frames, dtype=torch.long))
+
+
+def image_request(cfg, with_audio: bool = False) -> dict:
+    span, tensors = _image(cfg)
+    user = _text(2) + span + _text(6)
+    if with_audio:
+        audio = audio_request(cfg)
+        frames = audio["input_features"].shape[-1]
+        user = _audio_span(cfg, frames) + user
+        tensors.update(input_features=audio["input_features"], feature_attention_mask=audio["feature_attention_mask"])
+    return dict(input_ids=torch.tensor([_chat(cfg, user)]), **tensors)
 
 
 def _capture_codes(oracle):
@@ -42,65 +85,210 @@ def _capture_codes(oracle):
     return seen, oracle.code2wav.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def speech_request(engine, min_frames=3, attempts=8, **kwargs):
-    """Fresh random audio prompts until our greedy speech runs at least `min_frames` frames (a random talker
-    sometimes emits EOS at once, which would leave nothing to compare). Returns (request kwargs, result)."""
+def speech_request(engine, min_frames=3, attempts=8, make_request=audio_request, **kwargs):
+    """Fresh random prompts (`make_request(config)`, default: audio) until our greedy speech runs at least
+    `min_frames` frames (a random talker sometimes emits EOS at once, which would leave nothing to compare).
+    Returns (request kwargs, result)."""
     for _ in range(attempts):
-        frames = int(torch.randint(60, 260, ()).item())
-        request = dict(input_ids=_audio_prompt(engine.config, frames), input_features=torch.randn(1, 128, frames),
-                       feature_attention_mask=torch.ones(1, frames, dtype=torch.long), **kwargs)
+        request = dict(make_request(engine.config), **kwargs)
         result = engine.generate(**request, return_audio=True)
         if result.codes.shape[-1] >= min_frames:
             return request, result
     pytest.fail(f"the random talker stopped before {min_frames} frames in {attempts} fresh prompts")
 
 
-def test_speech_generate_matches_transformers(pair):
-    oracle, engine = pair
-    thinker_tokens, talker_tokens = 6, 12
-    request, ours = speech_request(engine, max_new_tokens=thinker_tokens, talker_max_new_tokens=talker_tokens,
-                                   speaker="ethan")
+def transformers_speech(oracle, cfg, request, thinker_tokens=THINKER_TOKENS, talker_tokens=TALKER_TOKENS):
+    """transformers' greedy omni generate: (sequences, codes [B, G, F], waveform(s))."""
+    tensors = {k: v for k, v in request.items() if k not in ("max_new_tokens", "talker_max_new_tokens", "speaker")}
     seen, handle = _capture_codes(oracle)
     try:
-        theirs_sequences, theirs_wave = oracle.generate(
-            input_ids=request["input_ids"], input_features=request["input_features"],
-            feature_attention_mask=request["feature_attention_mask"], return_audio=True,
-            thinker_max_new_tokens=thinker_tokens, thinker_do_sample=False, talker_max_new_tokens=talker_tokens,
-            talker_do_sample=False, talker_repetition_penalty=1.0, speaker="Ethan",
-            thinker_eos_token_id=engine.config.im_end_token_id)
+        sequences, wave = oracle.generate(
+            **tensors, return_audio=True, thinker_max_new_tokens=thinker_tokens, thinker_do_sample=False,
+            thinker_eos_token_id=cfg.im_end_token_id, talker_max_new_tokens=talker_tokens, talker_do_sample=False,
+            talker_repetition_penalty=1.0, speaker="Ethan")
     finally:
         handle.remove()
-    assert torch.equal(ours.sequences, theirs_sequences)
-    assert torch.equal(ours.codes, seen["codes"])
-    theirs_wave = theirs_wave.reshape(-1)
-    assert ours.waveform.shape == (1, theirs_wave.numel())
-    assert rel_err(ours.waveform[0], theirs_wave) <= 1e-3
+    return sequences, seen["codes"], wave
+
+
+def _assert_same_speech(ours, sequences, codes, wave):
+    assert torch.equal(ours.sequences, sequences), f"ours {ours.sequences.tolist()} != transformers {sequences.tolist()}"
+    assert torch.equal(ours.codes, codes), f"codes 0: ours {ours.codes[:, 0].tolist()} != {codes[:, 0].tolist()}"
+    wave = wave.reshape(-1)
+    assert ours.waveform.shape == (1, wave.numel()) and ours.waveform.dtype == torch.float32
+    err = rel_err(ours.waveform[0], wave)
+    assert err <= 1e-3, f"waveform rel err {err:.2e}"
+    assert ours.num_frames.tolist() == [codes.shape[-1]] and ours.num_samples.tolist() == [wave.numel()]
     assert set(ours.timings) == {"preprocess", "thinker", "talker", "code2wav"}
+
+
+def test_speech_generate_matches_transformers(pair):
+    oracle, engine = pair
+    request, ours = speech_request(engine, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
+                                   speaker="ethan")
+    _assert_same_speech(ours, *transformers_speech(oracle, engine.config, request))
+    assert ours.sample_rate == 24000
+
+
+def test_speech_with_image_matches_transformers(pair):
+    """An image in the prompt: the talker positions are TM-RoPE ids of the talker input ids (MODEL_SPEC §8.3)."""
+    oracle, engine = pair
+    request, ours = speech_request(engine, make_request=image_request, max_new_tokens=THINKER_TOKENS,
+                                   talker_max_new_tokens=TALKER_TOKENS)
+    _assert_same_speech(ours, *transformers_speech(oracle, engine.config, request))
+
+
+def test_speech_with_audio_and_image(pair):
+    """transformers 5.23 cannot speak for audio + image (MODEL_SPEC §14.16: its talker config has no audio_config).
+    We equal it once its talker is given the thinker's audio config, i.e. with the audio token count the prompt's
+    placeholders were made with."""
+    oracle, engine = pair
+    cfg = engine.config
+    request, ours = speech_request(engine, make_request=lambda c: image_request(c, with_audio=True),
+                                   max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS)
+    with pytest.raises(AttributeError, match="audio_config"):
+        transformers_speech(oracle, cfg, request)
+    oracle.config.talker_config.audio_config = oracle.config.thinker_config.audio_config
+    try:
+        theirs = transformers_speech(oracle, cfg, request)
+    finally:
+        del oracle.config.talker_config.audio_config
+    _assert_same_speech(ours, *theirs)
+
+
+def _batch_request(cfg) -> dict:
+    """Two left-padded rows with audio of different lengths and user texts of different lengths."""
+    frames = torch.randint(60, 260, (2,)).tolist()
+    rows = [_chat(cfg, _audio_span(cfg, frames[0]) + _text(2)), _chat(cfg, _text(3) + _audio_span(cfg, frames[1]) + _text(7))]
+    width = max(map(len, rows))
+    return dict(input_ids=torch.tensor([[0] * (width - len(r)) + r for r in rows]),
+                attention_mask=torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+                input_features=torch.randn(2, cfg.thinker.audio.num_mel_bins, max(frames)),
+                feature_attention_mask=(torch.arange(max(frames))[None] < torch.tensor(frames)[:, None]).long())
+
+
+def _early_stop(result, min_frames=3):
+    """A code-0 value that, made the codec EOS, stops one row at frame j >= min_frames while the other row goes
+    on: greedy choices are unchanged up to a row's first EOS, so the rows then end at different frames.
+    Returns (code, row, j) or None."""
+    for row in (1, 0):
+        other = 1 - row
+        mine = result.codes[row, 0, :result.num_frames[row]].tolist()
+        theirs = result.codes[other, 0, :result.num_frames[other]].tolist()
+        for j in range(min_frames, len(mine)):
+            if mine[j] not in mine[:j] and mine[j] not in theirs and len(theirs) > j:
+                return mine[j], row, j
+    return None
+
+
+def test_batched_speech_matches_transformers(pair):
+    """A batch goes on until every row has stopped; a row's codes after its own EOS are zeros and its waveform
+    ends there (transformers returns it trimmed; we zero-pad it and give num_frames / num_samples)."""
+    oracle, engine = pair
+    cfg, talker = engine.config, engine.model.talker
+    generate = dict(max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS, return_audio=True)
+    for _ in range(6):
+        request = _batch_request(cfg)
+        stop = _early_stop(engine.generate(**request, **generate))
+        if stop is not None:
+            break
+    else:
+        pytest.fail("no batch in 6 gave two rows with a code to stop one of them early")
+    eos, row, frame = stop
+    # The random talker rarely emits its real EOS: make `eos` the codec EOS on both sides.
+    talker_cfg, oracle_eos = talker.cfg, oracle.config.talker_config.codec_eos_token_id
+    talker.cfg = replace(talker_cfg, codec_eos_token_id=eos)
+    oracle.config.talker_config.codec_eos_token_id = eos
+    try:
+        ours = engine.generate(**request, **generate)
+        sequences, codes, waves = transformers_speech(oracle, cfg, request)
+    finally:
+        talker.cfg = talker_cfg
+        oracle.config.talker_config.codec_eos_token_id = oracle_eos
+    assert ours.num_frames[row] == frame and ours.num_frames[1 - row] > frame
+    assert torch.equal(ours.sequences, sequences)
+    assert torch.equal(ours.codes, codes)
+    assert ours.waveform.shape[-1] == max(w.numel() for w in waves)
+    for i, wave in enumerate(waves):
+        assert ours.num_samples[i] == wave.numel()
+        assert rel_err(ours.waveform[i, :wave.numel()], wave) <= 1e-3
+        assert not ours.waveform[i, wave.numel():].any()
+    assert not ours.codes[row, :, frame:].any()
+
+
+@torch.no_grad()
+def test_thinker_states_match_transformers_generate(pair):
+    """The embeddings and hidden_states[k] of every fed position, collected from the prefill and each decode
+    step, equal transformers' thinker generate with output_hidden_states: at the talker's accept layer and at a
+    DeepStack layer (5.23 records those before the visual features are added, MODEL_SPEC §15)."""
+    oracle, engine = pair
+    cfg = engine.config
+    request = image_request(cfg, with_audio=True)
+    ids = request["input_ids"]
+    theirs = oracle.thinker.generate(**request, max_new_tokens=THINKER_TOKENS, do_sample=False,
+                                     eos_token_id=cfg.im_end_token_id, output_hidden_states=True,
+                                     return_dict_in_generate=True)
+    fed = theirs.sequences.shape[1] - 1
+    inputs = {k: v for k, v in request.items() if k != "input_ids"}
+    for layer in (cfg.talker.accept_hidden_layer, 1):
+        ours = generate_with_states(engine.model.thinker, ids, max_new_tokens=THINKER_TOKENS,
+                                    eos_token_id=cfg.im_end_token_id, hidden_layer=layer, **inputs)
+        assert torch.equal(ours.sequences, theirs.sequences)
+        assert ours.embeddings.shape == ours.accepted_hidden.shape == (1, fed, cfg.thinker.text.hidden_size)
+        embeds = torch.cat([step[0] for step in theirs.hidden_states], 1)
+        hidden = torch.cat([step[layer] for step in theirs.hidden_states], 1)
+        assert rel_err(ours.embeddings, embeds) <= 1e-5
+        err = rel_err(ours.accepted_hidden, hidden)
+        assert err <= 1e-5, f"hidden_states[{layer}] rel err {err:.2e}"
+    plain = generate_with_states(engine.model.thinker, ids, max_new_tokens=THINKER_TOKENS,
+                                 eos_token_id=cfg.im_end_token_id, **inputs)
+    assert plain.embeddings is None and plain.accepted_hidden is None
 
 
 def test_text_and_image_prompt_text_only(pair):
     oracle, engine = pair
-    cfg = engine.config
-    vision = cfg.thinker.vision
-    grid = torch.tensor([[1, 4, 6]])
-    patches = int(grid.prod())
-    pixels = torch.randn(patches, 3 * vision.temporal_patch_size * vision.patch_size ** 2)
-    image = [cfg.thinker.vision_start_token_id] + [cfg.thinker.image_token_id] * (patches // 4) + [486]
-    ids = torch.tensor([[cfg.im_start_token_id, cfg.user_token_id, NEWLINE] + image + _text(6)
-                        + [cfg.im_end_token_id, NEWLINE, cfg.im_start_token_id, cfg.assistant_token_id, NEWLINE]])
-    theirs = oracle.generate(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, return_audio=False,
-                             thinker_max_new_tokens=5, thinker_do_sample=False, thinker_eos_token_id=cfg.im_end_token_id)
+    request = image_request(engine.config)
+    theirs = oracle.generate(**request, return_audio=False, thinker_max_new_tokens=5, thinker_do_sample=False,
+                             thinker_eos_token_id=engine.config.im_end_token_id)
     theirs = theirs[0] if isinstance(theirs, tuple) else theirs
     theirs = getattr(theirs, "sequences", theirs)
-    ours = engine.generate(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=5,
-                           return_audio=False)
+    ours = engine.generate(**request, max_new_tokens=5, return_audio=False)
     assert torch.equal(ours.sequences, theirs)
-    assert ours.codes is None and ours.waveform is None
+    assert ours.codes is None and ours.waveform is None and set(ours.timings) == {"preprocess", "thinker"}
 
 
-def test_speech_bad_inputs(pair):
+def test_reply_that_ends_at_once_has_empty_speech(pair):
+    """A first token that is already EOS leaves nothing to say: empty codes and waveform, not an error
+    (transformers fails on this input with a shape mismatch)."""
+    _, engine = pair
+    request = audio_request(engine.config)
+    length = request["input_ids"].shape[1]
+    first = int(engine.generate(**request, max_new_tokens=2, return_audio=False).sequences[0, length])
+    stops_at_once = OmniEngine(replace(engine.config, im_end_token_id=first), engine.model)
+    result = stops_at_once.generate(**request, max_new_tokens=THINKER_TOKENS, return_audio=True)
+    assert result.sequences.shape[1] == length + 1
+    assert result.codes.shape == (1, engine.config.talker.num_code_groups, 0) and result.waveform.shape == (1, 0)
+    assert result.num_frames.tolist() == [0] and set(result.timings) == {"preprocess", "thinker", "talker", "code2wav"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from runtime.frontend.tokenizer import Tokenizer, write_tiny_tokenizer
+    from runtime.presets import TINY_SPECIAL_TOKENS, TINY_VOCAB_SIZE
+
+    return Tokenizer.from_dir(write_tiny_tokenizer(tmp_path_factory.mktemp("tok"), TINY_SPECIAL_TOKENS, TINY_VOCAB_SIZE))
+
+
+def test_speech_bad_inputs(pair, tokenizer, monkeypatch):
+    """Each error is raised before any model work."""
     _, engine = pair
     cfg = engine.config
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the thinker ran before the input error")
+
+    monkeypatch.setattr(engine.model.thinker, "forward", no_model_work)
+    monkeypatch.setattr(engine.model.thinker.audio_tower, "forward", no_model_work, raising=False)
     frames = 120
     ids = _audio_prompt(cfg, frames)
     features, mask = torch.randn(1, 128, frames), torch.ones(1, frames, dtype=torch.long)
@@ -110,3 +298,6 @@ def test_speech_bad_inputs(pair):
         engine.generate(input_ids=ids[:, :-3], input_features=features, feature_attention_mask=mask)
     with pytest.raises(ValueError, match="zero-length audio"):
         engine.generate(input_ids=ids, input_features=features, feature_attention_mask=torch.zeros_like(mask))
+    with_tokenizer = OmniEngine(cfg, engine.model, tokenizer)
+    with pytest.raises(ValueError, match="audio waveform is empty"):
+        with_tokenizer.generate(text="hi", audio=torch.zeros(0), sample_rate=16000, return_audio=True)
