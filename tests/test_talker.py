@@ -294,9 +294,15 @@ def test_batched_prompt_matches_transformers_generate(pair):
         pytest.fail("no prompt in 20 gave rows that stop at different steps")
 
     with _Capture(oracle) as cap:
-        oracle.generate(input_ids, attention_mask=mask, return_audio=True, thinker_do_sample=False,
-                        thinker_eos_token_id=eos, thinker_pad_token_id=0, talker_do_sample=False,
-                        talker_repetition_penalty=1.0, thinker_max_new_tokens=new_tokens, talker_max_new_tokens=2)
+        try:
+            oracle.generate(input_ids, attention_mask=mask, return_audio=True, thinker_do_sample=False,
+                            thinker_eos_token_id=eos, thinker_pad_token_id=0, talker_do_sample=False,
+                            talker_repetition_penalty=1.0, thinker_max_new_tokens=new_tokens, talker_max_new_tokens=2)
+        except RuntimeError as error:
+            # transformers 5.23 fails after its talker ran when every row's first code is the codec EOS (no codes
+            # to stack); what this test compares, the talker prefill, was captured before that.
+            if "non-empty TensorList" not in str(error) or not cap.talker_calls:
+                raise
     result = cap.thinker_result
     embeds, hidden = _thinker_states(result, cfg.talker.accept_hidden_layer)
     prompt = ours.build_prompt(cfg, input_ids, result.sequences, embeds, hidden, oracle.thinker.get_input_embeddings(),
