@@ -31,3 +31,28 @@ def causal_mask(seq_q: int, seq_k: int, device=None, window: int | None = None) 
     if window is not None:
         allowed &= k_pos > q_pos - window
     return allowed[None, None]
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
+                         lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of a few new tokens per row over a static KV cache (decode, or a prefill chunk).
+
+    q: (B, L, q_heads, head_dim), the L newest tokens of each row; their keys/values are already written.
+    k_cache, v_cache: (num_slots, max_len, kv_heads, head_dim), a preallocated pool shared by sessions.
+    slot_ids: (B,) int64, the cache row of each batch row; −1 marks a padded row (output zeros, nothing read).
+    lengths: (B,) int64, valid cached tokens of the row including the L new ones (L <= length <= max_len).
+    Returns (B, L, q_heads, head_dim) in q's dtype. Query i of a row sits at position length − L + i and sees
+    keys 0 … length − L + i (causal inside the chunk); softmax in fp32. GQA: q_heads % kv_heads == 0.
+    """
+    batch, new, q_heads, head_dim = q.shape
+    out = torch.zeros_like(q)
+    for row in range(batch):  # reference only: a host loop over rows; the kernels read slot/length on device
+        slot, length = int(slot_ids[row]), int(lengths[row])
+        if slot < 0:
+            continue
+        if not new <= length <= k_cache.shape[1]:
+            raise ValueError(f"row {row}: length {length} must be in [{new}, {k_cache.shape[1]}]")
+        k = k_cache[slot, :length][None]  # (1, length, kv_heads, D)
+        v = v_cache[slot, :length][None]
+        out[row] = attention_ref(q[row:row + 1], k, v, causal_mask(new, length, q.device), scale)[0]
+    return out

@@ -2,12 +2,16 @@
 implementation ran.
 
 Each op has a `torch` reference (kernels/*_ref, the CPU path and the oracle); Triton (`triton`) and CUDA
-(`cuda`) implementations register themselves under the same op name with the same signature. Select with
-`use(op, backend)` / `use_all(backend)` or the `OMNI_RT_BACKEND` environment variable (e.g. `triton`).
+(`cuda`) implementations register themselves under the same op name with the same signature when their
+modules are imported. Those modules are imported on first selection of their backend (`_BACKEND_MODULES`),
+so importing the runtime never needs triton or a GPU. Select with `use(op, backend)` / `use_all(backend)` or
+the `OMNI_RT_BACKEND` environment variable (e.g. `triton`).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from contextlib import contextmanager
 from typing import Callable
@@ -24,6 +28,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "apply_rope": {"torch": _rope.apply_rope_ref},
     "qk_norm_rope": {"torch": _rope.qk_norm_rope_ref},
     "attention": {"torch": _attention.attention_ref},
+    "decode_attention": {"torch": _attention.decode_attention_ref},
     "route_topk": {"torch": _moe.route_topk_ref},
     "moe_experts": {"torch": _moe.moe_experts_ref},
     "causal_conv1d": {"torch": _conv.causal_conv1d_ref},
@@ -32,6 +37,27 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "causal_conv_transpose1d_update": {"torch": _conv.causal_conv_transpose1d_update_ref},
 }
 _selected: dict[str, str] = {op: "torch" for op in _IMPLS}
+
+# Modules that register a backend's implementations on import (each may cover some ops only).
+_BACKEND_MODULES: dict[str, list[str]] = {
+    "triton": ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention"],
+    "cuda": ["runtime.cuda_ops"],
+}
+_loaded: set[str] = set()
+
+
+def load_backend(backend: str) -> None:
+    """Import the modules of `backend` so they register; a missing dependency (triton, the built CUDA
+    extension) is a clear error naming it. Modules not written yet are skipped."""
+    if backend == "torch" or backend in _loaded:
+        return
+    if backend not in _BACKEND_MODULES:
+        raise ValueError(f"unknown backend {backend!r}; known: torch, {', '.join(sorted(_BACKEND_MODULES))}")
+    for name in _BACKEND_MODULES[backend]:
+        if importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name)
+    _loaded.add(backend)
 
 
 def register(op: str, backend: str, fn: Callable) -> None:
@@ -42,12 +68,19 @@ def register(op: str, backend: str, fn: Callable) -> None:
 
 
 def backends(op: str) -> list[str]:
+    """Implementations of `op` available now (importing the backend modules first)."""
+    for backend in _BACKEND_MODULES:
+        try:
+            load_backend(backend)
+        except ImportError:
+            pass  # that backend's dependency is missing here: it simply has no implementations
     return sorted(_IMPLS[op])
 
 
 def use(op: str, backend: str) -> None:
     if op not in _IMPLS:
         raise KeyError(f"unknown op {op!r}; known ops: {', '.join(sorted(_IMPLS))}")
+    load_backend(backend)
     if backend not in _IMPLS[op]:
         raise ValueError(f"op {op!r} has no {backend!r} implementation (available: {', '.join(backends(op))})")
     _selected[op] = backend
@@ -55,6 +88,7 @@ def use(op: str, backend: str) -> None:
 
 def use_all(backend: str) -> None:
     """Select `backend` for every op that has it; the others keep their current implementation."""
+    load_backend(backend)
     for op, impls in _IMPLS.items():
         if backend in impls:
             _selected[op] = backend
@@ -96,6 +130,10 @@ def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, eps, cos, sin):
 
 def attention(q, k, v, mask, scale):
     return _call("attention")(q, k, v, mask, scale)
+
+
+def decode_attention(q, k_cache, v_cache, slot_ids, lengths, scale):
+    return _call("decode_attention")(q, k_cache, v_cache, slot_ids, lengths, scale)
 
 
 def route_topk(router_logits, top_k, norm_topk_prob):
