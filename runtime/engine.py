@@ -56,12 +56,15 @@ class GenerateResult:
 
 class OmniEngine:
     def __init__(self, config: OmniConfig, model: OmniModel, tokenizer=None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, scheduler_options: dict | None = None):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.dtype = dtype
+        # Scheduler(...) keywords for streaming: max_sessions, max_seq_len, prefill_chunk, use_graphs.
+        self.scheduler_options = dict(scheduler_options or {})
+        self._scheduler = None
 
     # ------------------------------------------------------------------ construction
 
@@ -248,7 +251,8 @@ class OmniEngine:
         ready (runtime/streaming.py); `stream.timings` holds the request's timing record. One request (batch 1).
         audio_format: "float32" or "pcm16" samples; chunk_frames: codec frames per AudioChunk (80 ms each).
         Input errors are raised here, before any model work."""
-        from runtime.streaming import Stream, StreamTimings, stream_request
+        from runtime.scheduler import SessionRequest
+        from runtime.streaming import Stream, StreamTimings
 
         started = time.perf_counter()
         prompt = self._prompt(text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
@@ -257,11 +261,19 @@ class OmniEngine:
                               do_sample)
         want_audio = self._want_audio(return_audio, prompt, speaker, max_new_tokens)
         timings = StreamTimings(preprocess=time.perf_counter() - started)
-        events = stream_request(self, prompt, speaker=speaker or "ethan", max_new_tokens=max_new_tokens,
-                                talker_max_new_tokens=talker_max_new_tokens, return_audio=want_audio,
-                                audio_format=audio_format, chunk_frames=chunk_frames, started=started,
-                                timings=timings)
-        return Stream(events, timings)
+        request = SessionRequest(prompt, (speaker or "ethan").lower(), max_new_tokens, talker_max_new_tokens,
+                                 want_audio, audio_format, chunk_frames)
+        scheduler = self.scheduler
+        return Stream(scheduler, scheduler.submit(request, timings, started))
+
+    @property
+    def scheduler(self):
+        """The streaming scheduler (runtime/scheduler.py), built on first use with `scheduler_options`."""
+        if self._scheduler is None:
+            from runtime.scheduler import Scheduler
+
+            self._scheduler = Scheduler(self, **self.scheduler_options)
+        return self._scheduler
 
     def _prompt(self, text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
                 feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,

@@ -1,9 +1,16 @@
-"""KV caches. `DynamicKVCache` grows by concatenation (eager CPU path and parity tests); static
-preallocated caches for CUDA graphs live beside it."""
+"""KV caches. `DynamicKVCache` grows by concatenation (the eager path of one request and the parity tests);
+`StaticKVCache` is preallocated once per stage with one slot per concurrent session (the scheduler and CUDA
+graphs: nothing is allocated and no shape changes while decoding).
+
+A decoder layer hands its new k/v to the cache and gets the attention output back (`attend`), so each cache
+owns how keys are stored and read: concatenation + full attention, or a slot write + decode attention.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from runtime import dispatch
 
 
 class DynamicKVCache:
@@ -23,3 +30,85 @@ class DynamicKVCache:
             v = torch.cat((self.values[layer], v), dim=1)
         self.keys[layer], self.values[layer] = k, v
         return k, v
+
+    def attend(self, layer: int, q, k, v, mask, scale: float) -> torch.Tensor:
+        """q: [B, L, q_heads, D]; k, v: [B, L, kv_heads, D] of the new tokens; mask: [B|1, 1, L, S] bool."""
+        k, v = self.update(layer, k, v)
+        return dispatch.attention(q, k, v, mask, scale)
+
+
+class StaticKVCache:
+    """Preallocated keys/values for `num_slots` sessions of up to `max_len` tokens each.
+
+    keys, values: [layers, num_slots + 1, max_len, kv_heads, head_dim]; the extra last slot is scratch: padded
+      batch rows (slot id −1) write there, so a padded row never touches a session's cache.
+    lengths: [num_slots + 1] int64 on the device, tokens cached per slot (the device copy the kernels read;
+      the scheduler keeps its own host count per session for limits and never reads this back).
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (num_layers, num_slots + 1, max_len, num_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(num_slots + 1, dtype=torch.long, device=device)
+        self.num_slots, self.max_len = num_slots, max_len
+
+    @classmethod
+    def for_decoder(cls, cfg, num_slots: int, max_len: int, dtype: torch.dtype, device) -> "StaticKVCache":
+        """A cache shaped for a runtime.config.DecoderConfig."""
+        return cls(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.num_slots
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def reset(self, slot: int) -> None:
+        """Forget a slot's tokens (its old keys are never read again: reads stop at `lengths`)."""
+        self.lengths[slot] = 0
+
+    def view(self, slot_ids: torch.Tensor, num_new: int, seq_len: int) -> "StaticCacheView":
+        """Bind batch rows to slots for one forward of `num_new` tokens per row.
+
+        slot_ids: [B] int64 on the device, −1 for padded rows. seq_len: the host's largest cached + new
+        length among the rows (checked against max_len here, before any work)."""
+        if seq_len > self.max_len:
+            raise ValueError(f"{seq_len} tokens exceed this cache's {self.max_len} tokens per session")
+        return StaticCacheView(self, slot_ids, num_new, seq_len)
+
+
+class StaticCacheView:
+    """A StaticKVCache seen by one forward: each row writes its `num_new` tokens after its slot's cached ones
+    and attends over the slot (dispatch.decode_attention). `commit()` advances the slots' lengths afterwards;
+    all of it is device work without host syncs, so a step can be captured in a CUDA graph."""
+
+    def __init__(self, cache: StaticKVCache, slot_ids: torch.Tensor, num_new: int, seq_len: int):
+        self.cache, self.num_new, self.seq_len_host = cache, num_new, seq_len
+        self.slot_ids = slot_ids  # [B], −1 = padded row
+        self.rows = torch.where(slot_ids >= 0, slot_ids, cache.scratch_slot)  # [B] slot written by each row
+        start = cache.lengths[self.rows]  # [B] tokens cached before this forward
+        self.new_lengths = start + num_new  # [B]
+        self.write_at = start[:, None] + torch.arange(num_new, device=slot_ids.device)  # [B, L]
+        self.write_at = self.write_at.clamp(max=cache.max_len - 1)  # padded/scratch rows stay in bounds
+
+    @property
+    def seq_len(self) -> int:
+        """Cached + new tokens of the longest row (host value, for limits and the prefill/decode decision)."""
+        return self.seq_len_host - self.num_new
+
+    def attend(self, layer: int, q, k, v, mask, scale: float) -> torch.Tensor:
+        """q: [B, L, q_heads, D]; k, v: [B, L, kv_heads, D]. `mask` is unused: causality and each row's
+        cached length come from the slot lengths."""
+        rows = self.rows[:, None].expand_as(self.write_at)  # [B, L]
+        self.cache.keys[layer].index_put_((rows, self.write_at), k)
+        self.cache.values[layer].index_put_((rows, self.write_at), v)
+        return dispatch.decode_attention(q, self.cache.keys[layer], self.cache.values[layer], self.slot_ids,
+                                         self.new_lengths, scale)
+
+    def commit(self) -> None:
+        """Advance the rows' slots by the tokens this forward wrote (padded rows advance only scratch)."""
+        self.cache.lengths.index_put_((self.rows,), self.new_lengths)
+        self.cache.lengths[self.cache.scratch_slot] = 0

@@ -94,6 +94,7 @@ def test_cancel_mid_stream_then_keep_serving(tiny):
 def test_stream_errors_before_any_work(tiny, monkeypatch):
     calls = []
     monkeypatch.setattr(tiny.model.thinker, "forward", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(tiny.model.thinker.model, "forward", lambda *a, **k: calls.append(1))
     limit = tiny.config.thinker.text.max_position_embeddings
     with pytest.raises(ValueError, match=str(limit)):
         tiny.stream(input_ids=torch.randint(0, 500, (1, limit)), max_new_tokens=4, return_audio=False)

@@ -15,7 +15,7 @@ from kernels.attention import causal_mask
 from kernels.rope import rope_inv_freq
 from runtime import dispatch
 from runtime.config import DecoderConfig
-from runtime.kv_cache import DynamicKVCache
+from runtime.kv_cache import DynamicKVCache, StaticCacheView
 from runtime.models.layers import FusedLinear, GatedMLP, RMSNorm, SparseMoeBlock
 
 
@@ -36,9 +36,10 @@ class DecoderAttention(nn.Module):
         k = k.view(batch, length, self.num_kv_heads, self.head_dim)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim)
         q, k = dispatch.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # [B, S, kv_heads, D]
-        out = dispatch.attention(q, k, v, mask, self.head_dim ** -0.5)
+        if cache is None:
+            out = dispatch.attention(q, k, v, mask, self.head_dim ** -0.5)
+        else:  # the cache stores the new k/v and attends over everything cached for the row
+            out = cache.attend(layer, q, k, v, mask, self.head_dim ** -0.5)  # [B, L, heads, D]
         return self.o_proj(out.reshape(batch, length, -1))
 
 
@@ -98,11 +99,16 @@ class Decoder(nn.Module):
         attention_mask: [B, S] with 1 for real tokens (left padding), None when nothing is padded;
         cache: appended in place."""
         batch, length, _ = inputs_embeds.shape
-        past = cache.seq_len if cache is not None else 0
         cos, sin = dispatch.rope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section, inputs_embeds.dtype)
-        mask = causal_mask(length, past + length, inputs_embeds.device)
-        if attention_mask is not None:
-            mask = mask & attention_mask[:, None, None, :].bool()
+        if isinstance(cache, StaticCacheView):  # one session per row, no padding: causality from slot lengths
+            if attention_mask is not None:
+                raise ValueError("a static KV cache holds one session per row: give no attention_mask")
+            mask = None
+        else:
+            past = cache.seq_len if cache is not None else 0
+            mask = causal_mask(length, past + length, inputs_embeds.device)
+            if attention_mask is not None:
+                mask = mask & attention_mask[:, None, None, :].bool()
         x = inputs_embeds
         outputs = [] if output_layers else None
         for index, layer in enumerate(self.layers):

@@ -1,0 +1,204 @@
+"""The streaming scheduler: sessions in slots of static KV caches, advanced together.
+
+Each session, whatever runs beside it (other prompts and lengths, chunked prefills, sessions that wait for a
+slot, one that is cancelled or fails), produces exactly what the offline `generate` gives for it alone.
+"""
+
+import pytest
+import torch
+
+from runtime.engine import OmniEngine
+from runtime.kv_cache import DynamicKVCache, StaticKVCache
+from runtime.streaming import AudioChunk, TextDelta
+from tests.oracle import build_oracle, rel_err
+from tests.test_generate import _chat, _text, audio_request, image_request, speech_request
+
+THINKER_TOKENS, TALKER_TOKENS = 7, 11
+
+
+@pytest.fixture(scope="module", params=["pow2", "odd"])
+def engine(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    build_oracle(request.param, path, seed=int(torch.randint(0, 2**31, ()).item()))
+    return OmniEngine.from_pretrained(path)
+
+
+def _sharing(engine, **scheduler_options) -> OmniEngine:
+    """The same model behind a fresh scheduler with these options."""
+    return OmniEngine(engine.config, engine.model, engine.tokenizer, engine.device, engine.dtype, scheduler_options)
+
+
+def _requests(engine, count: int) -> list[tuple[dict, object]]:
+    """`count` different prompts (audio, image, audio + image; different lengths) with their offline results;
+    the first three speak at least 2 frames, the last one asks for text only."""
+    makers = [audio_request, image_request, lambda cfg: image_request(cfg, with_audio=True), audio_request]
+    pairs = []
+    for i in range(count):
+        kwargs = dict(max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS)
+        if i == count - 1:
+            request = dict(makers[i % len(makers)](engine.config), **kwargs)
+            pairs.append((dict(request, return_audio=False), engine.generate(**request, return_audio=False)))
+        else:
+            pairs.append(speech_request(engine, min_frames=2, make_request=makers[i % len(makers)], **kwargs))
+    return pairs
+
+
+def _check_alone(engine, request, offline, events):
+    """Streamed tokens, codes and audio equal the offline result of the request alone."""
+    prompt_len = request["input_ids"].shape[1]
+    streamed = [t for e in events if isinstance(e, TextDelta) for t in e.token_ids]
+    assert streamed == [t for t in offline.sequences[0, prompt_len:].tolist() if t != engine.config.im_end_token_id]
+    audio = [e for e in events if isinstance(e, AudioChunk)]
+    if request.get("return_audio", True) is False:
+        assert not audio
+        return
+    assert torch.equal(torch.cat([c.codes for c in audio], dim=-1), offline.codes[0])
+    wave = torch.cat([c.samples for c in audio])
+    assert wave.numel() == offline.waveform.shape[-1]
+    assert rel_err(wave, offline.waveform[0]) <= 1e-5
+
+
+def _round_robin(streams) -> list[list]:
+    """Consume the streams one event at a time each, in turn, until all end."""
+    iterators = [iter(s) for s in streams]
+    events = [[] for _ in streams]
+    live = set(range(len(streams)))
+    while live:
+        for i in sorted(live):
+            try:
+                events[i].append(next(iterators[i]))
+            except StopIteration:
+                live.discard(i)
+    return events
+
+
+def test_concurrent_sessions_each_equal_alone(engine):
+    pairs = _requests(engine, 4)
+    served = _sharing(engine, max_sessions=4, prefill_chunk=8)
+    streams = [served.stream(**request, chunk_frames=2) for request, _ in pairs]
+    for (request, offline), events in zip(pairs, _round_robin(streams)):
+        _check_alone(engine, request, offline, events)
+    scheduler = served.scheduler
+    assert scheduler.idle and sorted(scheduler.free_slots) == list(range(4))
+
+
+def test_more_sessions_than_slots_wait_their_turn(engine):
+    pairs = _requests(engine, 4)
+    served = _sharing(engine, max_sessions=2)
+    streams = [served.stream(**request) for request, _ in pairs]
+    served.scheduler.step()
+    assert len(served.scheduler.live) == 2 and len(served.scheduler.waiting) == 2
+    for (request, offline), events in zip(pairs, _round_robin(streams)):
+        _check_alone(engine, request, offline, events)
+
+
+def test_chunked_prefill_equals_one_prefill(engine):
+    """Prefill chunks of a few tokens (DeepStack features sliced per chunk for the image) change nothing."""
+    for prefill_chunk in (1, 5):
+        request, offline = speech_request(engine, min_frames=2, make_request=image_request,
+                                          max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS)
+        events = list(_sharing(engine, prefill_chunk=prefill_chunk).stream(**request))
+        _check_alone(engine, request, offline, events)
+
+
+def test_cancelled_session_frees_its_slot_others_unaffected(engine):
+    pairs = _requests(engine, 2)
+    served = _sharing(engine, max_sessions=2)
+    scheduler = served.scheduler
+    doomed = served.stream(**pairs[0][0])
+    kept = served.stream(**pairs[1][0])
+    doomed_events, kept_events = iter(doomed), []
+    kept_iter = iter(kept)
+    next(doomed_events)
+    kept_events.append(next(kept_iter))
+    doomed.cancel()
+    assert doomed.session.state == "cancelled" and doomed.session.slot is None
+    assert len(scheduler.free_slots) == 1
+    with pytest.raises(StopIteration):
+        next(doomed_events)
+    kept_events.extend(kept_iter)
+    _check_alone(engine, pairs[1][0], pairs[1][1], kept_events)
+    assert scheduler.idle and sorted(scheduler.free_slots) == [0, 1]
+
+
+def test_failed_session_raises_and_the_engine_keeps_serving(engine, monkeypatch):
+    pairs = _requests(engine, 2)
+    served = _sharing(engine, max_sessions=2)
+    audio_tower = engine.model.thinker.audio_tower
+    real_forward = audio_tower.forward
+    failures = []
+
+    def fail_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected encoder fault")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(audio_tower, "forward", fail_once)
+    failing = served.stream(**pairs[0][0])  # an audio prompt: its prefill runs the encoder first
+    other = served.stream(**pairs[1][0])
+    with pytest.raises(RuntimeError, match="injected encoder fault"):
+        list(failing)
+    assert failing.session.state == "failed"
+    _check_alone(engine, pairs[1][0], pairs[1][1], list(other))
+    again = served.stream(**pairs[0][0])  # the same request now succeeds: nothing was left behind
+    _check_alone(engine, pairs[0][0], pairs[0][1], list(again))
+    assert served.scheduler.idle and len(served.scheduler.free_slots) == 2
+
+
+def test_requests_that_cannot_fit_are_refused_before_any_work(engine, monkeypatch):
+    served = _sharing(engine, max_sessions=1, max_seq_len=64)
+    calls = []
+    monkeypatch.setattr(engine.model.thinker.model, "forward", lambda *a, **k: calls.append(1))
+    request = audio_request(engine.config)
+    length = request["input_ids"].shape[1]
+    with pytest.raises(ValueError, match="exceeds the scheduler's 64 tokens per session"):
+        served.stream(**request, max_new_tokens=64)
+    assert length > 64 or not calls
+    short = dict(input_ids=torch.tensor([_chat(engine.config, _text(2), system=False)]))
+    with pytest.raises(ValueError, match="talker needs up to"):
+        served.stream(**short, max_new_tokens=4, return_audio=True, talker_max_new_tokens=200)
+    assert not calls and served.scheduler.idle
+
+
+# ---------------------------------------------------------------------------------------------- static cache
+
+
+@torch.no_grad()
+def test_static_cache_equals_dynamic_and_padded_rows_touch_nothing(engine):
+    """Two sessions in slots 2 and 0 of a static cache, decoded in one batch with a padded row: logits equal
+    each session decoded alone on a dynamic cache; the padded row writes only the scratch slot."""
+    thinker, cfg = engine.model.thinker, engine.config.thinker.text
+    cache = StaticKVCache.for_decoder(cfg, 3, 40, torch.float32, "cpu")
+    prompts = [torch.randint(11, 470, (1, n)) for n in (9, 4)]
+    slots = [2, 0]
+    alone, last = [], []
+    for ids, slot in zip(prompts, slots):
+        dynamic = thinker.new_cache()
+        out = thinker(ids, cache=dynamic, num_logits_to_keep=1)
+        view = cache.view(torch.tensor([slot]), ids.shape[1], ids.shape[1])
+        static_out = thinker.model(thinker.model.embed_tokens(ids), out.position_ids, None, view)
+        view.commit()
+        assert rel_err(thinker.lm_head(static_out.hidden[:, -1]), out.logits[:, -1]) <= 1e-5
+        token = out.logits[:, -1].argmax(-1)
+        positions = out.position_ids[:, :, -1:] + 1
+        alone.append(thinker(token[:, None], cache=dynamic, position_ids=positions).logits[0, -1])
+        last.append((token, positions))
+    untouched = cache.keys[:, 1].clone()
+    tokens = torch.cat([t for t, _ in last] + [last[0][0]])
+    positions = torch.cat([p for _, p in last] + [last[0][1]], dim=1)
+    view = cache.view(torch.tensor(slots + [-1]), 1, 10)
+    hidden = thinker.model(thinker.model.embed_tokens(tokens[:, None]), positions, None, view).hidden
+    view.commit()
+    logits = thinker.lm_head(hidden[:, -1])
+    for row in range(2):
+        assert rel_err(logits[row], alone[row]) <= 1e-5
+    assert cache.lengths.tolist() == [5, 0, 10, 0]
+    assert torch.equal(cache.keys[:, 1], untouched), "a padded row wrote into a free slot"
+
+
+def test_static_cache_refuses_overflow():
+    cache = StaticKVCache(1, 2, 8, 1, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="9 tokens exceed this cache's 8 tokens per session"):
+        cache.view(torch.tensor([0]), 1, 9)
+    assert isinstance(DynamicKVCache(1).seq_len, int)
