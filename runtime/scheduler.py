@@ -112,6 +112,8 @@ class Scheduler:
     max_seq_len: tokens per slot (prompt + generated) for the thinker; the talker's slots hold its prompt and
       frames. A request that cannot fit is refused at `submit`, before any model work.
     prefill_chunk: prompt tokens per prefill forward.
+    use_graphs: replay CUDA graphs of the decode steps (runtime/graphs.py); default: on a GPU when the selected
+      kernels are graph-safe (e.g. after runtime.dispatch.use_all("triton")), else eager.
     """
 
     def __init__(self, engine, max_sessions: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
@@ -136,13 +138,14 @@ class Scheduler:
         self.waiting: deque[Session] = deque()
         self.live: list[Session] = []
         self._next_id = 0
-        if use_graphs is None:
-            use_graphs = self.device.type == "cuda"
         self.graphs = None
+        if use_graphs is None:  # default: graphs wherever they can run
+            use_graphs = self.device.type == "cuda" and graphs_possible()
         if use_graphs:
             from runtime.graphs import GraphRunner
 
             self.graphs = GraphRunner(self.device, max_batch=max_sessions)
+            self.graphs.capture_all(self)
 
     # ------------------------------------------------------------------ sessions
 
@@ -443,6 +446,19 @@ class Scheduler:
             if tail:
                 session.events.append(TextDelta(tail, [], session.now()))
         self._release(session, "finished")
+
+
+def graphs_possible() -> bool:
+    """CUDA is present and every selected op implementation may run inside a CUDA graph."""
+    from runtime.graphs import check_graph_safe
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        check_graph_safe()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _deepstack_slice(deepstack: DeepStack | None, start: int, end: int) -> DeepStack | None:
