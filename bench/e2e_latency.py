@@ -1,0 +1,294 @@
+"""End-to-end streaming latency: the paper's Table 2 rows at concurrency 1 / 4 / 6, for a 10 s spoken question
+and a short video clip, next to the paper's numbers and to transformers' own generate on the same machine.
+
+    python bench/e2e_latency.py                    # GPU: real 30B-A3B shapes, random bf16 weights
+    python bench/e2e_latency.py --smoke            # CPU: the tiny preset, to check the script end to end
+
+Random weights: latency depends on shapes, not trained values. Generation lengths are fixed by the request
+(max_new_tokens / talker_max_new_tokens); a random model may stop earlier, so every row also reports the tokens
+and frames actually produced. Each configuration runs after a warm-up request (kernel compilation, CUDA-graph
+capture) and `--repeats` times; the table shows medians over sessions and repeats.
+
+The transformers peer runs after our engine is released (both models at once do not fit an 80 GB GPU): its own
+random initialisation of the same config (same shapes), `generate(return_audio=True)`, which returns audio
+only when everything is done, so its first packet is its total time. Its thinker time to first token is
+timed separately with `thinker.generate(max_new_tokens=1)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.engine import OmniEngine  # noqa: E402
+from runtime.frontend.audio import audio_token_count  # noqa: E402
+
+# The paper's Table 2 (Qwen3-Omni-30B-A3B, its serving stack), milliseconds / ratio; audio input unless noted.
+PAPER = {
+    ("audio", 1): {"first_packet_ms": 234, "thinker_first_token_ms": 88, "mtp_per_frame_ms": 14,
+                   "code2wav_per_frame_ms": 3, "rtf": 0.47},
+    ("audio", 4): {"first_packet_ms": 728},
+    ("audio", 6): {"first_packet_ms": 1172},
+    ("video", 1): {"first_packet_ms": 547},
+    ("video", 4): {"first_packet_ms": 1517},
+    ("video", 6): {"first_packet_ms": 2284},
+}
+ROWS = ["first_packet_ms", "thinker_first_token_ms", "talker_first_frame_ms", "mtp_per_frame_ms",
+        "code2wav_per_frame_ms", "rtf", "text_tokens", "frames"]
+
+
+def build_request(config, kind: str, audio_seconds: float, generator: torch.Generator) -> dict:
+    """Processor-style tensors of one random request: a user turn with a spoken question (log-mel frames of
+    `audio_seconds`) or a short video clip (4 frames of 256x256), a few text tokens, the assistant prefix."""
+    thinker = config.thinker
+    ordinary = (11, 470) if thinker.text.vocab_size < 20000 else (1000, 20000)  # below every special id
+
+    def text(n: int) -> list[int]:
+        return torch.randint(*ordinary, (n,), generator=generator).tolist()
+
+    tensors: dict = {}
+    if kind == "audio":
+        frames = int(audio_seconds * 100)  # 10 ms hop
+        body = ([thinker.audio_start_token_id] + [thinker.audio_token_id] * audio_token_count(frames, thinker.audio.n_window)
+                + text(1))
+        tensors.update(input_features=torch.randn(1, thinker.audio.num_mel_bins, frames, generator=generator),
+                       feature_attention_mask=torch.ones(1, frames, dtype=torch.long))
+    else:
+        vision = thinker.vision
+        grid = torch.tensor([[2, 256 // vision.patch_size, 256 // vision.patch_size]])  # 4 frames: t = 4 / 2
+        patches = int(grid.prod())
+        body = ([thinker.vision_start_token_id] + [thinker.video_token_id] * (patches // vision.spatial_merge_size ** 2)
+                + text(1))
+        tensors.update(pixel_values_videos=torch.randn(patches, 3 * vision.temporal_patch_size * vision.patch_size ** 2,
+                                                       generator=generator),
+                       video_grid_thw=grid, video_second_per_grid=torch.tensor([2.0]))
+    ids = ([config.im_start_token_id, config.system_token_id] + text(12) + [config.im_end_token_id]
+           + [config.im_start_token_id, config.user_token_id] + body + text(8) + [config.im_end_token_id]
+           + [config.im_start_token_id, config.assistant_token_id] + text(1))
+    return dict(input_ids=torch.tensor([ids]), **tensors)
+
+
+def _ms(seconds):
+    return None if seconds is None else seconds * 1e3
+
+
+def session_rows(stream, events) -> dict:
+    t = stream.timings
+    frames = len(t.code_predictor_per_frame)
+    return {
+        "first_packet_ms": _ms(t.first_packet),
+        "thinker_first_token_ms": _ms(t.thinker_first_token),
+        "talker_first_frame_ms": _ms(t.talker_first_frame),
+        "mtp_per_frame_ms": _ms(statistics.mean(t.code_predictor_per_frame)) if frames else None,
+        "code2wav_per_frame_ms": _ms(statistics.mean(t.code2wav_per_frame)) if t.code2wav_per_frame else None,
+        "rtf": t.rtf,
+        "text_tokens": sum(len(e.token_ids) for e in events if hasattr(e, "token_ids")),
+        "frames": frames,
+    }
+
+
+def run_concurrent(engine, requests: list[dict], generate: dict) -> list[dict]:
+    """Open one stream per request at once and consume them round-robin (the scheduler runs them together)."""
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    streams = [engine.stream(**request, **generate) for request in requests]
+    iterators = [iter(s) for s in streams]
+    events = [[] for _ in streams]
+    live = set(range(len(streams)))
+    while live:
+        for i in sorted(live):
+            try:
+                events[i].append(next(iterators[i]))
+            except StopIteration:
+                live.discard(i)
+    sync()
+    return [session_rows(s, e) for s, e in zip(streams, events)]
+
+
+def median_rows(samples: list[dict]) -> dict:
+    out = {}
+    for row in ROWS:
+        values = [s[row] for s in samples if s[row] is not None]
+        out[row] = statistics.median(values) if values else None
+    return out
+
+
+def to_device(request: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in request.items()}
+
+
+def measure_ours(args, device, dtype) -> dict:
+    engine = OmniEngine.from_pretrained(args.preset, device=device, dtype=dtype, seed=0)
+    engine.scheduler_options = dict(max_sessions=max(args.concurrency), prefill_chunk=args.prefill_chunk)
+    if args.graphs is not None:
+        engine.scheduler_options["use_graphs"] = args.graphs == "on"
+    generate = dict(max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
+                    return_audio=True)
+    generator = torch.Generator().manual_seed(1)
+    results = {"graphs": None, "configs": {}}
+    warm = to_device(build_request(engine.config, "audio", args.audio_seconds, generator), device)
+    run_concurrent(engine, [warm], generate)  # warm-up: compilation, graph capture
+    results["graphs"] = engine.scheduler.graphs is not None
+    for kind in args.inputs:
+        for concurrency in args.concurrency:
+            samples = []
+            for _ in range(args.repeats):
+                requests = [to_device(build_request(engine.config, kind, args.audio_seconds, generator), device)
+                            for _ in range(concurrency)]
+                samples += run_concurrent(engine, requests, generate)
+            results["configs"][f"{kind}/c={concurrency}"] = {"median": median_rows(samples), "sessions": samples}
+            print(f"  ours {kind} c={concurrency}: first packet {results['configs'][f'{kind}/c={concurrency}']['median']['first_packet_ms']:.1f} ms",
+                  flush=True)
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def measure_transformers(args, device, dtype) -> dict:
+    """transformers' generate on its own random init of the same config; first packet = total time."""
+    try:
+        import transformers
+        from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
+    except ImportError as error:
+        return {"skipped": f"transformers with qwen3_omni_moe not installed ({error})"}
+    from runtime.config import OmniConfig
+    from runtime.tiny import ensure_tiny_checkpoint
+
+    prompt_config = OmniConfig.from_pretrained(os.fspath(ensure_tiny_checkpoint()) if args.preset == "tiny"
+                                               else args.preset)
+    hf_config = Qwen3OmniMoeConfig(**prompt_config.to_dict())
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3OmniMoeForConditionalGeneration._from_config(hf_config, dtype=dtype)
+    model.eval()
+    generator = torch.Generator().manual_seed(1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results = {"version": transformers.__version__, "configs": {}}
+    for kind in args.inputs:
+        samples = []
+        for attempt in range(args.repeats + 1):  # the first is warm-up
+            request = to_device(build_request(prompt_config, kind, args.audio_seconds, generator), device)
+            with torch.inference_mode():
+                sync()
+                start = time.perf_counter()
+                model.thinker.generate(**request, max_new_tokens=1, do_sample=False)
+                sync()
+                ttft = time.perf_counter() - start
+                start = time.perf_counter()
+                out = model.generate(**request, return_audio=True, thinker_max_new_tokens=args.max_new_tokens,
+                                     thinker_do_sample=False, talker_do_sample=False,
+                                     talker_max_new_tokens=args.talker_max_new_tokens, talker_repetition_penalty=1.0,
+                                     speaker="Ethan", thinker_eos_token_id=prompt_config.im_end_token_id)
+                sync()
+                total = time.perf_counter() - start
+            wave = out[1] if isinstance(out, tuple) else None
+            seconds = (wave.numel() / 24000) if wave is not None else 0.0
+            if attempt:
+                samples.append({"first_packet_ms": total * 1e3, "thinker_first_token_ms": ttft * 1e3,
+                                "talker_first_frame_ms": None, "mtp_per_frame_ms": None,
+                                "code2wav_per_frame_ms": None, "rtf": total / seconds if seconds else None,
+                                "text_tokens": int(out[0].shape[1] - request["input_ids"].shape[1])
+                                if isinstance(out, tuple) else None, "frames": None})
+        results["configs"][f"{kind}/c=1"] = {"median": median_rows(samples), "sessions": samples}
+    del model
+    gc.collect()
+    return results
+
+
+def print_table(ours: dict, peer: dict, args) -> None:
+    header = f"{'config':<12}{'row':<24}{'omni-rt':>12}{'transformers':>14}{'paper':>10}"
+    print(header)
+    print("-" * len(header))
+    for key, measured in ours["configs"].items():
+        kind, c = key.split("/c=")
+        paper = PAPER.get((kind, int(c)), {})
+        theirs = peer.get("configs", {}).get(key, {}).get("median", {})
+        for row in ROWS:
+            value = measured["median"][row]
+            fmt = (lambda v: "-" if v is None else (f"{v:.3f}" if row == "rtf" else f"{v:.1f}"))
+            print(f"{key:<12}{row:<24}{fmt(value):>12}{fmt(theirs.get(row)):>14}{fmt(paper.get(row)):>10}")
+
+
+def device_info(device) -> dict:
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        info["commit"] = None
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny preset, short requests (checks the script)")
+    parser.add_argument("--preset", default="qwen3-omni-30b-a3b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--concurrency", default="1,4,6")
+    parser.add_argument("--inputs", default="audio,video")
+    parser.add_argument("--audio-seconds", type=float, default=10.0)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--talker-max-new-tokens", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--graphs", choices=["on", "off"], default=None, help="default: on where possible")
+    parser.add_argument("--backend", default="triton", help="kernel backend to select (torch, triton, cuda)")
+    parser.add_argument("--no-peer", action="store_true", help="skip transformers' generate")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.preset, args.device, args.dtype = "tiny", "cpu", "float32"
+        args.audio_seconds, args.max_new_tokens, args.talker_max_new_tokens, args.repeats = 2.0, 6, 8, 1
+        args.concurrency, args.backend = "1,2", "torch"
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.inputs = args.inputs.split(",")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench/e2e_latency.py needs a CUDA GPU for real measurements; run with --smoke on a CPU", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    if args.backend != "torch":
+        from runtime import dispatch
+
+        dispatch.use_all(args.backend)
+    info = device_info(device)
+    print(f"# e2e latency on {info['device']} ({args.preset}, {args.dtype}); "
+          + ("CPU smoke run: these are NOT GPU measurements" if device.type == "cpu" else "GPU measurement"), flush=True)
+    ours = measure_ours(args, device, dtype)
+    peer = {"skipped": "--no-peer"} if args.no_peer else measure_transformers(args, device, dtype)
+    print_table(ours, peer, args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    slug = info["device"].replace(" ", "_").replace("(", "").replace(")", "")
+    path = Path(args.out) / f"e2e_latency-{'smoke-' if args.smoke else ''}{slug}-{info['date'][:10]}.json"
+    path.write_text(json.dumps({"info": info, "args": vars(args), "paper": {f"{k}/c={c}": v for (k, c), v in PAPER.items()},
+                                "omni_rt": ours, "transformers": peer}, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
