@@ -4,11 +4,14 @@ Each tick (`Scheduler.step`):
   1. admit waiting sessions into free slots (FIFO);
   2. one prefill chunk of the oldest session still prefilling (chunked, so a long prompt never stalls the
      others' audio for more than one chunk); its last chunk yields t1, and with speech the talker prefill;
-  3. one thinker decode step for every session still generating text (one batch);
-  4. code 0 of every session whose talker has fresh logits, then the code predictor's whole frame for all of
-     them (one batch), and Code2Wav per session (its own streaming state);
-  5. one talker decode step for every session whose next talker input is ready (one batch): the input after
-     frame k needs the text token t_{k+2}, or tts_eos / tts_pad once the thinker has stopped (MODEL_SPEC §8.3).
+  3. one thinker decode step for every session still generating text (one batch), launched now, its tokens
+     read at the end of the tick;
+  4. on the talker's stream (GPU), overlapping the thinker step: code 0 of every session whose talker has
+     fresh logits, then the code predictor's whole frame for all of them (one batch), and Code2Wav per
+     session (its own streaming state); then one talker decode step for every session whose next talker
+     input is ready (one batch): the input after frame k needs the text token t_{k+2}, or tts_eos / tts_pad
+     once the thinker has stopped (MODEL_SPEC §8.3);
+  5. the thinker's tokens of step 3: text deltas, EOS.
 
 With greedy decoding each session's tokens, codes and audio equal what the offline `OmniEngine.generate`
 gives for it alone, whatever else runs beside it. On the CPU every step runs eagerly; on a GPU the decode
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -134,6 +138,7 @@ class Scheduler:
             self.talker_cache = StaticKVCache.for_decoder(talker_cfg, max_sessions, self.talker_max_len, self.dtype,
                                                           self.device)
             self.suppress = code0_suppress_mask(self.model.talker.cfg, self.device)
+        self.talker_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.talker_cache else None
         self.free_slots = list(range(max_sessions))
         self.waiting: deque[Session] = deque()
         self.live: list[Session] = []
@@ -195,6 +200,8 @@ class Scheduler:
         self._release(session, "cancelled")
 
     def _release(self, session: Session, state: str, error: BaseException | None = None) -> None:
+        if session.finished:
+            return
         session.state, session.error = state, error
         if session in self.live:
             self.live.remove(session)
@@ -222,23 +229,34 @@ class Scheduler:
         prefilling = [s for s in self.live if s.state == "prefill"]
         if prefilling:
             self._guarded([prefilling[0]], self._prefill_chunk)
-        self._guarded([s for s in self.live if s.state == "decode" and not s.thinker.done], self._thinker_decode)
-        self._guarded([s for s in self.live if s.talker is not None and s.talker.logits is not None], self._frames)
-        self._guarded([s for s in self.live if s.talker is not None and s.talker.codes is not None
-                       and self._text_ready(s)], self._talker_decode)
+        # The thinker step is launched first and its tokens read last: on a GPU the talker's work runs on its
+        # own stream meanwhile, so the two decoders overlap (the host reads each one's result only when needed).
+        thinking = [s for s in self.live if s.state == "decode" and not s.thinker.done]
+        logits = self._guarded(thinking, self._thinker_decode)
+        with self._talker_stream():
+            self._guarded([s for s in self.live if s.talker is not None and s.talker.logits is not None], self._frames)
+            self._guarded([s for s in self.live if s.talker is not None and s.talker.codes is not None
+                           and self._text_ready(s)], self._talker_decode)
+        if logits is not None:
+            self._guarded(thinking, lambda sessions: self._take_tokens(sessions, logits))
         for session in list(self.live):
             if session.state == "decode" and session.thinker.done and (session.talker is None or session.talker.done):
                 self._finish(session)
 
-    def _guarded(self, sessions: list[Session], work) -> None:
+    def _talker_stream(self):
+        """The talker's CUDA stream as a context (nothing on the CPU)."""
+        return torch.cuda.stream(self.talker_stream) if self.talker_stream is not None else nullcontext()
+
+    def _guarded(self, sessions: list[Session], work):
         """Run one batched piece of work; a failure fails the sessions in it and leaves the others serving."""
         if not sessions:
-            return
+            return None
         try:
-            work(sessions)
+            return work(sessions)
         except Exception as error:  # noqa: BLE001 - handed to each session's stream, which re-raises it
             for session in sessions:
                 self._release(session, "failed", error)
+            return None
 
     # ------------------------------------------------------------------ thinker
 
@@ -271,7 +289,10 @@ class Scheduler:
         session.state = "decode"
         self._take_tokens([session], logits)
         if speech and not th.done:  # t1 is fed next: the talker can start now
-            self._talker_prefill(session)
+            if self.talker_stream is not None:  # it reads the thinker prefill's states
+                self.talker_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with self._talker_stream():
+                self._talker_prefill(session)
         elif speech:
             session.talker = None  # the reply ended at once: nothing to say
 
@@ -286,7 +307,7 @@ class Scheduler:
             logits = self.thinker_decode_eager(tokens, positions, slots, longest)
         for i, session in enumerate(sessions):
             session.thinker.positions = positions[:, i:i + 1]
-        self._take_tokens(sessions, logits)
+        return logits  # [B, V]; the tokens are taken after the talker's work of this tick is launched
 
     def thinker_decode_eager(self, tokens, positions, slots, longest: int) -> torch.Tensor:
         """tokens [B], positions [3, B, 1], slots [B] (−1 = padded row) -> logits [B, V]; advances the slots."""
@@ -301,6 +322,8 @@ class Scheduler:
         """Greedy next token of each session from logits [B, V]; text deltas; stop on EOS or max_new_tokens."""
         chosen = logits.argmax(-1)  # [B]
         for i, (session, token) in enumerate(zip(sessions, chosen.tolist())):
+            if session.finished:  # failed or cancelled since its row was computed
+                continue
             th = session.thinker
             th.tokens.append(token)
             th.next_token = chosen[i:i + 1]
@@ -320,6 +343,9 @@ class Scheduler:
         embeds = torch.cat([e for e, _ in th.states], dim=1)  # [1, L, H]
         accepted = torch.cat([a for _, a in th.states], dim=1)
         th.states = []
+        if self.talker_stream is not None:  # made on the main stream, read on the talker's: keep their memory
+            for tensor in (embeds, accepted, th.next_token):  # until the talker stream is done with it
+                tensor.record_stream(self.talker_stream)
         # t1 is a text token: its embedding is its token embedding and its accept-layer state is never read.
         t1 = th.next_token[:, None]  # [1, 1]
         so_far = ThinkerGeneration(torch.cat((prompt.input_ids, t1), dim=1),
