@@ -49,10 +49,8 @@ _loaded: set[str] = set()
 def load_backend(backend: str) -> None:
     """Import the modules of `backend` so they register; a missing dependency (triton, the built CUDA
     extension) is a clear error naming it. Modules not written yet are skipped."""
-    if backend == "torch" or backend in _loaded:
+    if backend in _loaded or backend not in _BACKEND_MODULES:  # torch, or one registered directly (export)
         return
-    if backend not in _BACKEND_MODULES:
-        raise ValueError(f"unknown backend {backend!r}; known: torch, {', '.join(sorted(_BACKEND_MODULES))}")
     for name in _BACKEND_MODULES[backend]:
         if importlib.util.find_spec(name) is None:
             continue
@@ -89,6 +87,9 @@ def use(op: str, backend: str) -> None:
 def use_all(backend: str) -> None:
     """Select `backend` for every op that has it; the others keep their current implementation."""
     load_backend(backend)
+    if not any(backend in impls for impls in _IMPLS.values()):
+        known = sorted({b for impls in _IMPLS.values() for b in impls} | set(_BACKEND_MODULES))
+        raise ValueError(f"no op has a {backend!r} implementation (backends: {', '.join(known)})")
     for op, impls in _IMPLS.items():
         if backend in impls:
             _selected[op] = backend
