@@ -3,7 +3,8 @@
 A thin shim: the Python packages install as they are; the CUDA library in csrc/ is built by CMake
 (CMakeLists.txt), never downloaded. When nvcc, cmake and pybind11 are all present, build_ext runs CMake and
 puts the pybind11 module next to runtime/cuda_ops.py (runtime/omni_rt_cuda*.so; in place for an editable
-install). Otherwise the install is pure Python and says so. OMNI_RT_NO_CUDA=1 skips the CUDA build.
+install). Otherwise (or when that build fails) the install is pure Python and says so. OMNI_RT_NO_CUDA=1
+skips the CUDA build; OMNI_RT_REQUIRE_CUDA=1 makes a failed one an error.
 Nothing GPU-only is needed to install or import omni-rt.
 """
 
@@ -22,28 +23,38 @@ ROOT = Path(__file__).resolve().parent
 def _missing_cuda_build_tools() -> list[str]:
     missing = []
     if os.environ.get("OMNI_RT_NO_CUDA") == "1":
-        missing.append("OMNI_RT_NO_CUDA=1")
+        missing.append("OMNI_RT_NO_CUDA=1 is set")
     if not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):
-        missing.append("nvcc")
+        missing.append("no nvcc")
     if not shutil.which("cmake"):
-        missing.append("cmake")
+        missing.append("no cmake")
     try:
         import pybind11  # noqa: F401
     except ImportError:
-        missing.append("pybind11")
+        missing.append("no pybind11")
     return missing
 
 
 class CMakeBuild(build_ext):
-    """Configure and build the `omni_rt_cuda` target of CMakeLists.txt into this extension's output path."""
+    """Configure and build the `omni_rt_cuda` target of CMakeLists.txt into this extension's output path.
+
+    A failed CUDA build is reported and the install goes on pure-Python (runtime.cuda_ops then raises
+    ImportError), unless OMNI_RT_REQUIRE_CUDA=1 makes it an error.
+    """
 
     def run(self):
         missing = _missing_cuda_build_tools()
         if missing:
-            print(f"omni-rt: pure-Python install, the CUDA extension is not built ({', '.join(missing)} "
-                  "missing); runtime.cuda_ops will raise ImportError", file=sys.stderr)
+            print(f"omni-rt: pure-Python install: the CUDA extension is not built ({', '.join(missing)}); "
+                  "runtime.cuda_ops will raise ImportError", file=sys.stderr)
             return
-        super().run()
+        try:
+            super().run()
+        except (subprocess.CalledProcessError, OSError) as exc:
+            if os.environ.get("OMNI_RT_REQUIRE_CUDA") == "1":
+                raise
+            print(f"omni-rt: the CUDA extension failed to build ({exc}); pure-Python install. "
+                  "Set OMNI_RT_REQUIRE_CUDA=1 to make this an error.", file=sys.stderr)
 
     def build_extension(self, ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent

@@ -15,7 +15,7 @@ constexpr int kSharedBudgetBytes = 48 * 1024;  // the default dynamic shared mem
 // torch.topk order: NaN above everything, then larger values; ties go to the lower expert id.
 __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib) {
   const bool na = isnan(a), nb = isnan(b);
-  if (na != nb) return na;
+  if (na || nb) return na && nb ? ia < ib : na;  // a strict total order even with NaNs: lanes must agree
   if (a != b) return a > b;
   return ia < ib;
 }

@@ -19,8 +19,7 @@ Importing raises ImportError when the extension was not built (no nvcc/cmake at 
 CUDA GPU is visible; runtime/dispatch.py then simply lists no `cuda` implementations.
 """
 
-from __future__ import annotations
-
+import inspect
 from typing import Optional
 
 import torch
@@ -262,5 +261,51 @@ def causal_conv1d_update_cuda(x_chunk, conv_state, weight, bias, dilation=1, gro
 
 # ------------------------------------------------------------------------------------------ registration
 
+# Argument names this kernel understands in the dispatch op `mrope_qk_norm_` (its torch reference lives
+# elsewhere and may name them differently); a signature with anything else is left to the other backends.
+_ROPE_ALIASES = {"q": ("q", "query"), "k": ("k", "key"), "q_norm_weight": ("q_norm_weight", "q_weight"),
+                 "k_norm_weight": ("k_norm_weight", "k_weight"), "positions": ("positions", "position_ids"),
+                 "inv_freq": ("inv_freq",), "mrope_section": ("mrope_section", "section"), "eps": ("eps",)}
+
+
+def _mrope_qk_norm_adapter(ref):
+    """A wrapper with `ref`'s signature over omni_rt::mrope_qk_norm_, or None when the signature does not fit."""
+    sig = inspect.signature(ref)
+    names = {}
+    for ours, aliases in _ROPE_ALIASES.items():
+        found = [p for p in sig.parameters if p in aliases]
+        if not found:
+            return None
+        names[ours] = found[0]
+    if set(sig.parameters) - set(names.values()):
+        return None
+
+    def mrope_qk_norm_cuda(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = {ours: bound.arguments[theirs] for ours, theirs in names.items()}
+        q, k, section = a["q"], a["k"], a["mrope_section"]
+        if not q.is_cuda or q.dim() not in (3, 4) or k.dim() != q.dim():
+            return ref(*args, **kwargs)
+        try:  # (batch, seq, heads, D) -> (T, heads, D) views: the kernel writes through them
+            q3, k3 = q.view(-1, *q.shape[-2:]), k.view(-1, *k.shape[-2:])
+        except RuntimeError:
+            return ref(*args, **kwargs)
+        positions = a["positions"].to(torch.int64)
+        if section is None:  # plain 1-D RoPE: every slot reads axis 0
+            positions, section = positions.reshape(1, -1).expand(3, -1), (0, 0, 0)
+        positions = positions.reshape(3, -1)
+        inv_freq = a["inv_freq"].to(device=q.device, dtype=torch.float32).contiguous()
+        torch.ops.omni_rt.mrope_qk_norm_(q3, k3, a["q_norm_weight"], a["k_norm_weight"], positions, inv_freq,
+                                         [int(s) for s in section], float(a["eps"]))
+        return q, k
+
+    return mrope_qk_norm_cuda
+
+
 dispatch.register("route_topk", "cuda", route_topk_cuda)
 dispatch.register("causal_conv1d_update", "cuda", causal_conv1d_update_cuda)
+if "torch" in getattr(dispatch, "_IMPLS", {}).get("mrope_qk_norm_", {}):
+    _adapter = _mrope_qk_norm_adapter(dispatch._IMPLS["mrope_qk_norm_"]["torch"])
+    if _adapter is not None:
+        dispatch.register("mrope_qk_norm_", "cuda", _adapter)

@@ -117,6 +117,61 @@ def test_cuda_ops_import_says_what_is_missing():
     assert "cuda" not in dispatch.backends("route_topk")  # a missing backend lists nothing, raises nothing
 
 
+_STUB_SCRIPT = r"""
+import sys, types, torch
+stub = types.ModuleType("omni_rt_cuda")  # the extension's Python surface, nothing behind it
+stub.FLOAT32, stub.FLOAT16, stub.BFLOAT16 = 0, 1, 2
+stub.device_count = lambda: (0, 35, "no driver")
+sys.modules["runtime.omni_rt_cuda"] = stub
+import runtime
+runtime.omni_rt_cuda = stub
+torch.cuda.is_available = lambda: True
+from runtime import dispatch
+def rope_ref(q, k, q_norm_weight, k_norm_weight, positions, inv_freq, mrope_section, eps):
+    pass
+if "mrope_qk_norm_" not in dispatch._IMPLS:
+    dispatch._IMPLS["mrope_qk_norm_"] = {"torch": rope_ref}
+import runtime.cuda_ops as ops
+schemas = {n: str(getattr(torch.ops.omni_rt, n).default._schema)
+           for n in ("route_topk", "moe_align", "mrope_qk_norm_", "causal_conv1d_update")}
+assert "Tensor(a0!) q, Tensor(a1!) k, Tensor q_norm_weight" in schemas["mrope_qk_norm_"], schemas
+assert "Tensor(a1!) conv_state, Tensor weight, Tensor? bias" in schemas["causal_conv1d_update"], schemas
+assert "!" not in schemas["route_topk"] + schemas["moe_align"], schemas
+from torch._subclasses.fake_tensor import FakeTensorMode
+with FakeTensorMode():
+    w, i = torch.ops.omni_rt.route_topk(torch.empty(5, 64, device="cuda", dtype=torch.bfloat16), 4, True)
+    assert w.shape == (5, 4) and w.dtype == torch.bfloat16 and i.dtype == torch.int64
+    s, e, n = torch.ops.omni_rt.moe_align(torch.empty(5, 4, dtype=torch.int64, device="cuda"), 64, 16)
+    assert s.shape == (ops.moe_align_max_padded(20, 64, 16),) and e.shape == (s.shape[0] // 16,) and n.shape == (1,)
+    out = torch.ops.omni_rt.causal_conv1d_update(torch.empty(2, 8, 3, device="cuda"), torch.empty(3, 8, 3, device="cuda"),
+                                                 torch.empty(8, 1, 4, device="cuda"), None, 1, 8, None)
+    assert out.shape == (2, 8, 3)
+for op in ("route_topk", "causal_conv1d_update", "mrope_qk_norm_"):
+    assert "cuda" in dispatch.backends(op), op
+# the moe_align twin's contract, on CPU
+ids = torch.stack([torch.randperm(61)[:4] for _ in range(37)])
+ids[1] = -1
+sorted_ids, expert_ids, num_post_pad = ops.moe_align_torch(ids, 61, 7)
+flat = ids.reshape(-1)
+total = int(num_post_pad)
+assert total % 7 == 0 and sorted_ids.numel() == ops.moe_align_max_padded(148, 61, 7)
+assert (expert_ids[total // 7:] == -1).all() and (sorted_ids[total:] == 148).all()
+for b in range(total // 7):
+    rows = sorted_ids[b * 7:(b + 1) * 7]
+    rows = rows[rows < 148].long()
+    assert (flat[rows] == expert_ids[b]).all() and (rows.diff() > 0).all()
+assert sorted((sorted_ids[sorted_ids < 148]).tolist()) == (flat >= 0).nonzero().reshape(-1).tolist()
+print("stub ok")
+"""
+
+
+def test_cuda_ops_python_layer_with_a_stub_extension():
+    """Without a GPU: the op schemas (mutations declared), the fake impls, the dispatch registrations and the
+    moe_align twin, by importing runtime.cuda_ops over a stub extension in a fresh interpreter."""
+    run = subprocess.run([sys.executable, "-c", _STUB_SCRIPT], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0 and "stub ok" in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
+
+
 # ------------------------------------------------------------------------------------- GPU run-time tests
 
 
