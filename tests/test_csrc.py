@@ -175,6 +175,15 @@ def test_cuda_ops_python_layer_with_a_stub_extension():
 # ------------------------------------------------------------------------------------- GPU run-time tests
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """The torch twins run cuDNN/cuBLAS in fp32: TF32 would make the oracle the less precise side."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module")
 def ops(cmake_build):
     """runtime.cuda_ops over the installed extension, or over this session's build when none is installed."""
