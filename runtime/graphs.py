@@ -10,8 +10,10 @@ replayed, so a decode step costs one launch instead of hundreds (at batch 1 the 
   device. That needs graph-safe implementations of the ops whose torch references read values back to the
   host (GRAPH_UNSAFE_REFERENCES); the runner refuses to capture with those selected, naming them.
 
-Captured stages: thinker decode, talker decode, and the code predictor's whole frame (its G−1 sequential
-steps in one graph). Prefill chunks and Code2Wav run eagerly (see docs/architecture.md, status).
+Captured stages: thinker decode, talker decode, the code predictor's whole frame (its G−1 sequential steps
+in one graph) and Code2Wav's frame decode from per-slot streaming states (after a session's first frame,
+which trims the transposed convs' left edge and runs eagerly). Prefill chunks run eagerly (status:
+docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ class GraphRunner:
                 self._get(scheduler, stage, size)
 
     def _stages(self, scheduler) -> list[str]:
-        return ["thinker_decode"] + (["talker_decode", "code_predictor_frame"] if scheduler.talker_cache else [])
+        speech = ["talker_decode", "code_predictor_frame", "code2wav_frame"] if scheduler.talker_cache else []
+        return ["thinker_decode"] + speech
 
     def _example_inputs(self, scheduler, stage: str, size: int) -> tuple[torch.Tensor, ...]:
         device, dtype = self.device, scheduler.dtype
@@ -95,6 +98,9 @@ class GraphRunner:
         if stage == "talker_decode":
             hidden = scheduler.config.talker.text.hidden_size
             return torch.randn(size, 1, hidden, dtype=dtype, device=device), positions, padded_slots
+        if stage == "code2wav_frame":
+            quantizers = scheduler.config.code2wav.num_quantizers
+            return torch.zeros(size, quantizers, 1, dtype=torch.long, device=device), padded_slots
         hidden = scheduler.config.talker.text.hidden_size
         return torch.randn(size, hidden, dtype=dtype, device=device), torch.zeros(size, dtype=torch.long, device=device)
 
@@ -103,6 +109,9 @@ class GraphRunner:
             return lambda tokens, positions, slots: (scheduler.thinker_decode_eager(tokens, positions, slots, 1),)
         if stage == "talker_decode":
             return lambda embeds, positions, slots: scheduler.talker_decode_eager(embeds, positions, slots, 1)
+        if stage == "code2wav_frame":
+            return lambda codes, slots: (scheduler.model.code2wav.decode_frame(
+                codes, scheduler.code2wav_slots.view(slots, first=False)),)
         return lambda hidden, code0: (scheduler.model.talker.predict_frame(hidden, code0),)
 
     def _get(self, scheduler, stage: str, size: int) -> _Captured:
@@ -126,7 +135,7 @@ class GraphRunner:
 
     def _replay(self, scheduler, stage: str, inputs: tuple[torch.Tensor, ...], batch_dims: tuple[int, ...],
                 pad_values: tuple) -> tuple[torch.Tensor, ...]:
-        batch = inputs[-1].shape[0] if stage != "code_predictor_frame" else inputs[0].shape[0]
+        batch = inputs[-1].shape[0]  # the last input of every stage is [B] (slot ids, or code 0)
         captured = self._get(scheduler, stage, self.bucket(batch))
         for buffer, value, dim, pad in zip(captured.inputs, inputs, batch_dims, pad_values):
             buffer.narrow(dim, 0, batch).copy_(value)
@@ -149,6 +158,10 @@ class GraphRunner:
         self._check_room(scheduler.talker_cache, longest)
         logits, hidden = self._replay(scheduler, "talker_decode", (embeds, positions, slots), (0, 1, 0), (0, 0, -1))
         return logits, hidden
+
+    def code2wav_frame(self, scheduler, codes, slots) -> torch.Tensor:
+        (wav,) = self._replay(scheduler, "code2wav_frame", (codes, slots), (0, 0), (0, -1))
+        return wav
 
     def code_predictor_frame(self, scheduler, hidden, code0) -> torch.Tensor:
         (codes,) = self._replay(scheduler, "code_predictor_frame", (hidden, code0), (0, 0), (0, 0))

@@ -32,6 +32,7 @@ import torch
 from runtime.frontend.tokenizer import StreamingDecoder
 from runtime.generate import ThinkerGeneration
 from runtime.kv_cache import StaticKVCache
+from runtime.models.code2wav import Code2WavSlots
 from runtime.models.decoder import DeepStack
 from runtime.models.talker import code0_suppress_mask
 from runtime.rope_index import get_rope_index
@@ -78,12 +79,12 @@ class _Talker:
     positions: torch.Tensor  # [3, 1, 1] position of the last fed input
     tts_eos: torch.Tensor  # [H] projected tts_eos
     tts_pad: torch.Tensor  # [H]
-    code2wav_state: object
     logits: torch.Tensor | None = None  # [1, V] fresh logits (code 0 of the next frame not taken yet)
     hidden: torch.Tensor | None = None  # [1, H] final-norm state that produced `logits`
     codes: torch.Tensor | None = None  # [1, G] the last frame, waiting for its text to be fed back
     frame: int = 0  # frames produced
-    waiting: list = field(default_factory=list)  # frames not given to Code2Wav yet, [G] each
+    waiting: list = field(default_factory=list)  # frames decoded but not sent yet, [G] each
+    samples: list = field(default_factory=list)  # their waveform samples, [n] each
     emitted: int = 0  # samples out so far
     done: bool = False
 
@@ -138,6 +139,7 @@ class Scheduler:
             self.talker_cache = StaticKVCache.for_decoder(talker_cfg, max_sessions, self.talker_max_len, self.dtype,
                                                           self.device)
             self.suppress = code0_suppress_mask(self.model.talker.cfg, self.device)
+            self.code2wav_slots = Code2WavSlots(self.model.code2wav, max_sessions, self.device, self.dtype)
         self.talker_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.talker_cache else None
         self.free_slots = list(range(max_sessions))
         self.waiting: deque[Session] = deque()
@@ -363,8 +365,8 @@ class Scheduler:
         view = self.talker_cache.view(torch.tensor([session.slot], device=self.device), length, length)
         logits, hidden = talker(talker_prompt.inputs_embeds, positions, None, view, num_logits_to_keep=1)
         view.commit()
+        self.code2wav_slots.reset(session.slot)
         session.talker = _Talker(talker_prompt, positions[:, :, -1:], tts_eos, tts_pad,
-                                 self.model.code2wav.new_state(1, device=self.device, dtype=self.dtype),
                                  logits[:, -1], hidden[:, -1])
 
     def _frames(self, sessions: list[Session]) -> None:
@@ -394,36 +396,57 @@ class Scheduler:
         spent = time.perf_counter() - tick
         for row, i in enumerate(going):
             session = sessions[i]
-            tk = session.talker
             session.timings.code_predictor_per_frame.append(spent)
             if session.timings.talker_first_frame is None:
                 session.timings.talker_first_frame = session.now()
-            tk.codes, tk.hidden = codes[row:row + 1], None
-            tk.waiting.append(codes[row])
-            tk.frame += 1
-            if len(tk.waiting) == session.request.chunk_frames:
-                self._decode_audio(session)
+            session.talker.codes, session.talker.hidden = codes[row:row + 1], None
+        self._code2wav([sessions[i] for i in going], codes)
 
-    def _decode_audio(self, session: Session) -> None:
-        tk, code2wav = session.talker, self.model.code2wav
-        codes = torch.stack(tk.waiting, dim=-1)  # [G, n]
-        tick = time.perf_counter()
-        samples = code2wav.decode_step(codes[None], tk.code2wav_state)[0, 0].float()
-        session.timings.code2wav_per_frame.append((time.perf_counter() - tick) / len(tk.waiting))
+    def _code2wav(self, sessions: list[Session], codes: torch.Tensor) -> None:
+        """Decode one new frame per session (codes [B, G]) in their Code2Wav slots: sessions on their first
+        frame in one eager batch, the others in one (graph-replayed) batch; send the chunks that are full."""
+        starting = [s.talker.frame == 0 for s in sessions]
+        for first in (True, False):
+            rows = [i for i, start in enumerate(starting) if start == first]
+            if not rows:
+                continue
+            tick = time.perf_counter()
+            frame_codes = codes[rows][:, :, None]  # [B', G, 1]
+            slots = torch.tensor([sessions[i].slot for i in rows], device=self.device)
+            if self.graphs is not None and not first:
+                wav = self.graphs.code2wav_frame(self, frame_codes, slots)
+            else:
+                wav = self.model.code2wav.decode_frame(frame_codes, self.code2wav_slots.view(slots, first))
+            wav = wav[:, 0].float()  # [B', samples]
+            spent = time.perf_counter() - tick
+            for row, i in enumerate(rows):
+                session = sessions[i]
+                tk = session.talker
+                session.timings.code2wav_per_frame.append(spent)
+                tk.waiting.append(codes[i])
+                tk.samples.append(wav[row])
+                tk.frame += 1
+                if len(tk.waiting) == session.request.chunk_frames:
+                    self._send_audio(session)
+
+    def _send_audio(self, session: Session) -> None:
+        """One AudioChunk of the decoded frames not sent yet."""
+        tk, sample_rate = session.talker, self.model.code2wav.cfg.SAMPLE_RATE
+        samples = torch.cat(tk.samples)
         now = session.now()
         if session.timings.first_packet is None and samples.numel():
             session.timings.first_packet = now
         out = pcm16(samples) if session.request.audio_format == "pcm16" else samples
-        session.events.append(AudioChunk(out, code2wav.cfg.SAMPLE_RATE, tk.frame - 1, codes, tk.emitted, now))
+        codes = torch.stack(tk.waiting, dim=-1)  # [G, n]
+        session.events.append(AudioChunk(out, sample_rate, tk.frame - 1, codes, tk.emitted, now))
         tk.emitted += samples.numel()
-        session.timings.audio_seconds = tk.emitted / code2wav.cfg.SAMPLE_RATE
-        tk.waiting = []
+        session.timings.audio_seconds = tk.emitted / sample_rate
+        tk.waiting, tk.samples = [], []
 
     def _end_speech(self, session: Session) -> None:
         tk = session.talker
         if tk.waiting:
-            self._decode_audio(session)
-        self.model.code2wav.flush(tk.code2wav_state)
+            self._send_audio(session)
         tk.done, tk.codes = True, None
 
     def _text_ready(self, session: Session) -> bool:

@@ -72,6 +72,12 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
     embeds = torch.randn(3, 1, cfg.talker.text.hidden_size, device=device)
     hidden = torch.randn(3, cfg.talker.text.hidden_size, device=device)
     code0 = torch.randint(0, 100, (3,), device=device)
+    frame_codes = torch.randint(0, cfg.code2wav.codebook_size, (3, cfg.code2wav.num_quantizers, 1), device=device)
+    for slot in (0, 1, 2):  # streams past their first frame, with non-zero contexts
+        scheduler.code2wav_slots.reset(slot)
+        scheduler.code2wav_slots.frames[slot] = 3 + slot
+    for pool in (*scheduler.code2wav_slots.conv.values(), *scheduler.code2wav_slots.tails.values()):
+        pool.normal_()
     for cache, eager, graphed in (
         (scheduler.thinker_cache, lambda: (scheduler.thinker_decode_eager(tokens, positions, slots, 10),),
          lambda: (graphs.thinker_decode(scheduler, tokens, positions, slots, 10),)),
@@ -79,12 +85,17 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
          lambda: graphs.talker_decode(scheduler, embeds, positions, slots, 10)),
         (None, lambda: (engine.model.talker.predict_frame(hidden, code0),),
          lambda: (graphs.code_predictor_frame(scheduler, hidden, code0),)),
+        (None, lambda: (engine.model.code2wav.decode_frame(frame_codes, scheduler.code2wav_slots.view(slots, False)),),
+         lambda: (graphs.code2wav_frame(scheduler, frame_codes, slots),)),
     ):
+        c2w_saved = [t.clone() for t in scheduler.code2wav_slots.state_tensors()]
         saved = _snapshot(cache) if cache is not None else None
         want = eager()
         after_eager = _snapshot(cache) if cache is not None else None
         if cache is not None:
             _restore(cache, saved)
+        for tensor, value in zip(scheduler.code2wav_slots.state_tensors(), c2w_saved):
+            tensor.copy_(value)
         got = graphed()
         for g, w in zip(got, want):
             if w.is_floating_point():

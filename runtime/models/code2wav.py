@@ -57,6 +57,16 @@ class Code2WavState:
     conv: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, C_in, (K−1)·d] left context per causal conv
     tails: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, C_out, k−s] overlap-add tail per transposed conv
     consumed: dict[str, int] = field(default_factory=dict)  # input samples each transposed conv has seen
+    slot_ids = None  # the conv states are per row (Code2WavSlots views carry slot ids instead)
+
+    def positions(self, length: int, device) -> torch.Tensor:
+        """[1, n] rotary positions of the next n frames."""
+        return torch.arange(self.frames, self.frames + length, device=device)[None]
+
+    def window_mask(self, length: int, window: int, device) -> torch.Tensor:
+        """[1, 1, n, past + n] bool: causal over the kept keys and the n new frames."""
+        past = 0 if self.keys[0] is None else self.keys[0].shape[1]
+        return causal_mask(length, past + length, device, window=window)
 
     def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: [B, n, kv_heads, D] for the new frames. Returns cached + new ([B, past + n, kv_heads, D]) and
@@ -94,7 +104,7 @@ class CausalConv1d(nn.Module):
         if state is None or self.state_len == 0:  # a 1-tap conv needs no context
             return dispatch.causal_conv1d(x, self.conv.weight, self.conv.bias, self.dilation, self.groups)
         return dispatch.causal_conv1d_update(x, state.conv[self.state_key], self.conv.weight, self.conv.bias,
-                                             self.dilation, self.groups)
+                                             self.dilation, self.groups, state.slot_ids)
 
 
 class CausalTransConv1d(nn.Module):
@@ -117,7 +127,7 @@ class CausalTransConv1d(nn.Module):
             return dispatch.causal_conv_transpose1d(x, self.conv.weight, self.conv.bias, self.stride)
         key = self.state_key
         out = dispatch.causal_conv_transpose1d_update(x, state.tails[key], self.conv.weight, self.conv.bias,
-                                                      self.stride, state.consumed[key])
+                                                      self.stride, state.consumed[key], state.slot_ids)
         state.consumed[key] += x.shape[-1]
         return out
 
@@ -198,7 +208,7 @@ class Code2WavAttention(nn.Module):
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, state: Code2WavState | None, layer: int) -> torch.Tensor:
-        """x: [B, n, H]; cos/sin: [1, n, D]; mask: [1, 1, n, past + n] bool."""
+        """x: [B, n, H]; cos/sin: [1 or B, n, D]; mask: [1 or B, 1, n, keys] bool."""
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x)
         q = dispatch.apply_rope(q.view(batch, length, self.num_heads, self.head_dim), cos, sin)
@@ -252,11 +262,13 @@ class Code2WavTransformer(nn.Module):
     def forward(self, x: torch.Tensor, state: Code2WavState | None = None) -> torch.Tensor:
         """x: [B, n, H] embeddings of n frames (all of them, or the next n of the stream) → [B, n, H]."""
         length = x.shape[1]
-        start = state.frames if state is not None else 0
-        past = 0 if state is None or state.keys[0] is None else state.keys[0].shape[1]
-        positions = torch.arange(start, start + length, device=x.device)[None]  # [1, n]
-        cos, sin = dispatch.rope_cos_sin(positions, self.inv_freq, None, x.dtype)  # [1, n, D]
-        mask = causal_mask(length, past + length, x.device, window=self.cfg.sliding_window)
+        if state is None:
+            positions = torch.arange(length, device=x.device)[None]  # [1, n]
+            mask = causal_mask(length, length, x.device, window=self.cfg.sliding_window)
+        else:  # [1 or B, n] positions, [1 or B, 1, n, keys] mask: from the stream's state
+            positions = state.positions(length, x.device)
+            mask = state.window_mask(length, self.cfg.sliding_window, x.device)
+        cos, sin = dispatch.rope_cos_sin(positions, self.inv_freq, None, x.dtype)  # [1 or B, n, D]
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, state, index)
         return self.norm(x)
@@ -358,9 +370,111 @@ class Code2Wav(nn.Module):
         state.samples += wav.shape[-1]
         return wav
 
+    @torch.no_grad()
+    def decode_frame(self, codes: torch.Tensor, view: "Code2WavSlotView") -> torch.Tensor:
+        """codes [B, Q, 1]: the next frame of each row's stream, its state in a Code2WavSlots pool.
+        Returns [B, 1, samples]: num_samples(1) for rows on their first frame (view.first), else the
+        per-frame hop (1920 on the released config); zeros for padded rows. No host reads: capturable."""
+        hidden = self.pre_transformer(self.embed(codes), view)  # [B, 1, H]
+        wav = self._convnet(hidden.transpose(1, 2), view)
+        view.advance()
+        return wav
+
     def flush(self, state: Code2WavState) -> torch.Tensor:
         """End the stream. Returns [B, 1, 0]: after F frames the stream has already emitted num_samples(F),
         the full decode's length; what is still pending (the transposed convs' tails, 555 samples per
         stream on the released config) is what the full decode trims on the right."""
         state.finished = True
         return self.code_embedding.weight.new_zeros(state.batch, 1, 0)
+
+
+class _SameCount(dict):
+    """`consumed` of a slot view: every transposed conv has seen 0 inputs (first frame) or enough that its
+    left trim is done (later frames); the count is never needed beyond that, so updates are dropped."""
+
+    def __init__(self, value: int):
+        super().__init__()
+        self.value = value
+
+    def __getitem__(self, key):
+        return self.value
+
+    def __setitem__(self, key, value):
+        pass
+
+
+class Code2WavSlots:
+    """Streaming states of up to `num_slots` sessions in preallocated pools (plus a scratch slot for padded
+    rows), decoded one frame per step in batches of sessions: conv contexts and transposed-conv tails
+    [slots + 1, C, S] (the kernels' slot-id form), the transformer's keys/values in ring buffers
+    [slots + 1, window, kv_heads, D] (a frame's keys go to slot frames % window; attention is over the valid
+    entries, order does not matter once rotated), and the frames seen per slot on the device. Shapes never
+    change, so a frame step can be captured in a CUDA graph; a session's first frame runs eagerly (its
+    transposed convs still trim their left edge, so it makes fewer samples)."""
+
+    def __init__(self, code2wav: "Code2Wav", num_slots: int, device, dtype):
+        cfg = code2wav.cfg
+        rows = num_slots + 1
+        self.num_slots, self.window = num_slots, cfg.sliding_window
+        kv = (rows, self.window, cfg.num_kv_heads, cfg.head_dim)
+        self.keys = [torch.zeros(kv, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(kv, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.frames = torch.zeros(rows, dtype=torch.long, device=device)
+        self.conv: dict[str, torch.Tensor] = {}
+        self.tails: dict[str, torch.Tensor] = {}
+        for name, module in code2wav.named_modules():
+            if isinstance(module, CausalConv1d) and module.state_len:
+                self.conv[name] = torch.zeros(rows, module.in_channels, module.state_len, device=device, dtype=dtype)
+            elif isinstance(module, CausalTransConv1d):
+                trim = module.kernel_size - module.stride
+                self.tails[name] = torch.zeros(rows, module.out_channels, trim, device=device, dtype=dtype)
+        self.first_frame_samples = code2wav.num_samples(1)
+        self.frame_samples = code2wav.num_samples(2) - self.first_frame_samples
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.num_slots
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every pool tensor (for snapshots in tests)."""
+        return [*self.keys, *self.values, self.frames, *self.conv.values(), *self.tails.values()]
+
+    def reset(self, slot: int) -> None:
+        """Start a new stream in `slot`: zero contexts and tails (= the full decode's left zero pads)."""
+        for pool in (*self.conv.values(), *self.tails.values()):
+            pool[slot].zero_()
+        self.frames[slot] = 0
+
+    def view(self, slot_ids: torch.Tensor, first: bool) -> "Code2WavSlotView":
+        """slot_ids [B] (−1 = padded row); first: every real row is on its stream's first frame (else none is)."""
+        return Code2WavSlotView(self, slot_ids, first)
+
+
+class Code2WavSlotView:
+    """A Code2WavSlots pool seen by one `Code2Wav.decode_frame` call (the state interface of the modules)."""
+
+    def __init__(self, slots: Code2WavSlots, slot_ids: torch.Tensor, first: bool):
+        self.slots, self.slot_ids = slots, slot_ids
+        self.rows = torch.where(slot_ids >= 0, slot_ids, slots.scratch_slot)  # [B]
+        self.conv, self.tails = slots.conv, slots.tails
+        self.consumed = _SameCount(0 if first else 1 << 30)
+        self.now = slots.frames[self.rows]  # [B] index of the frame being decoded
+
+    def positions(self, length: int, device) -> torch.Tensor:
+        return self.now[:, None]  # [B, 1]
+
+    def window_mask(self, length: int, window: int, device) -> torch.Tensor:
+        """[B, 1, 1, window]: ring entries holding frames now − window + 1 … now."""
+        return (torch.arange(window, device=device)[None] <= self.now[:, None])[:, None, None, :]
+
+    def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, 1, kv_heads, D] of the new frame -> the rows' whole ring [B, window, kv_heads, D]."""
+        at = self.now % self.slots.window  # [B]
+        keys, values = self.slots.keys[layer], self.slots.values[layer]
+        keys.index_put_((self.rows, at), k[:, 0])
+        values.index_put_((self.rows, at), v[:, 0])
+        return keys[self.rows], values[self.rows]
+
+    def advance(self) -> None:
+        self.slots.frames.index_put_((self.rows,), self.now + 1)
+        self.slots.frames[self.slots.scratch_slot] = 0
