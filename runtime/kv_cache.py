@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.attention import causal_mask
 from runtime import dispatch
 
 
@@ -70,14 +71,16 @@ class StaticKVCache:
         """Forget a slot's tokens (its old keys are never read again: reads stop at `lengths`)."""
         self.lengths[slot] = 0
 
-    def view(self, slot_ids: torch.Tensor, num_new: int, seq_len: int) -> "StaticCacheView":
+    def view(self, slot_ids: torch.Tensor, num_new: int, seq_len: int, prefill_slot: int | None = None) -> "StaticCacheView":
         """Bind batch rows to slots for one forward of `num_new` tokens per row.
 
         slot_ids: [B] int64 on the device, −1 for padded rows. seq_len: the host's largest cached + new
-        length among the rows (checked against max_len here, before any work)."""
+        length among the rows (checked against max_len here, before any work).
+        prefill_slot: for a prefill chunk of one session (B = 1, outside graphs), its slot on the host: the chunk
+        then attends with the prefill attention op (dispatch.attention) over the slot's first seq_len keys."""
         if seq_len > self.max_len:
             raise ValueError(f"{seq_len} tokens exceed this cache's {self.max_len} tokens per session")
-        return StaticCacheView(self, slot_ids, num_new, seq_len)
+        return StaticCacheView(self, slot_ids, num_new, seq_len, prefill_slot)
 
 
 class StaticCacheView:
@@ -85,8 +88,9 @@ class StaticCacheView:
     and attends over the slot (dispatch.decode_attention). `commit()` advances the slots' lengths afterwards;
     all of it is device work without host syncs, so a step can be captured in a CUDA graph."""
 
-    def __init__(self, cache: StaticKVCache, slot_ids: torch.Tensor, num_new: int, seq_len: int):
-        self.cache, self.num_new, self.seq_len_host = cache, num_new, seq_len
+    def __init__(self, cache: StaticKVCache, slot_ids: torch.Tensor, num_new: int, seq_len: int,
+                 prefill_slot: int | None = None):
+        self.cache, self.num_new, self.seq_len_host, self.prefill_slot = cache, num_new, seq_len, prefill_slot
         self.slot_ids = slot_ids  # [B], −1 = padded row
         self.rows = torch.where(slot_ids >= 0, slot_ids, cache.scratch_slot)  # [B] slot written by each row
         start = cache.lengths[self.rows]  # [B] tokens cached before this forward
@@ -105,6 +109,12 @@ class StaticCacheView:
         rows = self.rows[:, None].expand_as(self.write_at)  # [B, L]
         self.cache.keys[layer].index_put_((rows, self.write_at), k)
         self.cache.values[layer].index_put_((rows, self.write_at), v)
+        if self.prefill_slot is not None:  # one session's chunk: plain causal attention over its prefix
+            length = self.seq_len_host
+            keys = self.cache.keys[layer][self.prefill_slot, :length][None]  # [1, S, kv_heads, D]
+            values = self.cache.values[layer][self.prefill_slot, :length][None]
+            mask = causal_mask(self.num_new, length, q.device)
+            return dispatch.attention(q, keys, values, mask, scale)
         return dispatch.decode_attention(q, self.cache.keys[layer], self.cache.values[layer], self.slot_ids,
                                          self.new_lengths, scale)
 

@@ -273,7 +273,7 @@ class Scheduler:
                 inputs.video_second_per_grid, inputs.use_audio_in_video, config=thinker.cfg)
         start, end = th.prefilled, min(th.prefilled + self.prefill_chunk, th.prompt_len)
         slot = torch.tensor([session.slot], device=self.device)
-        view = self.thinker_cache.view(slot, end - start, end)
+        view = self.thinker_cache.view(slot, end - start, end, prefill_slot=session.slot)
         speech = session.request.return_audio
         out = thinker.model(th.embeds[:, start:end], th.position_ids[:, :, start:end], None, view,
                             _deepstack_slice(th.deepstack, start, end), output_layers=speech)
@@ -362,7 +362,8 @@ class Scheduler:
         special = torch.tensor([cfg.tts_eos_token_id, cfg.tts_pad_token_id], device=self.device)
         tts_eos, tts_pad = talker.project_text(thinker.model.embed_tokens(special))
         length = talker_prompt.inputs_embeds.shape[1]
-        view = self.talker_cache.view(torch.tensor([session.slot], device=self.device), length, length)
+        view = self.talker_cache.view(torch.tensor([session.slot], device=self.device), length, length,
+                                      prefill_slot=session.slot)
         logits, hidden = talker(talker_prompt.inputs_embeds, positions, None, view, num_logits_to_keep=1)
         view.commit()
         self.code2wav_slots.reset(session.slot)
