@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.engine import OmniEngine  # noqa: E402
 from runtime.frontend.audio import audio_token_count  # noqa: E402
+from runtime.streaming import consume_together  # noqa: E402
 
 # The paper's Table 2 (Qwen3-Omni-30B-A3B, its serving stack), milliseconds / ratio; audio input unless noted.
 PAPER = {
@@ -105,15 +106,7 @@ def run_concurrent(engine, requests: list[dict], generate: dict) -> list[dict]:
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     sync()
     streams = [engine.stream(**request, **generate) for request in requests]
-    iterators = [iter(s) for s in streams]
-    events = [[] for _ in streams]
-    live = set(range(len(streams)))
-    while live:
-        for i in sorted(live):
-            try:
-                events[i].append(next(iterators[i]))
-            except StopIteration:
-                live.discard(i)
+    events = consume_together(streams)
     sync()
     return [session_rows(s, e) for s, e in zip(streams, events)]
 

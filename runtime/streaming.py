@@ -87,3 +87,18 @@ class Stream:
 def pcm16(samples: torch.Tensor) -> torch.Tensor:
     """float samples in [-1, 1] -> int16 PCM (clipped)."""
     return (samples.clamp(-1, 1) * 32767).round().to(torch.int16)
+
+
+def consume_together(streams: list[Stream]) -> list[list[TextDelta | AudioChunk]]:
+    """Consume several streams side by side, one event of each in turn, until all have ended; returns each
+    stream's events. (They share the engine's scheduler, so this runs them concurrently.)"""
+    iterators = [iter(stream) for stream in streams]
+    events: list[list] = [[] for _ in streams]
+    live = list(range(len(streams)))
+    while live:
+        for i in list(live):
+            try:
+                events[i].append(next(iterators[i]))
+            except StopIteration:
+                live.remove(i)
+    return events

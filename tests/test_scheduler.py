@@ -9,7 +9,7 @@ import torch
 
 from runtime.engine import OmniEngine
 from runtime.kv_cache import DynamicKVCache, StaticKVCache
-from runtime.streaming import AudioChunk, TextDelta
+from runtime.streaming import AudioChunk, TextDelta, consume_together
 from tests.oracle import build_oracle, rel_err
 from tests.test_generate import _chat, _text, audio_request, image_request, speech_request
 
@@ -58,25 +58,11 @@ def _check_alone(engine, request, offline, events):
     assert rel_err(wave, offline.waveform[0]) <= 1e-5
 
 
-def _round_robin(streams) -> list[list]:
-    """Consume the streams one event at a time each, in turn, until all end."""
-    iterators = [iter(s) for s in streams]
-    events = [[] for _ in streams]
-    live = set(range(len(streams)))
-    while live:
-        for i in sorted(live):
-            try:
-                events[i].append(next(iterators[i]))
-            except StopIteration:
-                live.discard(i)
-    return events
-
-
 def test_concurrent_sessions_each_equal_alone(engine):
     pairs = _requests(engine, 4)
     served = _sharing(engine, max_sessions=4, prefill_chunk=8)
     streams = [served.stream(**request, chunk_frames=2) for request, _ in pairs]
-    for (request, offline), events in zip(pairs, _round_robin(streams)):
+    for (request, offline), events in zip(pairs, consume_together(streams)):
         _check_alone(engine, request, offline, events)
     scheduler = served.scheduler
     assert scheduler.idle and sorted(scheduler.free_slots) == list(range(4))
@@ -88,7 +74,7 @@ def test_more_sessions_than_slots_wait_their_turn(engine):
     streams = [served.stream(**request) for request, _ in pairs]
     served.scheduler.step()
     assert len(served.scheduler.live) == 2 and len(served.scheduler.waiting) == 2
-    for (request, offline), events in zip(pairs, _round_robin(streams)):
+    for (request, offline), events in zip(pairs, consume_together(streams)):
         _check_alone(engine, request, offline, events)
 
 
