@@ -49,7 +49,7 @@ def l2_bytes(device: torch.device) -> int:
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or L2_BYTES_DEFAULT)
 
 
-def num_input_sets(bytes_per_set: int, device: torch.device, max_sets: int = 8, budget_bytes: int = 2 * 2**30) -> int:
+def num_input_sets(bytes_per_set: int, device: torch.device, max_sets: int = 64, budget_bytes: int = 2 * 2**30) -> int:
     """How many input sets to rotate so that one pass over them is at least twice the L2 cache (at most
     `max_sets`, and within `budget_bytes` of memory). One set on the CPU: smoke timings are not measurements."""
     if device.type != "cuda" or bytes_per_set <= 0:
@@ -61,12 +61,14 @@ def num_input_sets(bytes_per_set: int, device: torch.device, max_sets: int = 8, 
 
 def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, *, warmup_ms: float = 25.0,
                rep_ms: float = 100.0, min_reps: int = 10, max_reps: int = 2000, graph: bool = False,
-               calls_per_graph: int = 16) -> dict:
+               calls_per_graph: int = 16, flush_l2: bool = False) -> dict:
     """Median microseconds of one call, rotating over `calls` (one closure per input set).
 
     Returns {"median_us", "p20_us", "p80_us", "reps", "mode"} with mode "cuda-events", "cuda-graph" or
     "cpu-perf_counter". Warm-up runs first (compilation, autotuning, handle creation stay out of the numbers);
-    the repetition count is sized from the warm-up so the timed part lasts about `rep_ms`.
+    the repetition count is sized from the warm-up so the timed part lasts about `rep_ms`. `flush_l2`
+    (eager CUDA timing only) overwrites a buffer of twice the L2 size before every call, outside the timed
+    region, as triton's do_bench does: for inputs too small for rotation to push them out of the cache.
     """
     if not calls:
         raise ValueError("time_calls needs at least one call")
@@ -74,7 +76,7 @@ def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, *, w
         return _time_cpu(calls, warmup_ms, rep_ms, min_reps, max_reps)
     if graph:
         return _time_graph(calls, device, warmup_ms, rep_ms, min_reps, max_reps, calls_per_graph)
-    return _time_events(calls, device, warmup_ms, rep_ms, min_reps, max_reps)
+    return _time_events(calls, device, warmup_ms, rep_ms, min_reps, max_reps, flush_l2)
 
 
 def _summary(samples_us: list[float], mode: str) -> dict:
@@ -113,17 +115,21 @@ def _time_cpu(calls, warmup_ms, rep_ms, min_reps, max_reps) -> dict:
     return _summary(samples, "cpu-perf_counter")
 
 
-def _time_events(calls, device, warmup_ms, rep_ms, min_reps, max_reps) -> dict:
+def _time_events(calls, device, warmup_ms, rep_ms, min_reps, max_reps, flush_l2=False) -> dict:
     per_call = _warm(calls, device, warmup_ms)
     reps = _reps(per_call, rep_ms, min_reps, max_reps)
+    scrub = torch.empty(2 * l2_bytes(device) // 4, dtype=torch.int32, device=device) if flush_l2 else None
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
+        if scrub is not None:
+            scrub.fill_(i)
         starts[i].record()
         calls[i % len(calls)]()
         ends[i].record()
     torch.cuda.synchronize(device)
-    return _summary([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)], "cuda-events")
+    return _summary([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)],
+                    "cuda-events-flushed" if flush_l2 else "cuda-events")
 
 
 def _time_graph(calls, device, warmup_ms, rep_ms, min_reps, max_reps, calls_per_graph) -> dict:
@@ -341,7 +347,8 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
     if key in ("bw_frac", "flop_frac", "of_floor"):
         return f"{100 * value:.1f}%"
     if key == "mode":
-        return {"cuda-events": "eager", "cuda-graph": "graph", "cpu-perf_counter": "cpu"}.get(value, value)
+        return {"cuda-events": "eager", "cuda-events-flushed": "eager*", "cuda-graph": "graph",
+                "cpu-perf_counter": "cpu"}.get(value, value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return fmt.format(value)
@@ -367,6 +374,8 @@ def format_table(rows: list[dict], ceilings: dict, info: dict, smoke: bool = Fal
     lines.append("  ".join("-" * w for w in widths))
     for r in body:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    lines.append("mode: eager = CUDA events per call; eager* = same, L2 flushed before each call (inputs too small to "
+                 "rotate out of L2); graph = CUDA-graph replay per call; cpu = host clock")
     if smoke:
         lines.append(f"*** {SMOKE_LABEL} ***")
     return "\n".join(lines)

@@ -101,23 +101,42 @@ def coordinate_descent(default: dict, space: dict[str, list], evaluate: Callable
 
 def sweep(default: dict, space: dict[str, list], run: Callable[[dict], object], device: torch.device,
           check: Callable[[object, object], float] | None = None, tol: float = 1e-2,
-          warmup_ms: float = 10.0, rep_ms: float = 50.0) -> tuple[dict, float, list[dict]]:
-    """Tune any `run(config)`: median µs per config (bench/common.py timing), a candidate counts only when it
-    runs and `check(out, default_out)` ≤ tol. Returns (best config, best µs, log)."""
+          warmup_ms: float = 10.0, rep_ms: float = 50.0,
+          time_config: Callable[[dict], float] | None = None) -> tuple[dict, float, list[dict]]:
+    """Tune any `run(config)`: median µs per config (bench/common.py timing of `run`, or `time_config(config)`
+    where given, e.g. rotating input sets); a candidate counts only when it runs and `check(out, default_out)`
+    ≤ tol. Returns (best config, best µs, log)."""
     reference = run(dict(default))
+    if time_config is None:
+        def time_config(config):
+            return common.time_calls([lambda: run(config)], device, warmup_ms=warmup_ms, rep_ms=rep_ms)["median_us"]
+
+    errors: dict[tuple, str] = {}
 
     def evaluate(config: dict) -> float | None:
         try:
             out = run(config)
-            if check is not None and not check(out, reference) <= tol:
-                return None
-            return common.time_calls([lambda: run(config)], device, warmup_ms=warmup_ms, rep_ms=rep_ms)["median_us"]
-        except Exception:  # does not compile, out of shared memory, bad launch: not a candidate
+            if check is not None:
+                err = check(out, reference)
+                if not err <= tol:
+                    errors[tuple(sorted(config.items()))] = f"wrong output: rel err {err:.2e} > {tol}"
+                    return None
+            return time_config(config)
+        except Exception as exc:  # does not compile, out of shared memory, bad launch: not a candidate
+            errors[tuple(sorted(config.items()))] = f"{type(exc).__name__}: {str(exc)[:200]}"
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return None
 
-    return coordinate_descent(default, space, evaluate)
+    best, best_cost, log = coordinate_descent(default, space, evaluate)
+    for entry in log:
+        error = errors.get(tuple(sorted(entry["config"].items())))
+        if error:
+            entry["error"] = error
+    if not math.isfinite(best_cost):
+        first = next((e["error"] for e in log if "error" in e), "no candidate ran")
+        raise RuntimeError(f"no config ran, the default included ({first})")
+    return best, best_cost, log
 
 
 # --------------------------------------------------------------------------------- launch_config spy
@@ -179,13 +198,21 @@ def module_space(tuning_op: str) -> dict[str, list] | None:
 
 
 def tune_case(case, env, spy: LaunchConfigSpy, tol: float, warmup_ms: float, rep_ms: float) -> list[dict]:
-    """Tune every launch config the triton implementation of `case` asks for; returns result entries."""
+    """Tune every launch config the triton implementation of `case` asks for; returns result entries.
+    Candidates are checked on fresh copies of the first input set and timed rotating over input sets as in
+    bench/kernels.py (in-place state updated by the timed calls is just more random state)."""
     from runtime import dispatch
 
     fn = dispatch._IMPLS[case.op]["triton"]
-    args, _, _ = case.make_set(0)
-    fresh = lambda: tuple(a.clone() if i in case.mutable and isinstance(a, torch.Tensor) else a  # noqa: E731
-                          for i, a in enumerate(args))
+    first = case.make_set(0)
+    n_sets = max(common.num_input_sets(first[1], env.device), case.min_sets)
+    sets = [first[0]] + [case.make_set(i)[0] for i in range(1, n_sets)]
+    flush = sum([first[1]] * n_sets) < 2 * common.l2_bytes(env.device)
+
+    def fresh():
+        return tuple(a.clone() if i in case.mutable and isinstance(a, torch.Tensor) else a
+                     for i, a in enumerate(sets[0]))
+
     spy.asked.clear()
     fn(*fresh())
     torch.cuda.synchronize(env.device)
@@ -196,20 +223,25 @@ def tune_case(case, env, spy: LaunchConfigSpy, tol: float, warmup_ms: float, rep
         tuning_op, key, dtype = ident
         space = module_space(tuning_op) or derived_space(default)
 
-        def run(config, ident=ident):
+        def forced(config, args, ident=ident):
             spy.override[ident] = config
             before = spy.count.get(ident, 0)
             try:
-                out = fn(*fresh())
+                out = fn(*args)
             finally:
                 spy.override.pop(ident, None)
             if spy.count.get(ident, 0) == before:
                 raise RuntimeError(f"{tuning_op} read launch_config once and cached it: configs cannot be swept")
             return out
 
+        def time_config(config, forced=forced):
+            calls = [lambda args=args: forced(config, args) for args in sets]
+            return common.time_calls(calls, env.device, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                                     flush_l2=flush)["median_us"]
+
         try:
-            best, best_us, log = sweep(default, space, run, env.device, check=common.rel_err, tol=tol,
-                                       warmup_ms=warmup_ms, rep_ms=rep_ms)
+            best, best_us, log = sweep(default, space, lambda config: forced(config, fresh()), env.device,
+                                       check=common.rel_err, tol=tol, time_config=time_config)
         except Exception as exc:
             results.append({"op": tuning_op, "key": key, "dtype": dtype, "case": case.name,
                             "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
@@ -267,7 +299,7 @@ def main(argv=None) -> int:
                     gain = (entry["default_us"] / entry["best_us"]) if entry.get("default_us") else float("nan")
                     print(f"{entry['op']:<28} {entry['key']:<40} default {entry['default_us'] or float('nan'):9.2f} µs "
                           f"-> {entry['best_us']:9.2f} µs ({gain:.2f}x) {entry['best']}", flush=True)
-                    if not args.dry_run:
+                    if not args.dry_run and entry["best_us"] is not None and math.isfinite(entry["best_us"]):
                         tuning.record(entry["op"], info["device"], getattr(torch, entry["dtype"]), entry["key"],
                                       entry["best"])
                 else:

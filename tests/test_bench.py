@@ -165,3 +165,20 @@ def test_spy_sees_and_overrides_launch_config_imported_by_name():
         assert fake.launch_config is tuning.launch_config  # restored
     finally:
         del sys.modules[fake.__name__]
+
+
+def test_sweep_tunes_any_callable_and_rejects_wrong_outputs():
+    def run(config):  # a "kernel" whose output is wrong for BLOCK=128 and which cannot launch BLOCK=256
+        if config["BLOCK"] == 256:
+            raise RuntimeError("out of resources")
+        return torch.ones(4) * (2.0 if config["BLOCK"] == 128 else 1.0)
+
+    times = {16: 5.0, 32: 3.0, 64: 4.0, 128: 1.0, 256: 0.5}
+    best, best_us, log = tune.sweep({"BLOCK": 64}, {"BLOCK": [16, 32, 64, 128, 256]}, run, torch.device("cpu"),
+                                    check=common.rel_err, time_config=lambda c: times[c["BLOCK"]])
+    assert best == {"BLOCK": 32} and best_us == 3.0
+    errors = {e["config"]["BLOCK"]: e["error"] for e in log if "error" in e}
+    assert set(errors) == {128, 256} and "wrong output" in errors[128] and "out of resources" in errors[256]
+    with pytest.raises(RuntimeError, match="no config ran"):  # NaN never passes the check
+        tune.sweep({"BLOCK": 64}, {"BLOCK": [32, 64]}, lambda c: torch.full((4,), math.nan), torch.device("cpu"),
+                   check=common.rel_err, time_config=lambda c: 1.0)
