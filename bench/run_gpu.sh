@@ -89,7 +89,8 @@ echo
 echo "=== summary"; cat "$SUMMARY"
 if [ -f "$OUT/tests.log" ]; then echo "=== tests (tail)"; tail -n 25 "$OUT/tests.log"; fi
 if [ -f "$OUT/e2e.log" ]; then echo "=== e2e (tail)"; tail -n 30 "$OUT/e2e.log"; fi
-if [ -f "$OUT/kernels.log" ]; then
-  echo "=== kernel table"
-  sed -n '/^device: /,$p' "$OUT/kernels.log" | cut -c1-230
+latest=$(ls -t "$OUT"/results/kernels-*.json 2>/dev/null | head -n 1)
+if [ -n "$latest" ]; then  # the full table is in kernels.log and the JSON; this one fits the reply's tail
+  echo "=== kernels (fastest backend per case; full table in $OUT/kernels.log)"
+  $PY bench/summary.py "$latest"
 fi

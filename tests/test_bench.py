@@ -53,6 +53,10 @@ def test_kernels_smoke_writes_table_and_json(tmp_path):
     assert {row["case"].split()[0] for row in moe} == {"thinker", "talker"}
     if hasattr(torch, "_grouped_mm"):  # the grouped-GEMM peer computes the same function
         assert {row["backend"] for row in moe} == {"torch", "torch._grouped_mm"}
+    summary = subprocess.run([sys.executable, str(ROOT / "bench" / "summary.py"), str(path)], capture_output=True,
+                             text=True, timeout=60, cwd=ROOT)
+    assert summary.returncode == 0 and common.SMOKE_LABEL in summary.stdout
+    assert len(summary.stdout.splitlines()) == 4 + len({(r["op"], r["case"]) for r in rows})
     assert {r["case"].split()[0] for r in rows if r["op"] == "decode_attention"} == {"B=1", "B=2"}
 
 
