@@ -197,17 +197,18 @@ def module_space(tuning_op: str) -> dict[str, list] | None:
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def tune_case(case, env, spy: LaunchConfigSpy, tol: float, warmup_ms: float, rep_ms: float) -> list[dict]:
+def tune_case(case, env, spy: LaunchConfigSpy, tol: float, warmup_ms: float, rep_ms: float,
+              backend: str = "triton") -> list[dict]:
     """Tune every launch config the triton implementation of `case` asks for; returns result entries.
     Candidates are checked on fresh copies of the first input set and timed rotating over input sets as in
     bench/kernels.py (in-place state updated by the timed calls is just more random state)."""
     from runtime import dispatch
 
-    fn = dispatch._IMPLS[case.op]["triton"]
+    fn = dispatch._IMPLS[case.op][backend]
     first = case.make_set(0)
     n_sets = max(common.num_input_sets(first[1], env.device), case.min_sets)
     sets = [first[0]] + [case.make_set(i)[0] for i in range(1, n_sets)]
-    flush = sum([first[1]] * n_sets) < 2 * common.l2_bytes(env.device)
+    flush = env.device.type == "cuda" and first[1] * n_sets < 2 * common.l2_bytes(env.device)
 
     def fresh():
         return tuple(a.clone() if i in case.mutable and isinstance(a, torch.Tensor) else a
@@ -215,9 +216,10 @@ def tune_case(case, env, spy: LaunchConfigSpy, tol: float, warmup_ms: float, rep
 
     spy.asked.clear()
     fn(*fresh())
-    torch.cuda.synchronize(env.device)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
     if not spy.asked:
-        return [{"op": case.op, "case": case.name, "skipped": "its triton implementation reads no launch_config"}]
+        return [{"op": case.op, "case": case.name, "skipped": f"its {backend} implementation reads no launch_config"}]
     results = []
     for ident, default in list(spy.asked.items()):
         tuning_op, key, dtype = ident

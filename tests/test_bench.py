@@ -186,3 +186,28 @@ def test_sweep_tunes_any_callable_and_rejects_wrong_outputs():
     with pytest.raises(RuntimeError, match="no config ran"):  # NaN never passes the check
         tune.sweep({"BLOCK": 64}, {"BLOCK": [32, 64]}, lambda c: torch.full((4,), math.nan), torch.device("cpu"),
                    check=common.rel_err, time_config=lambda c: 1.0)
+
+
+def test_tune_case_finds_and_sweeps_the_configs_a_kernel_asks_for():
+    """The driver on the CPU with a stand-in backend: it learns the key the kernel asks for, sweeps it, and
+    rejects a config that computes something else."""
+    from kernels import tuning
+    from kernels.norm import rms_norm_ref
+    from runtime import dispatch
+
+    def fake_kernel(x, weight, eps):
+        config = tuning.launch_config("fake_rms_norm", f"M={x.shape[0]}", x.dtype, {"BLOCK_N": 64, "num_warps": 4})
+        out = rms_norm_ref(x, weight, eps)
+        return out * 2 if config["num_warps"] == 8 else out  # a "miscompiled" variant
+
+    env = bench_kernels.Env(torch.device("cpu"), torch.float32, smoke=True)
+    case = next(c for c in bench_kernels.build_cases(env, ["rms_norm"]) if c.name.startswith("M=4 "))
+    dispatch.register("rms_norm", "fake_tuned", fake_kernel)
+    try:
+        with tune.LaunchConfigSpy() as spy:
+            (entry,) = tune.tune_case(case, env, spy, tol=1e-2, warmup_ms=0.1, rep_ms=0.5, backend="fake_tuned")
+    finally:
+        del dispatch._IMPLS["rms_norm"]["fake_tuned"]
+    assert entry["op"] == "fake_rms_norm" and entry["key"] == "M=4" and entry["dtype"] == "float32"
+    assert entry["default"] == {"BLOCK_N": 64, "num_warps": 4} and entry["best"]["num_warps"] != 8
+    assert entry["evaluated"] > 3 and any("wrong output" in e.get("error", "") for e in entry["log"])
