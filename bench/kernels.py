@@ -385,7 +385,7 @@ def _clone_mutable(args: tuple, mutable: tuple[int, ...]) -> tuple:
 
 
 def run_case(case: Case, env: Env, ceilings: dict, allowed: list[str] | None, graphs: bool,
-             warmup_ms: float, rep_ms: float) -> list[dict]:
+             warmup_ms: float, rep_ms: float, min_reps: int = 10) -> list[dict]:
     first_args, first_bytes, first_flops = case.make_set(0)
     per_set = first_bytes
     n_sets = max(common.num_input_sets(per_set, env.device), case.min_sets if env.device.type == "cuda" else 1)
@@ -405,7 +405,8 @@ def run_case(case: Case, env: Env, ceilings: dict, allowed: list[str] | None, gr
             if not getattr(fn, "no_check", False):
                 extra["err"] = common.rel_err(fn(*_clone_mutable(first_args, case.mutable)), ref_out)
             calls = [lambda fn=fn, args=args: fn(*args) for args, _, _ in sets]
-            timing = common.time_calls(calls, env.device, warmup_ms=warmup_ms, rep_ms=rep_ms, flush_l2=flush)
+            timing = common.time_calls(calls, env.device, warmup_ms=warmup_ms, rep_ms=rep_ms, min_reps=min_reps,
+                                       flush_l2=flush)
             if graphs and case.launch_bound and env.device.type == "cuda":
                 if common.syncs_host(calls[0], env.device):
                     extra["graph"] = "not capturable: syncs with the host"
@@ -479,7 +480,8 @@ def main(argv=None) -> int:
     rows = []
     for case in build_cases(env, ops):
         try:
-            case_rows = run_case(case, env, ceilings, allowed, not args.no_graphs, warmup_ms, rep_ms)
+            case_rows = run_case(case, env, ceilings, allowed, not args.no_graphs, warmup_ms, rep_ms,
+                                 min_reps=3 if smoke else 10)
         except Exception as exc:  # the inputs or the reference itself failed (e.g. out of memory)
             case_rows = [common.make_row(case.op, case.name, "torch", None, 0, 0, ceilings, smoke=smoke,
                                          error=f"case setup/reference: {type(exc).__name__}: {str(exc)[:300]}")]
