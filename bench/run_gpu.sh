@@ -26,6 +26,7 @@ T_TESTS=${T_TESTS:-200}
 T_KERNELS=${T_KERNELS:-150}
 T_E2E=${T_E2E:-90}
 T_TUNE=${T_TUNE:-300}
+PYTEST_ARGS=${PYTEST_ARGS:-tests/}  # e.g. PYTEST_ARGS='tests/ -k "cuda or gpu or graph"' for the GPU-only part
 E2E_ARGS=${E2E_ARGS:---no-peer}  # transformers' generate on 30B random weights does not fit the window; E2E_ARGS= to run it
 T0=$(date +%s)
 mkdir -p "$OUT/results"
@@ -69,7 +70,7 @@ for s in $STAGES; do
     build)   # the repository's own CUDA extension, in place (no dependencies, no network)
       stage build "$T_BUILD" $PY setup.py build_ext --inplace ;;
     tests)
-      stage tests "$T_TESTS" $PY -m pytest -q -p no:cacheprovider tests/ -rs --durations=15 ;;
+      eval "stage tests \"\$T_TESTS\" \$PY -m pytest -q -p no:cacheprovider -rs --durations=15 $PYTEST_ARGS" ;;
     tune)
       stage tune "$T_TUNE" $PY bench/tune.py --out "$OUT/results" --budget-s $(( T_TUNE - 60 ))
       mkdir -p "$OUT/tuned" && cp kernels/tuned/*.json "$OUT/tuned/" 2>/dev/null || true ;;
