@@ -1,0 +1,152 @@
+"""Decode attention over a static KV cache in Triton (flash-decoding): `decode_attention`, the Triton twin of
+kernels.attention.decode_attention_ref.
+
+Each program takes one batch row, one KV head and one split of the cache's positions: the L new queries of
+the q heads sharing that KV head (GQA: L·G query rows against one K/V stream, read once) run an online
+softmax over the split's keys; a second kernel merges the splits. The grid is sized from the cache shape,
+not from the lengths (which stay on the device): programs past a row's length exit at once, so a step is
+one fixed launch pair, safe inside a CUDA graph.
+
+Legend: B = batch rows, L = new tokens per row, Hq / Hkv = q / kv heads, G = Hq / Hkv, D = head_dim,
+N = cached positions (max_len), S = splits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.tuning import launch_config
+from runtime import dispatch
+
+DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "min_programs": 264}
+
+
+@triton.jit
+def _decode_attention_split(
+    q_ptr, k_ptr, v_ptr, slot_ptr, length_ptr, acc_ptr, max_ptr, sum_ptr,
+    L, G, D, split_len, scale,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_ks, stride_kn, stride_kh, stride_kd,
+    stride_vs, stride_vn, stride_vh, stride_vd,
+    stride_ab, stride_ah, stride_as, stride_ar, stride_ad,
+    stride_mb, stride_mh, stride_ms, stride_mr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b, pid_h, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_r = tl.arange(0, BLOCK_R)  # query row r = l·G + g
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_r < L * G
+    offs_l, offs_g = offs_r // G, offs_r % G
+    slot = tl.load(slot_ptr + pid_b)
+    length = tl.load(length_ptr + pid_b)
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, length)
+    if slot < 0:  # padded row: nothing read
+        end = start
+
+    q = tl.load(q_ptr + pid_b * stride_qb + offs_l[:, None] * stride_ql + (pid_h * G + offs_g)[:, None] * stride_qh
+                + offs_d[None, :] * stride_qd, mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = (q.to(tl.float32) * scale)
+    query_pos = length - L + offs_l  # position of each query row; it sees keys <= its own position
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    k_base = k_ptr + slot * stride_ks + pid_h * stride_kh
+    v_base = v_ptr + slot * stride_vs + pid_h * stride_vh
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        key_valid = offs_n < end
+        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=key_valid[None, :] & (offs_d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N]
+        scores = tl.dot(q, k.to(tl.float32))  # [BLOCK_R, BLOCK_N]
+        allowed = key_valid[None, :] & (offs_n[None, :] <= query_pos[:, None]) & row_valid[:, None]
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays empty
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=key_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        m_i = m_new
+    tl.store(acc_ptr + pid_b * stride_ab + pid_h * stride_ah + pid_s * stride_as + offs_r[:, None] * stride_ar
+             + offs_d[None, :] * stride_ad, acc, mask=row_valid[:, None] & (offs_d[None, :] < D))
+    stats = pid_b * stride_mb + pid_h * stride_mh + pid_s * stride_ms + offs_r * stride_mr
+    tl.store(max_ptr + stats, m_i, mask=row_valid)
+    tl.store(sum_ptr + stats, l_i, mask=row_valid)
+
+
+@triton.jit
+def _decode_attention_merge(
+    acc_ptr, max_ptr, sum_ptr, slot_ptr, out_ptr,
+    L, G, D, S,
+    stride_ab, stride_ah, stride_as, stride_ar, stride_ad,
+    stride_mb, stride_mh, stride_ms, stride_mr,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b, pid_h = tl.program_id(0), tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_r < L * G
+    stats = max_ptr + pid_b * stride_mb + pid_h * stride_mh + offs_r * stride_mr
+    m_all = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for s in range(0, S):
+        m_all = tl.maximum(m_all, tl.load(stats + s * stride_ms, mask=row_valid, other=float("-inf")))
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    total = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s in range(0, S):
+        m_s = tl.load(stats + s * stride_ms, mask=row_valid, other=float("-inf"))
+        weight = tl.exp(m_s - m_safe)
+        total += weight * tl.load(sum_ptr + pid_b * stride_mb + pid_h * stride_mh + s * stride_ms + offs_r * stride_mr,
+                                  mask=row_valid, other=0.0)
+        part = tl.load(acc_ptr + pid_b * stride_ab + pid_h * stride_ah + s * stride_as + offs_r[:, None] * stride_ar
+                       + offs_d[None, :] * stride_ad, mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+        acc += weight[:, None] * part
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    slot = tl.load(slot_ptr + pid_b)
+    out = tl.where(slot < 0, 0.0, out)
+    offs_l, offs_g = offs_r // G, offs_r % G
+    tl.store(out_ptr + pid_b * stride_ob + offs_l[:, None] * stride_ol + (pid_h * G + offs_g)[:, None] * stride_oh
+             + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & (offs_d[None, :] < D))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
+                     lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: (B, L, Hq, D); k_cache, v_cache: (num_slots, N, Hkv, D); slot_ids, lengths: (B,) int64 on the device
+    (slot −1 = padded row: zeros out). Returns (B, L, Hq, D) in q's dtype, as decode_attention_ref."""
+    batch, new, q_heads, head_dim = q.shape
+    kv_heads, max_len = k_cache.shape[2], k_cache.shape[1]
+    groups = q_heads // kv_heads
+    out = torch.empty_like(q)
+    if batch == 0 or new == 0:
+        return out
+    cfg = launch_config("decode_attention", f"L={new},G={groups},D={head_dim}", q.dtype, DEFAULT_CONFIG)
+    block_n = cfg["BLOCK_N"]
+    block_r = max(16, triton.next_power_of_2(new * groups))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # Splits from the cache shape (static): enough programs to fill the GPU for the longest possible row.
+    splits = max(1, min(triton.cdiv(max_len, block_n), triton.cdiv(cfg["min_programs"], batch * kv_heads)))
+    split_len = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
+    splits = triton.cdiv(max_len, split_len)
+    acc = torch.empty(batch, kv_heads, splits, new * groups, head_dim, dtype=torch.float32, device=q.device)
+    row_max = torch.empty(batch, kv_heads, splits, new * groups, dtype=torch.float32, device=q.device)
+    row_sum = torch.empty_like(row_max)
+    _decode_attention_split[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, slot_ids, lengths, acc, row_max, row_sum,
+        new, groups, head_dim, split_len, scale,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *acc.stride(), *row_max.stride(),
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=cfg["num_warps"])
+    _decode_attention_merge[(batch, kv_heads)](
+        acc, row_max, row_sum, slot_ids, out, new, groups, head_dim, splits,
+        *acc.stride(), *row_max.stride(), *out.stride(),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=cfg["num_warps"])
+    return out
+
+
+dispatch.register("decode_attention", "triton", decode_attention)

@@ -1,0 +1,93 @@
+"""Triton decode attention over a static KV cache against its torch twin (decode_attention_ref): GQA ratios,
+several new tokens per row (causal among them), lengths from 1 to the cache's end, padded rows, strided q.
+CPU: Triton's interpreter (fp32 / fp16). GPU: bf16 at the real thinker shapes and CUDA-graph replay."""
+
+import pytest
+import torch
+
+from kernels.attention import decode_attention_ref
+from kernels.triton_attention import decode_attention
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16, real shapes, graphs)")
+
+
+def rel_err(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def _case(batch, new, q_heads, kv_heads, head_dim, max_len, dtype, slots, lengths, num_slots=4):
+    q = torch.randn(batch, new, q_heads, head_dim, dtype=dtype, device=DEVICE)
+    k_cache = torch.randn(num_slots, max_len, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    slot_ids = torch.tensor(slots, device=DEVICE)
+    lengths = torch.tensor(lengths, device=DEVICE)
+    return q, k_cache, v_cache, slot_ids, lengths
+
+
+@pytest.mark.parametrize("batch,new,q_heads,kv_heads,head_dim,max_len,slots,lengths,dtype", [
+    (1, 1, 2, 2, 16, 1, [0], [1], torch.float32),  # one key
+    (3, 1, 8, 2, 16, 70, [2, -1, 0], [70, 5, 65], torch.float32),  # G = 4, a padded row, block + 1
+    (2, 3, 4, 4, 24, 33, [1, 3], [3, 33], torch.float32),  # three new tokens: causal among them
+    (2, 2, 8, 1, 32, 129, [3, 0], [129, 2], torch.float16),  # G = 8, odd head_dim handled by masking
+    (1, 5, 6, 2, 128, 37, [1], [23], torch.float32),  # head_dim 128
+])
+def test_matches_reference(batch, new, q_heads, kv_heads, head_dim, max_len, slots, lengths, dtype):
+    q, k_cache, v_cache, slot_ids, lengths = _case(batch, new, q_heads, kv_heads, head_dim, max_len, dtype, slots,
+                                                   lengths)
+    scale = head_dim ** -0.5
+    got = decode_attention(q, k_cache, v_cache, slot_ids, lengths, scale)
+    want = decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), slot_ids, lengths, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    real = slot_ids >= 0
+    assert rel_err(got[real], want[real]) <= TOL[dtype]
+    assert not got[~real].any(), "a padded row must give zeros"
+
+
+def test_strided_queries_from_a_fused_projection():
+    """q as a view into a fused [q | k | v] projection (non-contiguous heads)."""
+    batch, new, q_heads, kv_heads, head_dim = 2, 2, 4, 2, 16
+    fused = torch.randn(batch, new, (q_heads + 2 * kv_heads) * head_dim, device=DEVICE)
+    q = fused[..., :q_heads * head_dim].view(batch, new, q_heads, head_dim)
+    assert not q.is_contiguous()
+    k_cache = torch.randn(3, 40, kv_heads, head_dim, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    slot_ids, lengths = torch.tensor([2, 0], device=DEVICE), torch.tensor([40, 9], device=DEVICE)
+    got = decode_attention(q, k_cache, v_cache, slot_ids, lengths, 0.25)
+    assert rel_err(got, decode_attention_ref(q, k_cache, v_cache, slot_ids, lengths, 0.25)) <= 1e-5
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch,length", [(1, 1024), (4, 4096), (8, 8192)])
+def test_real_shapes_bf16(batch, length):
+    slots = list(range(batch))
+    lengths = [length - 37 * i for i in range(batch)]
+    q, k_cache, v_cache, slot_ids, lengths = _case(batch, 1, 32, 4, 128, 8192, torch.bfloat16, slots, lengths,
+                                                   num_slots=batch)
+    got = decode_attention(q, k_cache, v_cache, slot_ids, lengths, 128 ** -0.5)
+    want = decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), slot_ids, lengths, 128 ** -0.5)
+    assert rel_err(got, want) <= 1e-2
+
+
+@needs_cuda
+def test_cuda_graph_replay_with_poisoned_output():
+    q, k_cache, v_cache, slot_ids, lengths = _case(3, 1, 32, 4, 128, 2048, torch.bfloat16, [1, -1, 2],
+                                                   [2000, 1, 17])
+    out = torch.full_like(q, float("nan"))
+    static_q = q.clone()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out.copy_(decode_attention(static_q, k_cache, v_cache, slot_ids, lengths, 0.1))  # warm-up / compile
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(decode_attention(static_q, k_cache, v_cache, slot_ids, lengths, 0.1))
+    for _ in range(2):  # fresh queries and lengths each replay
+        static_q.copy_(torch.randn_like(q))
+        lengths.copy_(torch.tensor([int(torch.randint(1, 2048, ())), 1, 2048], device="cuda"))
+        out.fill_(float("nan"))
+        graph.replay()
+        want = decode_attention_ref(static_q.float(), k_cache.float(), v_cache.float(), slot_ids, lengths, 0.1)
+        assert not out.isnan().any()
+        assert rel_err(out, want) <= 1e-2
