@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tuning import launch_config
+from kernels.tuning import dot_precision, launch_config
 from runtime import dispatch
 
 DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "min_programs": 264}
@@ -32,7 +32,7 @@ def _decode_attention_split(
     stride_vs, stride_vn, stride_vh, stride_vd,
     stride_ab, stride_ah, stride_as, stride_ar, stride_ad,
     stride_mb, stride_mh, stride_ms, stride_mr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_b, pid_h, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_r = tl.arange(0, BLOCK_R)  # query row r = l·G + g
@@ -60,7 +60,7 @@ def _decode_attention_split(
         key_valid = offs_n < end
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=key_valid[None, :] & (offs_d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N]
-        scores = tl.dot(q, k.to(tl.float32))  # [BLOCK_R, BLOCK_N]
+        scores = tl.dot(q, k.to(tl.float32), input_precision=PRECISION)  # [BLOCK_R, BLOCK_N]
         allowed = key_valid[None, :] & (offs_n[None, :] <= query_pos[:, None]) & row_valid[:, None]
         scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -70,7 +70,7 @@ def _decode_attention_split(
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=key_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
         m_i = m_new
     tl.store(acc_ptr + pid_b * stride_ab + pid_h * stride_ah + pid_s * stride_as + offs_r[:, None] * stride_ar
              + offs_d[None, :] * stride_ad, acc, mask=row_valid[:, None] & (offs_d[None, :] < D))
@@ -141,7 +141,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, slot_ids, lengths, acc, row_max, row_sum,
         new, groups, head_dim, split_len, scale,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *acc.stride(), *row_max.stride(),
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=cfg["num_warps"])
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"])
     _decode_attention_merge[(batch, kv_heads)](
         acc, row_max, row_sum, slot_ids, out, new, groups, head_dim, splits,
         *acc.stride(), *row_max.stride(), *out.stride(),

@@ -42,3 +42,9 @@ def record(op: str, device: str, dtype: torch.dtype, key: str, config: dict) -> 
     table.setdefault(device, {}).setdefault(str(dtype).removeprefix("torch."), {})[key] = config
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     _table.cache_clear()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for operands that came in as `dtype`: exact fp32 for fp32 inputs (the matrix
+    units' default tf32 would cost ~1e-3 relative error), tf32 otherwise (bf16/fp16 operands are exact in it)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
