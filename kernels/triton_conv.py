@@ -48,7 +48,7 @@ _MAX_TIME_BLOCK = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 64
 @triton.jit
 def _conv1d_dot_kernel(
     x_ptr, w_ptr, bias_ptr, state_ptr, slot_ptr, out_ptr,
-    L, CIN_G, COUT_G, DIL, S,
+    B, L, CIN_G, COUT_G, DIL, S,
     stride_xb, stride_xc, stride_xt,
     stride_wo, stride_wi, stride_wk,
     stride_bias,
@@ -58,29 +58,30 @@ def _conv1d_dot_kernel(
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
+    """Columns are (row, t) pairs, n = row·L + t: a streaming step's few samples of all rows share one tile,
+    so each weight tile is read once per step, not once per row."""
+    pid_t = tl.program_id(0)  # column block
     pid_n = tl.program_id(1)  # group × C_out block within the group
-    b = tl.program_id(2).to(tl.int64)
     co_blocks = tl.cdiv(COUT_G, BLOCK_CO)
     group = pid_n // co_blocks
     # int64 offsets: no overflow on long full decodes (and the interpreter skips its int32 overflow checks)
     offs_co_g = (pid_n % co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO).to(tl.int64)
     mask_co = offs_co_g < COUT_G
     offs_co = group * COUT_G + offs_co_g
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    mask_t = offs_t < L
-    offs_ci = tl.arange(0, BLOCK_CI).to(tl.int64)  # within the group, from ci0
+    offs_n = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # [BLOCK_T] columns
+    mask_n = offs_n < B * L
+    row = offs_n // L
+    offs_t = offs_n % L
     if HAS_SLOTS:
-        slot = tl.load(slot_ptr + b * stride_slot).to(tl.int64)
+        slot = tl.load(slot_ptr + row * stride_slot, mask=mask_n, other=-1).to(tl.int64)
     else:
-        slot = b
-    valid = slot >= 0
-    # A padded row reads nothing: its loads see length 0 (a block mask & a scalar bool breaks the interpreter).
-    live_t = offs_t < tl.where(valid, L, 0)
+        slot = row
+    live = mask_n & (slot >= 0)  # padded rows (slot −1) read nothing and write zeros
+    offs_ci = tl.arange(0, BLOCK_CI).to(tl.int64)  # within the group, from ci0
     w_tile = w_ptr + offs_co[:, None] * stride_wo + offs_ci[None, :] * stride_wi  # [BLOCK_CO, BLOCK_CI]
     x_chan = (group * CIN_G + offs_ci)[:, None]
-    x_tile = x_ptr + b * stride_xb + x_chan * stride_xc + offs_t[None, :] * stride_xt  # [BLOCK_CI, BLOCK_T]
-    s_tile = state_ptr + tl.maximum(slot, 0) * stride_sb + x_chan * stride_sc + (offs_t + S)[None, :] * stride_st
+    x_tile = x_ptr + x_chan * stride_xc + (row * stride_xb + offs_t * stride_xt)[None, :]  # [BLOCK_CI, BLOCK_T]
+    s_tile = state_ptr + x_chan * stride_sc + (tl.maximum(slot, 0) * stride_sb + (offs_t + S) * stride_st)[None, :]
     acc = tl.zeros((BLOCK_CO, BLOCK_T), dtype=tl.float32)
     for ci0 in range(0, CIN_G, BLOCK_CI):
         mask_ci = offs_ci < CIN_G - ci0
@@ -88,20 +89,20 @@ def _conv1d_dot_kernel(
         for k in range(K):
             shift = (K - 1 - k) * DIL  # output t reads input t − shift; < 0 lies in the state / the zero pad
             w = tl.load(w_tile + (ci0 * stride_wi + k * stride_wk), mask=mask_w, other=0.0)
-            in_x = (offs_t >= shift) & live_t
+            in_x = (offs_t >= shift) & live
             xt = tl.load(x_tile + (ci0 * stride_xc - shift * stride_xt), mask=mask_ci[:, None] & in_x[None, :],
                          other=0.0)
             if HAS_STATE:
-                in_s = (offs_t < shift) & live_t
+                in_s = (offs_t < shift) & live
                 xs = tl.load(s_tile + (ci0 * stride_sc - shift * stride_st), mask=mask_ci[:, None] & in_s[None, :],
                              other=0.0)
                 xt = tl.where(in_s[None, :], xs, xt)
             acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_co * stride_bias, mask=mask_co, other=0.0).to(tl.float32)[:, None]
-    acc = tl.where(valid, acc, 0.0)
-    tl.store(out_ptr + b * stride_ob + offs_co[:, None] * stride_oc + offs_t[None, :] * stride_ot,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_co[:, None] & mask_t[None, :])
+    acc = tl.where(live[None, :], acc, 0.0)
+    tl.store(out_ptr + offs_co[:, None] * stride_oc + (row * stride_ob + offs_t * stride_ot)[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask_co[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -182,7 +183,7 @@ def _conv_state_kernel(
 @triton.jit
 def _conv_transpose_kernel(
     x_ptr, w_ptr, bias_ptr, tail_ptr, slot_ptr, dst_ptr,
-    L, C_IN, C_OUT, KSIZE, STRIDE, TRIM, P_BEGIN, P_END, Q_LO,
+    B, L, C_IN, C_OUT, KSIZE, STRIDE, TRIM, P_BEGIN, P_END, Q_LO, NQ, Q_PITCH,
     stride_xb, stride_xc, stride_xt,
     stride_wi, stride_wo, stride_wk,
     stride_bias,
@@ -195,27 +196,28 @@ def _conv_transpose_kernel(
 ):
     """Writes dst[row, co, p − P_BEGIN] for untrimmed local positions p in [P_BEGIN, P_END): the chunk's own
     overlap-add sum, plus the old tail where p < TRIM (HAS_TAIL), plus bias (HAS_BIAS). dst is the output
-    (row = batch row; padded rows get zeros) or, with TO_TAIL, the tail state itself (row = slot; padded rows
-    are skipped)."""
-    pid_q = tl.program_id(0)  # q block × phase
+    (dst row = batch row; padded rows get zeros) or, with TO_TAIL, the tail state itself (dst row = slot;
+    padded rows are skipped). Columns are (row, q) pairs, n = row·Q_PITCH + (q − Q_LO), the NQ q's of a row
+    valid; the tail launch pads Q_PITCH to BLOCK_Q, so one program owns a row's whole tail."""
+    pid_q = tl.program_id(0)  # column block × phase
     pid_co = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     phase = pid_q % STRIDE
-    offs_q = Q_LO + (pid_q // STRIDE) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    offs_n = (pid_q // STRIDE) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    row = offs_n // Q_PITCH
+    offs_q = Q_LO + offs_n % Q_PITCH
     offs_p = offs_q * STRIDE + phase  # [BLOCK_Q]
-    mask_p = (offs_p >= P_BEGIN) & (offs_p < P_END)
+    mask_p = (row < B) & (offs_q < Q_LO + NQ) & (offs_p >= P_BEGIN) & (offs_p < P_END)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO).to(tl.int64)
     mask_co = offs_co < C_OUT
     offs_ci = tl.arange(0, BLOCK_CI).to(tl.int64)  # from ci0
     if HAS_SLOTS:
-        slot = tl.load(slot_ptr + b * stride_slot).to(tl.int64)
+        slot = tl.load(slot_ptr + row * stride_slot, mask=mask_p, other=-1).to(tl.int64)
     else:
-        slot = b
-    valid = slot >= 0
-    row = tl.maximum(slot, 0)
-    live_p = mask_p & (offs_p < tl.where(valid, P_END, 0))  # a padded row reads nothing
+        slot = row
+    live = mask_p & (slot >= 0)  # padded rows read nothing
+    slot = tl.maximum(slot, 0)
     w_tile = w_ptr + offs_ci[None, :] * stride_wi + offs_co[:, None] * stride_wo + phase * stride_wk  # [BLOCK_CO, BLOCK_CI]
-    x_tile = x_ptr + b * stride_xb + offs_ci[:, None] * stride_xc + offs_q[None, :] * stride_xt  # [BLOCK_CI, BLOCK_Q]
+    x_tile = x_ptr + offs_ci[:, None] * stride_xc + (row * stride_xb + offs_q * stride_xt)[None, :]  # [BLOCK_CI, BLOCK_Q]
     acc = tl.zeros((BLOCK_CO, BLOCK_Q), dtype=tl.float32)
     for ci0 in range(0, C_IN, BLOCK_CI):
         mask_ci = offs_ci < C_IN - ci0
@@ -223,24 +225,23 @@ def _conv_transpose_kernel(
             ci_end = tl.where(phase + i * STRIDE < KSIZE, C_IN - ci0, 0)  # taps past k add nothing
             w = tl.load(w_tile + (ci0 * stride_wi + i * STRIDE * stride_wk),
                         mask=mask_co[:, None] & (offs_ci < ci_end)[None, :], other=0.0)
-            in_x = (offs_q >= i) & (offs_q < L + i) & live_p
+            in_x = (offs_q >= i) & (offs_q < L + i) & live
             xt = tl.load(x_tile + (ci0 * stride_xc - i * stride_xt), mask=mask_ci[:, None] & in_x[None, :],
                          other=0.0)
             acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=DOT_PRECISION)
-    mask = mask_co[:, None] & mask_p[None, :]
-    live = mask_co[:, None] & live_p[None, :]
     if HAS_TAIL:
-        acc += tl.load(tail_ptr + row * stride_tb + offs_co[:, None] * stride_tc + offs_p[None, :] * stride_tt,
-                       mask=live & (offs_p < TRIM)[None, :], other=0.0).to(tl.float32)
+        acc += tl.load(tail_ptr + offs_co[:, None] * stride_tc + (slot * stride_tb + offs_p * stride_tt)[None, :],
+                       mask=mask_co[:, None] & (live & (offs_p < TRIM))[None, :], other=0.0).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_co * stride_bias, mask=mask_co, other=0.0).to(tl.float32)[:, None]
-    offs_d = (offs_p - P_BEGIN)[None, :] * stride_dt + offs_co[:, None] * stride_dc
     if TO_TAIL:
         tl.debug_barrier()  # the old tail samples this program adds are read before it overwrites them
-        tl.store(dst_ptr + row * stride_db + offs_d, acc.to(dst_ptr.dtype.element_ty), mask=live)
+        tl.store(dst_ptr + offs_co[:, None] * stride_dc + (slot * stride_db + (offs_p - P_BEGIN) * stride_dt)[None, :],
+                 acc.to(dst_ptr.dtype.element_ty), mask=mask_co[:, None] & live[None, :])
     else:
-        acc = tl.where(valid, acc, 0.0)
-        tl.store(dst_ptr + b * stride_db + offs_d, acc.to(dst_ptr.dtype.element_ty), mask=mask)
+        acc = tl.where(live[None, :], acc, 0.0)
+        tl.store(dst_ptr + offs_co[:, None] * stride_dc + (row * stride_db + (offs_p - P_BEGIN) * stride_dt)[None, :],
+                 acc.to(dst_ptr.dtype.element_ty), mask=mask_co[:, None] & mask_p[None, :])
 
 
 # --------------------------------------------------------------------------------------------- wrappers
@@ -267,7 +268,7 @@ def _conv1d_config(op: str, x: torch.Tensor, weight: torch.Tensor, dilation: int
         default = {"BLOCK_C": _pow2(c_in, 16, 64), "BLOCK_T": _pow2(length, 16, _MAX_TIME_BLOCK), "num_warps": 4, "num_stages": 1}
     else:
         default = {"BLOCK_CO": _pow2(c_out // groups, 16, 64), "BLOCK_CI": _pow2(cin_g, 16, 32),
-                   "BLOCK_T": _pow2(length, 16, _MAX_TIME_BLOCK), "num_warps": 4, "num_stages": 2}
+                   "BLOCK_T": _pow2(batch * length, 16, _MAX_TIME_BLOCK), "num_warps": 4, "num_stages": 2}
     if op == "causal_conv1d_update":
         default["BLOCK_CS"] = _pow2(c_in, 16, 32)
     return launch_config(op, key, x.dtype, default)
@@ -296,10 +297,10 @@ def _conv1d_launch(x, state, weight, bias, dilation, groups, slot_ids, cfg) -> t
             BLOCK_C=cfg["BLOCK_C"], BLOCK_T=cfg["BLOCK_T"], **_launch_opts(cfg))
         return out
     cout_g = c_out // groups
-    grid = (triton.cdiv(length, cfg["BLOCK_T"]), groups * triton.cdiv(cout_g, cfg["BLOCK_CO"]), batch)
+    grid = (triton.cdiv(batch * length, cfg["BLOCK_T"]), groups * triton.cdiv(cout_g, cfg["BLOCK_CO"]))
     _conv1d_dot_kernel[grid](
         x, weight, b_t, s_t, slot_t, out,
-        length, cin_g, cout_g, dilation, state_len,
+        batch, length, cin_g, cout_g, dilation, state_len,
         *x.stride(), *weight.stride(), b_stride, *s_strides, slot_stride, *out.stride(),
         K=taps, HAS_BIAS=bias is not None, HAS_STATE=has_state, HAS_SLOTS=slot_ids is not None,
         DOT_PRECISION=_dot_precision(x.dtype), BLOCK_CO=cfg["BLOCK_CO"], BLOCK_CI=cfg["BLOCK_CI"],
@@ -359,15 +360,19 @@ def _transpose_launch(x, weight, bias, tail, slot_ids, dst, stride, p_begin, p_e
     batch, c_in, length = x.shape
     _, c_out, ksize = weight.shape
     q_lo, q_hi = p_begin // stride, triton.cdiv(p_end, stride)
-    block_q = cfg["BLOCK_Q"] if not to_tail else _pow2(q_hi - q_lo, 16, 1 << 30)  # one q block: see docstring
-    grid = (triton.cdiv(q_hi - q_lo, block_q) * stride, triton.cdiv(c_out, cfg["BLOCK_CO"]), batch)
+    num_q = q_hi - q_lo
+    if to_tail:  # one program per (row, phase, C_out block) owns the row's whole tail: see the kernel
+        block_q = pitch = _pow2(num_q, 16, 1 << 30)
+    else:
+        block_q, pitch = cfg["BLOCK_Q"], num_q
+    grid = (triton.cdiv(batch * pitch, block_q) * stride, triton.cdiv(c_out, cfg["BLOCK_CO"]))
     has_tail = tail is not None
     t_t, t_strides = (tail, tail.stride()) if has_tail else (x, (0, 0, 0))
     b_t, b_stride = (bias, bias.stride(0)) if bias is not None else (x, 0)
     slot_t, slot_stride = (slot_ids, slot_ids.stride(0)) if slot_ids is not None else (x, 0)
     _conv_transpose_kernel[grid](
         x, weight, b_t, t_t, slot_t, dst,
-        length, c_in, c_out, ksize, stride, ksize - stride, p_begin, p_end, q_lo,
+        batch, length, c_in, c_out, ksize, stride, ksize - stride, p_begin, p_end, q_lo, num_q, pitch,
         *x.stride(), *weight.stride(), b_stride, *t_strides, slot_stride, *dst.stride(),
         NT=triton.cdiv(ksize, stride), HAS_BIAS=bias is not None, HAS_TAIL=has_tail,
         HAS_SLOTS=slot_ids is not None, TO_TAIL=to_tail, DOT_PRECISION=_dot_precision(x.dtype),
@@ -378,7 +383,7 @@ def _transpose_config(op: str, x: torch.Tensor, weight: torch.Tensor, stride: in
     batch, c_in, length = x.shape
     key = f"B={batch},C_in={c_in},C_out={weight.shape[1]},k={weight.shape[-1]},s={stride},L={length}"
     return launch_config(op, key, x.dtype, {"BLOCK_CO": _pow2(weight.shape[1], 16, 64), "BLOCK_CI": _pow2(c_in, 16, 32),
-                                            "BLOCK_Q": _pow2(length + 1, 16, _MAX_TIME_BLOCK), "num_warps": 4, "num_stages": 2})
+                                            "BLOCK_Q": _pow2(batch * (length + 1), 16, _MAX_TIME_BLOCK), "num_warps": 4, "num_stages": 2})
 
 
 def _check_stride(weight: torch.Tensor, stride: int) -> int:
