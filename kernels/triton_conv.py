@@ -27,6 +27,7 @@ Accumulation is fp32; fp32 dots use IEEE precision (no TF32), so fp32 results ma
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 import triton
@@ -190,14 +191,14 @@ def _conv_transpose_kernel(
     stride_tb, stride_tc, stride_tt,
     stride_slot,
     stride_db, stride_dc, stride_dt,
-    NT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_SLOTS: tl.constexpr,
-    TO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NT: tl.constexpr, I_START: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TAIL: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, TO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """Writes dst[row, co, p − P_BEGIN] for untrimmed local positions p in [P_BEGIN, P_END): the chunk's own
     overlap-add sum, plus the old tail where p < TRIM (HAS_TAIL), plus bias (HAS_BIAS). dst is the output
     (dst row = batch row; padded rows get zeros) or, with TO_TAIL, the tail state itself (dst row = slot;
-    padded rows are skipped). Columns are (row, q) pairs, n = row·Q_PITCH + (q − Q_LO), the NQ q's of a row
+    padded rows are skipped; its q >= L see no input through tap i = 0, so I_START = 1). Columns are (row, q) pairs, n = row·Q_PITCH + (q − Q_LO), the NQ q's of a row
     valid; the tail launch pads Q_PITCH to BLOCK_Q, so one program owns a row's whole tail."""
     pid_q = tl.program_id(0)  # column block × phase
     pid_co = tl.program_id(1)
@@ -221,7 +222,7 @@ def _conv_transpose_kernel(
     acc = tl.zeros((BLOCK_CO, BLOCK_Q), dtype=tl.float32)
     for ci0 in range(0, C_IN, BLOCK_CI):
         mask_ci = offs_ci < C_IN - ci0
-        for i in range(NT):  # tap phase + i·s carries input q − i to output q·s + phase
+        for i in range(I_START, NT):  # tap phase + i·s carries input q − i to output q·s + phase
             ci_end = tl.where(phase + i * STRIDE < KSIZE, C_IN - ci0, 0)  # taps past k add nothing
             w = tl.load(w_tile + (ci0 * stride_wi + i * STRIDE * stride_wk),
                         mask=mask_co[:, None] & (offs_ci < ci_end)[None, :], other=0.0)
@@ -255,6 +256,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # only fp32 operands read it: no TF32 rounding
 
 
+@lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _fill_sms(block: int, size: int, other_programs: int, device: torch.device) -> int:
+    """Halve a default channel tile (down to 16) until the grid has a program per SM: a streaming step has few
+    columns, and its weight-bound conv wants every SM streaming weights. Tuned entries override this."""
+    if device.type != "cuda":
+        return block
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    while block > 16 and other_programs * triton.cdiv(size, block) < sms:
+        block //= 2
+    return block
+
+
 def _launch_opts(cfg: dict) -> dict:
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
@@ -267,8 +284,11 @@ def _conv1d_config(op: str, x: torch.Tensor, weight: torch.Tensor, dilation: int
     if groups == c_in == c_out:  # depthwise kernel
         default = {"BLOCK_C": _pow2(c_in, 16, 64), "BLOCK_T": _pow2(length, 16, _MAX_TIME_BLOCK), "num_warps": 4, "num_stages": 1}
     else:
-        default = {"BLOCK_CO": _pow2(c_out // groups, 16, 64), "BLOCK_CI": _pow2(cin_g, 16, 32),
-                   "BLOCK_T": _pow2(batch * length, 16, _MAX_TIME_BLOCK), "num_warps": 4, "num_stages": 2}
+        block_t = _pow2(batch * length, 16, _MAX_TIME_BLOCK)
+        block_co = _fill_sms(_pow2(c_out // groups, 16, 64), c_out // groups,
+                             groups * triton.cdiv(batch * length, block_t), x.device)
+        default = {"BLOCK_CO": block_co, "BLOCK_CI": _pow2(cin_g, 16, 32), "BLOCK_T": block_t,
+                   "num_warps": 4, "num_stages": 2}
     if op == "causal_conv1d_update":
         default["BLOCK_CS"] = _pow2(c_in, 16, 32)
     return launch_config(op, key, x.dtype, default)
@@ -374,7 +394,7 @@ def _transpose_launch(x, weight, bias, tail, slot_ids, dst, stride, p_begin, p_e
         x, weight, b_t, t_t, slot_t, dst,
         batch, length, c_in, c_out, ksize, stride, ksize - stride, p_begin, p_end, q_lo, num_q, pitch,
         *x.stride(), *weight.stride(), b_stride, *t_strides, slot_stride, *dst.stride(),
-        NT=triton.cdiv(ksize, stride), HAS_BIAS=bias is not None, HAS_TAIL=has_tail,
+        NT=triton.cdiv(ksize, stride), I_START=1 if to_tail else 0, HAS_BIAS=bias is not None, HAS_TAIL=has_tail,
         HAS_SLOTS=slot_ids is not None, TO_TAIL=to_tail, DOT_PRECISION=_dot_precision(x.dtype),
         BLOCK_CO=cfg["BLOCK_CO"], BLOCK_CI=cfg["BLOCK_CI"], BLOCK_Q=block_q, **_launch_opts(cfg))
 
@@ -382,8 +402,11 @@ def _transpose_launch(x, weight, bias, tail, slot_ids, dst, stride, p_begin, p_e
 def _transpose_config(op: str, x: torch.Tensor, weight: torch.Tensor, stride: int) -> dict:
     batch, c_in, length = x.shape
     key = f"B={batch},C_in={c_in},C_out={weight.shape[1]},k={weight.shape[-1]},s={stride},L={length}"
-    return launch_config(op, key, x.dtype, {"BLOCK_CO": _pow2(weight.shape[1], 16, 64), "BLOCK_CI": _pow2(c_in, 16, 32),
-                                            "BLOCK_Q": _pow2(batch * (length + 1), 16, _MAX_TIME_BLOCK), "num_warps": 4, "num_stages": 2})
+    c_out = weight.shape[1]
+    block_q = _pow2(batch * (length + 1), 16, _MAX_TIME_BLOCK)
+    block_co = _fill_sms(_pow2(c_out, 16, 64), c_out, stride * triton.cdiv(batch * (length + 1), block_q), x.device)
+    return launch_config(op, key, x.dtype, {"BLOCK_CO": block_co, "BLOCK_CI": _pow2(c_in, 16, 32), "BLOCK_Q": block_q,
+                                            "num_warps": 4, "num_stages": 2})
 
 
 def _check_stride(weight: torch.Tensor, stride: int) -> int:
