@@ -7,13 +7,15 @@ TRIM = k − s, p = untrimmed output position local to the call, p = q·s + r (r
 
 Kernels
 - `_conv1d_dot_kernel`: dense and grouped convs. A program owns a [BLOCK_CO, BLOCK_T] output tile of one
-  group and reduces over (C_in/groups × K) with tl.dot tiles [BLOCK_CO, BLOCK_CI] × [BLOCK_CI, BLOCK_T]; the
-  input window is (state ‖ x), read from the two tensors (the full op has no state: the left zero pad).
+  group, its columns (row, t) pairs of all rows, and reduces over (C_in/groups × K) with tl.dot tiles
+  [BLOCK_CO, BLOCK_CI] × [BLOCK_CI, BLOCK_T]; the input window is (state ‖ x), read from the two tensors (the
+  full op has no state: the left zero pad). Folding the rows into the columns means a streaming step (a few
+  samples per row) reads each weight tile once for the whole batch.
 - `_conv1d_depthwise_kernel`: groups = C_in = C_out (the ConvNeXt conv): one K-tap filter per channel, FMAs.
 - `_conv_state_kernel`: conv state ← last S samples of (old state ‖ x), in place.
 - `_conv_transpose_kernel`: for a fixed phase r, output q·s + r = Σ_i Σ_ci w[ci, :, r + i·s]·x[ci, q − i], a
-  plain causal conv over x with taps r + i·s; so each program owns one phase and a [BLOCK_CO, BLOCK_Q] tile and
-  reduces over (C_in × NT) with tl.dot. The same kernel writes the final samples (+ old tail, + bias) or,
+  plain causal conv over x with taps r + i·s; so each program owns one phase and a [BLOCK_CO, BLOCK_Q] tile
+  (columns (row, q) pairs) and reduces over (C_in × NT) with tl.dot. The same kernel writes the final samples (+ old tail, + bias) or,
   in a second launch, the new overlap-add tail.
 
 Streaming ops launch twice: outputs first (they read the old state), then the state update. In the second
@@ -36,7 +38,8 @@ import triton.language as tl
 from kernels.tuning import launch_config
 from runtime import dispatch
 
-# The CPU interpreter pays per program, not per element: its default time tiles are long (tests stay fast).
+# The CPU interpreter pays mostly per program and per op, little per element: its default time tiles are long
+# (tests stay fast). GPU defaults are 64; tuned entries (kernels/tuned/) override either.
 _MAX_TIME_BLOCK = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 64
 
 # Launch parameters: kernels.tuning.launch_config per op call, keyed "B=..,C_in=..,C_out=..,K|k=..,..,L=..";

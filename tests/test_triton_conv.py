@@ -323,6 +323,37 @@ def test_code2wav_tiny_through_triton(tiny_code2wav, triton_convs):
     assert err <= 1e-4
 
 
+@torch.no_grad()
+def test_code2wav_tiny_slots_through_triton(tiny_code2wav, triton_convs):
+    """decode_frame over a slot pool (the kernels' slot-id form) with a padded row: the same samples and states
+    as with the torch convs; the free slot keeps its bits."""
+    from runtime.models.code2wav import Code2WavSlots
+    model = tiny_code2wav
+    generator = torch.Generator().manual_seed(34)
+    codes = torch.randint(0, model.cfg.codebook_size, (2, model.cfg.num_quantizers, 2), generator=generator)
+    runs = {}
+    for backend in ("torch", "triton"):
+        for op in CONV_OPS:
+            dispatch.use(op, backend)
+        pool = Code2WavSlots(model, 3, DEVICE, torch.float32)
+        free = [t[0].clone() for t in (*pool.conv.values(), *pool.tails.values())]
+        wavs = []
+        for frame in range(2):  # slots 2 and 1 hold the two streams, row 1 is padding; slot 0 stays free
+            rows = codes[[0, 0, 1], :, frame:frame + 1].to(DEVICE)  # [3, Q, 1]
+            wavs.append(model.decode_frame(rows, pool.view(torch.tensor([2, -1, 1], device=DEVICE), frame == 0)))
+            assert not wavs[-1][1].any(), "a padded row produced samples"
+        for before, after in zip(free, (t[0] for t in (*pool.conv.values(), *pool.tails.values()))):
+            assert torch.equal(before, after), "the free slot's state changed"
+        runs[backend] = torch.cat(wavs, -1), pool.state_tensors()
+    (wav, states), (ref_wav, ref_states) = runs["triton"], runs["torch"]
+    err = ((wav - ref_wav).double().norm() / ref_wav.double().norm()).item()
+    print(f"tiny Code2Wav decode_frame over slots through triton convs: rel err {err:.2e}")
+    assert err <= 1e-4
+    for state, ref_state in zip(states, ref_states):
+        assert state.shape == ref_state.shape
+        assert ((state - ref_state).double().norm() <= 1e-4 * ref_state.double().norm().clamp_min(1e-30)).item()
+
+
 # ---- GPU only -------------------------------------------------------------------------------------------
 
 def real_conv_shapes():
