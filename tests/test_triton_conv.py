@@ -123,7 +123,7 @@ def test_conv1d_update_matches_ref(case, dtype):
     assert torch.equal(state.float(), ref_state)  # a copy of input samples: exact
 
 
-CHUNKINGS = [[1] * 11, [3, 1, 5, 2], [0, 4, 0, 0, 7], [11], [2, 0, 9]]
+CHUNKINGS = [[1] * 8, [3, 1, 5, 2], [0, 4, 0, 0, 7], [2, 0, 9]]
 
 
 @pytest.mark.parametrize("case", [(7, 5, 7, 3, 1), (13, 13, 7, 9, 13), (6, 10, 3, 1, 2)])
@@ -258,6 +258,51 @@ def test_conv_transpose_rejects_wrong_tail():
     with pytest.raises(ValueError, match="needs"):
         triton_conv.causal_conv_transpose1d_update(randn(1, 3, 2), torch.zeros(1, 4, 4, device=DEVICE), weight,
                                                    bias, 5, 0)
+
+
+# ---- tiling: the interpreter's default tiles cover these small shapes whole; force 16-wide ones ------------
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Every BLOCK_* launch parameter 16: several channel and column tiles, tiles straddling rows."""
+    def config(op, key, dtype, default):
+        return {name: 16 if name.startswith("BLOCK") else value for name, value in default.items()}
+    monkeypatch.setattr(triton_conv, "launch_config", config)
+
+
+@pytest.mark.parametrize("case", [(20, 17, 7, 3, 1, 9), (20, 20, 7, 9, 20, BLOCK + 1), (38, 22, 3, 1, 2, 7)])
+def test_conv1d_small_tiles(small_tiles, case):
+    c_in, c_out, taps, dilation, groups, length = case
+    x = randn(3, c_in, length, seed=60)
+    weight, bias = conv_params(c_in, c_out, taps, groups, torch.float32, seed=61)
+    check_close(triton_conv.causal_conv1d(x, weight, bias, dilation, groups),
+                causal_conv1d_ref(x, weight, bias, dilation, groups), torch.float32, f"conv1d 16-tiles {case}")
+    pool = randn(4, c_in, (taps - 1) * dilation, seed=62)
+    ref_pool = pool.clone()
+    slot_ids = torch.tensor([2, -1, 0], device=DEVICE)
+    out = triton_conv.causal_conv1d_update(x, pool, weight, bias, dilation, groups, slot_ids)
+    ref = causal_conv1d_update_ref(x, ref_pool, weight, bias, dilation, groups, slot_ids)
+    check_close(out, ref, torch.float32, f"conv1d update 16-tiles {case}")
+    assert not out[1].any() and torch.equal(pool, ref_pool)
+
+
+@pytest.mark.parametrize("case", [(20, 17, 8, 4, 2), (17, 20, 6, 3, 9), (21, 17, 2, 2, BLOCK + 1), (17, 18, 7, 2, 5)])
+def test_conv_transpose_small_tiles(small_tiles, case):
+    c_in, c_out, k, stride, length = case
+    x = randn(3, c_in, length, seed=63)
+    weight, bias = trans_params(c_in, c_out, k, stride, torch.float32, seed=64)
+    check_close(triton_conv.causal_conv_transpose1d(x, weight, bias, stride),
+                causal_conv_transpose1d_ref(x, weight, bias, stride), torch.float32, f"convT 16-tiles {case}")
+    pool = randn(4, c_out, k - stride, seed=65)
+    ref_pool = pool.clone()
+    slot_ids = torch.tensor([3, -1, 1], device=DEVICE)
+    for start in (0, 4):
+        out = triton_conv.causal_conv_transpose1d_update(x, pool, weight, bias, stride, start, slot_ids)
+        ref = causal_conv_transpose1d_update_ref(x, ref_pool, weight, bias, stride, start, slot_ids)
+        check_close(out, ref, torch.float32, f"convT update 16-tiles {case} start={start}")
+        assert not out[1].any()
+        check_close(pool, ref_pool, torch.float32, f"convT tail 16-tiles {case} start={start}")
+    assert torch.equal(pool[[0, 2]], ref_pool[[0, 2]])
 
 
 # ---- registration and the tiny Code2Wav ---------------------------------------------------------------
