@@ -15,8 +15,8 @@ Kernels
 - `_conv_state_kernel`: conv state ← last S samples of (old state ‖ x), in place.
 - `_conv_transpose_kernel`: for a fixed phase r, output q·s + r = Σ_i Σ_ci w[ci, :, r + i·s]·x[ci, q − i], a
   plain causal conv over x with taps r + i·s; so each program owns one phase and a [BLOCK_CO, BLOCK_Q] tile
-  (columns (row, q) pairs) and reduces over (C_in × NT) with tl.dot. The same kernel writes the final samples (+ old tail, + bias) or,
-  in a second launch, the new overlap-add tail.
+  (columns (row, q) pairs) and reduces over (C_in × NT) with tl.dot. The same kernel writes the final samples
+  (+ old tail, + bias) or, in a second launch, the new overlap-add tail.
 
 Streaming ops launch twice: outputs first (they read the old state), then the state update. In the second
 launch every state element is read and written by the same program (its whole state rows; for the tail,
@@ -136,7 +136,8 @@ def _conv1d_depthwise_kernel(
     valid = slot >= 0
     live_t = offs_t < tl.where(valid, L, 0)  # a padded row reads nothing
     x_tile = x_ptr + b * stride_xb + offs_c[:, None] * stride_xc + offs_t[None, :] * stride_xt  # [BLOCK_C, BLOCK_T]
-    s_tile = state_ptr + tl.maximum(slot, 0) * stride_sb + offs_c[:, None] * stride_sc + (offs_t + S)[None, :] * stride_st
+    s_tile = (state_ptr + tl.maximum(slot, 0) * stride_sb + offs_c[:, None] * stride_sc
+              + (offs_t + S)[None, :] * stride_st)
     acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
     for k in range(K):
         shift = (K - 1 - k) * DIL
@@ -201,8 +202,9 @@ def _conv_transpose_kernel(
     """Writes dst[row, co, p − P_BEGIN] for untrimmed local positions p in [P_BEGIN, P_END): the chunk's own
     overlap-add sum, plus the old tail where p < TRIM (HAS_TAIL), plus bias (HAS_BIAS). dst is the output
     (dst row = batch row; padded rows get zeros) or, with TO_TAIL, the tail state itself (dst row = slot;
-    padded rows are skipped; its q >= L see no input through tap i = 0, so I_START = 1). Columns are (row, q) pairs, n = row·Q_PITCH + (q − Q_LO), the NQ q's of a row
-    valid; the tail launch pads Q_PITCH to BLOCK_Q, so one program owns a row's whole tail."""
+    padded rows are skipped; its q >= L see no input through tap i = 0, so I_START = 1).
+    Columns are (row, q) pairs, n = row·Q_PITCH + (q − Q_LO), the first NQ of each row valid; the tail launch
+    pads Q_PITCH to BLOCK_Q, so one program owns a row's whole tail (the in-place update needs that)."""
     pid_q = tl.program_id(0)  # column block × phase
     pid_co = tl.program_id(1)
     phase = pid_q % STRIDE
@@ -220,8 +222,9 @@ def _conv_transpose_kernel(
         slot = row
     live = mask_p & (slot >= 0)  # padded rows read nothing
     slot = tl.maximum(slot, 0)
-    w_tile = w_ptr + offs_ci[None, :] * stride_wi + offs_co[:, None] * stride_wo + phase * stride_wk  # [BLOCK_CO, BLOCK_CI]
-    x_tile = x_ptr + offs_ci[:, None] * stride_xc + (row * stride_xb + offs_q * stride_xt)[None, :]  # [BLOCK_CI, BLOCK_Q]
+    # [BLOCK_CO, BLOCK_CI] weight tile of tap `phase`; [BLOCK_CI, BLOCK_Q] input tile
+    w_tile = w_ptr + offs_ci[None, :] * stride_wi + offs_co[:, None] * stride_wo + phase * stride_wk
+    x_tile = x_ptr + offs_ci[:, None] * stride_xc + (row * stride_xb + offs_q * stride_xt)[None, :]
     acc = tl.zeros((BLOCK_CO, BLOCK_Q), dtype=tl.float32)
     for ci0 in range(0, C_IN, BLOCK_CI):
         mask_ci = offs_ci < C_IN - ci0
@@ -285,7 +288,8 @@ def _conv1d_config(op: str, x: torch.Tensor, weight: torch.Tensor, dilation: int
     c_out, cin_g, taps = weight.shape
     key = f"B={batch},C_in={c_in},C_out={c_out},K={taps},d={dilation},g={groups},L={length}"
     if groups == c_in == c_out:  # depthwise kernel
-        default = {"BLOCK_C": _pow2(c_in, 16, 64), "BLOCK_T": _pow2(length, 16, _MAX_TIME_BLOCK), "num_warps": 4, "num_stages": 1}
+        default = {"BLOCK_C": _pow2(c_in, 16, 64), "BLOCK_T": _pow2(length, 16, _MAX_TIME_BLOCK),
+                   "num_warps": 4, "num_stages": 1}
     else:
         block_t = _pow2(batch * length, 16, _MAX_TIME_BLOCK)
         block_co = _fill_sms(_pow2(c_out // groups, 16, 64), c_out // groups,
