@@ -18,7 +18,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 CONV_OPS = ("causal_conv1d", "causal_conv1d_update", "causal_conv_transpose1d", "causal_conv_transpose1d_update")
-BLOCK = 16  # the smallest tile (the GPU floor; test_*_small_tiles force it under the interpreter, whose defaults are long)
+BLOCK = 16  # the smallest tile (GPU floor; test_*_small_tiles force it under the interpreter, whose tiles are long)
 
 
 def tol(dtype: torch.dtype) -> float:
