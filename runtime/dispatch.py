@@ -27,6 +27,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "rope_cos_sin": {"torch": _rope.rope_cos_sin_ref},
     "apply_rope": {"torch": _rope.apply_rope_ref},
     "qk_norm_rope": {"torch": _rope.qk_norm_rope_ref},
+    "mrope_qk_norm_": {"torch": _rope.mrope_qk_norm_ref_},
     "attention": {"torch": _attention.attention_ref},
     "decode_attention": {"torch": _attention.decode_attention_ref},
     "route_topk": {"torch": _moe.route_topk_ref},
@@ -127,6 +128,11 @@ def apply_rope(x, cos, sin):
 
 def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, eps, cos, sin):
     return _call("qk_norm_rope")(q, k, q_norm_weight, k_norm_weight, eps, cos, sin)
+
+
+def mrope_qk_norm_(q, k, q_norm_weight, k_norm_weight, eps, positions, inv_freq, mrope_section):
+    """In place on q (T, q_heads, D) and k (T, kv_heads, D); returns (q, k)."""
+    return _call("mrope_qk_norm_")(q, k, q_norm_weight, k_norm_weight, eps, positions, inv_freq, mrope_section)
 
 
 def attention(q, k, v, mask, scale):
