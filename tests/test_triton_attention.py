@@ -32,6 +32,8 @@ def _case(batch, new, q_heads, kv_heads, head_dim, max_len, dtype, slots, length
     (2, 3, 4, 4, 24, 33, [1, 3], [3, 33], torch.float32),  # three new tokens: causal among them
     (2, 2, 8, 1, 32, 129, [3, 0], [129, 2], torch.float16),  # G = 8, odd head_dim handled by masking
     (1, 5, 6, 2, 128, 37, [1], [23], torch.float32),  # head_dim 128
+    (3, 1, 3, 3, 64, 130, [0, 2, 1], [1, 65, 130], torch.float16),  # G = 1, D = 64: lengths 1, block + 1, max_len
+    (2, 1, 32, 4, 128, 65, [3, -1], [65, 65], torch.float16),  # the thinker's heads, a padded row
 ])
 def test_matches_reference(batch, new, q_heads, kv_heads, head_dim, max_len, slots, lengths, dtype):
     q, k_cache, v_cache, slot_ids, lengths = _case(batch, new, q_heads, kv_heads, head_dim, max_len, dtype, slots,
@@ -56,6 +58,27 @@ def test_strided_queries_from_a_fused_projection():
     slot_ids, lengths = torch.tensor([2, 0], device=DEVICE), torch.tensor([40, 9], device=DEVICE)
     got = decode_attention(q, k_cache, v_cache, slot_ids, lengths, 0.25)
     assert rel_err(got, decode_attention_ref(q, k_cache, v_cache, slot_ids, lengths, 0.25)) <= 1e-5
+
+
+@pytest.mark.parametrize("config", [
+    {"BLOCK_N": 16, "num_warps": 2, "min_programs": 1},  # one split: the merge pass is a plain normalisation
+    {"BLOCK_N": 16, "num_warps": 2, "min_programs": 10_000},  # one block per split: many empty splits to merge
+])
+def test_split_counts(monkeypatch, config):
+    import kernels.triton_attention as triton_attention
+
+    monkeypatch.setattr(triton_attention, "launch_config", lambda op, key, dtype, default: dict(config))
+    q, k_cache, v_cache, slot_ids, lengths = _case(3, 2, 4, 2, 32, 97, torch.float32, [1, 0, -1], [97, 17, 2])
+    got = decode_attention(q, k_cache, v_cache, slot_ids, lengths, 0.2)
+    want = decode_attention_ref(q, k_cache, v_cache, slot_ids, lengths, 0.2)
+    assert rel_err(got[:2], want[:2]) <= 1e-5
+    assert not got[2].any()
+
+
+def test_registered():
+    from runtime import dispatch
+
+    assert dispatch._IMPLS["decode_attention"]["triton"] is decode_attention
 
 
 @needs_cuda
