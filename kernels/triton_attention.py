@@ -48,7 +48,7 @@ def _decode_attention_split(
 
     q = tl.load(q_ptr + pid_b * stride_qb + offs_l[:, None] * stride_ql + (pid_h * G + offs_g)[:, None] * stride_qh
                 + offs_d[None, :] * stride_qd, mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    q = (q.to(tl.float32) * scale)
+    # Operands stay in the activation dtype (16-bit MMAs, fp32 accumulation); the scale goes on the fp32 scores.
     query_pos = length - L + offs_l  # position of each query row; it sees keys <= its own position
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -60,7 +60,7 @@ def _decode_attention_split(
         key_valid = offs_n < end
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=key_valid[None, :] & (offs_d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N]
-        scores = tl.dot(q, k.to(tl.float32), input_precision=PRECISION)  # [BLOCK_R, BLOCK_N]
+        scores = tl.dot(q, k, input_precision=PRECISION) * scale  # [BLOCK_R, BLOCK_N] fp32
         allowed = key_valid[None, :] & (offs_n[None, :] <= query_pos[:, None]) & row_valid[:, None]
         scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -70,7 +70,8 @@ def _decode_attention_split(
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=key_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+        # probabilities rounded to the value dtype before the product, as the reference's probs.to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     tl.store(acc_ptr + pid_b * stride_ab + pid_h * stride_ah + pid_s * stride_as + offs_r[:, None] * stride_ar
              + offs_d[None, :] * stride_ad, acc, mask=row_valid[:, None] & (offs_d[None, :] < D))

@@ -175,14 +175,13 @@ def _launch(q, k, q_out, k_out, q_norm_weight, k_norm_weight, eps, cos_mode, cos
     block_h = cfg["BLOCK_H"]
     qy = torch.promote_types(q_norm_weight.dtype, q.dtype)
     ky = torch.promote_types(k_norm_weight.dtype, k.dtype)
-    dummy = q  # unused pointer arguments of the other mode
-    if cos is None:
-        cos = sin = dummy.new_empty(0)
+    if cos is None:  # the other mode's pointers are never read: pass q rather than allocate
+        cos = sin = q
         cos_strides = (0, 0, 0, 0)
     else:
         cos_strides = (*cos.stride(), *sin.stride())
     if positions is None:
-        positions, inv_freq = dummy.new_empty(0), dummy.new_empty(0)
+        positions = inv_freq = q
         pos_strides = (0, 0, 0)
     else:
         positions = positions if positions.dim() == 2 else positions[None]
