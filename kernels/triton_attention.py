@@ -40,7 +40,7 @@ def _decode_attention_split(
     row_valid = offs_r < L * G
     offs_l, offs_g = offs_r // G, offs_r % G
     slot = tl.load(slot_ptr + pid_b)
-    length = tl.load(length_ptr + pid_b)
+    length = tl.load(length_ptr + pid_b).to(tl.int32)  # int32 like start: the compiler wants one type for `end`
     start = pid_s * split_len
     end = tl.minimum(start + split_len, length)
     if slot < 0:  # padded row: nothing read
