@@ -11,6 +11,7 @@ from kernels.norm import rms_norm_ref
 from kernels.rope import mrope_qk_norm_ref_, qk_norm_rope_ref, rope_cos_sin_ref, rope_inv_freq
 from kernels.triton_rope import mrope_qk_norm_, qk_norm_rope, rms_norm
 from runtime import dispatch
+from tests.test_triton_attention import compile_for_sm90, compiles_without_gpu
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -203,6 +204,25 @@ def test_tiny_thinker_logits_through_triton(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------- GPU
+@compiles_without_gpu
+def test_compiles_for_sm90():
+    out = compile_for_sm90("""
+        from kernels.rope import rope_cos_sin_ref, rope_inv_freq
+        from kernels.triton_rope import mrope_qk_norm_, qk_norm_rope, rms_norm
+        inv_freq = rope_inv_freq(128, 1e6)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            w = torch.ones(128, dtype=dtype)
+            q, k = torch.randn(1, 4, 32, 128).to(dtype), torch.randn(1, 4, 4, 128).to(dtype)
+            cos, sin = rope_cos_sin_ref(torch.zeros(3, 1, 4), inv_freq, [24, 20, 20], dtype)
+            qk_norm_rope(q, k, w, w, 1e-6, cos, sin)
+            mrope_qk_norm_(q[0], k[0], w, w, 1e-6, torch.zeros(3, 4, dtype=torch.int64), inv_freq, [24, 20, 20])
+            mrope_qk_norm_(q[0], k[0], w, w, 1e-6, torch.zeros(4), inv_freq, None)
+            rms_norm(torch.randn(3, 2048).to(dtype), torch.ones(2048), 1e-6)
+            rms_norm(torch.randn(3, 2048).to(dtype), torch.ones(2048, dtype=dtype), 1e-6)
+    """)
+    assert "_qk_norm_rope_kernel" in out and "_rms_norm_kernel" in out
+
+
 @needs_cuda
 @pytest.mark.parametrize("tokens", [1, 8, 4096])
 def test_real_shapes_bf16(tokens):
