@@ -3,7 +3,8 @@ kernels.attention.decode_attention_ref.
 
 Each program takes one batch row, one KV head and one split of the cache's positions: the L new queries of
 the q heads sharing that KV head (GQA: L·G query rows against one K/V stream, read once) run an online
-softmax over the split's keys; a second kernel merges the splits. The grid is sized from the cache shape,
+softmax over the split's keys (a long chunk's rows are tiled, MAX_BLOCK_R per program, and each tile stops at
+its last query's position); a second kernel merges the splits. The grid is sized from the cache shape,
 not from the lengths (which stay on the device): programs past a row's length exit at once, so a step is
 one fixed launch pair, safe inside a CUDA graph.
 
@@ -20,7 +21,9 @@ import triton.language as tl
 from kernels.tuning import dot_precision, launch_config
 from runtime import dispatch
 
-DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "min_programs": 264}
+DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "min_programs": 264, "MAX_BLOCK_R": 64}
+TUNE_SPACE = {"decode_attention": {"BLOCK_N": [16, 32, 64, 128], "num_warps": [2, 4, 8],
+                                   "min_programs": [132, 264, 528, 1056], "MAX_BLOCK_R": [16, 32, 64, 128]}}
 
 
 @triton.jit
@@ -34,15 +37,18 @@ def _decode_attention_split(
     stride_mb, stride_mh, stride_ms, stride_mr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_b, pid_h, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_r = tl.arange(0, BLOCK_R)  # query row r = l·G + g
+    row_blocks = tl.cdiv(L * G, BLOCK_R)
+    pid_b, pid_r = tl.program_id(0) // row_blocks, tl.program_id(0) % row_blocks
+    pid_h, pid_s = tl.program_id(1), tl.program_id(2)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # query row r = l·G + g
     offs_d = tl.arange(0, BLOCK_D)
     row_valid = offs_r < L * G
     offs_l, offs_g = offs_r // G, offs_r % G
     slot = tl.load(slot_ptr + pid_b)
     length = tl.load(length_ptr + pid_b).to(tl.int32)  # int32 like start: the compiler wants one type for `end`
     start = pid_s * split_len
-    end = tl.minimum(start + split_len, length)
+    last_l = tl.minimum(L - 1, ((pid_r + 1) * BLOCK_R - 1) // G)  # the block's last query sees keys < end
+    end = tl.minimum(tl.minimum(start + split_len, length), length - L + last_l + 1)
     if slot < 0:  # padded row: nothing read
         end = start
 
@@ -89,8 +95,9 @@ def _decode_attention_merge(
     stride_ob, stride_ol, stride_oh, stride_od,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b, pid_h = tl.program_id(0), tl.program_id(1)
-    offs_r = tl.arange(0, BLOCK_R)
+    row_blocks = tl.cdiv(L * G, BLOCK_R)
+    pid_b, pid_r, pid_h = tl.program_id(0) // row_blocks, tl.program_id(0) % row_blocks, tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     row_valid = offs_r < L * G
     stats = max_ptr + pid_b * stride_mb + pid_h * stride_mh + offs_r * stride_mr
@@ -129,21 +136,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     cfg = launch_config("decode_attention", f"L={new},G={groups},D={head_dim}", q.dtype, DEFAULT_CONFIG)
     block_n = cfg["BLOCK_N"]
-    block_r = max(16, triton.next_power_of_2(new * groups))
+    # Query rows per program: all L·G rows of a KV head share its K/V reads; capped (long chunks tile the rows).
+    block_r = max(16, min(cfg["MAX_BLOCK_R"], triton.next_power_of_2(new * groups)))
+    row_blocks = triton.cdiv(new * groups, block_r)
     block_d = max(16, triton.next_power_of_2(head_dim))
     # Splits from the cache shape (static): enough programs to fill the GPU for the longest possible row.
-    splits = max(1, min(triton.cdiv(max_len, block_n), triton.cdiv(cfg["min_programs"], batch * kv_heads)))
+    programs = batch * row_blocks * kv_heads
+    splits = max(1, min(triton.cdiv(max_len, block_n), triton.cdiv(cfg["min_programs"], programs)))
     split_len = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
     splits = triton.cdiv(max_len, split_len)
     acc = torch.empty(batch, kv_heads, splits, new * groups, head_dim, dtype=torch.float32, device=q.device)
     row_max = torch.empty(batch, kv_heads, splits, new * groups, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
-    _decode_attention_split[(batch, kv_heads, splits)](
+    _decode_attention_split[(batch * row_blocks, kv_heads, splits)](
         q, k_cache, v_cache, slot_ids, lengths, acc, row_max, row_sum,
         new, groups, head_dim, split_len, scale,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *acc.stride(), *row_max.stride(),
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"])
-    _decode_attention_merge[(batch, kv_heads)](
+    _decode_attention_merge[(batch * row_blocks, kv_heads)](
         acc, row_max, row_sum, slot_ids, out, new, groups, head_dim, splits,
         *acc.stride(), *row_max.stride(), *out.stride(),
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=cfg["num_warps"])

@@ -99,6 +99,7 @@ def _case(batch, new, q_heads, kv_heads, head_dim, max_len, dtype, slots, length
     (1, 5, 6, 2, 128, 37, [1], [23], torch.float32),  # head_dim 128
     (3, 1, 3, 3, 64, 130, [0, 2, 1], [1, 65, 130], torch.float16),  # G = 1, D = 64: lengths 1, block + 1, max_len
     (2, 1, 32, 4, 128, 65, [3, -1], [65, 65], torch.float16),  # the thinker's heads, a padded row
+    (2, 9, 16, 2, 32, 80, [1, 2], [80, 9], torch.float32),  # a 9-token chunk at G = 8: 72 query rows, 2 blocks
 ])
 def test_matches_reference(batch, new, q_heads, kv_heads, head_dim, max_len, slots, lengths, dtype):
     q, k_cache, v_cache, slot_ids, lengths = _case(batch, new, q_heads, kv_heads, head_dim, max_len, dtype, slots,
@@ -126,14 +127,15 @@ def test_strided_queries_from_a_fused_projection():
 
 
 @pytest.mark.parametrize("config", [
-    {"BLOCK_N": 16, "num_warps": 2, "min_programs": 1},  # one split: the merge pass is a plain normalisation
-    {"BLOCK_N": 16, "num_warps": 2, "min_programs": 10_000},  # one block per split: many empty splits to merge
+    {"BLOCK_N": 16, "num_warps": 2, "min_programs": 1, "MAX_BLOCK_R": 64},  # one split: the merge only normalises
+    {"BLOCK_N": 16, "num_warps": 2, "min_programs": 10_000, "MAX_BLOCK_R": 64},  # one block per split
+    {"BLOCK_N": 32, "num_warps": 2, "min_programs": 8, "MAX_BLOCK_R": 16},  # query rows tiled: 3 row blocks
 ])
 def test_split_counts(monkeypatch, config):
     import kernels.triton_attention as triton_attention
 
     monkeypatch.setattr(triton_attention, "launch_config", lambda op, key, dtype, default: dict(config))
-    q, k_cache, v_cache, slot_ids, lengths = _case(3, 2, 4, 2, 32, 97, torch.float32, [1, 0, -1], [97, 17, 2])
+    q, k_cache, v_cache, slot_ids, lengths = _case(3, 9, 4, 2, 32, 97, torch.float32, [1, 0, -1], [97, 17, 9])
     got = decode_attention(q, k_cache, v_cache, slot_ids, lengths, 0.2)
     want = decode_attention_ref(q, k_cache, v_cache, slot_ids, lengths, 0.2)
     assert rel_err(got[:2], want[:2]) <= 1e-5
@@ -151,7 +153,7 @@ def test_compiles_for_sm90():
     out = compile_for_sm90("""
         from kernels.triton_attention import decode_attention
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            for new, q_heads in ((1, 32), (4, 16), (1, 2)):
+            for new, q_heads in ((1, 32), (4, 16), (1, 2), (9, 32)):
                 q = torch.randn(2, new, q_heads, 128).to(dtype)
                 k_cache = torch.randn(3, 300, 2 if q_heads == 2 else 4, 128).to(dtype)
                 decode_attention(q, k_cache, k_cache, torch.tensor([0, -1]), torch.tensor([5, 300]), 0.1)
