@@ -180,6 +180,7 @@ def test_cuda_graph_replay_with_poisoned_output():
     out = torch.full_like(q, float("nan"))
     static_q = q.clone()
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
     with torch.cuda.stream(stream):
         out.copy_(decode_attention(static_q, k_cache, v_cache, slot_ids, lengths, 0.1))  # warm-up / compile
     torch.cuda.current_stream().wait_stream(stream)
