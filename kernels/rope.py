@@ -71,14 +71,15 @@ def qk_norm_rope_ref(q, k, q_norm_weight, k_norm_weight, eps: float, cos, sin):
 
 def mrope_qk_norm_ref_(q, k, q_norm_weight, k_norm_weight, eps: float, positions, inv_freq, mrope_section):
     """q: (T, q_heads, head_dim), updated in place; k: (T, kv_heads, head_dim), updated in place (views of a
-    fused qkv output allowed); norm weights: (head_dim,); positions: (3, T) t/h/w ids for TM-RoPE, or (T,) for
-    1-D RoPE when mrope_section is None; inv_freq: (head_dim/2,) float32. Returns (q, k), the same tensors.
+    fused qkv output allowed); norm weights: (head_dim,); positions: (3, T) t/h/w ids for TM-RoPE ((3, B, L)
+    with B·L = T is read as (3, T)), or (T,) for 1-D RoPE when mrope_section is None; inv_freq: (head_dim/2,) float32. Returns (q, k), the same tensors.
 
     Qwen3's per-head RMSNorm then rotary, with cos/sin built from the positions in the activation dtype
     (q's), exactly as rope_cos_sin_ref then qk_norm_rope_ref; the results are copied back into q and k.
     """
-    cos, sin = rope_cos_sin_ref(positions, inv_freq, mrope_section, q.dtype)  # (T, D) each
-    q_new, k_new = qk_norm_rope_ref(q[None], k[None], q_norm_weight, k_norm_weight, eps, cos[None], sin[None])
+    cos, sin = rope_cos_sin_ref(positions, inv_freq, mrope_section, q.dtype)  # (T, D) each, or (B, L, D)
+    cos, sin = cos.reshape(1, -1, cos.shape[-1]), sin.reshape(1, -1, sin.shape[-1])  # (1, T, D)
+    q_new, k_new = qk_norm_rope_ref(q[None], k[None], q_norm_weight, k_norm_weight, eps, cos, sin)
     q.copy_(q_new[0])
     k.copy_(k_new[0])
     return q, k

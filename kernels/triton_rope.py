@@ -184,7 +184,9 @@ def _launch(q, k, q_out, k_out, q_norm_weight, k_norm_weight, eps, cos_mode, cos
         positions = inv_freq = q
         pos_strides = (0, 0, 0)
     else:
-        positions = positions if positions.dim() == 2 else positions[None]
+        positions = positions.reshape(3 if cos_mode == COS_FROM_MROPE else 1, -1)  # (axes, T): a view if it can
+        if positions.shape[1] != tokens:
+            raise ValueError(f"positions hold {positions.shape[1]} tokens per axis; q and k have {tokens}")
         pos_strides = (*positions.stride(), inv_freq.stride(0))
     grid = (tokens, triton.cdiv(q_heads, block_h) + triton.cdiv(kv_heads, block_h))
     _qk_norm_rope_kernel[grid](
@@ -218,8 +220,8 @@ def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, eps: float, cos, sin):
 
 def mrope_qk_norm_(q, k, q_norm_weight, k_norm_weight, eps: float, positions, inv_freq, mrope_section):
     """q: (T, Hq, D), updated in place; k: (T, Hk, D), updated in place (strided views of a fused qkv output
-    fine); norm weights: (D,); positions: (3, T) t/h/w ids (int64 or float), or (T,) when mrope_section is
-    None (1-D RoPE); inv_freq: (D/2,) float32. Returns (q, k), the same tensors, as
+    fine); norm weights: (D,); positions: (3, T) t/h/w ids (int64 or float; (3, B, L) with B·L = T is taken as
+    (3, T)), or (T,) when mrope_section is None (1-D RoPE); inv_freq: (D/2,) float32. Returns (q, k), the same tensors, as
     kernels.rope.mrope_qk_norm_ref_: angles in fp32 from the positions read on the device, interleaved axis
     rule of tm_rope_axis_of_slot, cos/sin cast to q's dtype before use. No allocation, no host sync."""
     if mrope_section is None:

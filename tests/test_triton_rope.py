@@ -131,7 +131,7 @@ def test_mrope_qk_norm_strided_views_of_fused_qkv():
     k = fused[:, q_heads * head_dim:(q_heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     v_before = fused[:, (q_heads + kv_heads) * head_dim:].clone()
     qw, kw = _weight(head_dim, torch.float32), _weight(head_dim, torch.float32)
-    positions = _positions(tokens).float()  # the model builds float ids
+    positions = _positions(tokens).float().view(3, 1, tokens)  # the model builds float (3, B, L) ids
     inv_freq = rope_inv_freq(head_dim, 1e6).to(DEVICE)
     want_q, want_k = q.clone(), k.clone()
     mrope_qk_norm_ref_(want_q, want_k, qw, kw, EPS, positions, inv_freq, [24, 20, 20])
