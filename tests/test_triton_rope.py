@@ -65,6 +65,7 @@ def test_rms_norm_strided_input():
     (1, 4, 8, 2, 64, [8, 12, 12], torch.float16),  # G = 4, D = 64
     (2, 2, 8, 1, 128, [24, 20, 20], torch.float32),  # G = 8, the real section
     (1, 3, 6, 2, 8, [1, 1, 2], torch.float16),  # the tiny talker's D = 8
+    (2, 1, 3, 1, 40, [4, 3, 5], torch.float32),  # D/2 = 20 slots: a masked half-tile
     (2, 2, 4, 2, 128, None, torch.float32),  # 1-D RoPE (code predictor)
 ])
 def test_qk_norm_rope(batch, length, q_heads, kv_heads, head_dim, section, dtype):
