@@ -11,7 +11,7 @@ host: all of them are safe under CUDA-graph capture. Each op has a fake (meta) i
 
 Ops (legend: T = num_tokens, E = num_experts, K = top_k, BM = block_m, D = head_dim):
 - omni_rt::route_topk      twin kernels/moe.py route_topk_ref
-- omni_rt::moe_align       twin moe_align_torch below
+- omni_rt::moe_align       twin kernels/moe.py moe_align_ref
 - omni_rt::mrope_qk_norm_  in place; twin mrope_qk_norm_torch below (= kernels/rope.py qk_norm_rope_ref)
 - omni_rt::causal_conv1d_update   twin kernels/conv.py causal_conv1d_update_ref
 
@@ -26,6 +26,7 @@ import torch
 
 from kernels import conv as _conv
 from kernels import moe as _moe
+from kernels.moe import moe_align_max_padded
 from kernels import rope as _rope
 from runtime import dispatch
 
@@ -62,10 +63,6 @@ def _check_cuda(op: str, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and not t.is_cuda:
             raise ValueError(f"omni_rt::{op}: {name} must be a CUDA tensor, got {t.device}")
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
 
 
 # ----------------------------------------------------------------------------------------------- routing
@@ -105,21 +102,9 @@ def route_topk_cuda(router_logits: torch.Tensor, top_k: int, norm_topk_prob: boo
     return weights.view(*lead, top_k), ids.view(*lead, top_k)
 
 
-def moe_align_max_padded(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Worst-case entries of sorted_ids for `num_pairs` = T*K pairs: round_up(P + E*(BM-1), BM)."""
-    return _round_up(num_pairs + num_experts * (block_m - 1), block_m)
-
-
 @torch.library.custom_op("omni_rt::moe_align", mutates_args=(), device_types="cuda")
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """topk_ids: (T, K) int64 expert of each token-expert pair; ids outside [0, E) (−1: padded token) are
-      dropped. Returns, sized for the worst case so nothing depends on the data:
-    sorted_ids: (moe_align_max_padded(P, E, BM),) int32, P = T*K: flat pair indices t*K + k grouped by expert
-      (ascending inside an expert), each expert's run padded with the sentinel P to a multiple of BM; the
-      entries after the used blocks are P as well.
-    expert_ids: (max_padded / BM,) int32: expert of each BM-row block, −1 for the unused blocks.
-    num_tokens_post_pad: (1,) int32 on the device: sum over experts of round_up(count_e, BM).
-    """
+    """kernels/moe.py moe_align_ref's contract (topk_ids (T, K) int64), computed on the device in one launch."""
     _check_cuda("moe_align", topk_ids=topk_ids)
     if topk_ids.dtype != torch.int64:
         raise TypeError(f"omni_rt::moe_align: topk_ids must be int64, got {topk_ids.dtype}")
@@ -141,28 +126,6 @@ def _(topk_ids, num_experts, block_m):
     return (topk_ids.new_empty(max_padded, dtype=torch.int32),
             topk_ids.new_empty(max_padded // block_m, dtype=torch.int32),
             topk_ids.new_empty(1, dtype=torch.int32))
-
-
-def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """The torch twin of omni_rt::moe_align: same arguments, outputs and contract (host syncs: reference only)."""
-    flat = topk_ids.reshape(-1)
-    num_pairs, device = flat.numel(), flat.device
-    max_padded = moe_align_max_padded(num_pairs, num_experts, block_m)
-    valid = (flat >= 0) & (flat < num_experts)
-    counts = torch.bincount(flat[valid], minlength=num_experts)  # (E,)
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_start = torch.cumsum(padded, 0) - padded  # (E,) exclusive
-    count_start = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(torch.where(valid, flat, num_experts), stable=True)[:int(valid.sum())]  # by expert, then index
-    experts = flat[order]
-    rank = torch.arange(order.numel(), device=device) - count_start[experts]
-    sorted_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
-    sorted_ids[padded_start[experts] + rank] = order.to(torch.int32)
-    expert_ids = torch.full((max_padded // block_m,), -1, dtype=torch.int32, device=device)
-    used = torch.repeat_interleave(torch.arange(num_experts, device=device), padded // block_m)
-    expert_ids[:used.numel()] = used.to(torch.int32)
-    num_post_pad = padded.sum().to(torch.int32).reshape(1)
-    return sorted_ids, expert_ids, num_post_pad
 
 
 # ------------------------------------------------------------------------------------------ TM-RoPE + norm
