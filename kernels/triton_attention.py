@@ -134,7 +134,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     if batch == 0 or new == 0:
         return out
-    cfg = launch_config("decode_attention", f"L={new},G={groups},D={head_dim}", q.dtype, DEFAULT_CONFIG)
+    # The CPU interpreter runs programs one after another: splitting the keys there only adds programs.
+    default = DEFAULT_CONFIG if q.is_cuda else {**DEFAULT_CONFIG, "min_programs": 1}
+    cfg = launch_config("decode_attention", f"L={new},G={groups},D={head_dim}", q.dtype, default)
     block_n = cfg["BLOCK_N"]
     # Query rows per program: all L·G rows of a KV head share its K/V reads; capped (long chunks tile the rows).
     block_r = max(16, min(cfg["MAX_BLOCK_R"], triton.next_power_of_2(new * groups)))

@@ -130,6 +130,7 @@ def test_strided_queries_from_a_fused_projection():
     {"BLOCK_N": 16, "num_warps": 2, "min_programs": 1, "MAX_BLOCK_R": 64},  # one split: the merge only normalises
     {"BLOCK_N": 16, "num_warps": 2, "min_programs": 10_000, "MAX_BLOCK_R": 64},  # one block per split
     {"BLOCK_N": 32, "num_warps": 2, "min_programs": 8, "MAX_BLOCK_R": 16},  # query rows tiled: 3 row blocks
+    {"BLOCK_N": 64, "num_warps": 4, "min_programs": 264, "MAX_BLOCK_R": 64},  # the GPU default (CPU: one split)
 ])
 def test_split_counts(monkeypatch, config):
     import kernels.triton_attention as triton_attention
