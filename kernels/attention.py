@@ -40,9 +40,11 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     q: (B, L, q_heads, head_dim), the L newest tokens of each row; their keys/values are already written.
     k_cache, v_cache: (num_slots, max_len, kv_heads, head_dim), a preallocated pool shared by sessions.
     slot_ids: (B,) int64, the cache row of each batch row; −1 marks a padded row (output zeros, nothing read).
-    lengths: (B,) int64, valid cached tokens of the row including the L new ones (L <= length <= max_len).
+    lengths: (B,) int64, valid cached tokens of the row including its new ones (0 <= length <= max_len).
     Returns (B, L, q_heads, head_dim) in q's dtype. Query i of a row sits at position length − L + i and sees
     keys 0 … length − L + i (causal inside the chunk); softmax in fp32. GQA: q_heads % kv_heads == 0.
+    A length below L front-pads the chunk: its first L − length queries sit before position 0, see no key
+    and output zeros (a prefill chunk padded to a static bucket).
     """
     batch, new, q_heads, head_dim = q.shape
     out = torch.zeros_like(q)
@@ -50,9 +52,13 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         slot, length = int(slot_ids[row]), int(lengths[row])
         if slot < 0:
             continue
-        if not new <= length <= k_cache.shape[1]:
-            raise ValueError(f"row {row}: length {length} must be in [{new}, {k_cache.shape[1]}]")
+        if not 0 <= length <= k_cache.shape[1]:
+            raise ValueError(f"row {row}: length {length} must be in [0, {k_cache.shape[1]}]")
+        padding = max(0, new - length)  # front-padded queries: no key, zero output
+        if padding == new:
+            continue
         k = k_cache[slot, :length][None]  # (1, length, kv_heads, D)
         v = v_cache[slot, :length][None]
-        out[row] = attention_ref(q[row:row + 1], k, v, causal_mask(new, length, q.device), scale)[0]
+        out[row, padding:] = attention_ref(q[row:row + 1, padding:], k, v, causal_mask(new - padding, length, q.device),
+                                           scale)[0]
     return out

@@ -11,9 +11,11 @@ replayed, so a decode step costs one launch instead of hundreds (at batch 1 the 
   host (GRAPH_UNSAFE_REFERENCES); the runner refuses to capture with those selected, naming them.
 
 Captured stages: thinker decode, talker decode, the code predictor's whole frame (its G−1 sequential steps
-in one graph) and Code2Wav's frame decode from per-slot streaming states (after a session's first frame,
-which trims the transposed convs' left edge and runs eagerly). Prefill chunks run eagerly (status:
-docs/architecture.md).
+in one graph), Code2Wav's frame decode from per-slot streaming states (after a session's first frame,
+which trims the transposed convs' left edge and runs eagerly), and thinker prefill chunks: one graph per
+chunk bucket (runtime/scheduler.py prefill_buckets), the chunk front-padded to it (padded tokens write only
+the scratch slot; DeepStack additions come in dense). The encoders, the embedding merge and the talker's
+prefill run eagerly.
 """
 
 from __future__ import annotations
@@ -62,11 +64,11 @@ class GraphRunner:
     """Captured decode steps of one scheduler. `thinker_decode`, `talker_decode` and `code_predictor_frame`
     have the signatures of the scheduler's eager steps and return copies of the rows of the real sessions."""
 
-    def __init__(self, device: torch.device, max_batch: int):
+    def __init__(self, device: torch.device, max_batch: int, prefill_buckets: list[int]):
         if device.type != "cuda" or not torch.cuda.is_available():
             raise RuntimeError(f"CUDA graphs need a CUDA device, the engine runs on {device}: "
                                "use scheduler_options={'use_graphs': False}")
-        self.device, self.buckets = device, batch_buckets(max_batch)
+        self.device, self.buckets, self.prefill_buckets = device, batch_buckets(max_batch), prefill_buckets
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[str, int], _Captured] = {}
 
@@ -81,6 +83,8 @@ class GraphRunner:
     def capture_all(self, scheduler) -> None:
         """Capture every stage at every bucket, largest first, all rows padded (no session's cache is touched)."""
         check_graph_safe()
+        for size in reversed(self.prefill_buckets):  # the prefill chunks need the most memory
+            self._get(scheduler, "thinker_prefill", size)
         for size in reversed(self.buckets):
             for stage in self._stages(scheduler):
                 self._get(scheduler, stage, size)
@@ -91,6 +95,14 @@ class GraphRunner:
 
     def _example_inputs(self, scheduler, stage: str, size: int) -> tuple[torch.Tensor, ...]:
         device, dtype = self.device, scheduler.dtype
+        if stage == "thinker_prefill":  # one chunk of `size` tokens of a padded row (only scratch is written)
+            hidden = scheduler.config.thinker.text.hidden_size
+            levels = len(scheduler.config.thinker.vision.deepstack_visual_indexes)
+            return (torch.zeros(1, size, hidden, dtype=dtype, device=device),
+                    torch.zeros(3, 1, size, dtype=torch.long, device=device),
+                    torch.zeros(levels, 1, size, hidden, dtype=dtype, device=device),
+                    torch.full((1,), -1, dtype=torch.long, device=device),
+                    torch.full((1,), size, dtype=torch.long, device=device))
         padded_slots = torch.full((size,), -1, dtype=torch.long, device=device)
         positions = torch.zeros(3, size, 1, dtype=torch.long, device=device)
         if stage == "thinker_decode":
@@ -105,6 +117,12 @@ class GraphRunner:
         return torch.randn(size, hidden, dtype=dtype, device=device), torch.zeros(size, dtype=torch.long, device=device)
 
     def _step_fn(self, scheduler, stage: str) -> Callable:
+        if stage == "thinker_prefill":
+            def prefill(embeds, positions, deepstack, slots, num_valid):
+                last_hidden, accepted = scheduler.thinker_prefill_eager(embeds, positions, deepstack, slots, num_valid,
+                                                                        embeds.shape[1])
+                return (last_hidden,) if accepted is None else (last_hidden, accepted)
+            return prefill
         if stage == "thinker_decode":
             return lambda tokens, positions, slots: (scheduler.thinker_decode_eager(tokens, positions, slots, 1),)
         if stage == "talker_decode":
@@ -162,6 +180,16 @@ class GraphRunner:
     def code2wav_frame(self, scheduler, codes, slots) -> torch.Tensor:
         (wav,) = self._replay(scheduler, "code2wav_frame", (codes, slots), (0, 0), (0, -1))
         return wav
+
+    def thinker_prefill(self, scheduler, embeds, positions, deepstack, slots, num_valid, longest: int):
+        """Scheduler.thinker_prefill_eager's contract; the chunk is already padded to one of prefill_buckets."""
+        self._check_room(scheduler.thinker_cache, longest)
+        captured = self._get(scheduler, "thinker_prefill", embeds.shape[1])
+        for buffer, value in zip(captured.inputs, (embeds, positions, deepstack, slots, num_valid)):
+            buffer.copy_(value)
+        captured.graph.replay()
+        outputs = tuple(out.clone() for out in captured.outputs)
+        return outputs[0], outputs[1] if len(outputs) > 1 else None
 
     def code_predictor_frame(self, scheduler, hidden, code0) -> torch.Tensor:
         (codes,) = self._replay(scheduler, "code_predictor_frame", (hidden, code0), (0, 0), (0, 0))

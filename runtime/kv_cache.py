@@ -71,16 +71,20 @@ class StaticKVCache:
         """Forget a slot's tokens (its old keys are never read again: reads stop at `lengths`)."""
         self.lengths[slot] = 0
 
-    def view(self, slot_ids: torch.Tensor, num_new: int, seq_len: int, prefill_slot: int | None = None) -> "StaticCacheView":
+    def view(self, slot_ids: torch.Tensor, num_new: int, seq_len: int, prefill_slot: int | None = None,
+             num_valid: torch.Tensor | None = None) -> "StaticCacheView":
         """Bind batch rows to slots for one forward of `num_new` tokens per row.
 
         slot_ids: [B] int64 on the device, −1 for padded rows. seq_len: the host's largest cached + new
         length among the rows (checked against max_len here, before any work).
-        prefill_slot: for a prefill chunk of one session (B = 1, outside graphs), its slot on the host: the chunk
-        then attends with the prefill attention op (dispatch.attention) over the slot's first seq_len keys."""
+        prefill_slot: for a prefill chunk of one session (B = 1, eager), its slot on the host: the chunk
+        then attends with the prefill attention op (dispatch.attention) over the slot's first seq_len keys.
+        num_valid: [B] int64 on the device, real tokens per row when a chunk is front-padded to a static length
+        (a captured prefill bucket): the first num_new − num_valid tokens of a row are padding; they write only
+        the scratch slot and the row's slot advances by num_valid."""
         if seq_len > self.max_len:
             raise ValueError(f"{seq_len} tokens exceed this cache's {self.max_len} tokens per session")
-        return StaticCacheView(self, slot_ids, num_new, seq_len, prefill_slot)
+        return StaticCacheView(self, slot_ids, num_new, seq_len, prefill_slot, num_valid)
 
 
 class StaticCacheView:
@@ -89,14 +93,21 @@ class StaticCacheView:
     all of it is device work without host syncs, so a step can be captured in a CUDA graph."""
 
     def __init__(self, cache: StaticKVCache, slot_ids: torch.Tensor, num_new: int, seq_len: int,
-                 prefill_slot: int | None = None):
+                 prefill_slot: int | None = None, num_valid: torch.Tensor | None = None):
         self.cache, self.num_new, self.seq_len_host, self.prefill_slot = cache, num_new, seq_len, prefill_slot
         self.slot_ids = slot_ids  # [B], −1 = padded row
         self.rows = torch.where(slot_ids >= 0, slot_ids, cache.scratch_slot)  # [B] slot written by each row
         start = cache.lengths[self.rows]  # [B] tokens cached before this forward
-        self.new_lengths = start + num_new  # [B]
-        self.write_at = start[:, None] + torch.arange(num_new, device=slot_ids.device)  # [B, L]
-        self.write_at = self.write_at.clamp(max=cache.max_len - 1)  # padded/scratch rows stay in bounds
+        offsets = torch.arange(num_new, device=slot_ids.device).expand(len(slot_ids), num_new)  # [B, L]
+        if num_valid is None:
+            self.new_lengths = start + num_new  # [B]
+            self.write_rows = self.rows[:, None].expand(-1, num_new)  # [B, L]
+        else:  # front padding: token j of a row is real from j = num_new − num_valid on
+            offsets = offsets - (num_new - num_valid)[:, None]
+            self.new_lengths = start + num_valid
+            self.write_rows = torch.where(offsets >= 0, self.rows[:, None], cache.scratch_slot)
+        # padded tokens and rows (scratch) stay in bounds
+        self.write_at = (start[:, None] + offsets).clamp(min=0, max=cache.max_len - 1)  # [B, L]
 
     @property
     def seq_len(self) -> int:
@@ -106,9 +117,8 @@ class StaticCacheView:
     def attend(self, layer: int, q, k, v, mask, scale: float) -> torch.Tensor:
         """q: [B, L, q_heads, D]; k, v: [B, L, kv_heads, D]. `mask` is unused: causality and each row's
         cached length come from the slot lengths."""
-        rows = self.rows[:, None].expand_as(self.write_at)  # [B, L]
-        self.cache.keys[layer].index_put_((rows, self.write_at), k)
-        self.cache.values[layer].index_put_((rows, self.write_at), v)
+        self.cache.keys[layer].index_put_((self.write_rows, self.write_at), k)
+        self.cache.values[layer].index_put_((self.write_rows, self.write_at), v)
         if self.prefill_slot is not None:  # one session's chunk: plain causal attention over its prefix
             length = self.seq_len_host
             keys = self.cache.keys[layer][self.prefill_slot, :length][None]  # [1, S, kv_heads, D]

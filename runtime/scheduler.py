@@ -28,6 +28,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 
 from runtime.frontend.tokenizer import StreamingDecoder
 from runtime.generate import ThinkerGeneration
@@ -117,18 +118,23 @@ class Scheduler:
     max_seq_len: tokens per slot (prompt + generated) for the thinker; the talker's slots hold its prompt and
       frames. A request that cannot fit is refused at `submit`, before any model work.
     prefill_chunk: prompt tokens per prefill forward.
-    use_graphs: replay CUDA graphs of the decode steps (runtime/graphs.py); default: on a GPU when the selected
-      kernels are graph-safe (e.g. after runtime.dispatch.use_all("triton")), else eager.
+    use_graphs: replay CUDA graphs of the decode steps and of the prefill chunks (runtime/graphs.py); default:
+      on a GPU when the selected kernels are graph-safe (e.g. after runtime.dispatch.use_all("triton")), else eager.
+    static_prefill: run each prefill chunk front-padded to a static bucket (`prefill_buckets`) through the
+      decode attention over the slot, the form CUDA graphs capture; default: with graphs. Eager otherwise: the
+      chunk attends over its slot's prefix with the prefill attention op.
     """
 
     def __init__(self, engine, max_sessions: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
-                 use_graphs: bool | None = None):
+                 use_graphs: bool | None = None, static_prefill: bool | None = None):
         if max_sessions < 1 or prefill_chunk < 1:
             raise ValueError(f"max_sessions and prefill_chunk must be >= 1, got {max_sessions}, {prefill_chunk}")
         self.engine, self.model, self.config = engine, engine.model, engine.config
         text_cfg = self.config.thinker.text
         self.max_seq_len = min(max_seq_len or 4096, text_cfg.max_position_embeddings)
-        self.max_sessions, self.prefill_chunk = max_sessions, prefill_chunk
+        self.max_sessions = max_sessions
+        self.prefill_chunk = min(prefill_chunk, self.max_seq_len)
+        self.prefill_buckets = prefill_buckets(self.prefill_chunk)
         param = self.model.thinker.lm_head.weight
         self.device, self.dtype = param.device, param.dtype
         self.thinker_cache = StaticKVCache.for_decoder(text_cfg, max_sessions, self.max_seq_len, self.dtype, self.device)
@@ -148,10 +154,14 @@ class Scheduler:
         self.graphs = None
         if use_graphs is None:  # default: graphs wherever they can run
             use_graphs = self.device.type == "cuda" and graphs_possible()
+        self.static_prefill = use_graphs if static_prefill is None else static_prefill
+        if use_graphs and not self.static_prefill:
+            raise ValueError("CUDA graphs capture prefill chunks in their static form: static_prefill=False needs "
+                             "use_graphs=False")
         if use_graphs:
             from runtime.graphs import GraphRunner
 
-            self.graphs = GraphRunner(self.device, max_batch=max_sessions)
+            self.graphs = GraphRunner(self.device, max_batch=max_sessions, prefill_buckets=self.prefill_buckets)
             self.graphs.capture_all(self)
 
     # ------------------------------------------------------------------ sessions
@@ -271,21 +281,27 @@ class Scheduler:
             th.position_ids, _ = get_rope_index(
                 prompt.input_ids, None, inputs.image_grid_thw, inputs.video_grid_thw, inputs.audio_frames(),
                 inputs.video_second_per_grid, inputs.use_audio_in_video, config=thinker.cfg)
+            if self.static_prefill:  # one scatter for the whole prompt; chunks slice it without host syncs
+                th.deepstack = self._dense_deepstack(th.deepstack, th.prompt_len)
         start, end = th.prefilled, min(th.prefilled + self.prefill_chunk, th.prompt_len)
         slot = torch.tensor([session.slot], device=self.device)
-        view = self.thinker_cache.view(slot, end - start, end, prefill_slot=session.slot)
         speech = session.request.return_audio
-        out = thinker.model(th.embeds[:, start:end], th.position_ids[:, :, start:end], None, view,
-                            _deepstack_slice(th.deepstack, start, end), output_layers=speech)
-        view.commit()
+        layer = self.config.talker.accept_hidden_layer if speech else None
+        if self.static_prefill:
+            last_hidden, accepted = self._static_prefill_chunk(th, slot, start, end)
+        else:
+            view = self.thinker_cache.view(slot, end - start, end, prefill_slot=session.slot)
+            out = thinker.model(th.embeds[:, start:end], th.position_ids[:, :, start:end], None, view,
+                                _deepstack_slice(th.deepstack, start, end), output_layers=bool(layer))
+            view.commit()
+            last_hidden, accepted = out.hidden[:, -1], out.layer_outputs[layer - 1] if layer else None
         if speech:  # the talker prompt reads the user turn's embeddings and accept-layer states
-            layer = self.config.talker.accept_hidden_layer
-            accepted = th.embeds[:, start:end] if layer == 0 else out.layer_outputs[layer - 1]
-            th.states.append((th.embeds[:, start:end], accepted))
+            embeds = th.embeds[:, start:end]
+            th.states.append((embeds, embeds if layer == 0 else accepted))
         th.prefilled = end
         if end < th.prompt_len:
             return
-        logits = thinker.lm_head(out.hidden[:, -1])  # [1, V]
+        logits = thinker.lm_head(last_hidden)  # [1, V]
         th.positions = th.position_ids[:, :, -1:]
         th.embeds = th.deepstack = None
         session.state = "decode"
@@ -310,6 +326,41 @@ class Scheduler:
         for i, session in enumerate(sessions):
             session.thinker.positions = positions[:, i:i + 1]
         return logits  # [B, V]; the tokens are taken after the talker's work of this tick is launched
+
+    def _dense_deepstack(self, deepstack: DeepStack | None, length: int) -> torch.Tensor:
+        """[levels, 1, P, H] DeepStack additions of a prompt (zeros without visual rows)."""
+        if deepstack is not None:
+            return deepstack.to_dense(1, length, self.config.thinker.text.hidden_size, self.dtype, self.device)
+        levels = len(self.config.thinker.vision.deepstack_visual_indexes)
+        return torch.zeros(levels, 1, length, self.config.thinker.text.hidden_size, dtype=self.dtype,
+                           device=self.device)
+
+    def _static_prefill_chunk(self, th, slot, start: int, end: int):
+        """Prompt positions [start, end) front-padded to the smallest bucket that holds them; the captured graph
+        of that bucket on a GPU. Returns (last hidden state [1, H], accept-layer states [1, n, H] or None)."""
+        count = end - start
+        bucket = next(size for size in self.prefill_buckets if size >= count)
+        pad = bucket - count
+        embeds = F.pad(th.embeds[:, start:end], (0, 0, pad, 0))  # [1, C, H]
+        positions = F.pad(th.position_ids[:, :, start:end], (pad, 0))  # [3, 1, C]
+        deepstack = F.pad(th.deepstack[:, :, start:end], (0, 0, pad, 0))  # [levels, 1, C, H]
+        num_valid = torch.tensor([count], device=self.device)
+        if self.graphs is not None:
+            last_hidden, accepted = self.graphs.thinker_prefill(self, embeds, positions, deepstack, slot, num_valid, end)
+        else:
+            last_hidden, accepted = self.thinker_prefill_eager(embeds, positions, deepstack, slot, num_valid, end)
+        return last_hidden, None if accepted is None else accepted[:, pad:]
+
+    def thinker_prefill_eager(self, embeds, positions, deepstack, slots, num_valid, longest: int):
+        """One front-padded prefill chunk in static shapes (what the graph of its bucket captures).
+        embeds [1, C, H], positions [3, 1, C], deepstack [levels, 1, C, H], slots [1], num_valid [1] real tokens
+        (the last ones) -> (last hidden [1, H], accept-layer states [1, C, H] or None); advances the slot."""
+        model = self.model.thinker.model
+        view = self.thinker_cache.view(slots, embeds.shape[1], longest, num_valid=num_valid)
+        layer = self.config.talker.accept_hidden_layer if self.talker_cache is not None else 0
+        out = model(embeds, positions, None, view, DeepStack(dense=deepstack), output_layers=layer > 0)
+        view.commit()
+        return out.hidden[:, -1], out.layer_outputs[layer - 1] if layer > 0 else None
 
     def thinker_decode_eager(self, tokens, positions, slots, longest: int) -> torch.Tensor:
         """tokens [B], positions [3, B, 1], slots [B] (−1 = padded row) -> logits [B, V]; advances the slots."""
@@ -509,6 +560,16 @@ def graphs_possible() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def prefill_buckets(prefill_chunk: int) -> list[int]:
+    """Static chunk lengths of the captured prefill: powers of two from 16 below prefill_chunk, then
+    prefill_chunk: [16, 32, 64, 128, 256, 512] for 512, [7] for 7."""
+    buckets, size = [], 16
+    while size < prefill_chunk:
+        buckets.append(size)
+        size *= 2
+    return buckets + [prefill_chunk]
 
 
 def _deepstack_slice(deepstack: DeepStack | None, start: int, end: int) -> DeepStack | None:

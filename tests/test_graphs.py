@@ -1,5 +1,5 @@
-"""CUDA graphs of the decode steps: replay equals eager for every captured stage (GPU), and the guards that
-keep graphs away from where they cannot run (CPU)."""
+"""CUDA graphs of the decode steps and prefill chunks: replay equals eager for every captured stage (GPU), and
+the guards that keep graphs away from where they cannot run (CPU)."""
 
 import pytest
 import torch
@@ -26,7 +26,7 @@ def test_capture_refuses_host_syncing_references():
 
 def test_runner_refuses_cpu():
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
-        GraphRunner(torch.device("cpu"), max_batch=2)
+        GraphRunner(torch.device("cpu"), max_batch=2, prefill_buckets=[16])
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +73,21 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
     hidden = torch.randn(3, cfg.talker.text.hidden_size, device=device)
     code0 = torch.randint(0, 100, (3,), device=device)
     frame_codes = torch.randint(0, cfg.code2wav.codebook_size, (3, cfg.code2wav.num_quantizers, 1), device=device)
+    bucket = scheduler.prefill_buckets[1]  # a chunk of bucket − 3 tokens, front-padded, after slot 2's 5 tokens
+    chunk = (torch.randn(1, bucket, cfg.thinker.text.hidden_size, device=device),
+             torch.randint(0, 30, (3, 1, bucket), device=device),
+             torch.randn(len(cfg.thinker.vision.deepstack_visual_indexes), 1, bucket, cfg.thinker.text.hidden_size,
+                         device=device),
+             slots[:1], torch.tensor([bucket - 3], device=device))
+    assert ("thinker_prefill", bucket) in graphs.graphs
     for slot in (0, 1, 2):  # streams past their first frame, with non-zero contexts
         scheduler.code2wav_slots.reset(slot)
         scheduler.code2wav_slots.frames[slot] = 3 + slot
     for pool in (*scheduler.code2wav_slots.conv.values(), *scheduler.code2wav_slots.tails.values()):
         pool.normal_()
     for cache, eager, graphed in (
+        (scheduler.thinker_cache, lambda: scheduler.thinker_prefill_eager(*chunk, 5 + bucket - 3),
+         lambda: graphs.thinker_prefill(scheduler, *chunk, 5 + bucket - 3)),
         (scheduler.thinker_cache, lambda: (scheduler.thinker_decode_eager(tokens, positions, slots, 10),),
          lambda: (graphs.thinker_decode(scheduler, tokens, positions, slots, 10),)),
         (scheduler.talker_cache, lambda: scheduler.talker_decode_eager(embeds, positions, slots, 10),

@@ -1,7 +1,8 @@
 """The whole model at the tiny config through the Triton kernels equals the torch references (issue: Triton
 kernels, "same outputs through the kernels as through the references"): thinker logits on a multimodal prompt,
 talker and code-predictor logits, Code2Wav (full and streamed through per-slot pools), and a scheduler
-session whose decode steps run on the static KV cache with Triton decode attention.
+session whose prefill chunks (front-padded to static buckets, as CUDA graphs capture them) and decode steps run
+on the static KV cache with Triton decode attention.
 CPU: Triton's interpreter, fp32."""
 
 import pytest
@@ -75,5 +76,5 @@ def test_scheduler_session_through_triton(engine):
 
     request, offline = speech_request(engine, min_frames=2, max_new_tokens=4, talker_max_new_tokens=4)
     with dispatch.using("triton"):
-        events = list(_sharing(engine, max_sessions=2).stream(**request))
+        events = list(_sharing(engine, max_sessions=2, prefill_chunk=16, static_prefill=True).stream(**request))
     _check_alone(engine, request, offline, events)

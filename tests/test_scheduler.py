@@ -9,6 +9,7 @@ import torch
 
 from runtime.engine import OmniEngine
 from runtime.kv_cache import DynamicKVCache, StaticKVCache
+from runtime.scheduler import Scheduler, prefill_buckets
 from runtime.streaming import AudioChunk, TextDelta, consume_together
 from tests.oracle import build_oracle, rel_err
 from tests.test_generate import _chat, _text, audio_request, image_request, speech_request
@@ -85,6 +86,34 @@ def test_chunked_prefill_equals_one_prefill(engine):
                                           max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS)
         events = list(_sharing(engine, prefill_chunk=prefill_chunk).stream(**request))
         _check_alone(engine, request, offline, events)
+
+
+def test_prefill_buckets():
+    assert prefill_buckets(512) == [16, 32, 64, 128, 256, 512]
+    assert prefill_buckets(40) == [16, 32, 40]
+    assert prefill_buckets(7) == [7]
+
+
+def test_static_prefill_chunks_equal_offline(engine):
+    """Prefill chunks front-padded to static buckets (what the CUDA graphs capture; DeepStack additions dense)
+    change nothing, alone and beside other sessions."""
+    request, offline = speech_request(engine, min_frames=2, make_request=image_request,
+                                      max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS)
+    prompt_len = request["input_ids"].shape[1]
+    assert prompt_len > 24 and prompt_len % 24 not in (0, 16), "the last chunk must need padding"
+    for prefill_chunk in (24, prompt_len + 5):  # several chunks, the last padded / one padded chunk
+        served = _sharing(engine, prefill_chunk=prefill_chunk, static_prefill=True)
+        assert served.scheduler.prefill_buckets[-1] == prefill_chunk
+        _check_alone(engine, request, offline, list(served.stream(**request)))
+    pairs = [(request, offline)] + _requests(engine, 2)
+    served = _sharing(engine, max_sessions=3, prefill_chunk=24, static_prefill=True)
+    for (each, alone), events in zip(pairs, consume_together([served.stream(**r) for r, _ in pairs])):
+        _check_alone(engine, each, alone, events)
+
+
+def test_graphs_need_static_prefill(engine):
+    with pytest.raises(ValueError, match="static_prefill=False needs use_graphs=False"):
+        Scheduler(engine, use_graphs=True, static_prefill=False)
 
 
 def test_cancelled_session_frees_its_slot_others_unaffected(engine):

@@ -100,6 +100,7 @@ def _case(batch, new, q_heads, kv_heads, head_dim, max_len, dtype, slots, length
     (3, 1, 3, 3, 64, 130, [0, 2, 1], [1, 65, 130], torch.float16),  # G = 1, D = 64: lengths 1, block + 1, max_len
     (2, 1, 32, 4, 128, 65, [3, -1], [65, 65], torch.float16),  # the thinker's heads, a padded row
     (2, 9, 16, 2, 32, 80, [1, 2], [80, 9], torch.float32),  # a 9-token chunk at G = 8: 72 query rows, 2 blocks
+    (2, 8, 4, 2, 16, 40, [0, 1], [5, 0], torch.float32),  # front-padded chunks: 3 and 8 queries before position 0
 ])
 def test_matches_reference(batch, new, q_heads, kv_heads, head_dim, max_len, slots, lengths, dtype):
     q, k_cache, v_cache, slot_ids, lengths = _case(batch, new, q_heads, kv_heads, head_dim, max_len, dtype, slots,
@@ -111,6 +112,18 @@ def test_matches_reference(batch, new, q_heads, kv_heads, head_dim, max_len, slo
     real = slot_ids >= 0
     assert rel_err(got[real], want[real]) <= TOL[dtype]
     assert not got[~real].any(), "a padded row must give zeros"
+
+
+def test_front_padded_chunk_equals_the_unpadded_one():
+    """A 5-token first chunk front-padded to 8 (a static prefill bucket): the 3 padded queries give zeros, the
+    real ones what the unpadded chunk gives, in the kernel and the reference alike."""
+    q, k_cache, v_cache, slot_ids, _ = _case(1, 8, 4, 2, 16, 40, torch.float32, [2], [5])
+    length = torch.tensor([5], device=DEVICE)
+    want = decode_attention_ref(q[:, 3:], k_cache, v_cache, slot_ids, length, 0.25)
+    for fn in (decode_attention, decode_attention_ref):
+        got = fn(q, k_cache, v_cache, slot_ids, length, 0.25)
+        assert not got[:, :3].any()
+        assert rel_err(got[:, 3:], want) <= 1e-5
 
 
 def test_strided_queries_from_a_fused_projection():

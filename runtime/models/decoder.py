@@ -62,10 +62,34 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class DeepStack:
-    """Visual features added to the hidden states at `visual_mask` positions after layers 0..len-1."""
+    """Visual features added to the hidden states after layers 0..levels−1, in one of two forms:
+    sparse (eager): `visual_mask` [B, L] bool and `features`, each [num_visual_tokens, H];
+    dense (static shapes, CUDA graphs: no data-dependent indexing): `dense` [levels, B, L, H], zero rows where
+    a token is not visual (adding them changes nothing)."""
 
-    visual_mask: torch.Tensor  # [B, L] bool
-    features: list[torch.Tensor]  # each [num_visual_tokens, H]
+    visual_mask: torch.Tensor | None = None  # [B, L] bool
+    features: list[torch.Tensor] | None = None  # each [num_visual_tokens, H]
+    dense: torch.Tensor | None = None  # [levels, B, L, H]
+
+    @property
+    def levels(self) -> int:
+        return len(self.dense) if self.dense is not None else len(self.features)
+
+    def add(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        if self.dense is not None:
+            return x + self.dense[level].to(x.dtype)
+        x = x.clone()
+        x[self.visual_mask] = x[self.visual_mask] + self.features[level].to(x.dtype)
+        return x
+
+    def to_dense(self, batch: int, length: int, hidden: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """[levels, B, L, H]: the sparse features scattered to their rows."""
+        dense = torch.zeros(self.levels, batch, length, hidden, dtype=dtype, device=device)
+        if self.dense is not None:
+            return dense + self.dense
+        for level, features in enumerate(self.features):
+            dense[level][self.visual_mask] = features.to(dtype)
+        return dense
 
 
 @dataclass
@@ -115,7 +139,6 @@ class Decoder(nn.Module):
             x = layer(x, cos, sin, mask, cache, index)
             if outputs is not None:
                 outputs.append(x)
-            if deepstack is not None and index < len(deepstack.features):
-                x = x.clone()
-                x[deepstack.visual_mask] = x[deepstack.visual_mask] + deepstack.features[index].to(x.dtype)
+            if deepstack is not None and index < deepstack.levels:
+                x = deepstack.add(x, index)
         return DecoderOutput(self.norm(x), outputs)
