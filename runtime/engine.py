@@ -62,7 +62,8 @@ class OmniEngine:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.dtype = dtype
-        # Scheduler(...) keywords for streaming: max_sessions, max_seq_len, prefill_chunk, use_graphs.
+        # Scheduler(...) keywords for streaming: max_sessions, max_seq_len, prefill_chunk, use_graphs,
+        # static_prefill.
         self.scheduler_options = dict(scheduler_options or {})
         self._scheduler = None
 
