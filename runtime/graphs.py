@@ -14,8 +14,8 @@ Captured stages: thinker decode, talker decode, the code predictor's whole frame
 in one graph), Code2Wav's frame decode from per-slot streaming states (after a session's first frame,
 which trims the transposed convs' left edge and runs eagerly), and thinker prefill chunks: one graph per
 chunk bucket (runtime/scheduler.py prefill_buckets), the chunk front-padded to it (padded tokens write only
-the scratch slot; DeepStack additions come in dense). The encoders, the embedding merge and the talker's
-prefill run eagerly.
+the scratch slot; DeepStack additions come in dense), and talker prefill chunks the same way. The encoders,
+the embedding merge and the talker prompt's construction run eagerly.
 """
 
 from __future__ import annotations
@@ -83,8 +83,10 @@ class GraphRunner:
     def capture_all(self, scheduler) -> None:
         """Capture every stage at every bucket, largest first, all rows padded (no session's cache is touched)."""
         check_graph_safe()
+        prefill = ["thinker_prefill"] + (["talker_prefill"] if scheduler.talker_cache else [])
         for size in reversed(self.prefill_buckets):  # the prefill chunks need the most memory
-            self._get(scheduler, "thinker_prefill", size)
+            for stage in prefill:
+                self._get(scheduler, stage, size)
         for size in reversed(self.buckets):
             for stage in self._stages(scheduler):
                 self._get(scheduler, stage, size)
@@ -101,6 +103,12 @@ class GraphRunner:
             return (torch.zeros(1, size, hidden, dtype=dtype, device=device),
                     torch.zeros(3, 1, size, dtype=torch.long, device=device),
                     torch.zeros(levels, 1, size, hidden, dtype=dtype, device=device),
+                    torch.full((1,), -1, dtype=torch.long, device=device),
+                    torch.full((1,), size, dtype=torch.long, device=device))
+        if stage == "talker_prefill":
+            hidden = scheduler.config.talker.text.hidden_size
+            return (torch.zeros(1, size, hidden, dtype=dtype, device=device),
+                    torch.zeros(3, 1, size, dtype=torch.long, device=device),
                     torch.full((1,), -1, dtype=torch.long, device=device),
                     torch.full((1,), size, dtype=torch.long, device=device))
         padded_slots = torch.full((size,), -1, dtype=torch.long, device=device)
@@ -123,6 +131,9 @@ class GraphRunner:
                                                                         embeds.shape[1])
                 return (last_hidden,) if accepted is None else (last_hidden, accepted)
             return prefill
+        if stage == "talker_prefill":
+            return lambda embeds, positions, slots, num_valid: scheduler.talker_prefill_eager(
+                embeds, positions, slots, num_valid, embeds.shape[1])
         if stage == "thinker_decode":
             return lambda tokens, positions, slots: (scheduler.thinker_decode_eager(tokens, positions, slots, 1),)
         if stage == "talker_decode":
@@ -181,15 +192,25 @@ class GraphRunner:
         (wav,) = self._replay(scheduler, "code2wav_frame", (codes, slots), (0, 0), (0, -1))
         return wav
 
+    def _replay_chunk(self, scheduler, stage: str, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """A prefill chunk already padded to its bucket (inputs[0] is [1, C, H]): copy in, replay, copy out."""
+        captured = self._get(scheduler, stage, inputs[0].shape[1])
+        for buffer, value in zip(captured.inputs, inputs):
+            buffer.copy_(value)
+        captured.graph.replay()
+        return tuple(out.clone() for out in captured.outputs)
+
     def thinker_prefill(self, scheduler, embeds, positions, deepstack, slots, num_valid, longest: int):
         """Scheduler.thinker_prefill_eager's contract; the chunk is already padded to one of prefill_buckets."""
         self._check_room(scheduler.thinker_cache, longest)
-        captured = self._get(scheduler, "thinker_prefill", embeds.shape[1])
-        for buffer, value in zip(captured.inputs, (embeds, positions, deepstack, slots, num_valid)):
-            buffer.copy_(value)
-        captured.graph.replay()
-        outputs = tuple(out.clone() for out in captured.outputs)
+        outputs = self._replay_chunk(scheduler, "thinker_prefill", (embeds, positions, deepstack, slots, num_valid))
         return outputs[0], outputs[1] if len(outputs) > 1 else None
+
+    def talker_prefill(self, scheduler, embeds, positions, slots, num_valid, longest: int):
+        """Scheduler.talker_prefill_eager's contract; the chunk is already padded to one of prefill_buckets."""
+        self._check_room(scheduler.talker_cache, longest)
+        logits, hidden = self._replay_chunk(scheduler, "talker_prefill", (embeds, positions, slots, num_valid))
+        return logits, hidden
 
     def code_predictor_frame(self, scheduler, hidden, code0) -> torch.Tensor:
         (codes,) = self._replay(scheduler, "code_predictor_frame", (hidden, code0), (0, 0), (0, 0))

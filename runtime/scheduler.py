@@ -338,13 +338,10 @@ class Scheduler:
     def _static_prefill_chunk(self, th, slot, start: int, end: int):
         """Prompt positions [start, end) front-padded to the smallest bucket that holds them; the captured graph
         of that bucket on a GPU. Returns (last hidden state [1, H], accept-layer states [1, n, H] or None)."""
-        count = end - start
-        bucket = next(size for size in self.prefill_buckets if size >= count)
-        pad = bucket - count
-        embeds = F.pad(th.embeds[:, start:end], (0, 0, pad, 0))  # [1, C, H]
-        positions = F.pad(th.position_ids[:, :, start:end], (pad, 0))  # [3, 1, C]
+        embeds, positions, num_valid = _front_padded(self.prefill_buckets, th.embeds[:, start:end],
+                                                     th.position_ids[:, :, start:end])
+        pad = embeds.shape[1] - (end - start)
         deepstack = F.pad(th.deepstack[:, :, start:end], (0, 0, pad, 0))  # [levels, 1, C, H]
-        num_valid = torch.tensor([count], device=self.device)
         if self.graphs is not None:
             last_hidden, accepted = self.graphs.thinker_prefill(self, embeds, positions, deepstack, slot, num_valid, end)
         else:
@@ -413,13 +410,24 @@ class Scheduler:
         special = torch.tensor([cfg.tts_eos_token_id, cfg.tts_pad_token_id], device=self.device)
         tts_eos, tts_pad = talker.project_text(thinker.model.embed_tokens(special))
         length = talker_prompt.inputs_embeds.shape[1]
-        view = self.talker_cache.view(torch.tensor([session.slot], device=self.device), length, length,
-                                      prefill_slot=session.slot)
-        logits, hidden = talker(talker_prompt.inputs_embeds, positions, None, view, num_logits_to_keep=1)
-        view.commit()
+        slot = torch.tensor([session.slot], device=self.device)
+        if self.static_prefill:  # in chunks of prefill_chunk, each front-padded to its bucket (graphs on a GPU)
+            for start in range(0, length, self.prefill_chunk):
+                end = min(start + self.prefill_chunk, length)
+                embeds, chunk_positions, num_valid = _front_padded(
+                    self.prefill_buckets, talker_prompt.inputs_embeds[:, start:end], positions[:, :, start:end])
+                if self.graphs is not None:
+                    last_logits, last_hidden = self.graphs.talker_prefill(self, embeds, chunk_positions, slot,
+                                                                          num_valid, end)
+                else:
+                    last_logits, last_hidden = self.talker_prefill_eager(embeds, chunk_positions, slot, num_valid, end)
+        else:
+            view = self.talker_cache.view(slot, length, length, prefill_slot=session.slot)
+            logits, hidden = talker(talker_prompt.inputs_embeds, positions, None, view, num_logits_to_keep=1)
+            view.commit()
+            last_logits, last_hidden = logits[:, -1], hidden[:, -1]
         self.code2wav_slots.reset(session.slot)
-        session.talker = _Talker(talker_prompt, positions[:, :, -1:], tts_eos, tts_pad,
-                                 logits[:, -1], hidden[:, -1])
+        session.talker = _Talker(talker_prompt, positions[:, :, -1:], tts_eos, tts_pad, last_logits, last_hidden)
 
     def _frames(self, sessions: list[Session]) -> None:
         """Code 0 from each session's fresh logits; the code predictor's frame for those that go on;
@@ -532,6 +540,15 @@ class Scheduler:
             tk.positions, tk.codes = positions[:, i:i + 1], None
             tk.logits, tk.hidden = logits[i:i + 1], hidden[i:i + 1]
 
+    def talker_prefill_eager(self, embeds, positions, slots, num_valid, longest: int):
+        """One front-padded talker prefill chunk in static shapes (what the graph of its bucket captures).
+        embeds [1, C, H], positions [3, 1, C], slots [1], num_valid [1] real tokens (the last ones)
+        -> (logits [1, V], hidden [1, H]) of the chunk's last token; advances the slot."""
+        view = self.talker_cache.view(slots, embeds.shape[1], longest, num_valid=num_valid)
+        logits, hidden = self.model.talker(embeds, positions, None, view, num_logits_to_keep=1)
+        view.commit()
+        return logits[:, -1], hidden[:, -1]
+
     def talker_decode_eager(self, embeds, positions, slots, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
         """embeds [B, 1, H], positions [3, B, 1], slots [B] -> (logits [B, V], hidden [B, H]); advances the slots."""
         view = self.talker_cache.view(slots, 1, longest)
@@ -570,6 +587,15 @@ def prefill_buckets(prefill_chunk: int) -> list[int]:
         buckets.append(size)
         size *= 2
     return buckets + [prefill_chunk]
+
+
+def _front_padded(buckets: list[int], embeds: torch.Tensor, positions: torch.Tensor):
+    """A prefill chunk (embeds [1, n, H], positions [3, 1, n]) front-padded with zeros to the smallest bucket
+    C >= n: (embeds [1, C, H], positions [3, 1, C], num_valid [1] = n on the device)."""
+    count = embeds.shape[1]
+    pad = next(size for size in buckets if size >= count) - count
+    num_valid = torch.tensor([count], device=embeds.device)
+    return F.pad(embeds, (0, 0, pad, 0)), F.pad(positions, (pad, 0)), num_valid
 
 
 def _deepstack_slice(deepstack: DeepStack | None, start: int, end: int) -> DeepStack | None:

@@ -29,6 +29,28 @@ def test_runner_refuses_cpu():
         GraphRunner(torch.device("cpu"), max_batch=2, prefill_buckets=[16])
 
 
+def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
+    """What capture_all would capture, run eagerly on the CPU: every stage's example inputs (all rows padded)
+    fit its step function, and no session's slot is touched (only the scratch slot, reset after)."""
+    build_oracle("odd", tmp_path, seed=int(torch.randint(0, 2**31, ()).item()))
+    engine = OmniEngine.from_pretrained(tmp_path)
+    engine.scheduler_options = dict(max_sessions=2, prefill_chunk=40)
+    scheduler = engine.scheduler
+    runner = object.__new__(GraphRunner)  # the capture plan without a device to capture on
+    runner.device, runner.buckets, runner.prefill_buckets = scheduler.device, batch_buckets(2), scheduler.prefill_buckets
+    stages = [(stage, size) for size in runner.prefill_buckets for stage in ("thinker_prefill", "talker_prefill")]
+    stages += [(stage, size) for size in runner.buckets for stage in runner._stages(scheduler)]
+    caches = (scheduler.thinker_cache, scheduler.talker_cache)
+    before = [(c.keys[:, :-1].clone(), c.lengths.clone()) for c in caches]
+    with torch.inference_mode():
+        for stage, size in stages:
+            outputs = runner._step_fn(scheduler, stage)(*runner._example_inputs(scheduler, stage, size))
+            assert all(torch.is_tensor(o) and o.shape[0] == (1 if "prefill" in stage else size) for o in outputs), stage
+    for cache, (keys, lengths) in zip(caches, before):
+        assert torch.equal(cache.keys[:, :-1], keys) and torch.equal(cache.lengths, lengths)
+    assert runner.prefill_buckets == [16, 32, 40]
+
+
 @pytest.fixture(scope="module")
 def gpu_engine(tmp_path_factory):
     if not torch.cuda.is_available():
@@ -79,7 +101,10 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
              torch.randn(len(cfg.thinker.vision.deepstack_visual_indexes), 1, bucket, cfg.thinker.text.hidden_size,
                          device=device),
              slots[:1], torch.tensor([bucket - 3], device=device))
-    assert ("thinker_prefill", bucket) in graphs.graphs
+    talker_chunk = (torch.randn(1, bucket, cfg.talker.text.hidden_size, device=device),
+                    torch.randint(0, 30, (3, 1, bucket), device=device), slots[1:2],
+                    torch.tensor([bucket - 2], device=device))  # after slot 0's 6 talker tokens
+    assert {("thinker_prefill", bucket), ("talker_prefill", bucket)} <= set(graphs.graphs)
     for slot in (0, 1, 2):  # streams past their first frame, with non-zero contexts
         scheduler.code2wav_slots.reset(slot)
         scheduler.code2wav_slots.frames[slot] = 3 + slot
@@ -88,6 +113,8 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
     for cache, eager, graphed in (
         (scheduler.thinker_cache, lambda: scheduler.thinker_prefill_eager(*chunk, 5 + bucket - 3),
          lambda: graphs.thinker_prefill(scheduler, *chunk, 5 + bucket - 3)),
+        (scheduler.talker_cache, lambda: scheduler.talker_prefill_eager(*talker_chunk, 6 + bucket - 2),
+         lambda: graphs.talker_prefill(scheduler, *talker_chunk, 6 + bucket - 2)),
         (scheduler.thinker_cache, lambda: (scheduler.thinker_decode_eager(tokens, positions, slots, 10),),
          lambda: (graphs.thinker_decode(scheduler, tokens, positions, slots, 10),)),
         (scheduler.talker_cache, lambda: scheduler.talker_decode_eager(embeds, positions, slots, 10),
