@@ -97,17 +97,16 @@ class ThinkerStepper:
         self.logits = out.logits[:, -1]
         if self.hidden_layer is not None:
             self.embeddings.append(out.embeddings)
-            self.accepted.append(out.hidden_states[self.hidden_layer])
+            self.accepted.append(out.selected_hidden)
 
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
         """Generate one token per row ([B] int64; finished rows get pad_token_id). Sets `done` after the last."""
         if self.done:
             raise RuntimeError("the thinker generation has finished")
-        collect = self.hidden_layer is not None
         if self.logits is None:  # prefill
             out = self.thinker(self.sequences, self.attention_mask, self.multimodal, cache=self.cache,
-                               num_logits_to_keep=1, output_hidden_states=collect)
+                               num_logits_to_keep=1, hidden_layer=self.hidden_layer)
             self.positions = out.position_ids[:, :, -1:]
             self._feed(out)
         next_tokens = self.logits.argmax(-1)  # [B]
@@ -122,7 +121,7 @@ class ThinkerStepper:
                 self.attention_mask = torch.cat((self.attention_mask, self.attention_mask.new_ones(batch, 1)), dim=1)
             self.positions = self.positions + 1
             out = self.thinker(next_tokens[:, None], self.attention_mask, cache=self.cache,
-                               position_ids=self.positions, output_hidden_states=collect)
+                               position_ids=self.positions, hidden_layer=self.hidden_layer)
             self._feed(out)
         return next_tokens
 

@@ -17,6 +17,7 @@ Shapes: B = batch, L = tokens this call, S = cached + new tokens, H = hidden_siz
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -73,17 +74,11 @@ class ThinkerOutput:
     logits: torch.Tensor  # [B, L or num_logits_to_keep, V]
     position_ids: torch.Tensor  # [3, B, L] fp32 TM-RoPE ids used
     rope_deltas: torch.Tensor | None  # [B, 1] fp32, set by a prefill (empty cache); pass it to decode steps
-    embeddings: torch.Tensor | None = None  # [B, L, H] decoder input after the multimodal merge
-    layer_outputs: list[torch.Tensor] | None = None  # [i] = [B, L, H] output of layer i, before DeepStack
-    last_hidden: torch.Tensor | None = None  # [B, L, H] after the final norm
-
-    @property
-    def hidden_states(self) -> tuple[torch.Tensor, ...]:
-        """transformers' `hidden_states` convention: [0] = embeddings, [k] = output of layer k-1, and the last
-        entry is the final-norm output (what the talker's `accept_hidden_layer` indexes, MODEL_SPEC §8)."""
-        if self.layer_outputs is None:
-            raise ValueError("call the thinker with output_hidden_states=True to get hidden states")
-        return (self.embeddings, *self.layer_outputs[:-1], self.last_hidden)
+    embeddings: torch.Tensor | None = None  # [B, L, H] decoder input after the multimodal merge (hidden states asked)
+    # transformers' `hidden_states` (output_hidden_states=True): [0] = embeddings, [k] = output of layer k-1
+    # (before DeepStack), the last entry the final-norm output (what the talker's accept_hidden_layer indexes).
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    selected_hidden: torch.Tensor | None = None  # [B, L, H] hidden_states[hidden_layer] (hidden_layer given)
 
 
 class Thinker(nn.Module):
@@ -182,12 +177,15 @@ class Thinker(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 inputs: MultimodalInputs | None = None, *, cache: DynamicKVCache | None = None,
                 position_ids: torch.Tensor | None = None, rope_deltas: torch.Tensor | None = None,
-                output_hidden_states: bool = False, num_logits_to_keep: int | None = None) -> ThinkerOutput:
+                output_hidden_states: bool = False, hidden_layer: int | None = None,
+                num_logits_to_keep: int | None = None) -> ThinkerOutput:
         """input_ids: [B, L]; attention_mask: [B, S] (1 = real token, left padding), covering the cache too;
         inputs: encoder inputs (prefill only); cache: appended in place.
 
         Positions: given, or from get_rope_index on a prefill (empty or no cache), or, for decode steps on a
         running cache, `decode_position_ids` from the prefill's `rope_deltas` (required then).
+        output_hidden_states: every hidden state (`hidden_states`); hidden_layer: only hidden_states[k]
+        (`selected_hidden`, what generation records for the talker). Either also sets `embeddings`.
         num_logits_to_keep: compute logits for the last k positions only (generation needs 1).
         """
         if input_ids.dim() != 2:
@@ -213,13 +211,34 @@ class Thinker(nn.Module):
             else:
                 position_ids = decode_position_ids(rope_deltas, past, length, attention_mask)
 
-        out = self.model(embeds, position_ids, attention_mask, cache, deepstack, output_layers=output_hidden_states)
-        hidden = out.hidden if num_logits_to_keep is None else out.hidden[:, -num_logits_to_keep:]
+        every = list(range(self.cfg.text.num_layers + 1)) if output_hidden_states else []
+        selected = [] if hidden_layer is None else [hidden_layer]
+        logits, states = self.decode(embeds, position_ids, attention_mask, cache, deepstack,
+                                     hidden_layers=every + selected, num_logits_to_keep=num_logits_to_keep)
         return ThinkerOutput(
-            logits=self.lm_head(hidden),
+            logits=logits,
             position_ids=position_ids,
             rope_deltas=rope_deltas,
-            embeddings=embeds if output_hidden_states else None,
-            layer_outputs=out.layer_outputs,
-            last_hidden=out.hidden if output_hidden_states else None,
+            embeddings=embeds if every or selected else None,
+            hidden_states=tuple(states[:len(every)]) if every else None,
+            selected_hidden=states[-1] if selected else None,
         )
+
+    def decode(self, embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               cache: DynamicKVCache | None = None, deepstack: DeepStack | None = None, *,
+               hidden_layers: Sequence[int] = (), num_logits_to_keep: int | None = None,
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The decoder step after the multimodal merge: the part export/wrappers.ThinkerStep exports and an
+        `ort` backend (export/ort.py) replaces.
+
+        embeds: [B, L, H]; position_ids: [3, B, L]; attention_mask: [B, S] or None; cache: appended in place;
+        deepstack: DeepStack or None; hidden_layers: which of transformers' hidden_states to return.
+        Returns (logits [B, k or L, V], [hidden_states[k] ([B, L, H]) for k in hidden_layers]).
+        """
+        num_layers = self.cfg.text.num_layers
+        out = self.model(embeds, position_ids, attention_mask, cache, deepstack,
+                         output_layers=any(0 < k < num_layers for k in hidden_layers))
+        states = [embeds if k == 0 else out.hidden if k == num_layers else out.layer_outputs[k - 1]
+                  for k in hidden_layers]
+        hidden = out.hidden if num_logits_to_keep is None else out.hidden[:, -num_logits_to_keep:]
+        return self.lm_head(hidden), states
