@@ -1,8 +1,12 @@
-"""python -m export (--checkpoint DIR | --preset NAME) --modules a,b --out DIR [--dtype float32] [--shapes k=v,...]
+"""python -m export (--checkpoint DIR | --preset NAME) --modules a,b --out DIR [--dtype float32]
+                   [--shapes KEY=V[/V...],...] [--profile [MODULE.]DIM=MIN:OPT:MAX,...]
 
-Writes <out>/<module>.onnx (+ .onnx.data external weights) per module and <out>/manifest.json.
---shapes: code2wav_frames=8, audio_frames=200, vision_grid=1x4x4 (fixed-shape modules; the step modules
-have dynamic batch / seq / past axes).
+Writes <out>/<key>.onnx (+ <key>.onnx.data external weights) per graph and <out>/manifest.json.
+--shapes: the static-shape encoders' buckets, one graph each: audio_frames=137/200 (mel frames of one clip),
+  vision_grid=1x4x6/2x6x4 (t x h x w patches of one image or video). Defaults: audio_frames=200, vision_grid=1x4x4.
+--profile: (min, opt, max) of a dynamic dim (batch, seq, past; frames for code2wav), for every module that has
+  it or, prefixed, for one: batch=1:1:4,code_predictor.past=0:1:14. The ort backend refuses sizes outside it;
+  export/trt.py builds the TensorRT optimization profile from it.
 """
 
 from __future__ import annotations
@@ -19,13 +23,30 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def parse_shapes(text: str | None) -> dict:
+    """"audio_frames=137/200,vision_grid=1x4x6" -> {"audio_frames": [137, 200], "vision_grid": [(1, 4, 6)]}."""
     shapes = {}
     for item in filter(None, (text or "").split(",")):
         key, _, value = item.partition("=")
         if key not in DEFAULT_SHAPES:
             raise SystemExit(f"--shapes: unknown key {key!r} (known: {', '.join(DEFAULT_SHAPES)})")
-        shapes[key] = tuple(int(v) for v in value.split("x")) if "x" in value else int(value)
+        try:
+            shapes[key] = [tuple(int(v) for v in one.split("x")) if "x" in one else int(one)
+                           for one in value.split("/")]
+        except ValueError:
+            raise SystemExit(f"--shapes: {item!r} is not KEY=V[/V...] with integer sizes (grids as TxHxW)") from None
     return shapes
+
+
+def parse_profile(text: str | None) -> dict:
+    """"batch=1:1:4,code_predictor.past=0:1:14" -> {"batch": (1, 1, 4), "code_predictor.past": (0, 1, 14)}."""
+    profile = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        parts = value.split(":")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise SystemExit(f"--profile: {item!r} is not [MODULE.]DIM=MIN:OPT:MAX")
+        profile[key] = tuple(int(p) for p in parts)
+    return profile
 
 
 def main(argv=None) -> int:
@@ -38,7 +59,9 @@ def main(argv=None) -> int:
     parser.add_argument("--modules", default=",".join(MODULES), help=f"comma-separated subset of {','.join(MODULES)}")
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    parser.add_argument("--shapes", default=None)
+    parser.add_argument("--shapes", default=None, help="encoder buckets, e.g. audio_frames=137/200,vision_grid=1x4x6")
+    parser.add_argument("--profile", default=None,
+                        help="dynamic-dim ranges, e.g. batch=1:1:4,thinker_step.seq=1:1:2048")
     args = parser.parse_args(argv)
 
     from runtime.config import OmniConfig
@@ -50,6 +73,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(modules) - set(MODULES))
     if unknown:
         raise SystemExit(f"--modules: unknown {', '.join(unknown)} (known: {', '.join(MODULES)})")
+    shapes, profile = parse_shapes(args.shapes), parse_profile(args.profile)
     if args.checkpoint:
         config = OmniConfig.from_pretrained(args.checkpoint)
         model = build_model(config, "meta")
@@ -61,10 +85,11 @@ def main(argv=None) -> int:
     model.eval()
     for name in modules:
         start = time.perf_counter()
-        manifest = export_all(model, [name], args.out, dtype, parse_shapes(args.shapes), label, source_hash)
-        entry = manifest["modules"][name]
-        print(f"{name}: {args.out}/{entry['file']} ({len(entry['inputs'])} inputs, {len(entry['outputs'])} outputs, "
-              f"{time.perf_counter() - start:.1f} s)")
+        manifest = export_all(model, [name], args.out, dtype, shapes, label, source_hash, profile)
+        for key, entry in manifest["modules"].items():
+            if entry["module"] == name:
+                print(f"{key}: {args.out}/{entry['file']} ({len(entry['inputs'])} inputs, {len(entry['outputs'])} "
+                      f"outputs, profile {entry['profile'] or 'static'}, {time.perf_counter() - start:.1f} s)")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,12 @@ from torch import nn
 from export import wrappers
 
 OPSET = 18  # the dynamo exporter's native opset: asking for another triggers a version conversion
+FORMAT = "omni-rt-export/2"
 MODULES = ("audio_encoder", "vision_encoder", "code_predictor", "code2wav", "talker_step", "thinker_step")
-DEFAULT_SHAPES = {"code2wav_frames": 8, "audio_frames": 200, "vision_grid": (1, 4, 4)}
+# The encoders lay out chunks, windows and position taps on the host from the input size, so each size is its own
+# static graph (a bucket, one file each); the other modules have dynamic axes within a profile.
+BUCKET_KEYS = {"audio_encoder": "audio_frames", "vision_encoder": "vision_grid"}
+DEFAULT_SHAPES = {"audio_frames": [200], "vision_grid": [(1, 4, 4)]}
 _ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 
 
@@ -70,80 +75,147 @@ def weights_fingerprint(module: nn.Module) -> str:
 
 @dataclass
 class ExportSpec:
-    """What one exported module is: the wrapper, its example inputs, names and dynamic axes."""
+    """What one exported graph is: the wrapper, its example inputs, names and dynamic axes."""
 
-    name: str
+    name: str  # the module (one of MODULES)
+    key: str  # manifest key and file stem: the module, or `<module>.<bucket>` for a static-shape bucket
     wrapper: nn.Module
     source: nn.Module  # the runtime module whose weights the file carries (fingerprinted)
     args: tuple
     input_names: list[str]
     output_names: list[str]
-    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)  # input name -> {axis: dim name}
+    # input name -> {axis: dim name}; a name with "+" (attention_mask's "past+seq") is derived from the others
+    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
     num_fixed: int | None = None  # inputs before the *past varargs (step modules)
+    bucket: dict | None = None  # the static shape a bucket was exported for, e.g. {"audio_frames": 137}
+    extra: dict = field(default_factory=dict)  # module-specific manifest fields
+
+
+def default_profile(model, name: str) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each dynamic dim of `name`: what the runtime asks of it (TensorRT builds its
+    optimization profile from these; the ort backend refuses shapes outside them)."""
+    batch = (1, 1, 8)
+    if name in ("thinker_step", "talker_step"):
+        decoder = model.thinker.model if name == "thinker_step" else _require(model.talker, name).model
+        longest = decoder.cfg.max_position_embeddings
+        return {"batch": batch, "seq": (1, 1, longest), "past": (0, min(512, longest - 1), longest - 1)}
+    if name == "code_predictor":  # per frame: a 2-token prefill, then G-2 single steps after 2, 3, ..., G-1 tokens
+        groups = _require(model.talker, name).code_predictor.num_code_groups
+        return {"batch": batch, "seq": (1, 1, 2), "past": (0, 2, max(groups - 1, 2))}
+    if name == "code2wav":  # full decodes of up to talker_max_new_tokens (default 1024) frames
+        return {"batch": batch, "frames": (1, 64, 1024)}
+    return {}
 
 
 def _step_spec(name, wrapper, source, cfg, head_inputs: list[tuple[str, torch.Tensor, dict]], dtype,
-               output_heads: list[str]) -> ExportSpec:
-    batch, length, past = 2, 2, 3  # examples > 1 so torch.export keeps the axes symbolic
+               output_heads: list[str], extra: dict | None = None) -> ExportSpec:
+    batch, past = 2, 3  # examples > 1 so torch.export keeps the axes symbolic
     pasts = [torch.randn(batch, past, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
              for _ in range(2 * cfg.num_layers)]
     names = [n for n, _, _ in head_inputs] + wrappers.kv_names(cfg.num_layers, "past")
     dynamic = {n: d for n, _, d in head_inputs}
     for n in wrappers.kv_names(cfg.num_layers, "past"):
         dynamic[n] = {0: "batch", 1: "past"}
-    return ExportSpec(name, wrapper, source, tuple(t for _, t, _ in head_inputs) + tuple(pasts), names,
-                      output_heads + wrappers.kv_names(cfg.num_layers, "present"), dynamic, len(head_inputs))
+    return ExportSpec(name, name, wrapper, source, tuple(t for _, t, _ in head_inputs) + tuple(pasts), names,
+                      output_heads + wrappers.kv_names(cfg.num_layers, "present"), dynamic, len(head_inputs),
+                      extra=extra or {})
 
 
-def build_spec(model, name: str, dtype: torch.dtype, shapes: dict | None = None) -> ExportSpec:
-    """The ExportSpec of `name` (one of MODULES) for an OmniModel."""
+def _bucket_label(value) -> str:
+    return "x".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
+
+
+def build_specs(model, name: str, dtype: torch.dtype, shapes: dict | None = None) -> list[ExportSpec]:
+    """The ExportSpecs of `name` (one of MODULES) for an OmniModel: one, or one per bucket of an encoder."""
     shapes = {**DEFAULT_SHAPES, **(shapes or {})}
-    batch, length = 2, 2
+    batch, length, past = 2, 2, 3
     bl = {0: "batch", 1: "seq"}
+    mask = {0: "batch", 1: "past+seq"}
     if name == "thinker_step":
         thinker = model.thinker
         cfg = thinker.model.cfg
-        ids = torch.randint(0, cfg.vocab_size, (batch, length))
-        pos = torch.arange(3, 3 + length).expand(3, batch, length).contiguous()
-        return _step_spec(name, wrappers.ThinkerStep(thinker), thinker.model, cfg,
-                          [("input_ids", ids, bl), ("position_ids", pos, {1: "batch", 2: "seq"})], dtype,
-                          ["logits", "hidden"])
+        hidden_layers = [model.cfg.talker.accept_hidden_layer] if model.talker is not None else []
+        levels = len(thinker.cfg.vision.deepstack_visual_indexes)
+        head = [("inputs_embeds", torch.randn(batch, length, cfg.hidden_size, dtype=dtype), bl),
+                ("position_ids", _positions(3, batch, length), {1: "batch", 2: "seq"}),
+                ("attention_mask", torch.ones(batch, past + length, dtype=torch.long), mask),
+                ("deepstack_embeds", torch.randn(levels, batch, length, cfg.hidden_size, dtype=dtype),
+                 {1: "batch", 2: "seq"})]
+        return [_step_spec(name, wrappers.ThinkerStep(thinker, hidden_layers), thinker.model, cfg, head, dtype,
+                           ["logits"] + [f"hidden_states_{k}" for k in hidden_layers],
+                           {"hidden_layers": hidden_layers, "deepstack_levels": levels})]
     if name == "talker_step":
         talker = _require(model.talker, name)
         cfg = talker.model.cfg
-        embeds = torch.randn(batch, length, cfg.hidden_size, dtype=dtype)
-        pos = torch.arange(3, 3 + length).expand(3, batch, length).contiguous()
-        return _step_spec(name, wrappers.TalkerStep(talker), talker, cfg,
-                          [("inputs_embeds", embeds, bl), ("position_ids", pos, {1: "batch", 2: "seq"})], dtype,
-                          ["logits", "hidden"])
+        head = [("inputs_embeds", torch.randn(batch, length, cfg.hidden_size, dtype=dtype), bl),
+                ("position_ids", _positions(3, batch, length), {1: "batch", 2: "seq"}),
+                ("attention_mask", torch.ones(batch, past + length, dtype=torch.long), mask)]
+        return [_step_spec(name, wrappers.TalkerStep(talker), talker, cfg, head, dtype, ["logits", "hidden"])]
     if name == "code_predictor":
         predictor = _require(model.talker, name).code_predictor
         cfg = predictor.model.cfg
-        embeds = torch.randn(batch, length, cfg.hidden_size, dtype=dtype)
-        pos = torch.arange(3, 3 + length).expand(batch, length).contiguous()
-        return _step_spec(name, wrappers.CodePredictorStep(predictor), predictor, cfg,
-                          [("inputs_embeds", embeds, bl), ("position_ids", pos, bl),
-                           ("head_index", torch.tensor(1), {})], dtype, ["logits"])
+        head = [("inputs_embeds", torch.randn(batch, length, cfg.hidden_size, dtype=dtype), bl),
+                ("position_ids", _positions(None, batch, length), bl), ("head_index", torch.tensor(1), {})]
+        return [_step_spec(name, wrappers.CodePredictorStep(predictor), predictor, cfg, head, dtype, ["logits"])]
     if name == "code2wav":
         code2wav = _require(model.code2wav, name)
-        frames = int(shapes["code2wav_frames"])
-        codes = torch.randint(0, code2wav.cfg.codebook_size, (1, code2wav.cfg.num_quantizers, frames))
-        return ExportSpec(name, wrappers.Code2WavDecode(code2wav), code2wav, (codes,), ["codes"], ["waveform"])
+        codes = torch.randint(0, code2wav.cfg.codebook_size, (batch, code2wav.cfg.num_quantizers, 7))
+        return [ExportSpec(name, name, wrappers.Code2WavDecode(code2wav), code2wav, (codes,), ["codes"], ["waveform"],
+                           {"codes": {0: "batch", 2: "frames"}})]
     if name == "audio_encoder":
         tower = model.thinker.audio_tower
-        feats = torch.randn(tower.cfg.num_mel_bins, int(shapes["audio_frames"]), dtype=dtype)
-        return ExportSpec(name, wrappers.AudioEncoderForward(tower, feats.shape[-1]), tower, (feats,), ["input_features"],
-                          ["audio_embeds"])
+        specs = []
+        for frames in _as_buckets(shapes["audio_frames"]):
+            feats = torch.randn(tower.cfg.num_mel_bins, int(frames), dtype=dtype)
+            specs.append(ExportSpec(name, f"{name}.{frames}", wrappers.AudioEncoderForward(tower, int(frames)), tower,
+                                    (feats,), ["input_features"], ["audio_embeds"],
+                                    bucket={"audio_frames": int(frames)}))
+        return specs
     if name == "vision_encoder":
         visual = model.thinker.visual
         vcfg = visual.cfg
-        grid = tuple(int(g) for g in shapes["vision_grid"])
         patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
-        pixels = torch.randn(grid[0] * grid[1] * grid[2], patch_dim, dtype=dtype)
         levels = len(vcfg.deepstack_visual_indexes)
-        return ExportSpec(name, wrappers.VisionEncoderForward(visual, grid), visual, (pixels,), ["pixel_values"],
-                          ["image_embeds"] + [f"deepstack_{i}" for i in range(levels)])
+        specs = []
+        for grid in _as_buckets(shapes["vision_grid"], tuple):
+            grid = tuple(int(g) for g in grid)
+            pixels = torch.randn(grid[0] * grid[1] * grid[2], patch_dim, dtype=dtype)
+            specs.append(ExportSpec(name, f"{name}.{_bucket_label(grid)}", wrappers.VisionEncoderForward(visual, grid),
+                                    visual, (pixels,), ["pixel_values"],
+                                    ["image_embeds"] + [f"deepstack_{i}" for i in range(levels)],
+                                    bucket={"vision_grid": list(grid)}))
+        return specs
     raise ValueError(f"unknown module {name!r}; known: {', '.join(MODULES)}")
+
+
+def source_module(model, name: str) -> nn.Module:
+    """The runtime module whose weights the export of `name` carries (what its manifest fingerprints)."""
+    if name == "thinker_step":
+        return model.thinker.model
+    if name == "talker_step":
+        return _require(model.talker, name)
+    if name == "code_predictor":
+        return _require(model.talker, name).code_predictor
+    if name == "code2wav":
+        return _require(model.code2wav, name)
+    if name == "audio_encoder":
+        return model.thinker.audio_tower
+    if name == "vision_encoder":
+        return model.thinker.visual
+    raise ValueError(f"unknown module {name!r}; known: {', '.join(MODULES)}")
+
+
+def _positions(axes: int | None, batch: int, length: int) -> torch.Tensor:
+    """Example position ids, float32 as the runtime makes them: [3, B, L] (axes=3) or [B, L]."""
+    ids = torch.arange(3, 3 + length, dtype=torch.float32).expand(batch, length)
+    return ids.expand(axes, batch, length).contiguous() if axes else ids.contiguous()
+
+
+def _as_buckets(value, kind=int) -> list:
+    """One bucket or a list of them: 137 / [137, 200]; (1, 4, 4) / [(1, 4, 4), (1, 6, 4)]."""
+    if kind is tuple:
+        return [value] if value and isinstance(value[0], int) else list(value)
+    return [value] if isinstance(value, int) else list(value)
 
 
 def _require(module, name):
@@ -160,7 +232,9 @@ def _dynamic_shapes(spec: ExportSpec):
         if not axes:
             out.append(None)
             continue
-        out.append({axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.items()})
+        # A derived dim (past+seq) is left to the exporter (AUTO); the manifest names it after export.
+        out.append({axis: torch.export.Dim.AUTO if "+" in dim else dims.setdefault(dim, torch.export.Dim(dim))
+                    for axis, dim in axes.items()})
     if spec.num_fixed is not None:  # forward(a, b, *past): torch.export wants the varargs as one tuple
         return (*out[:spec.num_fixed], tuple(out[spec.num_fixed:]))
     return tuple(out)
@@ -176,49 +250,63 @@ def _value_info(values) -> list[dict]:
     return out
 
 
-def export_module(model, name: str, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  shapes: dict | None = None, checkpoint: str | None = None, source_hash: str | None = None) -> dict:
-    """Write `<out_dir>/<name>.onnx` (weights as external data `<name>.onnx.data`) and return its manifest
-    entry: input/output names, shapes (ints or dim names) and dtypes, opset, hashes, version."""
+def _name_dims(proto, spec: ExportSpec) -> None:
+    """Rename the exporter's symbolic dims (s0, s1, ...; sums such as `s0 + s1`) to ours (batch, seq, past,
+    past+seq, ...) in the graph's inputs and outputs, so the manifest and ONNX Runtime's errors read them."""
+    rename = {}
+    for value, name_in in zip(proto.graph.input, spec.input_names):
+        for axis, dim_name in spec.dynamic.get(name_in, {}).items():
+            param = value.type.tensor_type.shape.dim[axis].dim_param
+            if param and "+" not in dim_name:
+                rename[param] = dim_name
+    for value, name_in in zip(proto.graph.input, spec.input_names):  # derived dims: after their roots
+        for axis, dim_name in spec.dynamic.get(name_in, {}).items():
+            param = value.type.tensor_type.shape.dim[axis].dim_param
+            if param and "+" in dim_name and param not in rename:
+                rename[param] = dim_name
+    symbol = re.compile(r"\b[a-z]\d+\b")
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+            elif dim.dim_param:  # an expression of the exporter's symbols
+                dim.dim_param = symbol.sub(lambda m: rename.get(m.group(0), m.group(0)), dim.dim_param).replace(" ", "")
+
+
+def export_graph(spec: ExportSpec, out_dir: Path, dtype: torch.dtype, profile: dict, checkpoint: str | None,
+                 source_hash: str | None, fingerprint: str) -> dict:
+    """Write `<out_dir>/<spec.key>.onnx` (weights as external data `<key>.onnx.data`) and return its manifest
+    entry: input/output names, shapes (ints or dim names) and dtypes, dynamic-dim profile, opset, hashes."""
     import onnx
 
-    spec = build_spec(model, name, dtype, shapes)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.onnx"
+    path = out_dir / f"{spec.key}.onnx"
     with torch.no_grad(), wrappers.exportable():
         program = torch.onnx.export(
             spec.wrapper.eval(), spec.args, input_names=spec.input_names, output_names=spec.output_names,
             dynamic_shapes=_dynamic_shapes(spec) if spec.dynamic else None, dynamo=True, opset_version=OPSET,
             optimize=True, verbose=False)
-    # Rename the exporter's symbolic dims (s0, s1, ...) to ours so the manifest reads batch / seq / past.
     proto = program.model_proto
-    rename = {}
-    for value, name_in in zip(proto.graph.input, spec.input_names):
-        for axis, dim_name in spec.dynamic.get(name_in, {}).items():
-            param = value.type.tensor_type.shape.dim[axis].dim_param
-            if param:
-                rename[param] = dim_name
-    for value in list(proto.graph.input) + list(proto.graph.output):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in rename:
-                dim.dim_param = rename[dim.dim_param]
-    data_name = f"{name}.onnx.data"
+    _name_dims(proto, spec)
+    data_name = f"{spec.key}.onnx.data"
     if (out_dir / data_name).exists():
         (out_dir / data_name).unlink()
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
     onnx.checker.check_model(str(path))
+    roots = {d for axes in spec.dynamic.values() for d in axes.values() if "+" not in d}
     return {
-        "module": name,
+        "module": spec.name,
         "file": path.name,
         "external_data": data_name if (out_dir / data_name).exists() else None,
         "inputs": _value_info(proto.graph.input),
         "outputs": _value_info(proto.graph.output),
         "dynamic_axes": {k: {str(a): d for a, d in v.items()} for k, v in spec.dynamic.items()},
+        "profile": {d: list(r) for d, r in profile.items() if d in roots},
+        **({"bucket": spec.bucket} if spec.bucket else {}),
+        **spec.extra,
         "opset": OPSET,
         "dtype": str(dtype).replace("torch.", ""),
-        "weights_sha256": weights_fingerprint(spec.source),
+        "weights_sha256": fingerprint,
         "checkpoint": checkpoint,
         "checkpoint_sha256": source_hash,
         "omni_rt_version": omni_rt_version(),
@@ -226,14 +314,48 @@ def export_module(model, name: str, out_dir: str | os.PathLike, dtype: torch.dty
     }
 
 
-def export_all(model, modules, out_dir, dtype=torch.float32, shapes=None, checkpoint=None, source_hash=None) -> dict:
-    """Export `modules` and write `<out_dir>/manifest.json` (merged with an existing one)."""
+def export_module(model, name: str, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                  shapes: dict | None = None, checkpoint: str | None = None, source_hash: str | None = None,
+                  profile: dict | None = None) -> dict[str, dict]:
+    """Export every graph of `name` (one per bucket for the encoders). Returns {manifest key: entry}.
+    profile: {dim or "module.dim": (min, opt, max)} overriding default_profile's ranges."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ordered = sorted((profile or {}).items(), key=lambda item: "." in item[0])  # "module.dim" wins over "dim"
+    defaults = default_profile(model, name)
+    overrides = {key.rpartition(".")[2]: value for key, value in ordered
+                 if key.startswith(name + ".") or "." not in key and key in defaults}
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"{name}: no dynamic dim {', '.join(unknown)} (it has: {', '.join(defaults) or 'none'})")
+    ranges = {**defaults, **overrides}
+    for dim, (low, opt, high) in ranges.items():
+        if not low <= opt <= high:
+            raise ValueError(f"{name}: profile {dim}={low}:{opt}:{high} needs min <= opt <= max")
+    fingerprint = weights_fingerprint(source_module(model, name))
+    return {spec.key: export_graph(spec, out_dir, dtype, ranges, checkpoint, source_hash, fingerprint)
+            for spec in build_specs(model, name, dtype, shapes)}
+
+
+def export_all(model, modules, out_dir, dtype=torch.float32, shapes=None, checkpoint=None, source_hash=None,
+               profile=None) -> dict:
+    """Export `modules` and write `<out_dir>/manifest.json`, merged with an existing one (a module exported
+    again replaces all of its earlier graphs)."""
+    dims = {dim for name in modules for dim in default_profile(model, name)}
+    unknown = sorted(key for key in profile or {} if "." not in key and key not in dims)
+    if unknown:
+        raise ValueError(f"profile: no exported module has a dynamic dim {', '.join(unknown)} "
+                         f"(dims: {', '.join(sorted(dims))})")
     out_dir = Path(out_dir)
     manifest_path = out_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"modules": {}}
+    if manifest.get("format") != FORMAT:
+        manifest = {"modules": {}}
     for name in modules:
-        manifest["modules"][name] = export_module(model, name, out_dir, dtype, shapes, checkpoint, source_hash)
-    manifest.update(format="omni-rt-export/1", omni_rt_version=omni_rt_version(), checkpoint=checkpoint,
+        manifest["modules"] = {k: e for k, e in manifest["modules"].items() if e["module"] != name}
+        manifest["modules"].update(export_module(model, name, out_dir, dtype, shapes, checkpoint, source_hash,
+                                                 profile))
+    manifest.update(format=FORMAT, omni_rt_version=omni_rt_version(), checkpoint=checkpoint,
                     checkpoint_sha256=source_hash)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -1,12 +1,24 @@
-"""ONNX Runtime backend: an exported module behind the call contract of the PyTorch module it replaces.
+"""ONNX Runtime backend: exported modules behind the call contracts of the PyTorch modules they replace.
 
-`OrtModule(dir, name, expect=module)` opens `<dir>/<name>.onnx` after checking its manifest entry against
-the runtime module it stands in for (weights fingerprint, dtype, static shapes): a mismatch raises
-`ManifestMismatch` naming both values before any session is created. Providers: CUDA when onnxruntime
-has it and torch sees a GPU, else CPU.
+`OrtModule(dir, key, expect=module)` opens `<dir>/<key>.onnx` after checking its manifest entry against the
+runtime module it stands in for (weights fingerprint, dtype, static shapes): a mismatch raises
+`ManifestMismatch` naming both values before any session is created. Every call checks its input shapes
+against the entry (static dims, each dynamic dim the same wherever it appears and inside the exported
+profile) before ONNX Runtime sees them. Providers: CUDA when onnxruntime has it and torch sees a GPU, else CPU.
 
-`apply_backends(model, {"code2wav": "ort:DIR", ...})` is the hook `OmniEngine.from_pretrained(backends=...)`
-calls: it swaps the named runtime modules' forward for the session.
+The backends (`Ort*` below) take and return what the runtime module does, so generation code runs unchanged:
+
+    module            replaces                        exported graph(s)
+    audio_encoder     thinker.audio_tower.forward     one per clip length (bucket)
+    vision_encoder    thinker.visual.forward          one per grid (t, h, w) (bucket)
+    thinker_step      thinker.decode                  dynamic batch / seq / past
+    talker_step       talker.forward                  dynamic batch / seq / past
+    code_predictor    talker.code_predictor.forward   dynamic batch / seq / past
+    code2wav          code2wav.forward                dynamic batch / frames
+
+`apply_backends(model, {"thinker_step": "ort:DIR", ...})` is the hook `OmniEngine.from_pretrained(backends=...)`
+calls: it plugs each named backend into the model (the steps carry their KV state in the runtime's
+DynamicKVCache, as the PyTorch modules do).
 """
 
 from __future__ import annotations
@@ -18,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_export import build_spec, weights_fingerprint
+from export.onnx_export import FORMAT, MODULES, source_module, weights_fingerprint
+from runtime.kv_cache import DynamicKVCache
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
@@ -31,14 +44,27 @@ def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no export manifest (run `python -m export ... --out {directory}`)")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ManifestMismatch(f"{path}: export format {manifest.get('format')!r}, this omni-rt reads {FORMAT!r}; "
+                               "re-export with `python -m export`")
+    return manifest
+
+
+def module_entries(manifest: dict, name: str, directory="") -> dict[str, dict]:
+    """{manifest key: entry} of every graph exported for module `name` (several for a bucketed encoder)."""
+    entries = {key: entry for key, entry in manifest["modules"].items() if entry["module"] == name}
+    if not entries:
+        have = sorted({entry["module"] for entry in manifest["modules"].values()})
+        raise KeyError(f"{directory}: module {name!r} was not exported (have: {', '.join(have) or 'none'})")
+    return entries
 
 
 def check_entry(entry: dict, name: str, source: nn.Module | None, dtype: torch.dtype | None = None,
-                shapes: dict[str, list] | None = None) -> None:
+                shapes: dict[str, list] | None = None, fingerprint: str | None = None) -> None:
     """Refuse an exported module whose weights, dtype or static shapes differ from what the caller runs."""
-    if source is not None:
-        expected = weights_fingerprint(source)
+    if source is not None or fingerprint is not None:
+        expected = fingerprint or weights_fingerprint(source)
         if entry["weights_sha256"] != expected:
             raise ManifestMismatch(
                 f"{name}: exported from other weights: manifest weights_sha256 {entry['weights_sha256']} "
@@ -55,6 +81,38 @@ def check_entry(entry: dict, name: str, source: nn.Module | None, dtype: torch.d
                                        f"the runtime needs {list(want)} (axis {axis}); re-export with --shapes")
 
 
+def bind_dims(entry: dict, name: str, shapes: list[tuple[int, ...]]) -> dict[str, int]:
+    """Check input shapes (in the entry's input order) against the manifest; return {dim name: size}.
+
+    Static dims must be equal; a dynamic dim must have one size wherever it appears and lie inside the
+    entry's profile [min, max]; a derived dim ("past+seq") must equal the sum of its parts."""
+    sizes: dict[str, int] = {}
+    derived = []
+    for io, shape in zip(entry["inputs"], shapes):
+        if len(shape) != len(io["shape"]):
+            raise ManifestMismatch(f"{name}: input {io['name']} has shape {list(shape)}, exported as {io['shape']}")
+        for axis, (dim, size) in enumerate(zip(io["shape"], shape)):
+            if isinstance(dim, int):
+                if dim != size:
+                    raise ManifestMismatch(f"{name}: input {io['name']} has shape {list(shape)}, exported as "
+                                           f"{io['shape']} (axis {axis} must be {dim})")
+            elif "+" in dim:
+                derived.append((io["name"], axis, dim, size))
+            elif sizes.setdefault(dim, size) != size:
+                raise ManifestMismatch(f"{name}: dim {dim!r} is {sizes[dim]} in one input and {size} in "
+                                       f"{io['name']} (axis {axis}); inputs {[io['name'] for io in entry['inputs']]}")
+    for dim, size in sizes.items():
+        low, _, high = entry.get("profile", {}).get(dim, (0, 0, size))
+        if not low <= size <= high:
+            raise ManifestMismatch(f"{name}: {dim} = {size} is outside the exported profile [{low}, {high}]; "
+                                   f"re-export with --profile {dim}=MIN:OPT:MAX")
+    for input_name, axis, dim, size in derived:
+        want = sum(sizes[part] for part in dim.split("+"))
+        if size != want:
+            raise ManifestMismatch(f"{name}: input {input_name} axis {axis} is {size}, must be {dim} = {want}")
+    return sizes
+
+
 def default_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -65,20 +123,25 @@ def default_providers() -> list[str]:
 
 
 class OrtModule:
-    """One exported module as a callable: tensors in (in the manifest's input order), tensors out."""
+    """One exported graph as a callable: tensors in (in the manifest's input order), tensors out.
 
-    def __init__(self, directory: str | Path, name: str, expect: nn.Module | None = None,
+    key: the manifest key (a module name, or `<module>.<bucket>` for an encoder bucket, see module_entries).
+    fingerprint: the expected weights_sha256, when the caller computed it already (else from `expect`)."""
+
+    def __init__(self, directory: str | Path, key: str, expect: nn.Module | None = None,
                  dtype: torch.dtype | None = None, shapes: dict[str, list] | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, fingerprint: str | None = None):
         import onnxruntime as ort
 
         directory = Path(directory)
         manifest = read_manifest(directory)
-        if name not in manifest["modules"]:
-            raise KeyError(f"{directory}: module {name!r} was not exported (have: {', '.join(manifest['modules'])})")
-        self.name = name
-        self.entry = manifest["modules"][name]
-        check_entry(self.entry, name, expect, dtype, shapes)
+        if key not in manifest["modules"]:
+            graphs = sorted(k for k, e in manifest["modules"].items() if e["module"] == key)
+            hint = f" (bucketed: open one of {', '.join(graphs)})" if graphs else ""
+            raise KeyError(f"{directory}: {key!r} was not exported{hint}; have: {', '.join(manifest['modules'])}")
+        self.name = key
+        self.entry = manifest["modules"][key]
+        check_entry(self.entry, key, expect, dtype, shapes, fingerprint)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(directory / self.entry["file"]), options,
@@ -91,32 +154,201 @@ class OrtModule:
         if len(tensors) != len(self.input_names):
             raise ValueError(f"{self.name}: expected {len(self.input_names)} inputs "
                              f"({', '.join(self.input_names)}), got {len(tensors)}")
+        bind_dims(self.entry, self.name, [tuple(t.shape) for t in tensors])
         device = tensors[0].device
         feeds = {n: t.detach().cpu().numpy().astype(d, copy=False)
                  for n, t, d in zip(self.input_names, tensors, self.input_dtypes)}
         return tuple(torch.from_numpy(o).to(device) for o in self.session.run(self.output_names, feeds))
 
 
-class OrtCode2Wav(nn.Module):
-    """Code2Wav.forward(codes [B, Q, F]) -> waveform [B, 1, samples] through ONNX Runtime at the exported F;
-    other frame counts raise (re-export with --shapes code2wav_frames=F)."""
+# ---------------------------------------------------------------------------------------------- step modules
 
-    def __init__(self, directory, code2wav: nn.Module, **kw):
-        super().__init__()
-        self.ort = OrtModule(directory, "code2wav", expect=code2wav, **kw)
-        self.shape = self.ort.entry["inputs"][0]["shape"]
+def _past(session: OrtModule, cache, batch: int, device) -> list[torch.Tensor]:
+    """The cache's keys/values as past_* inputs; [B, 0, kv_heads, D] zeros for an empty (or no) cache."""
+    if cache is not None and not isinstance(cache, DynamicKVCache):
+        raise TypeError(f"{session.name}: the ort backend carries a DynamicKVCache (offline generate); "
+                        f"got {type(cache).__name__}")
+    if cache is not None and cache.keys[0] is not None:
+        return [t for kv in zip(cache.keys, cache.values) for t in kv]
+    out = []
+    for io in session.entry["inputs"]:
+        if io["name"].startswith("past_"):
+            kv_heads, head_dim = io["shape"][2:]
+            out.append(torch.zeros(batch, 0, kv_heads, head_dim, device=device, dtype=torch.float32))
+    return out
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        if list(codes.shape) != self.shape:
-            raise ManifestMismatch(f"code2wav: exported for codes {self.shape}, called with {list(codes.shape)}")
-        return self.ort(codes)[0]
+
+def _store(cache, presents: tuple[torch.Tensor, ...]) -> None:
+    """present_* outputs -> the cache (what DynamicKVCache.update would have appended)."""
+    if cache is not None:
+        cache.keys, cache.values = list(presents[0::2]), list(presents[1::2])
+
+
+def _mask(attention_mask, batch: int, total: int, device) -> torch.Tensor:
+    if attention_mask is None:  # nothing padded: the same mask as the runtime's causal-only one
+        return torch.ones(batch, total, dtype=torch.long, device=device)
+    return attention_mask.long()
+
+
+def _last_logits_only(name: str, length: int, num_logits_to_keep) -> None:
+    if length > 1 and num_logits_to_keep != 1:
+        raise ValueError(f"{name} (ort) returns the last position's logits only: call it with num_logits_to_keep=1 "
+                         f"for {length} new tokens (generation does)")
+
+
+class OrtThinkerStep:
+    """Thinker.decode(embeds, position_ids, attention_mask, cache, deepstack, *, hidden_layers, num_logits_to_keep)
+    -> (logits [B, 1, V], [hidden_states[k] for k in hidden_layers]) through the exported thinker_step. Only the
+    exported hidden layers (the talker's accept_hidden_layer) and 0 (the embeddings themselves) can be asked."""
+
+    def __init__(self, directory, thinker, dtype: torch.dtype | None = None, **kw):
+        self.session = OrtModule(directory, "thinker_step", expect=thinker.model, dtype=dtype, **kw)
+        self.hidden_layers = list(self.session.entry["hidden_layers"])
+        self.levels = int(self.session.entry["deepstack_levels"])
+
+    def __call__(self, embeds, position_ids, attention_mask=None, cache=None, deepstack=None, *, hidden_layers=(),
+                 num_logits_to_keep=None):
+        batch, length, hidden = embeds.shape
+        _last_logits_only("thinker_step", length, num_logits_to_keep)
+        missing = [k for k in hidden_layers if k != 0 and k not in self.hidden_layers]
+        if missing:
+            raise ManifestMismatch(f"thinker_step: exported with hidden_states {self.hidden_layers} only, asked for "
+                                   f"{sorted(set(missing))} (output_hidden_states needs the PyTorch thinker)")
+        past = _past(self.session, cache, batch, embeds.device)
+        mask = _mask(attention_mask, batch, past[0].shape[1] + length, embeds.device)
+        if deepstack is None:
+            dense = embeds.new_zeros(self.levels, batch, length, hidden)
+        else:
+            dense = deepstack.to_dense(batch, length, hidden, embeds.dtype, embeds.device)
+        outputs = self.session(embeds, position_ids.float(), mask, dense, *past)
+        states = outputs[1:1 + len(self.hidden_layers)]
+        _store(cache, outputs[1 + len(self.hidden_layers):])
+        return outputs[0], [embeds if k == 0 else states[self.hidden_layers.index(k)] for k in hidden_layers]
+
+
+class OrtTalkerStep:
+    """Talker.forward(inputs_embeds, position_ids, attention_mask, cache, num_logits_to_keep)
+    -> (logits [B, 1, V], hidden [B, L, H]) through the exported talker_step."""
+
+    def __init__(self, directory, talker, dtype: torch.dtype | None = None, **kw):
+        self.session = OrtModule(directory, "talker_step", expect=talker, dtype=dtype, **kw)
+
+    def __call__(self, inputs_embeds, position_ids, attention_mask=None, cache=None, num_logits_to_keep=None):
+        batch, length, _ = inputs_embeds.shape
+        _last_logits_only("talker_step", length, num_logits_to_keep)
+        past = _past(self.session, cache, batch, inputs_embeds.device)
+        mask = _mask(attention_mask, batch, past[0].shape[1] + length, inputs_embeds.device)
+        logits, hidden, *presents = self.session(inputs_embeds, position_ids.float(), mask, *past)
+        _store(cache, presents)
+        return logits, hidden
+
+
+class OrtCodePredictorStep:
+    """CodePredictor.forward(inputs_embeds, position_ids, cache, head_index) -> logits [B, L, Vc] through the
+    exported code_predictor."""
+
+    def __init__(self, directory, code_predictor, dtype: torch.dtype | None = None, **kw):
+        self.session = OrtModule(directory, "code_predictor", expect=code_predictor, dtype=dtype, **kw)
+
+    def __call__(self, inputs_embeds, position_ids, cache, head_index: int):
+        past = _past(self.session, cache, inputs_embeds.shape[0], inputs_embeds.device)
+        logits, *presents = self.session(inputs_embeds, position_ids.float(), torch.tensor(head_index), *past)
+        _store(cache, presents)
+        return logits
+
+
+class OrtCode2Wav:
+    """Code2Wav.forward(codes [B, Q, F]) -> waveform [B, 1, samples] through the exported code2wav (dynamic
+    batch and frames within the profile)."""
+
+    def __init__(self, directory, code2wav, dtype: torch.dtype | None = None, **kw):
+        self.session = OrtModule(directory, "code2wav", expect=code2wav, dtype=dtype, **kw)
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.session(codes)[0]
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+
+class _Buckets:
+    """The static-shape graphs of one encoder, by bucket value; all checked against one weights fingerprint."""
+
+    def __init__(self, directory, name: str, source: nn.Module, bucket_key: str, dtype, **kw):
+        entries = module_entries(read_manifest(directory), name, directory)
+        fingerprint = weights_fingerprint(source)
+        self.name, self.bucket_key = name, bucket_key
+        self.graphs = {_bucket_value(e["bucket"][bucket_key]): OrtModule(directory, key, dtype=dtype,
+                                                                        fingerprint=fingerprint, **kw)
+                       for key, e in entries.items()}
+
+    def get(self, value, what: str) -> OrtModule:
+        if value not in self.graphs:
+            have = ", ".join(_bucket_label(v) for v in sorted(self.graphs))
+            raise ManifestMismatch(f"{self.name}: no graph exported for {what} {_bucket_label(value)} (exported: "
+                                   f"{have}); re-export with --shapes {self.bucket_key}={_bucket_label(value)}")
+        return self.graphs[value]
+
+
+def _bucket_value(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _bucket_label(value) -> str:
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+class OrtAudioEncoder:
+    """AudioEncoder.forward(input_features [mel, T], feature_lens [1]) -> [tokens, d] through the graph exported for
+    a clip of T frames. One clip per call: the chunk layout of several clips depends on all of them."""
+
+    def __init__(self, directory, audio_tower, dtype: torch.dtype | None = None, **kw):
+        self.buckets = _Buckets(directory, "audio_encoder", audio_tower, "audio_frames", dtype, **kw)
+
+    def __call__(self, input_features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
+        lengths = [int(n) for n in feature_lens]
+        if len(lengths) != 1:
+            raise ManifestMismatch(f"audio_encoder: the exported graphs encode one clip per call, got {len(lengths)} "
+                                   f"clips ({lengths} frames)")
+        return self.buckets.get(lengths[0], "a clip of frames")(input_features)[0]
+
+
+class OrtVisionEncoder:
+    """VisionEncoder.forward(pixel_values [N, C·T·P·P], grid_thw [1, 3]) -> (embeds, [deepstack levels]) through the
+    graph exported for that grid. One image or video per call (the exported layout is of one grid)."""
+
+    def __init__(self, directory, visual, dtype: torch.dtype | None = None, **kw):
+        self.buckets = _Buckets(directory, "vision_encoder", visual, "vision_grid", dtype, **kw)
+
+    def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        grids = [tuple(int(v) for v in row) for row in grid_thw.reshape(-1, 3)]
+        if len(grids) != 1:
+            raise ManifestMismatch(f"vision_encoder: the exported graphs encode one image or video per call, got "
+                                   f"{len(grids)} grids {grids}")
+        embeds, *deepstack = self.buckets.get(grids[0], "grid")(pixel_values)
+        return embeds, deepstack
+
+
+# ---------------------------------------------------------------------------------------------- plugging
+
+# module -> (backend, the runtime module it is built from, the attribute of that module it replaces)
+_PLUGS = {
+    "audio_encoder": (OrtAudioEncoder, lambda model: model.thinker.audio_tower, "forward"),
+    "vision_encoder": (OrtVisionEncoder, lambda model: model.thinker.visual, "forward"),
+    "thinker_step": (OrtThinkerStep, lambda model: model.thinker, "decode"),
+    "talker_step": (OrtTalkerStep, lambda model: model.talker, "forward"),
+    "code_predictor": (OrtCodePredictorStep, lambda model: model.talker.code_predictor, "forward"),
+    "code2wav": (OrtCode2Wav, lambda model: model.code2wav, "forward"),
+}
 
 
 def apply_backends(model, backends: dict[str, str] | None, dtype: torch.dtype | None = None) -> dict[str, object]:
-    """Plug exported modules into an OmniModel. backends: module -> "torch" | "ort:DIR" (| "trt:DIR", see
-    export/trt.py). Returns the ORT callables by module name (step modules are used by their callers)."""
+    """Plug exported modules into an OmniModel. backends: module -> "torch" | "ort:DIR" ("trt:DIR" is refused:
+    see export/trt.py). Each ort backend replaces its runtime module's method (table above) after its manifest
+    was checked against the module's weights and `dtype`. Returns the backends by module name."""
     plugged: dict[str, object] = {}
     for name, spec in (backends or {}).items():
+        if name not in _PLUGS:
+            raise ValueError(f"backends: unknown module {name!r}; known: {', '.join(MODULES)}")
         kind, _, directory = spec.partition(":")
         if kind == "torch":
             continue
@@ -124,13 +356,14 @@ def apply_backends(model, backends: dict[str, str] | None, dtype: torch.dtype | 
             from export.trt import require_tensorrt
 
             require_tensorrt()
+            raise NotImplementedError(f"{name}: running TensorRT engines inside OmniEngine is not implemented; "
+                                      "`python -m export.trt` builds them for a service; use 'ort:DIR' here")
         if kind != "ort" or not directory:
             raise ValueError(f"backend for {name!r} must be 'torch' or 'ort:DIR', got {spec!r}")
-        if name == "code2wav":
-            ort_module = OrtCode2Wav(directory, model.code2wav, dtype=dtype)
-            model.code2wav.forward = ort_module.forward  # full decodes run in ONNX Runtime
-            plugged[name] = ort_module
-        else:
-            source = build_spec(model, name, torch.float32).source
-            plugged[name] = OrtModule(directory, name, expect=source, dtype=dtype)
+        backend_class, target, method = _PLUGS[name]
+        source_module(model, name)  # a clear error when the checkpoint has no talker / code2wav
+        module = target(model)
+        backend = backend_class(directory, module, dtype=dtype)
+        setattr(module, method, backend)  # an instance attribute: calls go to ONNX Runtime from now on
+        plugged[name] = backend
     return plugged

@@ -10,8 +10,11 @@ ints derived from data), so `torch.onnx.export` sees one graph:
 - KV cache: step modules take `past_key_<i>` / `past_value_<i>` [B, P, kv_heads, head_dim] and return
   `present_key_<i>` / `present_value_<i>` [B, P + L, kv_heads, head_dim] (the DynamicKVCache layout);
   P = 0 is a prefill.
-- TM-RoPE: position ids are an input ([3, B, L] t/h/w, or [B, L] for the code predictor's 1-D RoPE);
-  the cos/sin tables are computed in-graph with gather + cos/sin (kernels/rope.py's reference).
+- TM-RoPE: position ids are a float32 input ([3, B, L] t/h/w, or [B, L] for the code predictor's 1-D RoPE),
+  the runtime's own dtype (video t ids can be fractional); the cos/sin tables are computed in-graph with
+  gather + cos/sin (kernels/rope.py's reference).
+- Padding: the thinker and talker steps take attention_mask [B, P + L] (1 = real token), so left-padded
+  batches run as in the runtime.
 
 Legend: B = batch, L = new tokens, P = cached tokens, H = hidden_size, V = vocab, G = num_code_groups.
 """
@@ -26,6 +29,7 @@ from torch import nn
 
 from runtime import dispatch
 from runtime.kv_cache import DynamicKVCache
+from runtime.models.decoder import DeepStack
 
 
 def moe_experts_gather(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
@@ -79,39 +83,53 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
 
 
 class ThinkerStep(nn.Module):
-    """input_ids [B, L] int64, position_ids [3, B, L] int64 (TM-RoPE t/h/w), past k/v per layer
-    -> logits [B, L, V], hidden [B, L, H] (final norm), present k/v per layer."""
+    """Thinker.decode (the decoder step after the multimodal merge) with its state explicit:
 
-    def __init__(self, thinker):
+    inputs_embeds [B, L, H] (token embeddings with the audio/image/video features scattered in),
+    position_ids [3, B, L] float32 (TM-RoPE t/h/w; video t ids can be fractional),
+    attention_mask [B, P + L] int64 (1 = real token, 0 = left padding),
+    deepstack_embeds [levels, B, L, H] (visual features added after layers 0..levels-1, zero rows elsewhere),
+    past k/v per layer
+    -> logits [B, 1, V] (last position: all generation reads), hidden_states_<k> [B, L, H] for each k in
+       `hidden_layers` (transformers' hidden_states[k], the talker's accept_hidden_layer), present k/v per layer.
+    """
+
+    def __init__(self, thinker, hidden_layers: list[int]):
         super().__init__()
-        self.model, self.lm_head = thinker.model, thinker.lm_head
+        self.thinker = thinker
         self.num_layers = thinker.model.cfg.num_layers
+        self.hidden_layers = list(hidden_layers)
+        self.levels = len(thinker.cfg.vision.deepstack_visual_indexes)
 
-    def forward(self, input_ids, position_ids, *past):
+    def forward(self, inputs_embeds, position_ids, attention_mask, deepstack_embeds, *past):
+        deepstack = DeepStack(dense=deepstack_embeds) if self.levels else None
         cache = _cache_from(past, self.num_layers)
-        hidden = self.model(self.model.embed_tokens(input_ids), position_ids, None, cache).hidden
-        return (self.lm_head(hidden), hidden, *_presents(cache))
+        logits, states = self.thinker.decode(inputs_embeds, position_ids, attention_mask, cache, deepstack,
+                                             hidden_layers=self.hidden_layers, num_logits_to_keep=1)
+        return (logits, *states, *_presents(cache))
 
 
 class TalkerStep(nn.Module):
-    """inputs_embeds [B, L, H] (talker frame input), position_ids [3, B, L], past k/v per layer
-    -> logits [B, L, V], hidden [B, L, H], present k/v per layer."""
+    """Talker.forward with its state explicit: inputs_embeds [B, L, H] (prompt, or one frame input),
+    position_ids [3, B, L] float32, attention_mask [B, P + L] int64, past k/v per layer
+    -> logits [B, 1, V] (last position), hidden [B, L, H] (final norm: the code predictor's input),
+       present k/v per layer."""
 
     def __init__(self, talker):
         super().__init__()
         self.talker = talker
         self.num_layers = talker.model.cfg.num_layers
 
-    def forward(self, inputs_embeds, position_ids, *past):
+    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
         cache = _cache_from(past, self.num_layers)
-        logits, hidden = self.talker(inputs_embeds, position_ids, None, cache)
+        logits, hidden = self.talker(inputs_embeds, position_ids, attention_mask, cache, num_logits_to_keep=1)
         return (logits, hidden, *_presents(cache))
 
 
 class CodePredictorStep(nn.Module):
-    """inputs_embeds [B, L, H], position_ids [B, L] (1-D), head_index [] int64 (lm_head i predicts codebook
-    i+1), past k/v per layer -> logits [B, L, Vc], present k/v per layer. The same call serves the
-    2-token prefill (P = 0) and the G-2 single steps."""
+    """CodePredictor.forward with its state explicit: inputs_embeds [B, L, H], position_ids [B, L] float32
+    (1-D), head_index [] int64 (lm_head i predicts codebook i+1), past k/v per layer -> logits [B, L, Vc],
+    present k/v per layer. The same call serves the 2-token prefill (P = 0) and the G-2 single steps."""
 
     def __init__(self, code_predictor):
         super().__init__()

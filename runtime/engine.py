@@ -66,6 +66,7 @@ class OmniEngine:
         # static_prefill.
         self.scheduler_options = dict(scheduler_options or {})
         self._scheduler = None
+        self.backends: dict[str, object] = {}  # module -> exported backend plugged in (export/ort.py)
 
     # ------------------------------------------------------------------ construction
 
@@ -77,7 +78,9 @@ class OmniEngine:
         `tiny` (the demo's checkpoint, written on first use) or `qwen3-omni-30b-a3b` (the released shapes
         with random weights and no tokenizer: for benchmarks, takes input_ids only).
         backends: module -> "torch" | "ort:DIR" (an export from `python -m export`), e.g.
-        {"code2wav": "ort:engines/"}; an export made for other weights or shapes is refused (export/ort.py)."""
+        {"thinker_step": "ort:engines/", "code2wav": "ort:engines/"}; modules: audio_encoder, vision_encoder,
+        thinker_step, talker_step, code_predictor, code2wav. `generate` then runs them in ONNX Runtime; an
+        export made for other weights, dtype or shapes is refused (export/ort.py)."""
         if backends:
             from export.ort import apply_backends
 
@@ -255,6 +258,9 @@ class OmniEngine:
         from runtime.scheduler import SessionRequest
         from runtime.streaming import Stream, StreamTimings
 
+        if self.backends:  # the scheduler drives the PyTorch modules on static caches; it would bypass them
+            raise NotImplementedError(f"stream() runs the PyTorch modules; this engine has exported backends for "
+                                      f"{', '.join(self.backends)} (they serve generate())")
         started = time.perf_counter()
         prompt = self._prompt(text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
                               feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
