@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
@@ -83,13 +82,16 @@ def main(argv=None) -> int:
         model = init_random(args.preset, "cpu", dtype, seed=args.seed)
         label, source_hash = f"preset:{args.preset}:seed={args.seed}", None
     model.eval()
-    for name in modules:
-        start = time.perf_counter()
-        manifest = export_all(model, [name], args.out, dtype, shapes, label, source_hash, profile)
-        for key, entry in manifest["modules"].items():
-            if entry["module"] == name:
-                print(f"{key}: {args.out}/{entry['file']} ({len(entry['inputs'])} inputs, {len(entry['outputs'])} "
-                      f"outputs, profile {entry['profile'] or 'static'}, {time.perf_counter() - start:.1f} s)")
+
+    def report(name, entries, seconds):
+        for key, entry in entries.items():
+            print(f"{key}: {args.out}/{entry['file']} ({len(entry['inputs'])} inputs, {len(entry['outputs'])} "
+                  f"outputs, profile {entry['profile'] or 'static'})")
+        print(f"[{modules.index(name) + 1}/{len(modules)}] {name} exported in {seconds:.1f} s", flush=True)
+
+    # One call for all modules: a --profile dim is checked against every module being exported, not each alone.
+    export_all(model, modules, args.out, dtype, shapes, label, source_hash, profile, on_module=report)
+    print(f"manifest: {args.out}/manifest.json")
     return 0
 
 

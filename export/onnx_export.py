@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -338,9 +339,10 @@ def export_module(model, name: str, out_dir: str | os.PathLike, dtype: torch.dty
 
 
 def export_all(model, modules, out_dir, dtype=torch.float32, shapes=None, checkpoint=None, source_hash=None,
-               profile=None) -> dict:
+               profile=None, on_module=None) -> dict:
     """Export `modules` and write `<out_dir>/manifest.json`, merged with an existing one (a module exported
-    again replaces all of its earlier graphs)."""
+    again replaces all of its earlier graphs). `on_module(name, entries, seconds)` is called after each module
+    (progress for the CLI: a real-size export takes minutes per module)."""
     dims = {dim for name in modules for dim in default_profile(model, name)}
     unknown = sorted(key for key in profile or {} if "." not in key and key not in dims)
     if unknown:
@@ -353,8 +355,11 @@ def export_all(model, modules, out_dir, dtype=torch.float32, shapes=None, checkp
         manifest = {"modules": {}}
     for name in modules:
         manifest["modules"] = {k: e for k, e in manifest["modules"].items() if e["module"] != name}
-        manifest["modules"].update(export_module(model, name, out_dir, dtype, shapes, checkpoint, source_hash,
-                                                 profile))
+        start = time.perf_counter()
+        entries = export_module(model, name, out_dir, dtype, shapes, checkpoint, source_hash, profile)
+        manifest["modules"].update(entries)
+        if on_module is not None:
+            on_module(name, entries, time.perf_counter() - start)
     manifest.update(format=FORMAT, omni_rt_version=omni_rt_version(), checkpoint=checkpoint,
                     checkpoint_sha256=source_hash)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -396,6 +396,20 @@ def test_cli_shapes_and_profile_parse(model, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_profile_dim_of_one_module_among_several(tmp_path, capsys):
+    from export.__main__ import main
+
+    # "frames" is code2wav's alone: checked against all modules exported together, not each one by itself.
+    assert main(["--preset", "tiny", "--modules", "code2wav,code_predictor", "--profile", "frames=1:4:16",
+                 "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/2] code2wav exported in" in printed and "[2/2] code_predictor exported in" in printed
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    profiles = {e["module"]: e["profile"] for e in manifest["modules"].values()}
+    assert profiles["code2wav"]["frames"] == [1, 4, 16]
+    assert "frames" not in profiles["code_predictor"]
+
+
 def test_tensorrt_refuses_without_tensorrt_or_cuda(exported, tmp_path):
     from export.trt import TensorRTUnavailable, build_engines
 
