@@ -142,6 +142,11 @@ class OrtModule:
         self.name = key
         self.entry = manifest["modules"][key]
         check_entry(self.entry, key, expect, dtype, shapes, fingerprint)
+        unsupported = sorted({io["dtype"] for io in self.entry["inputs"] + self.entry["outputs"]} - set(_NP))
+        if unsupported:
+            raise ManifestMismatch(f"{key}: exported in {', '.join(unsupported)}, which the ONNX Runtime backend does "
+                                   f"not run (it takes {', '.join(_NP)}); build a TensorRT engine "
+                                   "(python -m export.trt) or re-export with --dtype float32")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(directory / self.entry["file"]), options,
@@ -201,8 +206,9 @@ class OrtThinkerStep:
     -> (logits [B, 1, V], [hidden_states[k] for k in hidden_layers]) through the exported thinker_step. Only the
     exported hidden layers (the talker's accept_hidden_layer) and 0 (the embeddings themselves) can be asked."""
 
-    def __init__(self, directory, thinker, dtype: torch.dtype | None = None, **kw):
-        self.session = OrtModule(directory, "thinker_step", expect=thinker.model, dtype=dtype, **kw)
+    def __init__(self, directory, thinker, dtype: torch.dtype | None = None, opener=None, **kw):
+        opener = opener or OrtModule
+        self.session = opener(directory, "thinker_step", expect=thinker.model, dtype=dtype, **kw)
         self.hidden_layers = list(self.session.entry["hidden_layers"])
         self.levels = int(self.session.entry["deepstack_levels"])
 
@@ -230,8 +236,9 @@ class OrtTalkerStep:
     """Talker.forward(inputs_embeds, position_ids, attention_mask, cache, num_logits_to_keep)
     -> (logits [B, 1, V], hidden [B, L, H]) through the exported talker_step."""
 
-    def __init__(self, directory, talker, dtype: torch.dtype | None = None, **kw):
-        self.session = OrtModule(directory, "talker_step", expect=talker, dtype=dtype, **kw)
+    def __init__(self, directory, talker, dtype: torch.dtype | None = None, opener=None, **kw):
+        opener = opener or OrtModule
+        self.session = opener(directory, "talker_step", expect=talker, dtype=dtype, **kw)
 
     def __call__(self, inputs_embeds, position_ids, attention_mask=None, cache=None, num_logits_to_keep=None):
         batch, length, _ = inputs_embeds.shape
@@ -247,8 +254,9 @@ class OrtCodePredictorStep:
     """CodePredictor.forward(inputs_embeds, position_ids, cache, head_index) -> logits [B, L, Vc] through the
     exported code_predictor."""
 
-    def __init__(self, directory, code_predictor, dtype: torch.dtype | None = None, **kw):
-        self.session = OrtModule(directory, "code_predictor", expect=code_predictor, dtype=dtype, **kw)
+    def __init__(self, directory, code_predictor, dtype: torch.dtype | None = None, opener=None, **kw):
+        opener = opener or OrtModule
+        self.session = opener(directory, "code_predictor", expect=code_predictor, dtype=dtype, **kw)
 
     def __call__(self, inputs_embeds, position_ids, cache, head_index: int):
         past = _past(self.session, cache, inputs_embeds.shape[0], inputs_embeds.device)
@@ -261,8 +269,9 @@ class OrtCode2Wav:
     """Code2Wav.forward(codes [B, Q, F]) -> waveform [B, 1, samples] through the exported code2wav (dynamic
     batch and frames within the profile)."""
 
-    def __init__(self, directory, code2wav, dtype: torch.dtype | None = None, **kw):
-        self.session = OrtModule(directory, "code2wav", expect=code2wav, dtype=dtype, **kw)
+    def __init__(self, directory, code2wav, dtype: torch.dtype | None = None, opener=None, **kw):
+        opener = opener or OrtModule
+        self.session = opener(directory, "code2wav", expect=code2wav, dtype=dtype, **kw)
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         return self.session(codes)[0]
@@ -273,12 +282,13 @@ class OrtCode2Wav:
 class _Buckets:
     """The static-shape graphs of one encoder, by bucket value; all checked against one weights fingerprint."""
 
-    def __init__(self, directory, name: str, source: nn.Module, bucket_key: str, dtype, **kw):
+    def __init__(self, directory, name: str, source: nn.Module, bucket_key: str, dtype, opener=None, **kw):
         entries = module_entries(read_manifest(directory), name, directory)
         fingerprint = weights_fingerprint(source)
+        opener = opener or OrtModule
         self.name, self.bucket_key = name, bucket_key
-        self.graphs = {_bucket_value(e["bucket"][bucket_key]): OrtModule(directory, key, dtype=dtype,
-                                                                        fingerprint=fingerprint, **kw)
+        self.graphs = {_bucket_value(e["bucket"][bucket_key]): opener(directory, key, dtype=dtype,
+                                                                     fingerprint=fingerprint, **kw)
                        for key, e in entries.items()}
 
     def get(self, value, what: str) -> OrtModule:
@@ -342,9 +352,10 @@ _PLUGS = {
 
 
 def apply_backends(model, backends: dict[str, str] | None, dtype: torch.dtype | None = None) -> dict[str, object]:
-    """Plug exported modules into an OmniModel. backends: module -> "torch" | "ort:DIR" ("trt:DIR" is refused:
-    see export/trt.py). Each ort backend replaces its runtime module's method (table above) after its manifest
-    was checked against the module's weights and `dtype`. Returns the backends by module name."""
+    """Plug exported modules into an OmniModel. backends: module -> "torch" | "ort:DIR" (an ONNX export, run by
+    ONNX Runtime) | "trt:DIR" (TensorRT engines from `python -m export.trt`, see export/trt.py). Each backend
+    replaces its runtime module's method (table above) after its manifest was checked against the module's
+    weights and `dtype`. Returns the backends by module name."""
     plugged: dict[str, object] = {}
     for name, spec in (backends or {}).items():
         if name not in _PLUGS:
@@ -352,18 +363,18 @@ def apply_backends(model, backends: dict[str, str] | None, dtype: torch.dtype | 
         kind, _, directory = spec.partition(":")
         if kind == "torch":
             continue
+        if kind not in ("ort", "trt") or not directory:
+            raise ValueError(f"backend for {name!r} must be 'torch', 'ort:DIR' or 'trt:DIR', got {spec!r}")
+        opener = OrtModule
         if kind == "trt":
-            from export.trt import require_tensorrt
+            from export.trt import TrtModule, require_tensorrt
 
-            require_tensorrt()
-            raise NotImplementedError(f"{name}: running TensorRT engines inside OmniEngine is not implemented; "
-                                      "`python -m export.trt` builds them for a service; use 'ort:DIR' here")
-        if kind != "ort" or not directory:
-            raise ValueError(f"backend for {name!r} must be 'torch' or 'ort:DIR', got {spec!r}")
+            require_tensorrt()  # names what is missing before any manifest is read
+            opener = TrtModule
         backend_class, target, method = _PLUGS[name]
         source_module(model, name)  # a clear error when the checkpoint has no talker / code2wav
         module = target(model)
-        backend = backend_class(directory, module, dtype=dtype)
-        setattr(module, method, backend)  # an instance attribute: calls go to ONNX Runtime from now on
+        backend = backend_class(directory, module, dtype=dtype, opener=opener)
+        setattr(module, method, backend)  # an instance attribute: calls go to the exported module from now on
         plugged[name] = backend
     return plugged

@@ -77,10 +77,11 @@ class OmniEngine:
         """A checkpoint directory (config.json, safetensors, tokenizer), or a preset name:
         `tiny` (the demo's checkpoint, written on first use) or `qwen3-omni-30b-a3b` (the released shapes
         with random weights and no tokenizer: for benchmarks, takes input_ids only).
-        backends: module -> "torch" | "ort:DIR" (an export from `python -m export`), e.g.
-        {"thinker_step": "ort:engines/", "code2wav": "ort:engines/"}; modules: audio_encoder, vision_encoder,
-        thinker_step, talker_step, code_predictor, code2wav. `generate` then runs them in ONNX Runtime; an
-        export made for other weights, dtype or shapes is refused (export/ort.py)."""
+        backends: module -> "torch" | "ort:DIR" (an export from `python -m export`, run by ONNX Runtime) |
+        "trt:DIR" (engines from `python -m export.trt`; needs tensorrt and a GPU), e.g.
+        {"thinker_step": "ort:engines/", "code2wav": "trt:engines/trt/"}; modules: audio_encoder, vision_encoder,
+        thinker_step, talker_step, code_predictor, code2wav. `generate` then runs them exported; an export made
+        for other weights, dtype or shapes is refused (export/ort.py, export/trt.py)."""
         if backends:
             from export.ort import apply_backends
 

@@ -368,6 +368,12 @@ def test_other_formats_and_missing_modules_are_refused(model, exported, tmp_path
         apply_backends(model, {"thinker": f"ort:{out}"})
     with pytest.raises(ValueError, match="ort:DIR"):
         apply_backends(model, {"code2wav": "onnx"})
+    # A bf16 export (manifest as `--dtype bfloat16` writes it): ONNX Runtime cannot run it, said before loading.
+    entry = manifest["modules"]["code2wav"]
+    bf16 = dict(entry, dtype="bfloat16", outputs=[dict(o, dtype="bfloat16") for o in entry["outputs"]])
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, modules={"code2wav": bf16})))
+    with pytest.raises(ManifestMismatch, match="exported in bfloat16.*export.trt"):
+        OrtModule(tmp_path, "code2wav")
 
 
 def test_torch_entries_leave_modules_alone(checkpoint, exported):
@@ -410,7 +416,7 @@ def test_cli_profile_dim_of_one_module_among_several(tmp_path, capsys):
     assert "frames" not in profiles["code_predictor"]
 
 
-def test_tensorrt_refuses_without_tensorrt_or_cuda(exported, tmp_path):
+def test_tensorrt_refuses_without_tensorrt_or_cuda(engine, exported, tmp_path):
     from export.trt import TensorRTUnavailable, build_engines
 
     try:
@@ -422,6 +428,10 @@ def test_tensorrt_refuses_without_tensorrt_or_cuda(exported, tmp_path):
         pytest.skip("TensorRT and CUDA present: the refusal path does not apply (see the build test)")
     with pytest.raises(TensorRTUnavailable, match="tensorrt" if not has_trt else "CUDA"):
         build_engines(exported[0], tmp_path)
+    other = init_random(engine.config, "cpu", torch.float32, seed=1)
+    with pytest.raises(TensorRTUnavailable, match="tensorrt" if not has_trt else "CUDA"):
+        apply_backends(other, {"code2wav": f"trt:{exported[0]}"})
+    assert "forward" not in vars(other.code2wav)
 
 
 def test_tensorrt_builds_engines(exported, tmp_path):
@@ -436,3 +446,26 @@ def test_tensorrt_builds_engines(exported, tmp_path):
         assert (tmp_path / entry["engine"]).is_file()
     assert built["modules"]["code2wav"]["profile_shapes"]["codes"][2] == [MAX_BATCH, 4, 1024]
     assert (tmp_path / "timing.cache").is_file() and (tmp_path / "manifest.json").is_file()
+
+
+def test_whole_pipeline_with_every_module_in_tensorrt(engine, checkpoint, exported, request_, tmp_path):
+    """As the ONNX Runtime pipeline test, with every module's engine built and run by TensorRT (fp32, TF32 off)."""
+    pytest.importorskip("tensorrt", reason="tensorrt not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from export.trt import TrtModule, build_engines
+
+    build_engines(exported[0], tmp_path)
+    want = engine.generate(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
+                           return_audio=True)
+    trt_engine = OmniEngine.from_pretrained(checkpoint, backends={name: f"trt:{tmp_path}" for name in MODULES})
+    sessions = [s for b in trt_engine.backends.values()
+                for s in (b.buckets.graphs.values() if hasattr(b, "buckets") else [b.session])]
+    assert sessions and all(isinstance(s, TrtModule) for s in sessions)
+    got = trt_engine.generate(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
+                              return_audio=True)
+    assert torch.equal(got.sequences, want.sequences), f"{got.sequences.tolist()} != {want.sequences.tolist()}"
+    assert torch.equal(got.codes, want.codes)
+    assert_close(got.waveform, want.waveform, "waveform")
+    with pytest.raises(ManifestMismatch, match="not a TensorRT engine"):
+        apply_backends(init_random(engine.config, "cpu", torch.float32, seed=1), {"code2wav": f"trt:{exported[0]}"})
