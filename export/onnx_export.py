@@ -23,7 +23,8 @@ from export import wrappers
 
 OPSET = 18  # the dynamo exporter's native opset: asking for another triggers a version conversion
 FORMAT = "omni-rt-export/2"
-MODULES = ("audio_encoder", "vision_encoder", "code_predictor", "code2wav", "talker_step", "thinker_step")
+MODULES = ("audio_encoder", "vision_encoder", "code_predictor", "code2wav", "code2wav_stream", "talker_step",
+           "thinker_step")
 # The encoders lay out chunks, windows and position taps on the host from the input size, so each size is its own
 # static graph (a bucket, one file each); the other modules have dynamic axes within a profile.
 BUCKET_KEYS = {"audio_encoder": "audio_frames", "vision_encoder": "vision_grid"}
@@ -105,6 +106,9 @@ def default_profile(model, name: str) -> dict[str, tuple[int, int, int]]:
         return {"batch": batch, "seq": (1, 1, 2), "past": (0, 2, max(groups - 1, 2))}
     if name == "code2wav":  # full decodes of up to talker_max_new_tokens (default 1024) frames
         return {"batch": batch, "frames": (1, 64, 1024)}
+    if name == "code2wav_stream":  # chunks of frames (one per step when streaming), the window's kept keys
+        keep = _require(model.code2wav, name).cfg.sliding_window - 1
+        return {"batch": batch, "frames": (1, 1, 1024), "past": (0, keep, keep)}
     return {}
 
 
@@ -163,6 +167,29 @@ def build_specs(model, name: str, dtype: torch.dtype, shapes: dict | None = None
         codes = torch.randint(0, code2wav.cfg.codebook_size, (batch, code2wav.cfg.num_quantizers, 7))
         return [ExportSpec(name, name, wrappers.Code2WavDecode(code2wav), code2wav, (codes,), ["codes"], ["waveform"],
                            {"codes": {0: "batch", 2: "frames"}})]
+    if name == "code2wav_stream":
+        code2wav = _require(model.code2wav, name)
+        cfg = code2wav.cfg
+        frames, kept = 3, 2
+        codes = torch.randint(0, cfg.codebook_size, (batch, cfg.num_quantizers, frames))
+        past = [torch.randn(batch, kept, cfg.num_kv_heads, cfg.head_dim, dtype=dtype) for _ in range(2 * cfg.num_layers)]
+        convs, tails = wrappers.code2wav_state_layout(code2wav)
+        modules = dict(code2wav.named_modules())
+        conv_states = [torch.randn(batch, modules[p].in_channels, modules[p].state_len, dtype=dtype) for p in convs]
+        tail_states = [torch.randn(batch, modules[p].out_channels, modules[p].kernel_size - modules[p].stride,
+                                   dtype=dtype) for p in tails]
+        paths = [("conv", p) for p in convs] + [("tail", p) for p in tails]
+        state_in = [f"{kind}_{wrappers.state_name(p)}" for kind, p in paths]
+        state_out = [f"{kind}_out_{wrappers.state_name(p)}" for kind, p in paths]
+        names = ["codes", "start_frame"] + wrappers.kv_names(cfg.num_layers, "past") + state_in
+        dynamic = {"codes": {0: "batch", 2: "frames"}, **{n: {0: "batch", 1: "past"}
+                                                          for n in wrappers.kv_names(cfg.num_layers, "past")},
+                   **{n: {0: "batch"} for n in state_in}}
+        outputs = ["waveform"] + wrappers.kv_names(cfg.num_layers, "present") + state_out
+        return [ExportSpec(name, f"{name}.{chunk}", wrappers.Code2WavStreamStep(code2wav, first=chunk == "first"),
+                           code2wav, (codes, torch.tensor(5), *past, *conv_states, *tail_states), names, outputs,
+                           dynamic, num_fixed=2, bucket={"chunk": chunk}, extra={"kv_keep": cfg.sliding_window - 1})
+                for chunk in ("first", "next")]
     if name == "audio_encoder":
         tower = model.thinker.audio_tower
         specs = []
@@ -197,7 +224,7 @@ def source_module(model, name: str) -> nn.Module:
         return _require(model.talker, name)
     if name == "code_predictor":
         return _require(model.talker, name).code_predictor
-    if name == "code2wav":
+    if name in ("code2wav", "code2wav_stream"):
         return _require(model.code2wav, name)
     if name == "audio_encoder":
         return model.thinker.audio_tower

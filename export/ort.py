@@ -15,6 +15,7 @@ The backends (`Ort*` below) take and return what the runtime module does, so gen
     talker_step       talker.forward                  dynamic batch / seq / past
     code_predictor    talker.code_predictor.forward   dynamic batch / seq / past
     code2wav          code2wav.forward                dynamic batch / frames
+    code2wav_stream   code2wav.decode_step            .first / .next chunk; dynamic batch / frames / past
 
 `apply_backends(model, {"thinker_step": "ort:DIR", ...})` is the hook `OmniEngine.from_pretrained(backends=...)`
 calls: it plugs each named backend into the model (the steps carry their KV state in the runtime's
@@ -277,6 +278,58 @@ class OrtCode2Wav:
         return self.session(codes)[0]
 
 
+class OrtCode2WavStream:
+    """Code2Wav.decode_step(codes [B, Q, n], state: Code2WavState) -> the samples these frames made final
+    [B, 1, samples], state updated as the PyTorch stream updates it, through the exported code2wav_stream
+    graphs (`.first` for a stream's first chunk, `.next` for the others)."""
+
+    def __init__(self, directory, code2wav, dtype: torch.dtype | None = None, opener=None, **kw):
+        from export.wrappers import code2wav_state_layout
+
+        opener = opener or OrtModule
+        module_entries(read_manifest(directory), "code2wav_stream", directory)  # a clear error when absent
+        fingerprint = weights_fingerprint(code2wav)
+        self.first, self.next = (opener(directory, f"code2wav_stream.{chunk}", dtype=dtype, fingerprint=fingerprint,
+                                        **kw) for chunk in ("first", "next"))
+        self.keep = int(self.next.entry["kv_keep"])
+        self.convs, self.tails = code2wav_state_layout(code2wav)
+        self.empty = code2wav.code_embedding.weight.new_zeros  # what the PyTorch stream returns for 0 frames
+
+    def __call__(self, codes: torch.Tensor, state) -> torch.Tensor:
+        if state.finished:
+            raise RuntimeError("decode_step after flush: start a new stream with new_state()")
+        if codes.shape[0] != state.batch:
+            raise ValueError(f"codes has {codes.shape[0]} rows, the stream has {state.batch}")
+        frames = codes.shape[-1]
+        if frames == 0:
+            return self.empty(state.batch, 1, 0)
+        session = self.first if state.frames == 0 else self.next
+        layers = len(state.keys)
+        past = []
+        for layer in range(layers):
+            for kv in (state.keys, state.values):
+                if kv[layer] is None:  # no frame yet: an empty past of the exported per-head shape
+                    kv_heads, head_dim = session.entry["inputs"][2]["shape"][2:]
+                    past.append(codes.new_zeros(state.batch, 0, kv_heads, head_dim, dtype=torch.float32))
+                else:
+                    past.append(kv[layer])
+        outputs = session(codes, torch.tensor(state.frames), *past, *(state.conv[p] for p in self.convs),
+                          *(state.tails[p] for p in self.tails))
+        wav, presents = outputs[0], outputs[1:1 + 2 * layers]
+        for layer in range(layers):  # a later query sees only the last window - 1 positions
+            state.keys[layer] = presents[2 * layer][:, -self.keep:].contiguous()
+            state.values[layer] = presents[2 * layer + 1][:, -self.keep:].contiguous()
+        new_states = outputs[1 + 2 * layers:]
+        for path, tensor in zip(self.convs + self.tails, new_states):
+            target = state.conv if path in state.conv else state.tails
+            target[path] = tensor.to(target[path].dtype)
+        for path in state.consumed:  # not each conv's exact count (the graphs' trims are fixed: first / next),
+            state.consumed[path] += frames  # but >= 1 after the first chunk: all a later PyTorch step reads
+        state.frames += frames
+        state.samples += wav.shape[-1]
+        return wav
+
+
 # ---------------------------------------------------------------------------------------------- encoders
 
 class _Buckets:
@@ -348,6 +401,7 @@ _PLUGS = {
     "talker_step": (OrtTalkerStep, lambda model: model.talker, "forward"),
     "code_predictor": (OrtCodePredictorStep, lambda model: model.talker.code_predictor, "forward"),
     "code2wav": (OrtCode2Wav, lambda model: model.code2wav, "forward"),
+    "code2wav_stream": (OrtCode2WavStream, lambda model: model.code2wav, "decode_step"),
 }
 
 

@@ -155,6 +155,92 @@ class Code2WavDecode(nn.Module):
         return self.code2wav(codes)
 
 
+def code2wav_state_layout(code2wav) -> tuple[list[str], list[str]]:
+    """(causal convs with a left context, transposed convs with a tail): the module paths whose streaming
+    state a code2wav_stream graph takes and returns, in its input order."""
+    from runtime.models.code2wav import CausalConv1d, CausalTransConv1d
+
+    convs = [n for n, m in code2wav.named_modules() if isinstance(m, CausalConv1d) and m.state_len]
+    tails = [n for n, m in code2wav.named_modules()
+             if isinstance(m, CausalTransConv1d) and m.kernel_size > m.stride]
+    return convs, tails
+
+
+def state_name(path: str) -> str:
+    """"decoder.1.block.1" -> "decoder_1_block_1": an ONNX-friendly input name for a module's state."""
+    return path.replace(".", "_")
+
+
+class Code2WavStreamStep(nn.Module):
+    """Code2Wav.decode_step with its state explicit: the next n frames of a stream in, the samples they made
+    final out (the same samples as the full decode at those positions).
+
+    codes [B, Q, n] int64, start_frame [] int64 (frames the stream consumed before), past k/v per layer
+    [B, P, kv_heads, D] (P <= sliding_window − 1: the caller keeps the last window − 1 of each present),
+    conv_<path> [B, C_in, (K−1)·d] per causal conv, tail_<path> [B, C_out, k−s] per transposed conv (zeros start
+    a stream) -> waveform [B, 1, samples], present k/v [B, P + n, kv_heads, D], the updated conv_* and tail_*.
+
+    `first`: the graph of a stream's first chunk (the transposed convs still trim their left edge); the other
+    graph serves every later chunk (for this architecture k − s <= s, so one frame completes the trim)."""
+
+    def __init__(self, code2wav, first: bool):
+        super().__init__()
+        from runtime.models.code2wav import CausalTransConv1d
+
+        if any(m.kernel_size - m.stride > m.stride for m in code2wav.modules() if isinstance(m, CausalTransConv1d)):
+            raise ValueError("code2wav_stream: a transposed conv with k - s > s needs more than one chunk to finish "
+                             "its left trim; this export has two graphs (first chunk, later chunks) only")
+        self.code2wav, self.first = code2wav, first
+        self.num_layers = code2wav.cfg.num_layers
+        self.convs, self.tails = code2wav_state_layout(code2wav)
+
+    def forward(self, codes, start_frame, *state):
+        from runtime.models.code2wav import CausalTransConv1d
+
+        code2wav, layers = self.code2wav, self.num_layers
+        past, convs, tails = (state[:2 * layers], state[2 * layers:2 * layers + len(self.convs)],
+                              state[2 * layers + len(self.convs):])
+        stream = _ExplicitCode2WavState(batch=codes.shape[0], keys=list(past[0::2]), values=list(past[1::2]))
+        stream.start = start_frame
+        stream.conv = {path: t.clone() for path, t in zip(self.convs, convs)}  # updated in place below
+        stream.tails = {path: t.clone() for path, t in zip(self.tails, tails)}
+        for path, module in code2wav.named_modules():
+            if isinstance(module, CausalTransConv1d):
+                stream.tails.setdefault(path, codes.new_zeros(codes.shape[0], module.out_channels, 0,
+                                                              dtype=past[0].dtype))
+                # 0: the left trim is still to drop; later chunks: long done (k − s <= s, checked above)
+                stream.consumed[path] = 0 if self.first else 1 << 30
+        hidden = code2wav.pre_transformer(code2wav.embed(codes), stream)  # [B, n, H]
+        wav = code2wav._convnet(hidden.transpose(1, 2), stream)  # [B, 1, samples]
+        presents = [t for kv in zip(stream.keys, stream.values) for t in kv]
+        return (wav, *presents, *(stream.conv[p] for p in self.convs), *(stream.tails[p] for p in self.tails))
+
+
+class _ExplicitCode2WavState:
+    """Code2WavState's streaming interface over graph inputs: positions from a tensor start, keys kept whole
+    (past ‖ new: trimming to the window is the caller's, which keeps the graph free of shape-dependent
+    branches)."""
+
+    def __init__(self, batch: int, keys: list, values: list):
+        self.batch, self.keys, self.values = batch, keys, values
+        self.conv, self.tails, self.consumed = {}, {}, {}
+        self.slot_ids = None
+        self.start = None
+
+    def positions(self, length: int, device) -> torch.Tensor:
+        return (self.start + torch.arange(length, device=device))[None]  # [1, n]
+
+    def window_mask(self, length: int, window: int, device) -> torch.Tensor:
+        from kernels.attention import causal_mask
+
+        return causal_mask(length, self.keys[0].shape[1] + length, device, window=window)
+
+    def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer] = torch.cat((self.keys[layer], k), dim=1)
+        self.values[layer] = torch.cat((self.values[layer], v), dim=1)
+        return self.keys[layer], self.values[layer]
+
+
 class AudioEncoderForward(nn.Module):
     """input_features [num_mel_bins, frames] (one clip of a fixed frame count) -> [tokens, output_dim].
 

@@ -80,8 +80,9 @@ class OmniEngine:
         backends: module -> "torch" | "ort:DIR" (an export from `python -m export`, run by ONNX Runtime) |
         "trt:DIR" (engines from `python -m export.trt`; needs tensorrt and a GPU), e.g.
         {"thinker_step": "ort:engines/", "code2wav": "trt:engines/trt/"}; modules: audio_encoder, vision_encoder,
-        thinker_step, talker_step, code_predictor, code2wav. `generate` then runs them exported; an export made
-        for other weights, dtype or shapes is refused (export/ort.py, export/trt.py)."""
+        thinker_step, talker_step, code_predictor, code2wav, code2wav_stream (decode_step). `generate` then runs
+        them exported; an export made for other weights, dtype or shapes is refused (export/ort.py,
+        export/trt.py)."""
         if backends:
             from export.ort import apply_backends
 

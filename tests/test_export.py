@@ -20,8 +20,8 @@ import onnx  # noqa: E402
 
 from export.__main__ import parse_profile, parse_shapes  # noqa: E402
 from export.onnx_export import FORMAT, MODULES, export_all  # noqa: E402
-from export.ort import (ManifestMismatch, OrtAudioEncoder, OrtCode2Wav, OrtCodePredictorStep, OrtModule,  # noqa: E402
-                        OrtTalkerStep, OrtThinkerStep, OrtVisionEncoder, apply_backends, check_entry)
+from export.ort import (ManifestMismatch, OrtAudioEncoder, OrtCode2Wav, OrtCode2WavStream,  # noqa: E402
+                        OrtCodePredictorStep, OrtModule, OrtTalkerStep, OrtThinkerStep, OrtVisionEncoder, apply_backends, check_entry)
 from export.wrappers import moe_experts_gather  # noqa: E402
 from kernels.moe import moe_experts_ref, route_topk_ref  # noqa: E402
 from runtime.engine import OmniEngine  # noqa: E402
@@ -239,6 +239,34 @@ def test_code2wav_matches_torch(model, exported, batch, frames):
         want = code2wav(codes)
     assert want.shape[-1] == code2wav.num_samples(frames)
     assert_close(backend(codes), want, f"code2wav waveform {batch}x{frames}")
+
+
+@pytest.mark.parametrize("batch,chunks", [(1, [1, 3, 2, 5, 1]), (2, [4, 1, 6])])
+def test_code2wav_stream_matches_torch_stream(model, exported, batch, chunks):
+    """Streaming Code2Wav through the exported graphs, state carried across uneven chunks (the kept keys grow
+    to the window and are trimmed): each chunk's samples and the state after it equal the PyTorch stream's, and
+    the whole stream equals the full decode."""
+    code2wav = model.code2wav
+    backend = OrtCode2WavStream(exported[0], code2wav, torch.float32)
+    codes = torch.randint(0, code2wav.cfg.codebook_size, (batch, code2wav.cfg.num_quantizers, sum(chunks)))
+    ours, theirs = code2wav.new_state(batch), code2wav.new_state(batch)
+    got_all, at = [], 0
+    for n in chunks:
+        got, want = backend(codes[..., at:at + n], ours), code2wav.decode_step(codes[..., at:at + n], theirs)
+        at += n
+        assert_close(got, want, f"samples of frames {at - n}..{at}")
+        assert (ours.frames, ours.samples) == (theirs.frames, theirs.samples)
+        for layer, (k, v) in enumerate(zip(theirs.keys, theirs.values)):
+            assert_close(ours.keys[layer], k, f"kept keys of layer {layer} after {at} frames")
+            assert_close(ours.values[layer], v, f"kept values of layer {layer} after {at} frames")
+        for path in (*theirs.conv, *theirs.tails):
+            mine = ours.conv.get(path, ours.tails.get(path))
+            want_state = theirs.conv.get(path, theirs.tails.get(path))
+            if want_state.numel():
+                assert_close(mine, want_state, f"state {path} after {at} frames")
+        got_all.append(got)
+    assert_close(torch.cat(got_all, dim=-1), code2wav(codes), "whole stream vs full decode")
+    assert backend(codes[..., :0], ours).shape == (batch, 1, 0)
 
 
 def test_audio_encoder_buckets_match_torch(model, exported, audio_frames):
