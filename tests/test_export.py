@@ -111,8 +111,9 @@ def test_files_pass_checker_and_manifest_describes_them(model, exported, checkpo
     out, manifest = exported
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["format"] == FORMAT and manifest["checkpoint"] == str(checkpoint)
-    keys = {"thinker_step", "talker_step", "code_predictor", "code2wav",
-            *(f"audio_encoder.{f}" for f in audio_frames), "vision_encoder.1x4x6", "vision_encoder.2x6x4"}
+    keys = {"thinker_step", "talker_step", "code_predictor", "code2wav", "code2wav_stream.first",
+            "code2wav_stream.next", *(f"audio_encoder.{f}" for f in audio_frames), "vision_encoder.1x4x6",
+            "vision_encoder.2x6x4"}
     assert set(manifest["modules"]) == keys
     for key, entry in manifest["modules"].items():
         onnx.checker.check_model(str(out / entry["file"]))
@@ -143,6 +144,15 @@ def test_files_pass_checker_and_manifest_describes_them(model, exported, checkpo
     assert manifest["modules"][f"audio_encoder.{AUDIO_FRAMES_2}"]["bucket"] == {"audio_frames": AUDIO_FRAMES_2}
     assert manifest["modules"][f"audio_encoder.{AUDIO_FRAMES_2}"]["inputs"][0]["shape"] == [128, AUDIO_FRAMES_2]
     assert manifest["modules"]["vision_encoder.2x6x4"]["profile"] == {}
+    c2w = model.code2wav.cfg
+    for chunk in ("first", "next"):
+        stream = manifest["modules"][f"code2wav_stream.{chunk}"]
+        assert stream["bucket"] == {"chunk": chunk} and stream["kv_keep"] == c2w.sliding_window - 1
+        assert stream["profile"] == {"batch": [1, 1, MAX_BATCH], "frames": [1, 1, 1024],
+                                     "past": [0, c2w.sliding_window - 1, c2w.sliding_window - 1]}
+        names = [i["name"] for i in stream["inputs"]]
+        assert names[:3] == ["codes", "start_frame", "past_key_0"] and len(names) == len(stream["outputs"]) + 1
+        assert any(n.startswith("conv_") for n in names) and any(n.startswith("tail_") for n in names)
 
 
 def _tm_positions(start: int, batch: int, length: int) -> torch.Tensor:
