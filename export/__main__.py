@@ -4,9 +4,11 @@
 Writes <out>/<key>.onnx (+ <key>.onnx.data external weights) per graph and <out>/manifest.json.
 --shapes: the static-shape encoders' buckets, one graph each: audio_frames=137/200 (mel frames of one clip),
   vision_grid=1x4x6/2x6x4 (t x h x w patches of one image or video). Defaults: audio_frames=200, vision_grid=1x4x4.
---profile: (min, opt, max) of a dynamic dim (batch, seq, past; frames for code2wav), for every module that has
-  it or, prefixed, for one: batch=1:1:4,code_predictor.past=0:1:14. The ort backend refuses sizes outside it;
-  export/trt.py builds the TensorRT optimization profile from it.
+--profile: (min, opt, max) of a dynamic dim (batch, seq, past; frames for code2wav and code2wav_stream), for
+  every module that has it or, prefixed, for one: batch=1:1:4,code_predictor.past=0:1:14. The ort backend
+  refuses sizes outside it; export/trt.py builds the TensorRT optimization profile from it.
+--modules: the graphs to write (default: all); code2wav_stream writes two, .first and .next (a stream's first
+  chunk, then every later one).
 """
 
 from __future__ import annotations
