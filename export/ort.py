@@ -207,8 +207,7 @@ class OrtThinkerStep:
     -> (logits [B, 1, V], [hidden_states[k] for k in hidden_layers]) through the exported thinker_step. Only the
     exported hidden layers (the talker's accept_hidden_layer) and 0 (the embeddings themselves) can be asked."""
 
-    def __init__(self, directory, thinker, dtype: torch.dtype | None = None, opener=None, **kw):
-        opener = opener or OrtModule
+    def __init__(self, directory, thinker, dtype: torch.dtype | None = None, opener=OrtModule, **kw):
         self.session = opener(directory, "thinker_step", expect=thinker.model, dtype=dtype, **kw)
         self.hidden_layers = list(self.session.entry["hidden_layers"])
         self.levels = int(self.session.entry["deepstack_levels"])
@@ -237,8 +236,7 @@ class OrtTalkerStep:
     """Talker.forward(inputs_embeds, position_ids, attention_mask, cache, num_logits_to_keep)
     -> (logits [B, 1, V], hidden [B, L, H]) through the exported talker_step."""
 
-    def __init__(self, directory, talker, dtype: torch.dtype | None = None, opener=None, **kw):
-        opener = opener or OrtModule
+    def __init__(self, directory, talker, dtype: torch.dtype | None = None, opener=OrtModule, **kw):
         self.session = opener(directory, "talker_step", expect=talker, dtype=dtype, **kw)
 
     def __call__(self, inputs_embeds, position_ids, attention_mask=None, cache=None, num_logits_to_keep=None):
@@ -255,8 +253,7 @@ class OrtCodePredictorStep:
     """CodePredictor.forward(inputs_embeds, position_ids, cache, head_index) -> logits [B, L, Vc] through the
     exported code_predictor."""
 
-    def __init__(self, directory, code_predictor, dtype: torch.dtype | None = None, opener=None, **kw):
-        opener = opener or OrtModule
+    def __init__(self, directory, code_predictor, dtype: torch.dtype | None = None, opener=OrtModule, **kw):
         self.session = opener(directory, "code_predictor", expect=code_predictor, dtype=dtype, **kw)
 
     def __call__(self, inputs_embeds, position_ids, cache, head_index: int):
@@ -270,8 +267,7 @@ class OrtCode2Wav:
     """Code2Wav.forward(codes [B, Q, F]) -> waveform [B, 1, samples] through the exported code2wav (dynamic
     batch and frames within the profile)."""
 
-    def __init__(self, directory, code2wav, dtype: torch.dtype | None = None, opener=None, **kw):
-        opener = opener or OrtModule
+    def __init__(self, directory, code2wav, dtype: torch.dtype | None = None, opener=OrtModule, **kw):
         self.session = opener(directory, "code2wav", expect=code2wav, dtype=dtype, **kw)
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
@@ -283,10 +279,9 @@ class OrtCode2WavStream:
     [B, 1, samples], state updated as the PyTorch stream updates it, through the exported code2wav_stream
     graphs (`.first` for a stream's first chunk, `.next` for the others)."""
 
-    def __init__(self, directory, code2wav, dtype: torch.dtype | None = None, opener=None, **kw):
+    def __init__(self, directory, code2wav, dtype: torch.dtype | None = None, opener=OrtModule, **kw):
         from export.wrappers import code2wav_state_layout
 
-        opener = opener or OrtModule
         module_entries(read_manifest(directory), "code2wav_stream", directory)  # a clear error when absent
         fingerprint = weights_fingerprint(code2wav)
         self.first, self.next = (opener(directory, f"code2wav_stream.{chunk}", dtype=dtype, fingerprint=fingerprint,
@@ -335,10 +330,9 @@ class OrtCode2WavStream:
 class _Buckets:
     """The static-shape graphs of one encoder, by bucket value; all checked against one weights fingerprint."""
 
-    def __init__(self, directory, name: str, source: nn.Module, bucket_key: str, dtype, opener=None, **kw):
+    def __init__(self, directory, name: str, source: nn.Module, bucket_key: str, dtype, opener=OrtModule, **kw):
         entries = module_entries(read_manifest(directory), name, directory)
         fingerprint = weights_fingerprint(source)
-        opener = opener or OrtModule
         self.name, self.bucket_key = name, bucket_key
         self.graphs = {_bucket_value(e["bucket"][bucket_key]): opener(directory, key, dtype=dtype,
                                                                      fingerprint=fingerprint, **kw)

@@ -200,8 +200,7 @@ class Code2WavStreamStep(nn.Module):
         code2wav, layers = self.code2wav, self.num_layers
         past, convs, tails = (state[:2 * layers], state[2 * layers:2 * layers + len(self.convs)],
                               state[2 * layers + len(self.convs):])
-        stream = _ExplicitCode2WavState(batch=codes.shape[0], keys=list(past[0::2]), values=list(past[1::2]))
-        stream.start = start_frame
+        stream = _ExplicitCode2WavState(codes.shape[0], start_frame, list(past[0::2]), list(past[1::2]))
         stream.conv = {path: t.clone() for path, t in zip(self.convs, convs)}  # updated in place below
         stream.tails = {path: t.clone() for path, t in zip(self.tails, tails)}
         for path, module in code2wav.named_modules():
@@ -221,11 +220,10 @@ class _ExplicitCode2WavState:
     (past ‖ new: trimming to the window is the caller's, which keeps the graph free of shape-dependent
     branches)."""
 
-    def __init__(self, batch: int, keys: list, values: list):
-        self.batch, self.keys, self.values = batch, keys, values
+    def __init__(self, batch: int, start: torch.Tensor, keys: list, values: list):
+        self.batch, self.start, self.keys, self.values = batch, start, keys, values
         self.conv, self.tails, self.consumed = {}, {}, {}
         self.slot_ids = None
-        self.start = None
 
     def positions(self, length: int, device) -> torch.Tensor:
         return (self.start + torch.arange(length, device=device))[None]  # [1, n]
