@@ -99,3 +99,12 @@ class GenerationOptions:
         if self.audio_format not in AUDIO_FORMATS:
             raise ValueError(f"GenerationOptions.audio_format must be one of {', '.join(AUDIO_FORMATS)}, "
                              f"got {self.audio_format!r}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as the scheduler takes it: a prepared prompt of one row and its options, resolved by the
+    engine (speaker set and lower-cased, return_audio a bool), inputs already checked."""
+
+    prompt: object  # runtime.engine.Prompt, batch 1, on the engine's device
+    options: GenerationOptions
