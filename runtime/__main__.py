@@ -32,10 +32,10 @@ def _demo_inputs() -> tuple[np.ndarray, int, np.ndarray]:
 def _run(engine, out: str | None, **request) -> int:
     """Stream one request: text to stdout as it comes, audio into `out` frame by frame, a progress line on
     stderr, then the timing record (the paper's Table 2 rows)."""
-    import soundfile
-
+    from runtime.frontend.audio import require_soundfile
     from runtime.streaming import AudioChunk, TextDelta
 
+    soundfile = require_soundfile() if request.get("return_audio") else None  # writing the wav needs it: fail first
     stream = engine.stream(**request)
     wav, frames, text = None, 0, []
     try:

@@ -4,13 +4,15 @@ import subprocess
 import sys
 
 import numpy as np
-import soundfile
+import pytest
 from PIL import Image
 
 from runtime.__main__ import main
 
 
 def test_demo_writes_a_playable_wav(tmp_path, monkeypatch, capsys):
+    soundfile = pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")  # the demo clip is at 44.1 kHz
     monkeypatch.setenv("OMNI_RT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo.wav"
     assert main(["demo", "--out", str(out), "--max-new-tokens", "4", "--talker-max-new-tokens", "6"]) == 0
@@ -22,6 +24,8 @@ def test_demo_writes_a_playable_wav(tmp_path, monkeypatch, capsys):
 
 
 def test_generate_with_files_and_clear_errors(tmp_path, monkeypatch, capsys):
+    soundfile = pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")  # the clip is at 48 kHz
     from runtime.tiny import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(tmp_path / "ckpt")

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import soundfile
 import torch
 
 from runtime.engine import OmniEngine
@@ -32,6 +31,7 @@ def test_tiny_checkpoint_is_reused_and_rewritten_when_stale(tmp_path):
 def test_raw_inputs_equal_processor_tensors(engine):
     """Text + audio at 44.1 kHz (resampled) + an image: generate from raw inputs equals generate from the
     tensors prepare() produced, and the placeholders match the encoders' outputs."""
+    pytest.importorskip("soxr")
     image = (np.random.rand(70, 90, 3) * 255).astype(np.uint8)
     audio = _tone(44100, float(np.random.uniform(0.3, 2.0)))
     prompt = engine.prepare("What is this?", audio, 44100, [image])
@@ -49,6 +49,8 @@ def test_raw_inputs_equal_processor_tensors(engine):
 
 
 def test_audio_file_paths(engine, tmp_path):
+    soundfile = pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
     path = tmp_path / "clip.flac"
     soundfile.write(path, _tone(22050, 0.8), 22050)
     result = engine.generate("hi", audio=str(path), max_new_tokens=2, return_audio=False)
@@ -69,6 +71,7 @@ def test_bad_input_is_a_clear_error(engine, kwargs, error, message):
 
 
 def test_corrupt_audio_file(engine, tmp_path):
+    pytest.importorskip("soundfile")
     path = tmp_path / "broken.wav"
     path.write_bytes(np.random.bytes(4096))
     with pytest.raises(ValueError, match="broken.wav"):

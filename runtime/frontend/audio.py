@@ -15,12 +15,11 @@ filterbank is built here, in float64, from the slaney formulas.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
 
 import numpy as np
-import soundfile
-import soxr
 import torch
 
 SAMPLE_RATE = 16000  # the only rate the AuT features are defined for
@@ -36,11 +35,32 @@ DYNAMIC_RANGE = 8.0  # log10 units kept below each audio's peak (80 dB)
 # Decoding and resampling
 # ----------------------------------------------------------------------------------------------------------
 
+def _require(module: str, pin: str, needed_for: str):
+    """Import `module` on first use. Only file decoding and resampling need soundfile / soxr, and the GPU image
+    has neither (nor cffi, which soundfile loads): everything else must import and run without them."""
+    try:
+        return importlib.import_module(module)
+    except (ImportError, OSError) as exc:  # OSError: soundfile is installed but libsndfile is not
+        raise ModuleNotFoundError(f"{module} is not installed: pip install {pin} (needed to {needed_for})",
+                                  name=module) from exc
+
+
+def require_soundfile():
+    """The soundfile module, or ModuleNotFoundError saying how to install it."""
+    return _require("soundfile", "soundfile==0.14.0", "decode audio files")
+
+
+def require_soxr():
+    """The soxr module, or ModuleNotFoundError saying how to install it."""
+    return _require("soxr", "soxr==1.1.0", "resample audio that is not at 16 kHz")
+
+
 def resample(waveform: torch.Tensor | np.ndarray, orig_rate: int, target_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """waveform: [num_samples] (or [num_samples, channels]) float, any device -> float32 CPU tensor of the same
     rank with floor(num_samples * target_rate / orig_rate + 0.5) samples (soxr rounds halves up).
 
-    Band-limited resampling with soxr at its "HQ" setting. Returns the input (as float32) when the rates match.
+    Band-limited resampling with soxr at its "HQ" setting. Returns the input (as float32) when the rates match
+    (soxr is needed only when they differ).
     """
     if orig_rate <= 0 or target_rate <= 0:
         raise ValueError(f"sample rates must be positive, got orig_rate={orig_rate}, target_rate={target_rate}")
@@ -50,7 +70,7 @@ def resample(waveform: torch.Tensor | np.ndarray, orig_rate: int, target_rate: i
     if waveform.ndim not in (1, 2):
         raise ValueError(f"waveform must be [num_samples] or [num_samples, channels], got shape {waveform.shape}")
     if orig_rate != target_rate and waveform.shape[0] > 0:
-        waveform = soxr.resample(waveform, orig_rate, target_rate, quality="HQ")
+        waveform = require_soxr().resample(waveform, orig_rate, target_rate, quality="HQ")
     return torch.from_numpy(np.ascontiguousarray(waveform))
 
 
@@ -59,12 +79,14 @@ def load_audio(path: str | os.PathLike, target_rate: int = SAMPLE_RATE) -> torch
 
     Decodes wav/flac/ogg (anything libsndfile reads) with soundfile, averages the channels, and resamples with
     soxr when the file's rate differs from `target_rate`.
-    Raises FileNotFoundError for a missing file, ValueError naming the path for an undecodable file (with the
-    decoder's message) or for a file holding no samples.
+    Raises FileNotFoundError for a missing file, ModuleNotFoundError naming soundfile when it is not installed,
+    ValueError naming the path for an undecodable file (with the decoder's message) or for a file holding no
+    samples.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {path}")
+    soundfile = require_soundfile()
     try:
         data, rate = soundfile.read(path, dtype="float32", always_2d=True)  # [num_samples, channels]
     except (RuntimeError, soundfile.SoundFileError) as exc:  # LibsndfileError derives from both
