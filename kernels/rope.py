@@ -11,15 +11,18 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
-def tm_rope_axis_of_slot(num_slots: int, mrope_section) -> torch.Tensor:
-    """(num_slots,) int64: which position axis (0=t, 1=h, 2=w) drives each frequency slot.
+def tm_rope_axis_of_slot(num_slots: int, mrope_section, device=None) -> torch.Tensor:
+    """(num_slots,) int64 on `device`: which position axis (0=t, 1=h, 2=w) drives each frequency slot.
 
     The rule transformers implements (not "counts"): every slot starts as t; slots 1, 4, 7, ... below
     3*section[1] become h; slots 2, 5, 8, ... below 3*section[2] become w. section[0] is never read.
+    Built on `device` from an arange (device kernels only): a table made on the host and copied over would be
+    a host-to-device copy inside every decode step, which synchronises and cannot be captured in a CUDA graph.
     """
-    axis = torch.zeros(num_slots, dtype=torch.int64)
-    for dim, offset in ((1, 1), (2, 2)):
-        axis[offset:min(3 * mrope_section[dim], num_slots):3] = dim
+    slot = torch.arange(num_slots, device=device)
+    axis = torch.zeros_like(slot)
+    for dim in (1, 2):
+        axis = torch.where((slot % 3 == dim) & (slot < 3 * mrope_section[dim]), dim, axis)
     return axis
 
 
@@ -34,7 +37,7 @@ def rope_cos_sin_ref(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_sect
     if mrope_section is None:
         angles = positions[..., None] * inv_freq  # (..., D/2)
     else:
-        axis = tm_rope_axis_of_slot(inv_freq.numel(), mrope_section).to(positions.device)
+        axis = tm_rope_axis_of_slot(inv_freq.numel(), mrope_section, positions.device)
         per_axis = positions[..., None] * inv_freq  # (3, ..., D/2)
         angles = _select_axis(per_axis, axis)
     angles = torch.cat((angles, angles), dim=-1)
