@@ -124,10 +124,10 @@ def to_device(request: dict, device) -> dict:
 
 
 def measure_ours(args, device, dtype) -> dict:
-    engine = OmniEngine.from_pretrained(args.preset, device=device, dtype=dtype, seed=0)
-    engine.scheduler_options = dict(max_sessions=max(args.concurrency), prefill_chunk=args.prefill_chunk)
+    scheduler = dict(max_sessions=max(args.concurrency), prefill_chunk=args.prefill_chunk)
     if args.graphs is not None:
-        engine.scheduler_options["use_graphs"] = args.graphs == "on"
+        scheduler["use_graphs"] = args.graphs == "on"
+    engine = OmniEngine.from_pretrained(args.preset, device=device, dtype=dtype, seed=0, scheduler=scheduler)
     generate = dict(max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
                     return_audio=True)
     generator = torch.Generator().manual_seed(1)

@@ -13,8 +13,10 @@ image_grid_thw, pixel_values_videos, video_grid_thw, video_second_per_grid).
 from __future__ import annotations
 
 import os
+import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +29,7 @@ from runtime.frontend import vision as vision_frontend
 from runtime.frontend.prompt import DEFAULT_SYSTEM_PROMPT, tokenize_prompt
 from runtime.models.omni import OmniModel, build_model
 from runtime.models.thinker import MultimodalInputs
+from runtime.options import GenerationOptions, Request, SchedulerConfig
 
 AudioInput = str | os.PathLike | torch.Tensor | np.ndarray
 
@@ -56,16 +59,19 @@ class GenerateResult:
 
 class OmniEngine:
     def __init__(self, config: OmniConfig, model: OmniModel, tokenizer=None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, scheduler_options: dict | None = None):
+                 dtype: torch.dtype = torch.float32, scheduler: SchedulerConfig | dict | None = None):
+        """scheduler: how the scheduler is sized (runtime.options.SchedulerConfig, or a dict of its fields);
+        fixed once the engine serves its first request."""
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.dtype = dtype
-        # Scheduler(...) keywords for streaming: max_sessions, max_seq_len, prefill_chunk, use_graphs,
-        # static_prefill.
-        self.scheduler_options = dict(scheduler_options or {})
+        self._scheduler_config = SchedulerConfig.of(scheduler)
         self._scheduler = None
+        self._loop = None  # runtime.engine_loop.EngineLoop, started by the first request
+        self._closed = False
+        self._serving_lock = threading.RLock()  # two first requests from two threads build one scheduler
         self.backends: dict[str, object] = {}  # module -> exported backend plugged in (export/ort.py)
 
     # ------------------------------------------------------------------ construction
@@ -73,7 +79,8 @@ class OmniEngine:
     @classmethod
     def from_pretrained(cls, path_or_preset: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, seed: int = 0,
-                        backends: dict[str, str] | None = None) -> "OmniEngine":
+                        backends: dict[str, str] | None = None,
+                        scheduler: SchedulerConfig | dict | None = None) -> "OmniEngine":
         """A checkpoint directory (config.json, safetensors, tokenizer), or a preset name:
         `tiny` (the demo's checkpoint, written on first use) or `qwen3-omni-30b-a3b` (the released shapes
         with random weights and no tokenizer: for benchmarks, takes input_ids only).
@@ -82,11 +89,13 @@ class OmniEngine:
         {"thinker_step": "ort:engines/", "code2wav": "trt:engines/trt/"}; modules: audio_encoder, vision_encoder,
         thinker_step, talker_step, code_predictor, code2wav, code2wav_stream (decode_step). `generate` then runs
         them exported; an export made for other weights, dtype or shapes is refused (export/ort.py,
-        export/trt.py)."""
+        export/trt.py).
+        scheduler: runtime.options.SchedulerConfig (or a dict of its fields) for the engine's scheduler."""
+        scheduler = SchedulerConfig.of(scheduler)  # a bad option fails before any weights are read
         if backends:
             from export.ort import apply_backends
 
-            engine = cls.from_pretrained(path_or_preset, device, dtype, seed)
+            engine = cls.from_pretrained(path_or_preset, device, dtype, seed, scheduler=scheduler)
             engine.backends = apply_backends(engine.model, backends, dtype)
             return engine
         from runtime.presets import PRESETS
@@ -100,7 +109,7 @@ class OmniEngine:
             name = os.fspath(ensure_tiny_checkpoint())
         if name in PRESETS:
             config = OmniConfig.from_pretrained(name)
-            return cls(config, init_random(config, device, dtype, seed), None, device, dtype)
+            return cls(config, init_random(config, device, dtype, seed), None, device, dtype, scheduler)
         config = OmniConfig.from_pretrained(name)
         model = build_model(config, "meta")
         load_weights(model, name, prefix="", dtype=dtype, device=device)
@@ -110,7 +119,7 @@ class OmniEngine:
             from runtime.frontend.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_dir(name)
-        return cls(config, model, tokenizer, device, dtype)
+        return cls(config, model, tokenizer, device, dtype, scheduler)
 
     # ------------------------------------------------------------------ inputs
 
@@ -253,36 +262,106 @@ class OmniEngine:
                speaker: str | None = None, max_new_tokens: int = 128, talker_max_new_tokens: int = 1024,
                do_sample: bool = False, return_audio: bool | None = None, audio_format: str = "float32",
                chunk_frames: int = 1):
-        """Like `generate`, but returns a `Stream`: iterate it for TextDelta and AudioChunk objects as they are
-        ready (runtime/streaming.py); `stream.timings` holds the request's timing record. One request (batch 1).
-        audio_format: "float32" or "pcm16" samples; chunk_frames: codec frames per AudioChunk (80 ms each).
-        Input errors are raised here, before any model work."""
-        from runtime.scheduler import SessionRequest
-        from runtime.streaming import Stream, StreamTimings
+        """Like `generate`, but returns a `Stream` of TextDelta and AudioChunk events as they are ready
+        (runtime/streaming.py: iterate it, or `async for` it); `stream.timings` holds the request's timing
+        record. One request (batch 1). audio_format: "float32" or "pcm16" samples; chunk_frames: codec frames
+        per AudioChunk (80 ms each). Options are checked as runtime.options.GenerationOptions; input errors are
+        raised here, before any model work. Safe from any thread: the engine loop runs the request."""
+        from runtime.streaming import StreamTimings
 
+        started = time.perf_counter()
+        options = GenerationOptions(max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens,
+                                    speaker=speaker, return_audio=return_audio, audio_format=audio_format,
+                                    chunk_frames=chunk_frames)
+        self._check_speaker(options.speaker)
         if self.backends:  # the scheduler drives the PyTorch modules on static caches; it would bypass them
             raise NotImplementedError(f"stream() runs the PyTorch modules; this engine has exported backends for "
                                       f"{', '.join(self.backends)} (they serve generate())")
-        started = time.perf_counter()
         prompt = self._prompt(text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
                               feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                               video_grid_thw, video_second_per_grid, use_audio_in_video, video_fps, system,
                               do_sample)
-        want_audio = self._want_audio(return_audio, prompt, speaker, max_new_tokens)
-        timings = StreamTimings(preprocess=time.perf_counter() - started)
-        request = SessionRequest(prompt, (speaker or "ethan").lower(), max_new_tokens, talker_max_new_tokens,
-                                 want_audio, audio_format, chunk_frames)
-        scheduler = self.scheduler
-        return Stream(scheduler, scheduler.submit(request, timings, started))
+        request = self._request(prompt, options)
+        return self.submit(request, StreamTimings(preprocess=time.perf_counter() - started), started)
+
+    def _request(self, prompt: Prompt, options: GenerationOptions) -> Request:
+        """A checked prompt (on the device) and its options resolved against this checkpoint: return_audio a
+        bool, the speaker a lower-case voice name."""
+        want_audio = self._want_audio(options.return_audio, prompt, options.speaker, options.max_new_tokens)
+        return Request(prompt, replace(options, speaker=(options.speaker or "ethan").lower(), return_audio=want_audio))
+
+    # ------------------------------------------------------------------ serving
+
+    def submit(self, request: Request, timings=None, started: float | None = None):
+        """Queue one request (runtime.options.Request, batch 1) on the engine loop -> its Stream. Safe from any
+        thread; starts the loop on first use. The scheduler's refusal (a request that cannot fit its slots) is
+        raised here. timings: the request's StreamTimings so far; started: its perf_counter start."""
+        loop = self._serving_loop()
+        scheduler_request, submit_kwargs = _scheduler_submit(request, timings, started)
+        return loop.submit(scheduler_request, **submit_kwargs)
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        return self._scheduler_config
+
+    @scheduler_config.setter
+    def scheduler_config(self, value: SchedulerConfig | dict) -> None:
+        config = SchedulerConfig.of(value)
+        with self._serving_lock:
+            if self._scheduler is not None:
+                raise RuntimeError("the scheduler options are fixed once the engine has started serving (its "
+                                   "caches and graphs are built): set them before the first request, or pass "
+                                   "scheduler= to OmniEngine / OmniEngine.from_pretrained")
+            self._scheduler_config = config
 
     @property
     def scheduler(self):
-        """The streaming scheduler (runtime/scheduler.py), built on first use with `scheduler_options`."""
-        if self._scheduler is None:
-            from runtime.scheduler import Scheduler
+        """The engine's scheduler (runtime/scheduler.py), built on first use from `scheduler_config`. Once the
+        engine loop runs, only its thread steps or changes the scheduler; look at it from another thread through
+        `engine.loop.call(fn)`."""
+        with self._serving_lock:
+            if self._scheduler is None:
+                from runtime.scheduler import Scheduler
 
-            self._scheduler = Scheduler(self, **self.scheduler_options)
-        return self._scheduler
+                with self._serving_scope():  # CUDA graphs are captured here, under the engine's kernel choice
+                    self._scheduler = Scheduler(self, **asdict(self._scheduler_config))
+            return self._scheduler
+
+    @property
+    def loop(self):
+        """The engine loop (runtime/engine_loop.py) once the first request has started it, else None."""
+        return self._loop
+
+    def _serving_loop(self):
+        from runtime.engine_loop import EngineLoop, EngineLoopError
+
+        with self._serving_lock:
+            if self._loop is None:
+                if self._closed:
+                    raise EngineLoopError("this engine is closed")
+                self._loop = EngineLoop(self.scheduler, scope=self._serving_scope)
+            return self._loop
+
+    @contextmanager
+    def _serving_scope(self):
+        """What the loop thread (and scheduler construction) runs under: the engine's CUDA device."""
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+            yield
+
+    def close(self) -> None:
+        """Stop serving: open streams end with runtime.engine_loop.EngineLoopError, later requests raise it;
+        the loop thread is joined. Also at interpreter exit, or at the end of a `with engine:` block."""
+        with self._serving_lock:
+            self._closed = True
+            loop = self._loop
+        if loop is not None:
+            loop.close()
+
+    def __enter__(self) -> "OmniEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _prompt(self, text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
                 feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
@@ -343,6 +422,19 @@ def _check_prompt(prompt: Prompt, config: OmniConfig, need_assistant_turn: bool)
             raise ValueError("speech output needs a prompt that ends with an open assistant turn "
                              "(`<|im_start|>assistant\\n`): the talker speaks that turn; row "
                              f"{row} has none")
+
+
+def _scheduler_submit(request: Request, timings, started: float | None) -> tuple[object, dict]:
+    """(request, keywords) for the scheduler's submit: the one place that adapts a Request to what
+    runtime/scheduler.py takes."""
+    from runtime import scheduler
+
+    if hasattr(scheduler, "SessionRequest"):  # the scheduler before it took runtime.options.Request
+        options = request.options
+        request = scheduler.SessionRequest(request.prompt, options.speaker, options.max_new_tokens,
+                                           options.talker_max_new_tokens, options.return_audio, options.audio_format,
+                                           options.chunk_frames)
+    return request, dict(timings=timings, started=started)
 
 
 def _check_device_dtype(device, dtype) -> None:

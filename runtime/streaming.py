@@ -1,6 +1,6 @@
 """Streaming output of a request: the events it yields (text deltas and 80 ms audio packets, as soon as each
-is ready) and its timing record. runtime/scheduler.py produces them; `Stream` drives the scheduler while its
-consumer iterates.
+is ready) and its timing record. runtime/scheduler.py produces them, the engine loop (runtime/engine_loop.py)
+moves them into each stream's `EventQueue`, and `Stream` reads them there, as an iterator or an async iterator.
 
 Per session the scheduler interleaves the thinker, the talker and Code2Wav:
 
@@ -16,11 +16,14 @@ and the audio of the single full decode.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import weakref
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import torch
-
 
 
 @dataclass
@@ -59,29 +62,175 @@ class StreamTimings:
         return self.total / self.audio_seconds if self.audio_seconds else None
 
 
+class StreamEnd:
+    """The last item of an EventQueue: the request finished (error None), failed or was cancelled."""
+
+    def __init__(self, error: BaseException | None = None, cancelled: bool = False):
+        self.error, self.cancelled = error, cancelled
+
+
+class EventQueue:
+    """One stream's events on their way from the engine loop's thread to the stream's consumer, who reads
+    them at its own pace (so a slow consumer delays only itself): a blocking `get` for threads, an awaitable
+    `get_async` that never blocks an asyncio event loop. It ends with one StreamEnd, which every later get
+    returns again."""
+
+    def __init__(self):
+        # Reentrant: a Stream's finalizer ends its queue and may run in a garbage collection that starts
+        # inside this queue's own critical section.
+        self._lock = threading.RLock()
+        self._ready = threading.Condition(self._lock)
+        self._items: deque = deque()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self.ended = False
+        # Loop ticks at the submit and at the first delivered event: how long a request waited, counted in
+        # the engine's own steps (tests read these; seconds depend on the machine).
+        self.submit_tick: int | None = None
+        self.first_event_tick: int | None = None
+
+    def put(self, events: list, tick: int | None = None) -> None:
+        """Append events (the engine loop's thread); dropped once the queue has ended."""
+        with self._lock:
+            if self.ended:
+                return
+            if self.first_event_tick is None and events:
+                self.first_event_tick = tick
+            self._items.extend(events)
+            self._wake()
+
+    def end(self, error: BaseException | None = None, cancelled: bool = False) -> bool:
+        """Close the queue with a StreamEnd (events already in it stay readable, except on cancel, which
+        drops them). False when it had ended already."""
+        with self._lock:
+            if self.ended:
+                return False
+            self.ended = True
+            if cancelled:
+                self._items.clear()
+            self._items.append(StreamEnd(error, cancelled))
+            self._wake()
+            return True
+
+    def final(self) -> StreamEnd | None:
+        """The StreamEnd once the queue has ended (events before it may still be unread), else None."""
+        with self._lock:
+            return self._items[-1] if self.ended else None
+
+    def get(self):
+        """The next event or the StreamEnd, waiting for it (any thread but the engine loop's)."""
+        with self._ready:
+            while not self._items:
+                self._ready.wait()
+            return self._take()
+
+    async def get_async(self):
+        """`get` for a coroutine: waits on an asyncio future that the loop thread resolves thread-safely."""
+        while True:
+            with self._lock:
+                if self._items:
+                    return self._take()
+                future = asyncio.get_running_loop().create_future()
+                self._async_waiters.append((future.get_loop(), future))
+            await future
+
+    def _take(self):
+        item = self._items.popleft()
+        if isinstance(item, StreamEnd):
+            self._items.appendleft(item)  # every later get sees the end too
+        return item
+
+    def _wake(self) -> None:  # with the lock held
+        self._ready.notify_all()
+        waiters, self._async_waiters = self._async_waiters, []
+        for event_loop, future in waiters:
+            try:
+                event_loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # that event loop is closed: nobody waits there any more
+                pass
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():  # a consumer task cancelled meanwhile leaves a cancelled future behind
+        future.set_result(None)
+
+
 class Stream:
-    """Iterate for TextDelta / AudioChunk events; `timings` fills in as the request runs.
+    """A request's events (TextDelta / AudioChunk) as they are ready; `timings` fills in as it runs.
 
-    Iterating advances the engine's scheduler, so streams consumed side by side (or one after another) run
-    concurrently in its slots. A failed request raises its error here; the scheduler goes on serving."""
+        for event in stream: ...            # from any thread
+        async for event in stream: ...      # from a coroutine; the asyncio event loop is never blocked
 
-    def __init__(self, scheduler, session):
-        self.scheduler, self.session, self.timings = scheduler, session, session.timings
+    The engine loop (runtime/engine_loop.py) produces the events on its own thread whether or not anyone
+    reads them; a failed request raises its error from the iteration; the others go on. Leaving early ends
+    the request and frees its slot: `cancel()` (from any thread), `close()`, a `with` block, `break` out of
+    a `for` loop (the generator's exit), or dropping the last reference to the stream (a finalizer; the loop
+    holds only the session and the queue, never the Stream)."""
+
+    def __init__(self, loop, session, events: EventQueue):
+        self._loop, self.session, self._events = loop, session, events
+        self.timings: StreamTimings = session.timings
+        self._finalizer = weakref.finalize(self, loop.abandon, session, events)
+        self._finalizer.atexit = False  # at exit the engine loop closes every stream itself
+
+    @property
+    def cancelled(self) -> bool:
+        """Ended by a cancel (its own, another thread's, or its finalizer's) before it finished."""
+        end = self._events.final()
+        return end is not None and end.cancelled
+
+    @property
+    def submit_tick(self) -> int | None:
+        return self._events.submit_tick
+
+    @property
+    def first_event_tick(self) -> int | None:
+        return self._events.first_event_tick
 
     def __iter__(self) -> Iterator[TextDelta | AudioChunk]:
-        session = self.session
-        while True:
-            while session.events:
-                yield session.events.popleft()
-            if session.finished:
-                if session.state == "failed":
-                    raise session.error
-                return
-            self.scheduler.step()
+        try:
+            while not isinstance(item := self._events.get(), StreamEnd):
+                yield item
+            if item.error is not None:
+                raise item.error
+        finally:
+            self._leave()
 
-    def cancel(self) -> None:
-        """Stop the request now and free its slot; other requests are unaffected."""
-        self.scheduler.cancel(self.session)
+    async def __aiter__(self) -> AsyncIterator[TextDelta | AudioChunk]:
+        try:
+            while not isinstance(item := await self._events.get_async(), StreamEnd):
+                yield item
+            if item.error is not None:
+                raise item.error
+        finally:
+            self._leave()
+
+    def cancel(self, wait: bool = True) -> None:
+        """Stop the request and free its slot; events not read yet are dropped; other requests go on. A
+        request that has finished already keeps its events. With `wait`, returns once the engine loop has
+        released the slot (within one tick)."""
+        if self._events.end(cancelled=True):
+            self._loop.cancel(self.session, self._events, wait=wait)
+
+    def close(self) -> None:
+        """Cancel unless finished; never waits for the engine loop."""
+        self.cancel(wait=False)
+
+    def _leave(self) -> None:
+        # Runs when an iteration ends, however it ends (it may run in a garbage collection on any thread,
+        # the engine loop's included), so it never waits.
+        self.cancel(wait=False)
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "Stream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
 
 
 def pcm16(samples: torch.Tensor) -> torch.Tensor:
@@ -90,15 +239,7 @@ def pcm16(samples: torch.Tensor) -> torch.Tensor:
 
 
 def consume_together(streams: list[Stream]) -> list[list[TextDelta | AudioChunk]]:
-    """Consume several streams side by side, one event of each in turn, until all have ended; returns each
-    stream's events. (They share the engine's scheduler, so this runs them concurrently.)"""
-    iterators = [iter(stream) for stream in streams]
-    events: list[list] = [[] for _ in streams]
-    live = list(range(len(streams)))
-    while live:
-        for i in list(live):
-            try:
-                events[i].append(next(iterators[i]))
-            except StopIteration:
-                live.remove(i)
-    return events
+    """Every event of each stream, in order; raises the first failure met. The engine loop runs the
+    requests concurrently whatever order they are read in, so the streams are simply read one after another
+    (those left unread when one fails are cancelled as they are dropped)."""
+    return [list(stream) for stream in streams]

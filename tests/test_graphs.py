@@ -34,7 +34,7 @@ def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
     fit its step function, and no session's slot is touched (only the scratch slot, reset after)."""
     build_oracle("odd", tmp_path, seed=int(torch.randint(0, 2**31, ()).item()))
     engine = OmniEngine.from_pretrained(tmp_path)
-    engine.scheduler_options = dict(max_sessions=2, prefill_chunk=40)
+    engine.scheduler_config = dict(max_sessions=2, prefill_chunk=40)
     scheduler = engine.scheduler
     runner = object.__new__(GraphRunner)  # the capture plan without a device to capture on
     runner.device, runner.buckets, runner.prefill_buckets = scheduler.device, batch_buckets(2), scheduler.prefill_buckets

@@ -73,8 +73,9 @@ def test_more_sessions_than_slots_wait_their_turn(engine):
     pairs = _requests(engine, 4)
     served = _sharing(engine, max_sessions=2)
     streams = [served.stream(**request) for request, _ in pairs]
-    served.scheduler.step()
-    assert len(served.scheduler.live) == 2 and len(served.scheduler.waiting) == 2
+    # Read on the engine loop's thread, after one tick that has seen all four requests.
+    live, waiting = served.loop.call(lambda scheduler: (len(scheduler.live), len(scheduler.waiting)), after_tick=True)
+    assert live == 2 and waiting == 2
     for (request, offline), events in zip(pairs, consume_together(streams)):
         _check_alone(engine, request, offline, events)
 
