@@ -181,8 +181,8 @@ def test_tiny_thinker_logits_through_triton(monkeypatch):
     from runtime.weights import init_random
 
     seed = int(torch.randint(0, 2**31, ()).item())
-    model = init_random("tiny", "cpu", torch.float32, seed=seed)
-    input_ids = torch.randint(0, min(model.thinker.cfg.text.vocab_size, 64), (2, 7))
+    model = init_random("tiny", DEVICE, torch.float32, seed=seed)  # compiled Triton (CUDA) takes device tensors
+    input_ids = torch.randint(0, min(model.thinker.cfg.text.vocab_size, 64), (2, 7), device=DEVICE)
     want = model.thinker(input_ids).logits
     calls = {"qk_norm_rope": 0, "rms_norm": 0}
     saved = dispatch.selected()
