@@ -21,6 +21,16 @@ CONV_OPS = ("causal_conv1d", "causal_conv1d_update", "causal_conv_transpose1d", 
 BLOCK = 16  # the smallest tile (GPU floor; test_*_small_tiles force it under the interpreter, whose tiles are long)
 
 
+@pytest.fixture(autouse=True)
+def exact_fp32_references():
+    """cuDNN convs default to TF32 on a GPU, which would make the fp32 torch references ~1e-3 off: keep them
+    fp32 (matmuls too) for each test, and restore the flags after it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def tol(dtype: torch.dtype) -> float:
     """Relative error bound against the fp32 reference on the same (upcast) inputs."""
     return {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
