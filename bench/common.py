@@ -10,7 +10,8 @@
   bytes written over a large copy) and the cuBLAS bf16 GEMM rate (a large torch.matmul).
 - `make_row`: one table row with the floor it is judged against: bytes and FLOPs counted, GB/s, TFLOP/s,
   the fraction of the measured ceilings, and the ratio to the reference run in the same process.
-- `write_results` / `print_table`: JSON under bench/results/<name>-<device-slug>-<date>.json and a table.
+- `write_results` / `print_table`: JSON under bench/results/<name>-<device-slug>-<date>.json (rewritable in
+  place as rows come in) and a table.
 """
 
 from __future__ import annotations
@@ -307,15 +308,24 @@ def device_slug(info: dict, smoke: bool = False) -> str:
     return slug.removeprefix("nvidia-") or "device"
 
 
-def write_results(name: str, info: dict, ceilings: dict, rows: list[dict], out_dir: Path | str | None = None,
-                  smoke: bool = False, **extra) -> Path:
-    """bench/results/<name>-<device-slug>-<date>.json (or under out_dir) with info, ceilings and rows."""
+def results_path(name: str, info: dict, out_dir: Path | str | None = None, smoke: bool = False) -> Path:
+    """bench/results/<name>-<device-slug>-<UTC date-time>.json (or under out_dir); the directory is made."""
     out = Path(out_dir) if out_dir else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = out / f"{name}-{device_slug(info, smoke)}-{stamp}.json"
+    return out / f"{name}-{device_slug(info, smoke)}-{stamp}.json"
+
+
+def write_results(name: str, info: dict, ceilings: dict, rows: list[dict], out_dir: Path | str | None = None,
+                  smoke: bool = False, *, path: Path | None = None, **extra) -> Path:
+    """Write {name, info, ceilings, rows, **extra} as strict JSON to `path` (default: a new results_path).
+    Called again with the same path it replaces the file whole (written aside, then renamed), so a run that is
+    killed between two writes leaves the last complete file, never half of one."""
+    path = Path(path) if path else results_path(name, info, out_dir, smoke)
     payload = {"name": name, "info": info, "ceilings": ceilings, "rows": rows, **extra}
-    path.write_text(json.dumps(_finite(payload), indent=1, default=str, allow_nan=False) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(_finite(payload), indent=1, default=str, allow_nan=False) + "\n")
+    os.replace(partial, path)
     return path
 
 

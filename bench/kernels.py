@@ -4,6 +4,8 @@ judged against the floor measured in the same run (bench/common.py).
 
     python bench/kernels.py                         # GPU: bf16, real shapes, every backend present
     python bench/kernels.py --ops moe_experts,decode_attention --out /tmp/results
+    python bench/kernels.py --ops moe_experts:decode,decode_attention      # decode shapes of those ops only
+    python bench/kernels.py --skip-ops moe_experts:decode,decode_attention # everything else
     python bench/kernels.py --smoke                 # CPU, fp32, tiny shapes, torch only: checks the script
 
 Ops and shapes (read from runtime/presets.py `qwen3-omni-30b-a3b`):
@@ -18,6 +20,11 @@ Ops and shapes (read from runtime/presets.py `qwen3-omni-30b-a3b`):
 - decode_attention: one new token per row over a static cache, lengths 1k/4k/8k, batch 1/4/8.
 - causal_conv1d_update / causal_conv_transpose1d_update: Code2Wav's per-frame (80 ms) streaming shapes.
 - rms_norm: thinker hidden (M, 2048).
+
+Each case has a phase: `decode` (one decode step: M <= 8 tokens; attention and the per-frame conv updates are
+decode by nature) or `prefill`; `--ops` / `--skip-ops` take `op` or `op:phase` items.
+The JSON is rewritten after every case (`"complete": false` until the last), so a run stopped by a time
+limit still leaves what it measured.
 
 Inputs are random (never zeros) and rotate over several sets so a pass exceeds twice the L2 cache.
 Launch-bound cases are also timed as CUDA-graph replays where the implementation does not sync with the
@@ -93,6 +100,7 @@ class Case:
     name: str
     make_set: Callable[[int], tuple[tuple, int, int]]
     launch_bound: bool = False
+    phase: str = "decode"  # "decode" (one decode step) or "prefill": what --ops op:phase selects
     mutable: tuple[int, ...] = ()
     min_sets: int = 1
     extras: dict[str, Callable] = field(default_factory=dict)  # extra implementations with the op's signature
@@ -135,6 +143,11 @@ def _shapes(smoke: bool) -> dict:
     }
 
 
+def _phase(num_tokens: int) -> str:
+    """Up to 8 tokens is a decode step (one new token per session), more is a prefill chunk."""
+    return "decode" if num_tokens <= 8 else "prefill"
+
+
 def moe_cases(env: Env, shapes: dict) -> list[Case]:
     cases = []
     for model, ms in (("thinker", shapes["thinker_moe_m"]), ("talker", shapes["talker_moe_m"])):
@@ -160,7 +173,7 @@ def moe_cases(env: Env, shapes: dict) -> list[Case]:
 
             extras = {"torch._grouped_mm": grouped_mm_moe} if hasattr(torch, "_grouped_mm") else {}
             cases.append(Case("moe_experts", f"{model} M={m} E={E} K={K} H={H} I={I}", make_set,
-                              launch_bound=m <= 8, min_sets=4, extras=extras))
+                              launch_bound=m <= 8, phase=_phase(m), min_sets=4, extras=extras))
     return cases
 
 
@@ -197,7 +210,8 @@ def route_cases(env: Env, shapes: dict) -> list[Case]:
             return ((env.randn(m, s["E"]), s["K"], True),
                     m * s["E"] * env.elem + m * s["K"] * (env.elem + 8), 0)
 
-        cases.append(Case("route_topk", f"thinker M={m} E={s['E']} K={s['K']}", make_set, launch_bound=m <= 8))
+        cases.append(Case("route_topk", f"thinker M={m} E={s['E']} K={s['K']}", make_set, launch_bound=m <= 8,
+                          phase=_phase(m)))
     return cases
 
 
@@ -223,7 +237,7 @@ def rope_cases(env: Env, shapes: dict) -> list[Case]:
         if _omni_rt_mrope_available(env):
             extras["cuda:omni_rt.mrope_qk_norm_"] = _mrope_fused(inv_freq, s["section"])
         cases.append(Case("qk_norm_rope", f"M={m} q_heads={qh} kv_heads={kvh} D={D}", make_set,
-                          launch_bound=m <= 8, extras=extras))
+                          launch_bound=m <= 8, phase=_phase(m), extras=extras))
     return cases
 
 
@@ -341,7 +355,7 @@ def rms_norm_cases(env: Env, shapes: dict) -> list[Case]:
             return ((env.randn(m, H), env.randn(H, scale=0.1).add_(1), shapes["thinker"]["eps"]),
                     env.elem * (2 * m * H + H), 0)
 
-        cases.append(Case("rms_norm", f"M={m} H={H}", make_set, launch_bound=m <= 8))
+        cases.append(Case("rms_norm", f"M={m} H={H}", make_set, launch_bound=m <= 8, phase=_phase(m)))
     return cases
 
 
@@ -350,8 +364,31 @@ BUILDERS = {"moe_experts": moe_cases, "route_topk": route_cases, "qk_norm_rope":
             "causal_conv_transpose1d_update": conv_cases, "rms_norm": rms_norm_cases}
 
 
-def build_cases(env: Env, ops: list[str] | None, overrides: dict | None = None) -> list[Case]:
-    """Every case of the selected ops; `overrides` replaces entries of the shape table (e.g. thinker_moe_m)."""
+PHASES = ("decode", "prefill")
+
+
+def parse_selectors(text: str | None) -> list[tuple[str, str | None]] | None:
+    """"moe_experts:decode,rms_norm" -> [("moe_experts", "decode"), ("rms_norm", None)]; None stays None."""
+    if not text:
+        return None
+    selectors = []
+    for item in text.split(","):
+        op, _, phase = item.strip().partition(":")
+        if op not in BUILDERS:
+            raise ValueError(f"unknown op {op!r}; known: {', '.join(BUILDERS)}")
+        if phase and phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r} in {item!r}; known: {', '.join(PHASES)}")
+        selectors.append((op, phase or None))
+    return selectors
+
+
+def _matches(case: Case, selectors) -> bool:
+    return any(case.op == op and phase in (None, case.phase) for op, phase in selectors)
+
+
+def build_cases(env: Env, ops: list | None, overrides: dict | None = None, skip: list | None = None) -> list[Case]:
+    """Every case of the selected ops, less the skipped ones; `ops`/`skip` items are op names or (op, phase)
+    selectors (parse_selectors). `overrides` replaces entries of the shape table (e.g. thinker_moe_m)."""
     shapes = {**_shapes(env.smoke), **(overrides or {})}
     cases, seen = [], set()
     for op, builder in BUILDERS.items():
@@ -359,7 +396,9 @@ def build_cases(env: Env, ops: list[str] | None, overrides: dict | None = None) 
             continue
         seen.add(builder)
         cases += builder(env, shapes)
-    return [c for c in cases if ops is None or c.op in ops]
+    include = None if ops is None else [o if isinstance(o, tuple) else (o, None) for o in ops]
+    exclude = [o if isinstance(o, tuple) else (o, None) for o in skip or []]
+    return [c for c in cases if (include is None or _matches(c, include)) and not _matches(c, exclude)]
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -444,7 +483,9 @@ def run_case(case: Case, env: Env, ceilings: dict, allowed: list[str] | None, gr
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, fp32, tiny shapes, torch only (checks the script)")
-    parser.add_argument("--ops", default=None, help=f"comma list of ops (default all: {', '.join(BUILDERS)})")
+    parser.add_argument("--ops", default=None, help=f"comma list of op or op:phase (phase: decode, prefill; "
+                                                    f"default all: {', '.join(BUILDERS)})")
+    parser.add_argument("--skip-ops", default=None, help="comma list of op or op:phase to leave out")
     parser.add_argument("--backends", default=None,
                         help="comma list of backends/extras to run (default: all on GPU, torch and CPU-capable "
                              "extras in --smoke); the torch reference always runs for the ratio")
@@ -470,10 +511,10 @@ def main(argv=None) -> int:
     env = Env(device, getattr(torch, args.dtype), smoke)
     warmup_ms = args.warmup_ms if args.warmup_ms is not None else (2.0 if smoke else 25.0)
     rep_ms = args.rep_ms if args.rep_ms is not None else (10.0 if smoke else 100.0)
-    ops = args.ops.split(",") if args.ops else None
-    unknown = sorted(set(ops or []) - set(BUILDERS))
-    if unknown:
-        parser.error(f"unknown ops {unknown}; known: {', '.join(BUILDERS)}")
+    try:
+        ops, skip = parse_selectors(args.ops), parse_selectors(args.skip_ops)
+    except ValueError as exc:
+        parser.error(str(exc))
     allowed = args.backends.split(",") if args.backends else None
     if allowed is not None and "torch" not in allowed:
         allowed.append("torch")
@@ -482,8 +523,19 @@ def main(argv=None) -> int:
     print(f"# kernel benchmarks on {info['device']} ({args.dtype})"
           + (f" -- {common.SMOKE_LABEL}" if smoke else ""), flush=True)
     ceilings = common.measure_ceilings(device, smoke)
+    cases = build_cases(env, ops, skip=skip)
+    path = common.results_path("kernels", info, args.out, smoke)
+    uncovered = sorted(set(dispatch._IMPLS) - set(BUILDERS))
+    run_args = {k: v for k, v in vars(args).items()}
+
+    def save(rows: list[dict], done: int) -> None:  # after every case: a stopped run keeps what it measured
+        common.write_results("kernels", info, ceilings, rows, path=path, smoke=smoke, args=run_args,
+                             ops_without_cases=uncovered, complete=done == len(cases), cases_done=done,
+                             cases_total=len(cases))
+
     rows = []
-    for case in build_cases(env, ops):
+    save(rows, 0)
+    for number, case in enumerate(cases, 1):
         try:
             case_rows = run_case(case, env, ceilings, allowed, not args.no_graphs, warmup_ms, rep_ms,
                                  min_reps=3 if smoke else 10)
@@ -496,11 +548,9 @@ def main(argv=None) -> int:
             status = row.get("error") or f"{row['us']:.2f} µs ({row['mode']})"
             print(f"  {row['op']:<32} {row['case']:<48} {row['backend']:<28} {status}", flush=True)
         rows += case_rows
-    uncovered = sorted(set(dispatch._IMPLS) - set(BUILDERS))
+        save(rows, number)
     if uncovered:
         print(f"  note: dispatch ops without a benchmark case here: {', '.join(uncovered)}", flush=True)
-    path = common.write_results("kernels", info, ceilings, rows, args.out, smoke,
-                                args={k: v for k, v in vars(args).items()}, ops_without_cases=uncovered)
     print(f"wrote {path}")
     print()
     common.print_table(rows, ceilings, info, smoke)

@@ -22,7 +22,10 @@ def compact(result: dict, width: int = 150) -> str:
     info, ceilings = result["info"], result["ceilings"]
     lines = [f"{info['device']} | torch {info['torch']} | triton {info['triton']} | {info['date']} | "
              f"{info['commit'][:12]}" + (f" | {info['label']}" if "label" in info else ""),
-             f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s",
+             f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s"
+             + ("" if result.get("complete", True) else
+                f" | PARTIAL: {result.get('cases_done', '?')} of {result.get('cases_total', '?')} cases (the run "
+                "stopped early)"),
              f"{'op':<12} {'case':<52} {'fastest':<18} {'µs':>9} {'%floor':>7} {'vs ref':>7} {'ref µs':>9} backends"]
     cases: dict[tuple, list[dict]] = {}
     for row in rows:

@@ -232,3 +232,47 @@ def test_kernels_smoke_picks_up_triton_backends(tmp_path):
     assert {row["op"] for row in triton_rows} == set(ops)
     for row in triton_rows:
         assert "error" not in row and row["err"] < 1e-4, row
+
+
+# ------------------------------------------------------------------------------- case selection, partial runs
+
+
+def test_case_selection_by_op_and_phase():
+    env = bench_kernels.Env(torch.device("cpu"), torch.float32, smoke=True)
+    every = bench_kernels.build_cases(env, None)
+    assert {c.phase for c in every} == {"decode", "prefill"}
+    decode = bench_kernels.build_cases(env, bench_kernels.parse_selectors("moe_experts:decode,decode_attention"))
+    assert {c.op for c in decode} == {"moe_experts", "decode_attention"}
+    assert all(c.phase == "decode" for c in decode)
+    assert {c.name.split()[1] for c in decode if c.op == "moe_experts"} == {"M=1", "M=4"}  # smoke: M=33 is prefill
+    rest = bench_kernels.build_cases(env, None, skip=bench_kernels.parse_selectors("moe_experts:decode,decode_attention"))
+    names = lambda cases: {(c.op, c.name) for c in cases}  # noqa: E731
+    assert names(decode) | names(rest) == names(every) and not names(decode) & names(rest)
+    assert any(c.op == "moe_experts" and c.phase == "prefill" for c in rest)
+    with pytest.raises(ValueError, match="unknown op"):
+        bench_kernels.parse_selectors("moe")
+    with pytest.raises(ValueError, match="unknown phase"):
+        bench_kernels.parse_selectors("moe_experts:decoding")
+
+
+def test_kernels_json_is_written_after_every_case(tmp_path, monkeypatch):
+    """A run stopped in the middle (a stage's time limit) leaves a valid JSON of the cases it finished."""
+    real_run_case, finished = bench_kernels.run_case, []
+
+    def stop_after_two(case, *args, **kwargs):
+        if len(finished) == 2:
+            raise KeyboardInterrupt  # what a time limit's SIGTERM/SIGINT looks like to the loop
+        finished.append(case.name)
+        return real_run_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(bench_kernels, "run_case", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        bench_kernels.main(["--smoke", "--ops", "rms_norm,route_topk", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("kernels-cpu-smoke-*.json")
+    result = json.loads(path.read_text())
+    assert result["complete"] is False and result["cases_done"] == 2 and result["cases_total"] == 6
+    assert [row["case"] for row in result["rows"]] == finished
+    assert not list(tmp_path.glob("*.partial"))
+    summary = subprocess.run([sys.executable, str(ROOT / "bench" / "summary.py"), str(path)], capture_output=True,
+                             text=True, timeout=60, cwd=ROOT)
+    assert summary.returncode == 0 and "PARTIAL: 2 of 6 cases" in summary.stdout
