@@ -8,6 +8,10 @@ its last query's position); a second kernel merges the splits. The grid is sized
 not from the lengths (which stay on the device): programs past a row's length exit at once, so a step is
 one fixed launch pair, safe inside a CUDA graph.
 
+Each public function validates its arguments, reshapes (views where it can) and calls its `torch.library` op
+`omni_rt_triton::<name>`, which launches the kernels; the op's fake implementation only allocates outputs
+(FakeTensorMode, meta tensors, torch.compile). Kernels one call launches: kernels/launch_counts.py.
+
 Legend: B = batch rows, L = new tokens per row, Hq / Hkv = q / kv heads, G = Hq / Hkv, D = head_dim,
 N = cached positions (max_len), S = splits.
 """
@@ -18,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch_counts import decode_attention_plan
 from kernels.tuning import dot_precision, launch_config
 from runtime import dispatch
 
@@ -124,15 +129,15 @@ def _decode_attention_merge(
              mask=row_valid[:, None] & (offs_d[None, :] < D))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
-                     lengths: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: (B, L, Hq, D); k_cache, v_cache: (num_slots, N, Hkv, D); slot_ids, lengths: (B,) int64 on the device
-    (slot −1 = padded row: zeros out). Returns (B, L, Hq, D) in q's dtype, as decode_attention_ref."""
+@torch.library.custom_op("omni_rt_triton::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
+                         lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """decode_attention below. Launches: kernels.launch_counts.decode_attention_plan."""
     batch, new, q_heads, head_dim = q.shape
     kv_heads, max_len = k_cache.shape[2], k_cache.shape[1]
     groups = q_heads // kv_heads
     out = torch.empty_like(q)
-    if batch == 0 or new == 0:
+    if not decode_attention_plan(batch, new):
         return out
     # The CPU interpreter runs programs one after another: splitting the keys there only adds programs.
     default = DEFAULT_CONFIG if q.is_cuda else {**DEFAULT_CONFIG, "min_programs": 1}
@@ -160,6 +165,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         *acc.stride(), *row_max.stride(), *out.stride(),
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=cfg["num_warps"])
     return out
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, slot_ids, lengths, scale):
+    return torch.empty_like(q)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
+                     lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: (B, L, Hq, D); k_cache, v_cache: (num_slots, N, Hkv, D); slot_ids, lengths: (B,) int64 on the device
+    (slot −1 = padded row: zeros out). Returns (B, L, Hq, D) in q's dtype, as decode_attention_ref."""
+    return torch.ops.omni_rt_triton.decode_attention(q, k_cache, v_cache, slot_ids, lengths, float(scale))
 
 
 dispatch.register("decode_attention", "triton", decode_attention)

@@ -19,6 +19,10 @@
   Rounding follows the reference where it matters (gate/up and the expert output rounded to the activation
   dtype before SiLU and before the router weight); sums over experts stay in fp32 and are rounded once.
 
+Each public function validates its arguments, reshapes (views where it can) and calls its `torch.library` op
+`omni_rt_triton::<name>`, which launches the kernels; the op's fake implementation only allocates outputs
+(FakeTensorMode, meta tensors, torch.compile). Kernels one call launches: kernels/launch_counts.py.
+
 Legend: T = tokens, E = experts, K = top_k, P = T·K pairs, H = hidden_size, I = moe_intermediate_size,
 BM = rows per aligned block.
 """
@@ -29,11 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch_counts import DECODE_MAX_TOKENS  # noqa: F401  re-exported: tests size their cases by it
+from kernels.launch_counts import moe_experts_plan, route_topk_plan
 from kernels.moe import moe_align_max_padded
 from kernels.tuning import dot_precision, launch_config
 from runtime import dispatch
 
-DECODE_MAX_TOKENS = 8  # up to this many tokens the pair-major decode path reads each routed expert once per pair
 DECODE_CONFIG = {"BLOCK_N_GATE_UP": 32, "BLOCK_K_GATE_UP": 128, "BLOCK_N_DOWN": 16, "BLOCK_K_DOWN": 128,
                  "num_warps": 4}
 PREFILL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
@@ -86,6 +91,28 @@ def _route_topk_kernel(
         remaining = tl.where(offs_e[None, :] == pick[:, None], -1.0, remaining)
 
 
+@torch.library.custom_op("omni_rt_triton::route_topk", mutates_args=())
+def _route_topk_op(router_logits: torch.Tensor, top_k: int,
+                   norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: (T, E), any strides. Returns new (weights (T, K) in the logits' dtype, ids (T, K) int64)."""
+    num_tokens, num_experts = router_logits.shape
+    weights = router_logits.new_empty(num_tokens, top_k)
+    ids = router_logits.new_empty(num_tokens, top_k, dtype=torch.int64)
+    if route_topk_plan(num_tokens):
+        block_e = triton.next_power_of_2(num_experts)
+        block_t = max(1, min(16, 2048 // block_e))
+        _route_topk_kernel[(triton.cdiv(num_tokens, block_t),)](
+            router_logits, weights, ids, num_tokens, num_experts, *router_logits.stride(), *weights.stride(),
+            *ids.stride(), TOP_K=top_k, NORM_TOPK=norm_topk_prob, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+    return weights, ids
+
+
+@_route_topk_op.register_fake
+def _(router_logits, top_k, norm_topk_prob):
+    num_tokens = router_logits.shape[0]
+    return router_logits.new_empty(num_tokens, top_k), router_logits.new_empty(num_tokens, top_k, dtype=torch.int64)
+
+
 def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
     """kernels.moe.route_topk_ref: router_logits (..., E) -> weights (..., K) in the logits' dtype, ids (..., K)
     int64."""
@@ -93,16 +120,8 @@ def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
     if not 0 < top_k <= num_experts:
         raise ValueError(f"route_topk: top_k must be in [1, {num_experts}], got {top_k}")
     lead = router_logits.shape[:-1]
-    logits = router_logits.reshape(-1, num_experts)
-    num_tokens = logits.shape[0]
-    weights = logits.new_empty(num_tokens, top_k)
-    ids = logits.new_empty(num_tokens, top_k, dtype=torch.int64)
-    if num_tokens:
-        block_e = triton.next_power_of_2(num_experts)
-        block_t = max(1, min(16, 2048 // block_e))
-        _route_topk_kernel[(triton.cdiv(num_tokens, block_t),)](
-            logits, weights, ids, num_tokens, num_experts, *logits.stride(), *weights.stride(), *ids.stride(),
-            TOP_K=top_k, NORM_TOPK=norm_topk_prob, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+    weights, ids = torch.ops.omni_rt_triton.route_topk(router_logits.reshape(-1, num_experts), int(top_k),
+                                                       bool(norm_topk_prob))
     return weights.view(*lead, top_k), ids.view(*lead, top_k)
 
 
@@ -342,22 +361,22 @@ def _check_moe_args(hidden, expert_ids, expert_weights, gate_up_proj, down_proj)
                         f"{down_proj.dtype}) must share a dtype")
 
 
-def moe_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
-                gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
-    """kernels.moe.moe_experts_ref's contract; pairs whose expert id is outside [0, E) contribute nothing.
-    No host sync on either path: launch grids depend on shapes only."""
-    _check_moe_args(hidden, expert_ids, expert_weights, gate_up_proj, down_proj)
+@torch.library.custom_op("omni_rt_triton::moe_experts", mutates_args=())
+def _moe_experts_op(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """moe_experts below, its arguments checked. Launches: kernels.launch_counts.moe_experts_plan."""
     num_tokens, hidden_size = hidden.shape
     num_experts, inter = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
     top_k = expert_ids.shape[1]
     num_pairs = num_tokens * top_k
     out = torch.empty_like(hidden)
-    if num_tokens == 0:
+    plan = moe_experts_plan(num_tokens)
+    if not plan:
         return out
-    ids = expert_ids.reshape(-1).contiguous()
+    ids = expert_ids.reshape(-1).contiguous()  # the kernels index pairs t·K + k (a copy only if not contiguous)
     router_weights = expert_weights.reshape(-1).contiguous()
     shape_key = f"T={num_tokens},E={num_experts},K={top_k},H={hidden_size},I={inter}"
-    if num_tokens <= DECODE_MAX_TOKENS:
+    if plan[0] == "decode_gate_up":
         cfg = launch_config("moe_decode", shape_key, hidden.dtype, DECODE_CONFIG)
         act = hidden.new_empty(num_pairs, inter)
         _decode_gate_up_kernel[(num_pairs, triton.cdiv(inter, cfg["BLOCK_N_GATE_UP"]))](
@@ -390,6 +409,20 @@ def moe_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: 
         pair_out, ids, out, num_experts, hidden_size, top_k, *pair_out.stride(), *out.stride(),
         BLOCK_N=combine_block, num_warps=4)
     return out
+
+
+@_moe_experts_op.register_fake
+def _(hidden, expert_ids, expert_weights, gate_up_proj, down_proj):
+    return torch.empty_like(hidden)
+
+
+def moe_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """kernels.moe.moe_experts_ref's contract; pairs whose expert id is outside [0, E) contribute nothing.
+    No host sync on either path: launch grids depend on shapes only."""
+    _check_moe_args(hidden, expert_ids, expert_weights, gate_up_proj, down_proj)
+    return torch.ops.omni_rt_triton.moe_experts(hidden, expert_ids.contiguous(), expert_weights.contiguous(),
+                                                gate_up_proj, down_proj)
 
 
 dispatch.register("route_topk", "triton", route_topk)

@@ -8,6 +8,10 @@ writes it back. Every rounding step of the torch twins is reproduced (normed cas
 before the weight, weight·x rounded, cos/sin rounded to the activation dtype, each product and the sum
 rounded), so bf16 results match the references to the last bit up to fp32 reduction order.
 
+Each public function validates its arguments, reshapes (views where it can) and calls its `torch.library` op
+`omni_rt_triton::<name>`, which launches the kernels; the op's fake implementation only allocates outputs
+(FakeTensorMode, meta tensors, torch.compile). Kernels one call launches: kernels/launch_counts.py.
+
 Legend: T = tokens, Hq / Hk = q / kv heads, D = head_dim, HALF = D/2 frequency slots, M, N = rows and width
 of rms_norm.
 """
@@ -20,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch_counts import qk_norm_rope_plan, rms_norm_plan
 from kernels.tuning import launch_config
 from runtime import dispatch
 
@@ -59,22 +64,36 @@ def _rms_norm_kernel(
              (w[None, :] * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: (..., N) float; weight: (N,). Returns a new tensor of x's shape in the dtype torch gives
-    `weight * normed.to(x.dtype)` (as kernels.norm.rms_norm_ref)."""
-    width = x.shape[-1]
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    x2, out2 = x.reshape(-1, width), out.view(-1, width)  # reshape copies only views it cannot flatten
-    rows = x2.shape[0]
-    if rows == 0:
+@torch.library.custom_op("omni_rt_triton::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (M, N), any strides; weight: (N,). Returns a new (M, N) tensor (dtype: _rms_norm_dtype)."""
+    rows, width = x.shape
+    out = torch.empty(x.shape, dtype=_rms_norm_dtype(x, weight), device=x.device)
+    if not rms_norm_plan(rows):
         return out
     block_n = triton.next_power_of_2(width)
     default = {"BLOCK_M": max(1, min(16, 2048 // block_n)), "num_warps": 4 if block_n <= 2048 else 8}
     cfg = launch_config("rms_norm", f"M={rows},N={width}", x.dtype, default)
     _rms_norm_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
-        x2, weight, out2, rows, width, eps, *x2.stride(), weight.stride(0), *out2.stride(),
+        x, weight, out, rows, width, eps, *x.stride(), weight.stride(0), *out.stride(),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, num_warps=cfg["num_warps"])
     return out
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=_rms_norm_dtype(x, weight))
+
+
+def _rms_norm_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(weight.dtype, x.dtype)  # what torch gives `weight * normed.to(x.dtype)`
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (..., N) float; weight: (N,). Returns a new tensor of x's shape in the dtype torch gives
+    `weight * normed.to(x.dtype)` (as kernels.norm.rms_norm_ref)."""
+    out = torch.ops.omni_rt_triton.rms_norm(x.reshape(-1, x.shape[-1]), weight, float(eps))  # reshape: a view if it can
+    return out.view(x.shape)
 
 
 # ------------------------------------------------------------------------------------- q/k norm + rotary
@@ -158,16 +177,25 @@ def _qk_norm_rope_kernel(
                          BLOCK_H, BLOCK_HALF, KY_DTYPE, KROPE_DTYPE)
 
 
-def _launch(q, k, q_out, k_out, q_norm_weight, k_norm_weight, eps, cos_mode, cos, sin, positions, inv_freq,
-            section, cos_dtype):
-    """q, k, q_out, k_out: (T, H, D) views (out may alias in); cos/sin: (T, D) or None; positions: (P, T) or
-    None. Fills q_out and k_out."""
-    tokens, q_heads, head_dim = q.shape
-    kv_heads = k.shape[1]
+def _check_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None) -> None:
+    """q, k: (T, heads, D) with an even D; positions (axes, T) or None."""
+    tokens, _, head_dim = q.shape
     if tokens == 0:
         return
     if head_dim % 2 or k.shape[0] != tokens or k.shape[2] != head_dim:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be (T, heads, D) with an even D")
+    if positions is not None and positions.shape[1] != tokens:
+        raise ValueError(f"positions hold {positions.shape[1]} tokens per axis; q and k have {tokens}")
+
+
+def _launch(q, k, q_out, k_out, q_norm_weight, k_norm_weight, eps, cos_mode, cos, sin, positions, inv_freq,
+            section, cos_dtype):
+    """q, k, q_out, k_out: (T, H, D) views (out may alias in); cos/sin: (T, D) or None; positions: (axes, T)
+    or None. Fills q_out and k_out."""
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if not qk_norm_rope_plan(tokens):
+        return
     half = head_dim // 2
     block_h = triton.next_power_of_2(max(q_heads, kv_heads))
     default = {"BLOCK_H": min(block_h, 8 if q.is_cuda else 32), "num_warps": 4 if head_dim >= 128 else 2}
@@ -184,9 +212,6 @@ def _launch(q, k, q_out, k_out, q_norm_weight, k_norm_weight, eps, cos_mode, cos
         positions = inv_freq = q
         pos_strides = (0, 0, 0)
     else:
-        positions = positions.reshape(3 if cos_mode == COS_FROM_MROPE else 1, -1)  # (axes, T): a view if it can
-        if positions.shape[1] != tokens:
-            raise ValueError(f"positions hold {positions.shape[1]} tokens per axis; q and k have {tokens}")
         pos_strides = (*positions.stride(), inv_freq.stride(0))
     grid = (tokens, triton.cdiv(q_heads, block_h) + triton.cdiv(kv_heads, block_h))
     _qk_norm_rope_kernel[grid](
@@ -201,21 +226,59 @@ def _launch(q, k, q_out, k_out, q_norm_weight, k_norm_weight, eps, cos_mode, cos
         TWO_PI_HI=_TWO_PI_HI, TWO_PI_LO=_TWO_PI_LO, INV_TWO_PI=_INV_TWO_PI, num_warps=cfg["num_warps"])
 
 
+def _qk_out_dtypes(q, k, q_norm_weight, k_norm_weight, cos) -> tuple[torch.dtype, torch.dtype]:
+    promote = torch.promote_types
+    return (promote(promote(q_norm_weight.dtype, q.dtype), cos.dtype),
+            promote(promote(k_norm_weight.dtype, k.dtype), cos.dtype))
+
+
+@torch.library.custom_op("omni_rt_triton::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                     eps: float, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: (T, Hq, D); k: (T, Hk, D); cos, sin: (T, D); any strides. Returns new contiguous (q, k)."""
+    q_dtype, k_dtype = _qk_out_dtypes(q, k, q_norm_weight, k_norm_weight, cos)
+    q_out = torch.empty(q.shape, dtype=q_dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k_dtype, device=k.device)
+    _launch(q, k, q_out, k_out, q_norm_weight, k_norm_weight, eps, COS_FROM_TABLE, cos, sin, None, None, (0, 0, 0),
+            cos.dtype)
+    return q_out, k_out
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, q_norm_weight, k_norm_weight, eps, cos, sin):
+    q_dtype, k_dtype = _qk_out_dtypes(q, k, q_norm_weight, k_norm_weight, cos)
+    return q.new_empty(q.shape, dtype=q_dtype), k.new_empty(k.shape, dtype=k_dtype)
+
+
 def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, eps: float, cos, sin):
     """q: (B, L, Hq, D); k: (B, L, Hk, D) (strided views fine); norm weights: (D,); cos/sin: (B, L, D).
     Returns new (q, k) as kernels.rope.qk_norm_rope_ref: per-head RMSNorm, then rotate-half rotary."""
     batch, length, q_heads, head_dim = q.shape
     tokens = batch * length
-    q_dtype = torch.promote_types(torch.promote_types(q_norm_weight.dtype, q.dtype), cos.dtype)
-    k_dtype = torch.promote_types(torch.promote_types(k_norm_weight.dtype, k.dtype), cos.dtype)
-    q_out = torch.empty(q.shape, dtype=q_dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k_dtype, device=k.device)
+    q3 = q.reshape(tokens, q_heads, head_dim)  # views when they can be (a fused qkv output's q and k can)
+    k3 = k.reshape(tokens, k.shape[2], head_dim)
+    _check_qk(q3, k3, None)
     cos2 = cos.expand(batch, length, head_dim).reshape(tokens, head_dim)
     sin2 = sin.expand(batch, length, head_dim).reshape(tokens, head_dim)
-    _launch(q.reshape(tokens, q_heads, head_dim), k.reshape(tokens, k.shape[2], head_dim),
-            q_out.view(tokens, q_heads, head_dim), k_out.view(tokens, k.shape[2], head_dim),
-            q_norm_weight, k_norm_weight, eps, COS_FROM_TABLE, cos2, sin2, None, None, (0, 0, 0), cos.dtype)
-    return q_out, k_out
+    q_out, k_out = torch.ops.omni_rt_triton.qk_norm_rope(q3, k3, q_norm_weight, k_norm_weight, float(eps), cos2, sin2)
+    return q_out.view(q.shape), k_out.view(k.shape)
+
+
+@torch.library.custom_op("omni_rt_triton::mrope_qk_norm_", mutates_args=("q", "k"))
+def _mrope_qk_norm_op(q: torch.Tensor, k: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                      eps: float, positions: torch.Tensor, inv_freq: torch.Tensor,
+                      mrope_section: list[int] | None) -> None:
+    """q: (T, Hq, D), k: (T, Hk, D), both updated in place; positions: (3, T), or (1, T) with mrope_section None."""
+    if mrope_section is None:
+        mode, section = COS_FROM_POSITIONS, (0, 0, 0)
+    else:
+        mode, section = COS_FROM_MROPE, mrope_section
+    _launch(q, k, q, k, q_norm_weight, k_norm_weight, eps, mode, None, None, positions, inv_freq, section, q.dtype)
+
+
+@_mrope_qk_norm_op.register_fake
+def _(q, k, q_norm_weight, k_norm_weight, eps, positions, inv_freq, mrope_section):
+    return None
 
 
 def mrope_qk_norm_(q, k, q_norm_weight, k_norm_weight, eps: float, positions, inv_freq, mrope_section):
@@ -223,15 +286,15 @@ def mrope_qk_norm_(q, k, q_norm_weight, k_norm_weight, eps: float, positions, in
     fine); norm weights: (D,); positions: (3, T) t/h/w ids (int64 or float; (3, B, L) with B·L = T is taken as
     (3, T)), or (T,) when mrope_section is None (1-D RoPE); inv_freq: (D/2,) float32. Returns (q, k), the same tensors, as
     kernels.rope.mrope_qk_norm_ref_: angles in fp32 from the positions read on the device, interleaved axis
-    rule of tm_rope_axis_of_slot, cos/sin cast to q's dtype before use. No allocation, no host sync."""
-    if mrope_section is None:
-        mode, section = COS_FROM_POSITIONS, (0, 0, 0)
-    else:
-        mode, section = COS_FROM_MROPE, mrope_section
+    rule of tm_rope_axis_of_slot, cos/sin cast to q's dtype before use. No allocation, no host sync.
+    The op (omni_rt_triton::mrope_qk_norm_) returns nothing: torch.library ops may not return their inputs."""
     if inv_freq.numel() != q.shape[-1] // 2:
         raise ValueError(f"inv_freq has {inv_freq.numel()} slots; head_dim {q.shape[-1]} needs {q.shape[-1] // 2}")
-    _launch(q, k, q, k, q_norm_weight, k_norm_weight, eps, mode, None, None, positions, inv_freq, section,
-            q.dtype)
+    section = None if mrope_section is None else [int(s) for s in mrope_section]
+    positions = positions.reshape(1 if section is None else 3, -1)  # (axes, T): a view if it can
+    _check_qk(q, k, positions)
+    torch.ops.omni_rt_triton.mrope_qk_norm_(q, k, q_norm_weight, k_norm_weight, float(eps), positions, inv_freq,
+                                            section)
     return q, k
 
 

@@ -1,0 +1,143 @@
+"""How many GPU kernels one call of each `omni_rt_triton` op launches, as a function of its arguments.
+
+A TorchDispatchMode sees one `omni_rt_triton::<op>` call, not what runs inside it: `LAUNCHES[name](args,
+kwargs) -> int` (or `LAUNCH_COUNTS[name](*args, **kwargs)`) says how many kernels that call puts on the stream (Triton launches plus the torch kernels the
+op runs on the device, such as a copy that makes an input contiguous; allocations with torch.empty launch
+nothing). `args` / `kwargs` are the op's arguments as a dispatch mode receives them (schema order, see
+`SCHEMA_ARGS`); tensors may be fake or meta, only shapes and strides are read. The public functions of
+kernels/triton_*.py run their reshapes outside the op, where a dispatch mode sees them as aten ops.
+
+Importable without triton. The Triton wrappers pick their path with the `*_plan` functions below, so a count
+cannot drift from the code it describes: a plan is the tuple of kernels one call launches, in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+NAMESPACE = "omni_rt_triton"
+DECODE_MAX_TOKENS = 8  # moe_experts: up to this many tokens the pair-major decode path (no alignment) runs
+
+
+# ------------------------------------------------------------------------------------------------- plans
+def rms_norm_plan(rows: int) -> tuple[str, ...]:
+    return ("rms_norm",) if rows else ()
+
+
+def qk_norm_rope_plan(tokens: int) -> tuple[str, ...]:
+    """qk_norm_rope and mrope_qk_norm_: one launch covers the q heads and the k heads."""
+    return ("qk_norm_rope",) if tokens else ()
+
+
+def route_topk_plan(num_tokens: int) -> tuple[str, ...]:
+    return ("route_topk",) if num_tokens else ()
+
+
+def moe_experts_plan(num_tokens: int) -> tuple[str, ...]:
+    """The path is chosen by the token count (a shape, never the data)."""
+    if num_tokens == 0:
+        return ()
+    if num_tokens <= DECODE_MAX_TOKENS:
+        return ("decode_gate_up", "decode_down_combine")
+    return ("moe_align", "grouped_gate_up", "grouped_down", "combine_topk")
+
+
+def decode_attention_plan(batch: int, new_tokens: int) -> tuple[str, ...]:
+    return ("decode_attention_split", "decode_attention_merge") if batch and new_tokens else ()
+
+
+def causal_conv1d_plan(batch: int, c_in: int, c_out: int, length: int, groups: int, state_len: int,
+                       update: bool) -> tuple[str, ...]:
+    """The output kernel (depthwise when groups = C_in = C_out), then, for an update, the state kernel."""
+    if batch == 0 or length == 0:
+        return ()
+    plan = ("conv1d_depthwise",) if groups == c_in == c_out else ("conv1d_dot",)
+    return plan + ("conv_state",) if update and state_len else plan
+
+
+def causal_conv_transpose1d_plan(batch: int, c_out: int, length: int, out_len: int, trim: int,
+                                 update: bool) -> tuple[str, ...]:
+    """The output samples (when there are any), then, for an update, the new tail (when k > s)."""
+    if update:
+        if batch == 0 or length == 0:
+            return ()
+        return (("conv_transpose_out",) if out_len else ()) + (("conv_transpose_tail",) if trim else ())
+    return ("conv_transpose_out",) if batch * c_out * out_len else ()
+
+
+def transpose_output_range(length: int, stride: int, trim: int, start: int | None) -> tuple[int, int]:
+    """Untrimmed local positions [p_begin, p_end) whose samples a call returns; start None: the full op."""
+    p_end = length * stride
+    left_trim = trim if start is None else max(trim - start * stride, 0)  # the left trim still to drop
+    return min(left_trim, p_end), p_end
+
+
+# ------------------------------------------------------------------------------------------ the counters
+# Argument names of each op's schema, in order (tests/test_triton_ops_fake.py checks them against the ops).
+SCHEMA_ARGS: dict[str, tuple[str, ...]] = {
+    "rms_norm": ("x", "weight", "eps"),
+    "qk_norm_rope": ("q", "k", "q_norm_weight", "k_norm_weight", "eps", "cos", "sin"),
+    "mrope_qk_norm_": ("q", "k", "q_norm_weight", "k_norm_weight", "eps", "positions", "inv_freq", "mrope_section"),
+    "route_topk": ("router_logits", "top_k", "norm_topk_prob"),
+    "moe_experts": ("hidden", "expert_ids", "expert_weights", "gate_up_proj", "down_proj"),
+    "decode_attention": ("q", "k_cache", "v_cache", "slot_ids", "lengths", "scale"),
+    "causal_conv1d": ("x", "weight", "bias", "dilation", "groups"),
+    "causal_conv1d_update": ("x_chunk", "conv_state", "weight", "bias", "dilation", "groups", "slot_ids"),
+    "causal_conv_transpose1d": ("x", "weight", "bias", "stride"),
+    "causal_conv_transpose1d_update": ("x_chunk", "tail_state", "weight", "bias", "stride", "start", "slot_ids"),
+}
+
+
+def _bind(op: str, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = dict(zip(SCHEMA_ARGS[op], args))
+    bound.update(kwargs or {})
+    return bound
+
+
+def _moe_experts(a: dict) -> int:
+    # the op flattens expert_ids / expert_weights; a non-contiguous one is copied first
+    copies = sum(not a[name].is_contiguous() for name in ("expert_ids", "expert_weights"))
+    return len(moe_experts_plan(a["hidden"].shape[0])) + (copies if a["hidden"].shape[0] else 0)
+
+
+def _conv1d(a: dict, update: bool) -> int:
+    x, weight = a["x_chunk" if update else "x"], a["weight"]
+    batch, c_in, length = x.shape
+    state_len = (weight.shape[-1] - 1) * a["dilation"]
+    return len(causal_conv1d_plan(batch, c_in, weight.shape[0], length, a["groups"], state_len, update))
+
+
+def _conv_transpose1d(a: dict, update: bool) -> int:
+    x, weight, stride = a["x_chunk" if update else "x"], a["weight"], a["stride"]
+    batch, _, length = x.shape
+    trim = weight.shape[-1] - stride
+    p_begin, p_end = transpose_output_range(length, stride, trim, a["start"] if update else None)
+    return len(causal_conv_transpose1d_plan(batch, weight.shape[1], length, p_end - p_begin, trim, update))
+
+
+_COUNTERS: dict[str, Callable[[dict], int]] = {
+    "rms_norm": lambda a: len(rms_norm_plan(a["x"].shape[0])),
+    "qk_norm_rope": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),
+    "mrope_qk_norm_": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),
+    "route_topk": lambda a: len(route_topk_plan(a["router_logits"].shape[0])),
+    "moe_experts": _moe_experts,
+    "decode_attention": lambda a: len(decode_attention_plan(a["q"].shape[0], a["q"].shape[1])),
+    "causal_conv1d": lambda a: _conv1d(a, update=False),
+    "causal_conv1d_update": lambda a: _conv1d(a, update=True),
+    "causal_conv_transpose1d": lambda a: _conv_transpose1d(a, update=False),
+    "causal_conv_transpose1d_update": lambda a: _conv_transpose1d(a, update=True),
+}
+
+
+def _counter(op: str) -> Callable[[tuple, dict], int]:
+    def count(args: tuple, kwargs: dict | None = None) -> int:
+        return _COUNTERS[op](_bind(op, args, kwargs or {}))
+    count.__name__ = f"count_{op}"
+    return count
+
+
+# "omni_rt_triton::<op>" (what OpOverload.name() gives for the default overload) -> count(args, kwargs)
+LAUNCHES: dict[str, Callable[[tuple, dict], int]] = {f"{NAMESPACE}::{op}": _counter(op) for op in SCHEMA_ARGS}
+# The same counts called with the op's own arguments: LAUNCH_COUNTS[name](*args, **kwargs) (runtime/graph_audit.py)
+LAUNCH_COUNTS: dict[str, Callable[..., int]] = {
+    name: (lambda count: lambda *args, **kwargs: count(args, kwargs))(count) for name, count in LAUNCHES.items()}
