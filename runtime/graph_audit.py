@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,6 @@ HOST_SYNC = {
     aten._unique2: "unique: its output size depends on values (host sync)",
     aten.unique_consecutive: "unique_consecutive: its output size depends on values (host sync)",
     aten.unique_dim: "unique: its output size depends on values (host sync)",
-    aten.repeat_interleave: "repeat_interleave: its output size depends on values (host sync)",
     aten.bincount: "bincount: its output size depends on values (host sync)",
 }
 
@@ -101,6 +101,19 @@ class StepReport:
         return dict(kernels=self.kernels, weight_bytes=self.weight_bytes, h2d_copies=self.h2d_copies,
                     d2h_copies=self.d2h_copies, host_syncs=self.host_syncs, violations=list(self.violations),
                     top_ops=dict(self.ops.most_common(12)))
+
+
+def _sync_reason(func, args, kwargs) -> str | None:
+    """Why this op blocks on the device (its result or its output's size depends on tensor values), or None."""
+    packet = func.overloadpacket
+    if packet in HOST_SYNC:
+        return HOST_SYNC[packet]
+    if packet is aten.index and any(t is not None and t.dtype == torch.bool for t in _tensors(args[1:])):
+        return "boolean-mask indexing: its output size depends on values (host sync)"
+    if packet is aten.repeat_interleave and func is not aten.repeat_interleave.self_int \
+            and kwargs.get("output_size") is None:
+        return "repeat_interleave by a tensor of counts without output_size: its output size depends on values"
+    return None
 
 
 def _copy_direction(func, args, kwargs) -> str | None:
@@ -179,11 +192,10 @@ class StepAudit(TorchDispatchMode):
         kwargs = kwargs or {}
         packet = func.overloadpacket
         inputs = _tensors((args, kwargs))
-        if packet in HOST_SYNC or (packet is aten.index and any(
-                t is not None and t.dtype == torch.bool for t in _tensors(args[1:]))):
+        reason = _sync_reason(func, args, kwargs)
+        if reason:
             self.report.host_syncs += 1
-            self._violation("host sync", HOST_SYNC.get(packet, "boolean-mask indexing: its output size depends on "
-                                                               "values (host sync)") + f" [{func}]")
+            self._violation("host sync", f"{reason} [{func}]")
             if packet in _STAND_INS:  # not strict: a plausible stand-in lets the count go on past the sync
                 self.report.kernels += 1
                 self.report.ops[str(func.name()).split(".")[0]] += 1
@@ -226,6 +238,29 @@ class StepAudit(TorchDispatchMode):
             self.report.weight_bytes += nbytes
 
 
+class HostDataWatch(TorchFunctionMode):
+    """`torch.tensor(python_data, device=...)` copies host memory to the device without dispatching an op a
+    TorchDispatchMode can see: watch the factory functions that take host data at the Python level."""
+
+    FACTORIES = (torch.tensor, torch.as_tensor, torch.asarray, torch.from_numpy)
+
+    def __init__(self, audit: StepAudit):
+        super().__init__()
+        self.audit = audit
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in self.FACTORIES and isinstance(out, torch.Tensor):
+            if out.device.type != "cpu":
+                self.audit.report.h2d_copies += 1
+                self.audit._violation("host-to-device copy", f"{func.__name__}(host data, device={out.device}) "
+                                                             "inside the step")
+            elif out.numel() > 1:
+                self.audit._violation("CPU computation", f"{func.__name__}(host data) made a CPU tensor inside the step")
+        return out
+
+
 class MetaModel:
     """An OmniModel at any size on the meta device, and the audit of its steps."""
 
@@ -241,7 +276,7 @@ class MetaModel:
         except ImportError:
             LAUNCH_COUNTS = {}
         audit = StepAudit(self.parameters, strict, LAUNCH_COUNTS)
-        with torch.inference_mode(), audit:
+        with torch.inference_mode(), HostDataWatch(audit), audit:
             out = fn(*inputs)
         return audit.report, out
 

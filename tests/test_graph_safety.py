@@ -1,0 +1,109 @@
+"""Graph safety of every stage the runtime captures, at the released 30B-A3B shapes, without a GPU.
+
+The model is built on the meta device in bf16 with the Triton kernels selected (runtime/graph_audit.py says why
+meta and how ops are counted); every `ModelRunner.capture_plan()` stage — thinker and talker prefill chunks per
+bucket, each decode stage per batch bucket, the code predictor's frame, Code2Wav's frame — runs under a strict
+StepAudit, which fails on a host sync, a host copy or a CPU computation inside the step. The other tests show
+that the audit does catch each of those, including the CPU-built TM-RoPE table that once broke every capture.
+"""
+
+import pytest
+import torch
+
+from runtime import dispatch
+from runtime.config import OmniConfig
+from runtime.graph_audit import GraphSafetyError, meta_model
+from runtime.options import SchedulerConfig
+from runtime.runner import ModelRunner, batch_buckets, prefill_buckets
+
+SLOTS, PREFILL_CHUNK = 8, 512
+
+
+@pytest.fixture(scope="module")
+def released():
+    config = OmniConfig.from_pretrained("qwen3-omni-30b-a3b")
+    model = meta_model(config, torch.bfloat16)
+    with dispatch.using("triton"):
+        runner = ModelRunner(model.model, config, SchedulerConfig(
+            max_sessions=SLOTS, max_seq_len=4096, prefill_chunk=PREFILL_CHUNK, use_graphs=False, static_prefill=True))
+    return model, runner
+
+
+def _stage(runner, name: str, size: int = 1):
+    return next(s for s in runner.capture_plan() if s.name == name and s.size == size)
+
+
+def test_every_captured_stage_is_graph_safe_at_released_shapes(released):
+    model, runner = released
+    plan = runner.capture_plan()
+    covered = {(spec.name, spec.size) for spec in plan}
+    expected = {(name, size) for size in prefill_buckets(PREFILL_CHUNK) for name in ("thinker_prefill", "talker_prefill")}
+    expected |= {(name, size) for size in batch_buckets(SLOTS)
+                 for name in ("thinker_decode", "talker_decode", "code_predictor", "code2wav")}
+    assert covered == expected
+    with dispatch.using("triton"):
+        for spec in plan:
+            report, outputs = model.audit(spec.fn, spec.example_inputs, strict=True)
+            assert not report.violations and report.host_syncs == report.h2d_copies == report.d2h_copies == 0
+            assert report.kernels > 0, spec.name
+            assert all(out.device.type == "meta" for out in outputs), spec.name
+            assert report.ops.get("omni_rt_triton::moe_experts", 0) > 0 or spec.name in ("code_predictor", "code2wav")
+
+
+def test_decode_step_reads_the_routed_weights_once(released):
+    """Thinker decode at batch 1 reads ~6 GB of bf16 weights (top-8 of 128 experts in 48 layers, attention, head):
+    the byte count is what bench/launches.py reports as the step's floor."""
+    model, runner = released
+    spec = _stage(runner, "thinker_decode")
+    with dispatch.using("triton"):
+        report, _ = model.audit(spec.fn, spec.example_inputs)
+    assert 5e9 < report.weight_bytes < 8e9, report.weight_bytes
+
+
+def test_a_cpu_built_rope_table_is_caught(released, monkeypatch):
+    """The bug this test exists for: the TM-RoPE axis table built on the host and copied in every step."""
+    import kernels.rope as rope
+
+    built_on_device = rope.tm_rope_axis_of_slot
+
+    def built_on_host(num_slots, mrope_section, device=None):
+        return built_on_device(num_slots, mrope_section, "cpu").to(device)  # a host-to-device copy per call
+
+    monkeypatch.setattr(rope, "tm_rope_axis_of_slot", built_on_host)
+    model, runner = released
+    spec = _stage(runner, "talker_decode")
+    with dispatch.using("triton"), pytest.raises(GraphSafetyError, match="(CPU computation|host-to-device copy).*kernels/rope.py"):
+        model.audit(spec.fn, spec.example_inputs)
+
+
+@pytest.mark.parametrize("breach, message", [
+    (lambda out: out.sum().item(), "host sync"),
+    (lambda out: bool(out.max() > 0), "host sync"),
+    (lambda out: out.reshape(-1)[:4].tolist(), "device-to-host copy"),
+    (lambda out: out[out > 0], "boolean-mask"),
+    (lambda out: out.nonzero(), "nonzero"),
+    (lambda out: out + torch.ones(out.shape[-1]).to(out.device), "CPU computation"),
+    (lambda out: out + torch.tensor([0.5, 0.25], device=out.device)[:1], "host-to-device copy|CPU computation"),
+])
+def test_each_kind_of_breach_is_caught(released, breach, message):
+    model, runner = released
+    spec = _stage(runner, "code2wav")
+
+    def step(*inputs):
+        (samples,) = spec.fn(*inputs)
+        breach(samples)
+        return (samples,)
+
+    with dispatch.using("triton"), pytest.raises(GraphSafetyError, match=message):
+        model.audit(step, spec.example_inputs)
+
+
+def test_torch_references_that_sync_are_flagged(released):
+    """The references runtime/graphs.py refuses to capture (GRAPH_UNSAFE_REFERENCES) really do sync."""
+    model, runner = released
+    spec = _stage(runner, "thinker_decode")
+    with dispatch.using("torch"):
+        report, _ = model.audit(spec.fn, spec.example_inputs, strict=False)
+    assert report.host_syncs > 0
+    assert any("decode_attention_ref" in v for v in report.violations)
+    assert any("moe_experts_ref" in v for v in report.violations)
