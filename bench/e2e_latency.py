@@ -3,6 +3,14 @@ and a short video clip, next to the paper's numbers and to transformers' own gen
 
     python bench/e2e_latency.py                    # GPU: real 30B-A3B shapes, random bf16 weights
     python bench/e2e_latency.py --smoke            # CPU: the tiny preset, to check the script end to end
+    python bench/e2e_latency.py --layers 8 --concurrency 1,4 --inputs audio --repeats 1 --no-peer
+                                                   # GPU, short: released shapes, 8 thinker decoder layers
+
+`--layers N` keeps every released shape but builds the thinker with N decoder layers (of 48) and the talker
+with N * 20 // 48 (of 20, at least 1), the talker reading thinker layer N // 2 (24 of 48 in the release): a run
+that fits a short GPU window. Its rows are NOT the full model's latency and say so ("model" in the JSON, the
+table's title). The JSON is rewritten after each configuration (`"complete": false` until the end), so a run
+stopped by a time limit keeps what it measured.
 
 Random weights: latency depends on shapes, not trained values. Generation lengths are fixed by the request
 (max_new_tokens / talker_max_new_tokens); a random model may stop earlier, so every row also reports the tokens
@@ -33,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.config import OmniConfig  # noqa: E402
 from runtime.engine import OmniEngine  # noqa: E402
 from runtime.frontend.audio import audio_token_count  # noqa: E402
 from runtime.streaming import consume_together  # noqa: E402
@@ -123,15 +132,52 @@ def to_device(request: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in request.items()}
 
 
-def measure_ours(args, device, dtype) -> dict:
+RELEASED_LAYERS = {"thinker": 48, "talker": 20, "accept_hidden_layer": 24}  # runtime/presets.py qwen3-omni-30b-a3b
+
+
+def model_config(preset: str, layers: int | None) -> tuple[OmniConfig, str]:
+    """The preset's config, with `layers` thinker decoder layers (talker scaled alike) when given, and a label
+    saying which model the rows measure."""
+    from runtime.presets import PRESETS
+    from runtime.tiny import ensure_tiny_checkpoint
+
+    if layers is None:
+        name = os.fspath(ensure_tiny_checkpoint()) if preset == "tiny" else preset
+        return OmniConfig.from_pretrained(name), f"{preset} (all layers)"
+    if preset not in PRESETS or preset == "tiny":
+        raise ValueError(f"--layers builds a reduced copy of a released preset, not of {preset!r}")
+    full = RELEASED_LAYERS
+    if not 3 <= layers <= full["thinker"]:  # DeepStack adds vision features to the first 3 thinker layers
+        raise ValueError(f"--layers must be within 3..{full['thinker']}, got {layers}")
+    data = PRESETS[preset]()
+    talker_layers = max(1, layers * full["talker"] // full["thinker"])
+    data["thinker_config"]["text_config"]["num_hidden_layers"] = layers
+    data["talker_config"]["text_config"]["num_hidden_layers"] = talker_layers
+    data["talker_config"]["accept_hidden_layer"] = layers * full["accept_hidden_layer"] // full["thinker"]
+    label = (f"{preset} with {layers} of {full['thinker']} thinker and {talker_layers} of {full['talker']} talker "
+             "decoder layers: NOT the full model")
+    return OmniConfig.from_dict(data), label
+
+
+def build_engine(args, device, dtype) -> OmniEngine:
     scheduler = dict(max_sessions=max(args.concurrency), prefill_chunk=args.prefill_chunk)
     if args.graphs is not None:
         scheduler["use_graphs"] = args.graphs == "on"
-    engine = OmniEngine.from_pretrained(args.preset, device=device, dtype=dtype, seed=0, scheduler=scheduler)
+    if args.layers is None:
+        return OmniEngine.from_pretrained(args.preset, device=device, dtype=dtype, seed=0, scheduler=scheduler)
+    from runtime.weights import init_random
+
+    config, _ = model_config(args.preset, args.layers)
+    return OmniEngine(config, init_random(config, device, dtype, seed=0), None, device, dtype, scheduler=scheduler)
+
+
+def measure_ours(args, device, dtype, on_config=lambda results: None) -> dict:
+    """Table 2 rows of our engine per (input kind, concurrency); `on_config(results)` after each one."""
+    engine = build_engine(args, device, dtype)
     generate = dict(max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
                     return_audio=True)
     generator = torch.Generator().manual_seed(1)
-    results = {"graphs": None, "configs": {}}
+    results = {"graphs": None, "model": model_config(args.preset, args.layers)[1], "configs": {}}
     warm = to_device(build_request(engine.config, "audio", args.audio_seconds, generator), device)
     run_concurrent(engine, [warm], generate)  # warm-up: compilation, graph capture
     results["graphs"] = engine.scheduler.graphs is not None
@@ -142,9 +188,13 @@ def measure_ours(args, device, dtype) -> dict:
                 requests = [to_device(build_request(engine.config, kind, args.audio_seconds, generator), device)
                             for _ in range(concurrency)]
                 samples += run_concurrent(engine, requests, generate)
-            results["configs"][f"{kind}/c={concurrency}"] = {"median": median_rows(samples), "sessions": samples}
-            print(f"  ours {kind} c={concurrency}: first packet {results['configs'][f'{kind}/c={concurrency}']['median']['first_packet_ms']:.1f} ms",
-                  flush=True)
+            key = f"{kind}/c={concurrency}"
+            results["configs"][key] = {"median": median_rows(samples), "sessions": samples,
+                                       "model": results["model"]}
+            first_packet = results["configs"][key]["median"]["first_packet_ms"]
+            print(f"  ours {key}: first packet " + ("-" if first_packet is None else f"{first_packet:.1f} ms")
+                  + f" ({results['model']})", flush=True)
+            on_config(results)
     del engine
     gc.collect()
     if device.type == "cuda":
@@ -159,11 +209,7 @@ def measure_transformers(args, device, dtype) -> dict:
         from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
     except ImportError as error:
         return {"skipped": f"transformers with qwen3_omni_moe not installed ({error})"}
-    from runtime.config import OmniConfig
-    from runtime.tiny import ensure_tiny_checkpoint
-
-    prompt_config = OmniConfig.from_pretrained(os.fspath(ensure_tiny_checkpoint()) if args.preset == "tiny"
-                                               else args.preset)
+    prompt_config, _ = model_config(args.preset, args.layers)
     hf_config = Qwen3OmniMoeConfig(**prompt_config.to_dict())
     torch.manual_seed(0)
     with torch.device(device):
@@ -204,6 +250,7 @@ def measure_transformers(args, device, dtype) -> dict:
 
 
 def print_table(ours: dict, peer: dict, args) -> None:
+    print(f"model: {ours.get('model')}")
     header = f"{'config':<12}{'row':<24}{'omni-rt':>12}{'transformers':>14}{'paper':>10}"
     print(header)
     print("-" * len(header))
@@ -248,6 +295,8 @@ def main(argv=None) -> int:
     parser.add_argument("--talker-max-new-tokens", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="thinker decoder layers (talker scaled alike; default: the preset's); rows say so")
     parser.add_argument("--graphs", choices=["on", "off"], default=None, help="default: on where possible")
     parser.add_argument("--backend", default="triton", help="kernel backend to select (torch, triton, cuda)")
     parser.add_argument("--no-peer", action="store_true", help="skip transformers' generate")
@@ -259,6 +308,11 @@ def main(argv=None) -> int:
         args.concurrency, args.backend = "1,2", "torch"
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.inputs = args.inputs.split(",")
+    if args.layers is not None:
+        try:
+            model_config(args.preset, args.layers)  # a bad --layers fails before any weights are built
+        except ValueError as exc:
+            parser.error(str(exc))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench/e2e_latency.py needs a CUDA GPU for real measurements; run with --smoke on a CPU", file=sys.stderr)
@@ -271,14 +325,22 @@ def main(argv=None) -> int:
     info = device_info(device)
     print(f"# e2e latency on {info['device']} ({args.preset}, {args.dtype}); "
           + ("CPU smoke run: these are NOT GPU measurements" if device.type == "cpu" else "GPU measurement"), flush=True)
-    ours = measure_ours(args, device, dtype)
-    peer = {"skipped": "--no-peer"} if args.no_peer else measure_transformers(args, device, dtype)
-    print_table(ours, peer, args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     slug = info["device"].replace(" ", "_").replace("(", "").replace(")", "")
     path = Path(args.out) / f"e2e_latency-{'smoke-' if args.smoke else ''}{slug}-{info['date'][:10]}.json"
-    path.write_text(json.dumps({"info": info, "args": vars(args), "paper": {f"{k}/c={c}": v for (k, c), v in PAPER.items()},
-                                "omni_rt": ours, "transformers": peer}, indent=1, default=str) + "\n")
+
+    def save(ours: dict, peer: dict, complete: bool) -> None:  # after each configuration: a stopped run keeps it
+        payload = {"info": info, "args": vars(args), "complete": complete,
+                   "paper": {f"{k}/c={c}": v for (k, c), v in PAPER.items()}, "omni_rt": ours, "transformers": peer}
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        os.replace(partial, path)
+
+    pending = {"skipped": "not run yet"}
+    ours = measure_ours(args, device, dtype, on_config=lambda results: save(results, pending, False))
+    peer = {"skipped": "--no-peer"} if args.no_peer else measure_transformers(args, device, dtype)
+    save(ours, peer, True)
+    print_table(ours, peer, args)
     print(f"wrote {path}")
     return 0
 
