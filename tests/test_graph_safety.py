@@ -107,3 +107,19 @@ def test_torch_references_that_sync_are_flagged(released):
     assert report.host_syncs > 0
     assert any("decode_attention_ref" in v for v in report.violations)
     assert any("moe_experts_ref" in v for v in report.violations)
+
+
+def test_launches_bench_writes_its_table_and_json(tmp_path, capsys):
+    """bench/launches.py (CI, CPU): one row per stage and the two totals, each total the sum of its parts."""
+    import json
+
+    from bench import launches
+
+    assert launches.main(["--out", str(tmp_path)]) == 0
+    rows = {row["stage"]: row for row in json.loads((tmp_path / "launches.json").read_text())["rows"]}
+    tick = rows["steady-state tick (1 session)"]
+    parts = ["thinker_decode[1]", "talker_decode[1]", "code_predictor[1]", "code2wav[1]"]
+    assert tick["kernels"] == sum(rows[p]["kernels"] for p in parts) > 0
+    assert tick["h2d_copies"] == 0 and all(rows[p]["host_syncs"] == 0 for p in parts)
+    assert rows["first packet (1 session)"]["weight_bytes"] > rows["thinker_prefill[256]"]["weight_bytes"] > 0
+    assert "steady-state tick" in capsys.readouterr().out

@@ -1,0 +1,133 @@
+"""Kernels, host syncs, host copies and weight bytes per stage at the released 30B-A3B shapes, on the CPU.
+
+What cannot be timed without a GPU can be counted: each stage the runtime captures (ModelRunner.capture_plan),
+plus Code2Wav's first frame (eager today), runs once on the
+meta device in bf16 with the chosen kernels under runtime/graph_audit.py's StepAudit (its docstring has the
+counting rules). The table and bench/results/launches.json give, per stage: kernel launches, host syncs, H2D and
+D2H copies, the weight bytes it reads, and two floors — the bytes at nominal HBM bandwidth of an H100 SXM and an
+H200, and the launches at 1.5 µs per dependent graph node — then the totals of a steady-state tick and of the
+first-packet path.
+
+    python bench/launches.py                        # Triton kernels (what the GPU runs), JSON to bench/results/
+    python bench/launches.py --kernels torch --out /tmp/r
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TRITON_INTERPRET", "1")  # nothing launches on meta tensors; no GPU needed to import
+
+import torch  # noqa: E402
+
+from runtime import dispatch  # noqa: E402
+from runtime.config import OmniConfig  # noqa: E402
+from runtime.graph_audit import meta_model  # noqa: E402
+from runtime.options import SchedulerConfig  # noqa: E402
+from runtime.runner import ModelRunner  # noqa: E402
+
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # nominal (SXM): the floors are lower bounds
+NODE_SECONDS = 1.5e-6  # a dependent kernel in a replayed CUDA graph: ~1.5-2 µs each on Hopper
+PROMPT_BUCKET = 256  # its prompt (~130 audio tokens + the chat template) fits one 256-token prefill chunk
+
+
+def _row(name: str, report, note: str = "") -> dict:
+    row = dict(stage=name, **report.as_dict(), note=note)
+    for device, rate in HBM_BYTES_PER_S.items():
+        row[f"bytes_floor_us_{device}"] = report.weight_bytes / rate * 1e6
+    row["launch_floor_us"] = report.kernels * NODE_SECONDS * 1e6
+    return row
+
+
+def _total(name: str, rows: list[dict], parts: list[str], note: str) -> dict:
+    picked = [next(r for r in rows if r["stage"] == part) for part in parts]
+    total = dict(stage=name, note=note + " = " + " + ".join(parts))
+    for key in ("kernels", "weight_bytes", "h2d_copies", "d2h_copies", "host_syncs", "launch_floor_us",
+                *(f"bytes_floor_us_{d}" for d in HBM_BYTES_PER_S)):
+        total[key] = sum(r[key] for r in picked)
+    return total
+
+
+def measure(kernels: str, slots: int) -> list[dict]:
+    config = OmniConfig.from_pretrained("qwen3-omni-30b-a3b")
+    model = meta_model(config, torch.bfloat16)
+    rows = []
+    with dispatch.using(kernels):
+        runner = ModelRunner(model.model, config, SchedulerConfig(max_sessions=slots, max_seq_len=4096,
+                                                                  use_graphs=False, static_prefill=True))
+        for spec in runner.capture_plan():
+            if spec.size not in (1, slots, PROMPT_BUCKET) or (spec.size == slots and "prefill" in spec.name):
+                continue
+            report, _ = model.audit(spec.fn, spec.example_inputs, strict=False)
+            unit = "tokens" if "prefill" in spec.name else "rows"
+            rows.append(_row(f"{spec.name}[{spec.size}]", report, f"captured; {spec.size} {unit}"))
+        rows.append(_row("code2wav_first[1]", _code2wav_first(model, runner),
+                         "eager today: a session's first frame trims the transposed convs' left edge"))
+
+    rows.append(_total("steady-state tick (1 session)", rows,
+                       ["thinker_decode[1]", "talker_decode[1]", "code_predictor[1]", "code2wav[1]"],
+                       "graph stages only; the host glue between them is not counted here"))
+    rows.append(_total("first packet (1 session)", rows,
+                       [f"thinker_prefill[{PROMPT_BUCKET}]", f"talker_prefill[{PROMPT_BUCKET}]",
+                        "code_predictor[1]", "code2wav_first[1]"],
+                       "stages on the path; not counted here: the audio encoder (its chunk layout is built on the "
+                       "host from the clip lengths, and a boolean mask selects its valid tokens: it cannot run on "
+                       "meta tensors) and the talker prompt build between the stages"))
+    return rows
+
+
+def _code2wav_first(model, runner):
+    quantizers = runner.config.code2wav.num_quantizers
+    codes = torch.zeros(1, quantizers, 1, dtype=torch.long, device=runner.device)
+    slots = torch.zeros(1, dtype=torch.long, device=runner.device)
+
+    def first_frame(codes, slots):
+        return (model.model.code2wav.decode_frame(codes, runner.code2wav_slots.view(slots, first=True)),)
+
+    report, _ = model.audit(first_frame, (codes, slots), strict=False)
+    return report
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'stage':34} {'kernels':>8} {'syncs':>6} {'H2D':>4} {'D2H':>4} {'weights GB':>10} " \
+           f"{'H100 µs':>8} {'H200 µs':>8} {'launch µs':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['stage']:34} {r['kernels']:8d} {r['host_syncs']:6d} {r['h2d_copies']:4d} {r['d2h_copies']:4d} "
+              f"{r['weight_bytes'] / 1e9:10.3f} {r['bytes_floor_us_H100']:8.0f} {r['bytes_floor_us_H200']:8.0f} "
+              f"{r['launch_floor_us']:9.0f}")
+    print("\nweights GB: parameter bytes read (MoE: routed experts only, worst case); H100/H200 µs: those bytes at "
+          "nominal HBM bandwidth; launch µs: kernels x 1.5 µs per dependent graph node. Counted on the meta device "
+          "(CPU), not timed.")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernels", default="triton", help="kernel choice: triton (default), torch, cuda")
+    parser.add_argument("--slots", type=int, default=8, help="session slots (the largest batch bucket)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for launches.json")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    rows = measure(args.kernels, args.slots)
+    print_table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), kernels=args.kernels,
+                slots=args.slots, torch=torch.__version__, dtype="bfloat16", model="qwen3-omni-30b-a3b",
+                how="counted on the meta device by runtime/graph_audit.py (no GPU); not timed")
+    (out / "launches.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1) + "\n")
+    print(f"\nwrote {out / 'launches.json'} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
