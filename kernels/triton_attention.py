@@ -24,7 +24,6 @@ import triton.language as tl
 
 from kernels.launch_counts import decode_attention_plan
 from kernels.tuning import dot_precision, launch_config
-from runtime import dispatch
 
 DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "min_programs": 264, "MAX_BLOCK_R": 64}
 TUNE_SPACE = {"decode_attention": {"BLOCK_N": [16, 32, 64, 128], "num_warps": [2, 4, 8],
@@ -179,4 +178,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return torch.ops.omni_rt_triton.decode_attention(q, k_cache, v_cache, slot_ids, lengths, float(scale))
 
 
-dispatch.register("decode_attention", "triton", decode_attention)
+# runtime/dispatch.py registers these as the `triton` backend (dispatch op name -> public function).
+TRITON_OPS = {
+    "decode_attention": decode_attention,
+}

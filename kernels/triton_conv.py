@@ -25,7 +25,6 @@ from kernels.launch_counts import causal_conv1d_plan, causal_conv_transpose1d_pl
 from kernels.triton_conv_kernels import (conv1d_depthwise_kernel, conv1d_dot_kernel, conv_state_kernel,
                                          conv_transpose_kernel)
 from kernels.tuning import launch_config
-from runtime import dispatch
 
 # The CPU interpreter pays mostly per program and per op, little per element: its default time tiles are long
 # (tests stay fast). GPU defaults are 64; tuned entries (kernels/tuned/) override either.
@@ -321,7 +320,10 @@ def causal_conv_transpose1d_update(x_chunk: torch.Tensor, tail_state: torch.Tens
                                                                    int(start), slot_ids)
 
 
-dispatch.register("causal_conv1d", "triton", causal_conv1d)
-dispatch.register("causal_conv1d_update", "triton", causal_conv1d_update)
-dispatch.register("causal_conv_transpose1d", "triton", causal_conv_transpose1d)
-dispatch.register("causal_conv_transpose1d_update", "triton", causal_conv_transpose1d_update)
+# runtime/dispatch.py registers these as the `triton` backend (dispatch op name -> public function).
+TRITON_OPS = {
+    "causal_conv1d": causal_conv1d,
+    "causal_conv1d_update": causal_conv1d_update,
+    "causal_conv_transpose1d": causal_conv_transpose1d,
+    "causal_conv_transpose1d_update": causal_conv_transpose1d_update,
+}

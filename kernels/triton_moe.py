@@ -37,7 +37,6 @@ from kernels.launch_counts import DECODE_MAX_TOKENS  # noqa: F401  re-exported: 
 from kernels.launch_counts import moe_experts_plan, route_topk_plan
 from kernels.moe import moe_align_max_padded
 from kernels.tuning import dot_precision, launch_config
-from runtime import dispatch
 
 DECODE_CONFIG = {"BLOCK_N_GATE_UP": 32, "BLOCK_K_GATE_UP": 128, "BLOCK_N_DOWN": 16, "BLOCK_K_DOWN": 128,
                  "num_warps": 4}
@@ -425,5 +424,8 @@ def moe_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: 
                                                 gate_up_proj, down_proj)
 
 
-dispatch.register("route_topk", "triton", route_topk)
-dispatch.register("moe_experts", "triton", moe_experts)
+# runtime/dispatch.py registers these as the `triton` backend (dispatch op name -> public function).
+TRITON_OPS = {
+    "route_topk": route_topk,
+    "moe_experts": moe_experts,
+}

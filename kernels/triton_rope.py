@@ -26,7 +26,6 @@ import triton.language as tl
 
 from kernels.launch_counts import qk_norm_rope_plan, rms_norm_plan
 from kernels.tuning import launch_config
-from runtime import dispatch
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -298,6 +297,9 @@ def mrope_qk_norm_(q, k, q_norm_weight, k_norm_weight, eps: float, positions, in
     return q, k
 
 
-dispatch.register("rms_norm", "triton", rms_norm)
-dispatch.register("qk_norm_rope", "triton", qk_norm_rope)
-dispatch.register("mrope_qk_norm_", "triton", mrope_qk_norm_)
+# runtime/dispatch.py registers these as the `triton` backend (dispatch op name -> public function).
+TRITON_OPS = {
+    "rms_norm": rms_norm,
+    "qk_norm_rope": qk_norm_rope,
+    "mrope_qk_norm_": mrope_qk_norm_,
+}

@@ -2,9 +2,10 @@
 implementation ran.
 
 Each op has a `torch` reference (kernels/*_ref, the CPU path and the oracle); Triton (`triton`) and CUDA
-(`cuda`) implementations register themselves under the same op name with the same signature when their
-modules are imported. Those modules are imported on first selection of their backend (`_BACKEND_MODULES`),
-so importing the runtime never needs triton or a GPU. Select with `use(op, backend)` / `use_all(backend)` or
+(`cuda`) implementations are registered under the same op name with the same signature when their modules
+are loaded (kernels/triton_*.py list theirs in `TRITON_OPS`; kernels/ never imports runtime/). Those modules
+are imported on first selection of their backend (`_BACKEND_MODULES`), so importing the runtime never needs
+triton or a GPU. Select with `use(op, backend)` / `use_all(backend)` or
 the `OMNI_RT_BACKEND` environment variable (e.g. `triton`).
 """
 
@@ -39,7 +40,9 @@ _IMPLS: dict[str, dict[str, Callable]] = {
 }
 _selected: dict[str, str] = {op: "torch" for op in _IMPLS}
 
-# Modules that register a backend's implementations on import (each may cover some ops only).
+# The modules of each backend (each may cover some ops only). A module lists its implementations in a dict
+# `<BACKEND>_OPS` (op name -> function; kernels/ imports nothing from runtime/), which load_backend registers;
+# runtime/cuda_ops.py registers itself on import instead.
 _BACKEND_MODULES: dict[str, list[str]] = {
     "triton": ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention"],
     "cuda": ["runtime.cuda_ops"],
@@ -48,14 +51,16 @@ _loaded: set[str] = set()
 
 
 def load_backend(backend: str) -> None:
-    """Import the modules of `backend` so they register; a missing dependency (triton, the built CUDA
-    extension) is a clear error naming it. Modules not written yet are skipped."""
+    """Import the modules of `backend` and register what they list; a missing dependency (triton, the built
+    CUDA extension) is a clear error naming it. Modules not written yet are skipped."""
     if backend in _loaded or backend not in _BACKEND_MODULES:  # torch, or one registered directly (export)
         return
     for name in _BACKEND_MODULES[backend]:
         if importlib.util.find_spec(name) is None:
             continue
-        importlib.import_module(name)
+        module = importlib.import_module(name)
+        for op, fn in getattr(module, f"{backend.upper()}_OPS", {}).items():
+            register(op, backend, fn)
     _loaded.add(backend)
 
 

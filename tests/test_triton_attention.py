@@ -159,6 +159,7 @@ def test_split_counts(monkeypatch, config):
 def test_registered():
     from runtime import dispatch
 
+    assert "triton" in dispatch.backends("decode_attention")
     assert dispatch._IMPLS["decode_attention"]["triton"] is decode_attention
 
 

@@ -318,8 +318,9 @@ def test_conv_transpose_small_tiles(small_tiles, case):
 # ---- registration and the tiny Code2Wav ---------------------------------------------------------------
 
 def test_registered():
-    for op in CONV_OPS:  # registered on import, under the op names runtime.dispatch calls
-        assert dispatch._IMPLS[op]["triton"] is getattr(triton_conv, op)
+    for op in CONV_OPS:  # listed in TRITON_OPS, registered by dispatch under the op names it calls
+        assert "triton" in dispatch.backends(op)
+        assert dispatch._IMPLS[op]["triton"] is triton_conv.TRITON_OPS[op] is getattr(triton_conv, op)
 
 
 @pytest.fixture
