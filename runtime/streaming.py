@@ -195,14 +195,8 @@ class Stream:
         finally:
             self._leave()
 
-    async def __aiter__(self) -> AsyncIterator[TextDelta | AudioChunk]:
-        try:
-            while not isinstance(item := await self._events.get_async(), StreamEnd):
-                yield item
-            if item.error is not None:
-                raise item.error
-        finally:
-            self._leave()
+    def __aiter__(self) -> AsyncIterator[TextDelta | AudioChunk]:
+        return _AsyncEvents(self)
 
     def cancel(self, wait: bool = True) -> None:
         """Stop the request and free its slot; events not read yet are dropped; other requests go on. A
@@ -231,6 +225,30 @@ class Stream:
 
     async def __aexit__(self, *exc) -> None:
         self.close()
+
+
+class _AsyncEvents:
+    """`async for` over a Stream. Not an async generator: those are closed only later, by the event loop, when
+    dropped; this one cancels the request as soon as the consumer drops it (a `break`, a cancelled task)."""
+
+    def __init__(self, stream: Stream):
+        self._stream, self._ended = stream, False
+
+    def __aiter__(self) -> "_AsyncEvents":
+        return self
+
+    async def __anext__(self) -> TextDelta | AudioChunk:
+        item = await self._stream._events.get_async()
+        if not isinstance(item, StreamEnd):
+            return item
+        self._ended = True
+        if item.error is not None:
+            raise item.error
+        raise StopAsyncIteration
+
+    def __del__(self):
+        if not self._ended:
+            self._stream._leave()
 
 
 def pcm16(samples: torch.Tensor) -> torch.Tensor:

@@ -193,7 +193,7 @@ def test_threads_with_cross_thread_cancels(serve, pool):
 
 def test_async_streams_with_cancels(serve, pool, monkeypatch):
     """`async for` over several concurrent streams in one event loop, some cancelled by other tasks: each
-    not cancelled equals alone, a cancelled one delivered a prefix of it. Once every consumer is waiting,
+    not cancelled equals alone, a cancelled one delivered a prefix of it; one left by `break`. Once every consumer is waiting,
     the loop's next tick waits for a coroutine of that event loop to run, so a consumer that blocked the
     event loop while waiting for events would hang here."""
     engine = serve(max_sessions=3)
@@ -217,19 +217,27 @@ def test_async_streams_with_cancels(serve, pool, monkeypatch):
                 rng.choice(others).cancel(wait=False)
         return events
 
+    async def leave_early(stream):
+        async for _ in stream:
+            break
+        return stream.cancelled  # already: the dropped async iterator cancelled it, no event-loop turn needed
+
     async def open_gate():
         await asyncio.sleep(0.05)
         gate.set()
 
     async def main():
         streams = [engine.stream(**pool[which][0]) for which, _ in plan]
-        armed.set()
+        early = engine.stream(**pool[0][0])
+        armed.set()  # from here on, engine.stream() here would wait for a tick that waits for this event loop
         tasks = [asyncio.create_task(consume(s, streams[:i] + streams[i + 1:], cancel_one))
                  for i, (s, (_, cancel_one)) in enumerate(zip(streams, plan))]
+        left = asyncio.create_task(leave_early(early))
         await open_gate()
-        return streams, await asyncio.gather(*tasks)
+        return streams, await asyncio.gather(*tasks), await left
 
-    streams, outcomes = _within(HANG_S, asyncio.run, main())
+    streams, outcomes, left_cancelled = _within(HANG_S, asyncio.run, main())
+    assert left_cancelled, "leaving an `async for` early must cancel the stream"
     for i, (stream, events) in enumerate(zip(streams, outcomes)):
         context = f"seed {SEED}, task {i}, request {plan[i][0]}"
         (assert_prefix if stream.cancelled else assert_same)(Outcome(events), pool[plan[i][0]][1], context)
