@@ -32,6 +32,8 @@ from runtime.models.thinker import MultimodalInputs
 from runtime.options import GenerationOptions, Request, SchedulerConfig
 
 AudioInput = str | os.PathLike | torch.Tensor | np.ndarray
+# Exported backends (export/ort.py) the scheduler runs as they are: they replace modules it calls unchanged.
+SCHEDULED_BACKENDS = {"audio_encoder", "vision_encoder", "code_predictor"}
 
 
 @dataclass
@@ -207,52 +209,48 @@ class OmniEngine:
                               do_sample)
         timings["preprocess"] = time.perf_counter() - start
 
-        want_audio = self._want_audio(return_audio, prompt, speaker, max_new_tokens)
-        from runtime.generate import generate_with_states
+        from runtime.batch import assemble, check_prompt, row_result, split_rows
+        from runtime.streaming import consume_together
 
-        thinker, eos = self.model.thinker, self.config.im_end_token_id
+        options = GenerationOptions(max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens,
+                                    speaker=speaker, return_audio=return_audio)
+        self._refuse_unsupported_backends("generate()")
+        check_prompt(prompt.input_ids, prompt.attention_mask, max_new_tokens,
+                     self.config.thinker.text.max_position_embeddings)
+        request = self._request(prompt, options)
+        # Offline = the engine run to completion: one session per prompt row in the scheduler that serves
+        # streams (the same prefill, decode steps, frame loop and stop rules), the rows side by side.
         start = time.perf_counter()
-        generation = generate_with_states(
-            thinker, prompt.input_ids, prompt.attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos,
-            hidden_layer=self.config.talker.accept_hidden_layer if want_audio else None, **vars(prompt.inputs))
-        timings["thinker"] = time.perf_counter() - start
-        sequences = generation.sequences
+        streams = [self.submit(replace(request, prompt=row), started=start)
+                   for row in split_rows(prompt, self.model.thinker)]
+        events = consume_together(streams)
+        total = time.perf_counter() - start
+        want_audio, eos = request.options.return_audio, self.config.im_end_token_id
+        rows = [row_result(e, max_new_tokens, eos, want_audio) for e in events]
+        sequences, codes, frames, waveform, samples = assemble(rows, prompt.input_ids, eos,
+                                                               self.config.talker.num_code_groups)
+        # The stages interleave in one engine: "thinker" is when the last row's text ended, "talker" when its
+        # speech ended (the whole run), "code2wav" the Code2Wav time of the row that spent the most on it.
+        timings["thinker"] = max(s.session.thinker_seconds or total for s in streams)
         result = GenerateResult(sequences=sequences, text=self._decode(sequences, prompt.input_ids.shape[1]),
                                 timings=timings, sample_rate=_output_sample_rate(self.config))
         if want_audio:
-            self._speak(result, prompt, generation, speaker or "ethan", talker_max_new_tokens)
+            result.codes, result.num_frames, result.waveform, result.num_samples = codes, frames, waveform, samples
+            timings["talker"] = total
+            timings["code2wav"] = max(sum(s.timings.code2wav_per_frame) for s in streams)
         return result
 
-    def _speak(self, result: GenerateResult, prompt: Prompt, generation, speaker: str, max_frames: int) -> None:
-        """Talker + code predictor frames, then one full Code2Wav decode (not transformers' 300-frame chunked
-        decode, which skips 555 samples at every chunk boundary; for <= 300 frames the two are equal)."""
-        from runtime.speech import talker_generate, talker_position_ids
-
-        talker, code2wav, inputs = self.model.talker, self.model.code2wav, prompt.inputs
-        start = time.perf_counter()
-        batch, device = generation.sequences.shape[0], generation.sequences.device
-        if generation.embeddings.shape[1] <= prompt.input_ids.shape[1]:
-            # Every row's first token was EOS: no text to speak (transformers fails on this input).
-            result.codes = torch.zeros(batch, talker.cfg.num_code_groups, 0, dtype=torch.long, device=device)
-            result.waveform = torch.zeros(batch, 0, device=device)
-            result.num_frames = result.num_samples = torch.zeros(batch, dtype=torch.long)
-            result.timings.update(talker=time.perf_counter() - start, code2wav=0.0)
-            return
-        talker_prompt = talker.build_prompt(
-            self.config, prompt.input_ids, generation.sequences, generation.embeddings, generation.accepted_hidden,
-            self.model.thinker.model.embed_tokens, speaker, prompt.attention_mask,
-            thinker_eos_token_id=self.config.im_end_token_id)
-        positions = talker_position_ids(talker_prompt, self.config, inputs.image_grid_thw, inputs.video_grid_thw,
-                                        inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video)
-        codes, lengths = talker_generate(talker, talker_prompt, positions, max_new_tokens=max_frames)
-        result.timings["talker"] = time.perf_counter() - start
-        start = time.perf_counter()
-        waveform = code2wav(codes)[:, 0] if codes.shape[-1] else codes.new_zeros(codes.shape[0], 0, dtype=torch.float32)
-        samples = torch.tensor([code2wav.num_samples(int(n)) if n else 0 for n in lengths])
-        keep = torch.arange(waveform.shape[-1]) < samples[:, None]  # rows that stopped early end with zeros
-        result.waveform = (waveform.float() * keep.to(waveform.device)).contiguous()
-        result.codes, result.num_frames, result.num_samples = codes, lengths.cpu(), samples
-        result.timings["code2wav"] = time.perf_counter() - start
+    def _refuse_unsupported_backends(self, caller: str) -> None:
+        """Exported backends the scheduler cannot run: it drives the thinker and talker decoders on its static
+        per-slot KV caches and Code2Wav on per-slot streaming states, which the exported decoder steps (dynamic
+        KV in and out) and the exported Code2Wav graphs do not take. The encoders and the code predictor (a
+        fresh cache per frame) are called as they are, so they run exported."""
+        unsupported = sorted(set(self.backends) - SCHEDULED_BACKENDS)
+        if unsupported:
+            raise NotImplementedError(
+                f"{caller} runs every request through the scheduler's static caches; the exported backends for "
+                f"{', '.join(unsupported)} cannot run there (supported: {', '.join(sorted(SCHEDULED_BACKENDS))}): "
+                "leave those modules on 'torch'")
 
     def stream(self, text: str | None = None, audio=None, sample_rate: int | None = None, images=None, videos=None,
                *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -274,9 +272,7 @@ class OmniEngine:
                                     speaker=speaker, return_audio=return_audio, audio_format=audio_format,
                                     chunk_frames=chunk_frames)
         self._check_speaker(options.speaker)
-        if self.backends:  # the scheduler drives the PyTorch modules on static caches; it would bypass them
-            raise NotImplementedError(f"stream() runs the PyTorch modules; this engine has exported backends for "
-                                      f"{', '.join(self.backends)} (they serve generate())")
+        self._refuse_unsupported_backends("stream()")
         prompt = self._prompt(text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
                               feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                               video_grid_thw, video_second_per_grid, use_audio_in_video, video_fps, system,

@@ -1,23 +1,26 @@
-"""Speech generation offline: thinker states -> talker frames -> codec codes -> waveform (MODEL_SPEC §8-11).
+"""The talker's side of a scheduler tick (MODEL_SPEC §8-11): a session's talker prompt and prefill, its frames
+(code 0 -> code predictor -> Code2Wav) and the talker decode step that follows each frame.
 
-Frame loop (greedy, as transformers' `generate(..., talker_do_sample=False, talker_repetition_penalty=1.0)`):
+Frame loop of one session (greedy, as transformers' `generate(..., talker_do_sample=False,
+talker_repetition_penalty=1.0)`):
     prefill the talker prompt -> logits of its last position -> code 0 (control ids suppressed)
-    per frame k: code predictor fills codebooks 1..G-1 from (talker hidden, code 0)
-                 next talker input = frame_input(codes_k, text_for_frame(k)) -> one cached talker step -> code 0
-    stop when every row has emitted codec EOS or after `max_new_tokens` code-0 tokens.
-A frame whose code 0 is EOS gets no residual codes and is not returned; a code 0 that is never followed by
-a talker step (the max-token cut) gets none either, so `max_new_tokens` tokens give at most
-`max_new_tokens - 1` frames, exactly as transformers counts them.
+    per frame k: the code predictor fills codebooks 1..G-1 from (talker hidden, code 0); Code2Wav decodes the
+                 frame's final samples from the session's streaming state
+                 next talker input = frame_input(codes_k, text of frame k) -> one talker step -> code 0
+    stop at codec EOS or at the last allowed step (runtime/session.py holds the rules).
 
-Shapes: B = batch, P = talker prompt length, G = num_code_groups, F = frames.
+Shapes: B = sessions in one batched step, P = talker prompt length, G = num_code_groups, H = hidden size.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from runtime.models.talker import Talker, TalkerPrompt, code0_suppress_mask
+from runtime.models.talker import TalkerPrompt
 from runtime.rope_index import get_rope_index
+from runtime.session import Session, TalkerProgress
 
 
 def talker_position_ids(prompt: TalkerPrompt, config, image_grid_thw=None, video_grid_thw=None,
@@ -50,40 +53,78 @@ def _talker_view(config):
                    vision=replace(thinker.vision, spatial_merge_size=talker.spatial_merge_size))
 
 
-@torch.inference_mode()
-def talker_generate(talker: Talker, prompt: TalkerPrompt, position_ids: torch.Tensor, *,
-                    max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """prompt: from Talker.build_prompt; position_ids: [3, B, P] from talker_position_ids.
+def start_talker(runner, session: Session) -> None:
+    """The talker prompt of a session whose thinker prefill has just given t1 (MODEL_SPEC §8.3: it needs only
+    the prompt's states and t1), prefilled into the session's talker slot: fresh logits for code 0."""
+    model, cfg = runner.model, runner.config
+    prompt, th = session.request.prompt, session.thinker
+    embeds = torch.cat([e for e, _ in th.states], dim=1)  # [1, L, Ht]
+    accepted = torch.cat([a for _, a in th.states], dim=1)
+    th.states = []
+    if runner.talker_stream is not None:  # made on the main stream, read on the talker's: keep their memory
+        for tensor in (embeds, accepted, th.next_token):  # until the talker stream is done with it
+            tensor.record_stream(runner.talker_stream)
+    embed_tokens = model.thinker.model.embed_tokens
+    talker_prompt = model.talker.build_prompt(cfg, prompt.input_ids, prompt.input_ids, embeds, accepted, embed_tokens,
+                                              session.options.speaker or "ethan",
+                                              first_token_embeds=embed_tokens(th.next_token))
+    inputs = prompt.inputs
+    positions = talker_position_ids(talker_prompt, cfg, inputs.image_grid_thw, inputs.video_grid_thw,
+                                    inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video)
+    special = torch.tensor([cfg.tts_eos_token_id, cfg.tts_pad_token_id], device=runner.device)
+    tts_eos, tts_pad = model.talker.project_text(embed_tokens(special))
+    logits, hidden = runner.talker_prefill(talker_prompt.inputs_embeds, positions, session.slot)
+    session.talker = TalkerProgress(talker_prompt.inputs_embeds.shape[1], positions[:, :, -1:], tts_eos, tts_pad,
+                                    logits, hidden)
 
-    Returns (codes [B, G, F] int64, lengths [B] int64): frames before each row's codec EOS; in a batch, the
-    frames of a row past its own EOS are zeros (transformers keeps generating them until every row stops).
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"talker max_new_tokens must be >= 1, got {max_new_tokens}")
-    cfg = talker.cfg
-    batch = prompt.inputs_embeds.shape[0]
-    device = prompt.inputs_embeds.device
-    suppress = code0_suppress_mask(cfg, device)
-    cache = talker.new_cache()
-    mask = prompt.attention_mask
-    logits, hidden = talker(prompt.inputs_embeds, position_ids, mask, cache, num_logits_to_keep=1)
-    positions = position_ids[:, :, -1:]  # [3, B, 1]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    frames = []
-    for step in range(max_new_tokens):
-        code0 = logits[:, -1].masked_fill(suppress, float("-inf")).argmax(-1)  # [B]
-        finished |= code0 == cfg.codec_eos_token_id
-        if finished.all() or step == max_new_tokens - 1:
-            break
-        lengths += (~finished).long()
-        codes = talker.predict_frame(hidden[:, -1], code0)  # [B, G]
-        frames.append(codes)
-        mask = torch.cat((mask, mask.new_ones(batch, 1)), dim=1)
-        positions = positions + 1
-        logits, hidden = talker(talker.frame_input(codes, prompt.text_for_frame(step)), positions, mask, cache)
-    if not frames:
-        return torch.zeros(batch, cfg.num_code_groups, 0, dtype=torch.long, device=device), lengths
-    codes = torch.stack(frames, dim=-1)  # [B, G, F]
-    frame_index = torch.arange(codes.shape[-1], device=device)
-    return codes.masked_fill((frame_index >= lengths[:, None])[:, None], 0), lengths
+
+def frames(runner, sessions: list[Session]) -> None:
+    """Code 0 from each session's fresh logits; for those whose speech goes on, the code predictor's frame
+    (one batch) and Code2Wav (sessions on their first frame in one batch, the others in another). The model
+    work comes first and the sessions change only after it all succeeded, so a failed batch can be retried
+    row by row (Code2Wav's conv states are the exception: they update in place, layer by layer)."""
+    code0 = runner.code0(torch.cat([s.talker.logits for s in sessions]))  # [B]
+    going = [i for i, (s, code) in enumerate(zip(sessions, code0.tolist())) if not s.speech_ends(code)]
+    codes = samples = None
+    if going:
+        tick = time.perf_counter()
+        hidden = torch.cat([sessions[i].talker.hidden for i in going])  # [B', H]
+        codes = runner.code_predictor_frame(hidden, code0[torch.tensor(going, device=code0.device)])  # [B', G]
+        predictor_s = time.perf_counter() - tick
+        samples, spent = [None] * len(going), [0.0] * len(going)
+        for first in (True, False):
+            rows = [r for r, i in enumerate(going) if (sessions[i].talker.frame == 0) == first]
+            if rows:
+                tick = time.perf_counter()
+                wav = runner.code2wav_frame(codes[rows], [sessions[going[r]].slot for r in rows], first)  # [B'', n]
+                elapsed = time.perf_counter() - tick
+                for j, r in enumerate(rows):
+                    samples[r], spent[r] = wav[j], elapsed
+    for i, session in enumerate(sessions):
+        session.talker.logits = None
+        if i not in going:
+            session.end_speech()
+    for row, i in enumerate(going):
+        tk = sessions[i].talker
+        tk.codes, tk.hidden = codes[row:row + 1], None
+        sessions[i].add_frame(codes[row], samples[row], predictor_s, spent[row])
+
+
+def talker_decode(runner, sessions: list[Session]) -> None:
+    """One talker step for every session whose last frame and its text are ready: fresh logits for code 0."""
+    model = runner.model
+    texts = []
+    for session in sessions:
+        text = session.frame_text()
+        if isinstance(text, int):  # a fed text token: its thinker embedding, projected
+            token = torch.tensor([text], device=runner.device)
+            text = model.talker.project_text(model.thinker.model.embed_tokens(token))
+        texts.append(text)
+    embeds = torch.cat([model.talker.frame_input(s.talker.codes, text) for s, text in zip(sessions, texts)])  # [B, 1, H]
+    positions = torch.cat([s.talker.positions + 1 for s in sessions], dim=1)  # [3, B, 1]
+    longest = max(s.talker.prompt_len + s.talker.frame for s in sessions)
+    logits, hidden = runner.talker_decode(embeds, positions, [s.slot for s in sessions], longest)
+    for i, session in enumerate(sessions):
+        tk = session.talker
+        tk.positions, tk.codes = positions[:, i:i + 1], None
+        tk.logits, tk.hidden = logits[i:i + 1], hidden[i:i + 1]

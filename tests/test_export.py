@@ -24,7 +24,7 @@ from export.ort import (ManifestMismatch, OrtAudioEncoder, OrtCode2Wav, OrtCode2
                         OrtCodePredictorStep, OrtModule, OrtTalkerStep, OrtThinkerStep, OrtVisionEncoder, apply_backends, check_entry)
 from export.wrappers import moe_experts_gather  # noqa: E402
 from kernels.moe import moe_experts_ref, route_topk_ref  # noqa: E402
-from runtime.engine import OmniEngine  # noqa: E402
+from runtime.engine import SCHEDULED_BACKENDS, OmniEngine  # noqa: E402
 from runtime.models.decoder import DeepStack  # noqa: E402
 from runtime.weights import init_random  # noqa: E402
 from tests.oracle import build_oracle  # noqa: E402
@@ -304,17 +304,18 @@ def test_vision_encoder_buckets_match_torch(model, exported):
             assert_close(g, w, f"vision encoder {grid} output {i}")
 
 
-def test_whole_pipeline_with_every_module_in_onnx_runtime(engine, checkpoint, exported, request_, monkeypatch):
-    """generate() on a text + audio + image prompt, greedy: the same tokens and codec codes as the PyTorch engine
-    and the same waveform within fp32 tolerance, with every module run by ONNX Runtime."""
+def test_whole_pipeline_with_the_scheduled_modules_in_onnx_runtime(engine, checkpoint, exported, request_, monkeypatch):
+    """generate() on a text + audio + image prompt, greedy, with the encoders and the code predictor run by ONNX
+    Runtime (the exported modules the scheduler calls as they are, runtime.engine.SCHEDULED_BACKENDS): the same
+    tokens and codec codes as the PyTorch engine and the same waveform within fp32 tolerance."""
     out, _ = exported
     want = engine.generate(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
                            return_audio=True)
     prompt_len = request_["input_ids"].shape[1]
     assert want.sequences.shape[1] - prompt_len >= 4 and want.codes.shape[-1] >= 4, (
         "the seeded prompt no longer gives enough text and speech to compare: pick another SEED")
-    ort_engine = OmniEngine.from_pretrained(checkpoint, backends={name: f"ort:{out}" for name in MODULES})
-    assert set(ort_engine.backends) == set(MODULES)
+    ort_engine = OmniEngine.from_pretrained(checkpoint, backends={name: f"ort:{out}" for name in SCHEDULED_BACKENDS})
+    assert set(ort_engine.backends) == SCHEDULED_BACKENDS
     runs: dict[str, int] = {}
     original = OrtModule.__call__
 
@@ -327,14 +328,26 @@ def test_whole_pipeline_with_every_module_in_onnx_runtime(engine, checkpoint, ex
                               return_audio=True)
     frames = want.codes.shape[-1]
     groups = engine.model.talker.code_predictor.num_code_groups
-    assert runs == {"audio_encoder": 1, "vision_encoder": 1, "thinker_step": want.sequences.shape[1] - prompt_len,
-                    "talker_step": frames + 1, "code_predictor": frames * (groups - 1), "code2wav": 1}, runs
+    assert runs == {"audio_encoder": 1, "vision_encoder": 1, "code_predictor": frames * (groups - 1)}, runs
     assert torch.equal(got.sequences, want.sequences), f"{got.sequences.tolist()} != {want.sequences.tolist()}"
     assert torch.equal(got.codes, want.codes), f"{got.codes[:, 0].tolist()} != {want.codes[:, 0].tolist()}"
     assert got.waveform.shape == want.waveform.shape
     assert_close(got.waveform, want.waveform, "waveform")
-    with pytest.raises(NotImplementedError, match="stream"):
-        ort_engine.stream(**request_)
+    streamed = [e for e in ort_engine.stream(**request_, max_new_tokens=THINKER_TOKENS,
+                                             talker_max_new_tokens=TALKER_TOKENS) if hasattr(e, "codes")]
+    assert torch.equal(torch.cat([chunk.codes for chunk in streamed], dim=-1), want.codes[0])
+
+
+def test_backends_the_scheduler_cannot_run_are_refused_by_name(checkpoint, exported, request_):
+    """The decoder steps (dynamic KV in and out) and Code2Wav's graphs do not fit the scheduler's static per-slot
+    caches and streaming states: generate() and stream() refuse them, naming each, before any model work."""
+    out, _ = exported
+    every = OmniEngine.from_pretrained(checkpoint, backends={name: f"ort:{out}" for name in MODULES})
+    unsupported = sorted(set(MODULES) - SCHEDULED_BACKENDS)
+    assert unsupported == ["code2wav", "code2wav_stream", "talker_step", "thinker_step"]
+    for call in (every.generate, every.stream):
+        with pytest.raises(NotImplementedError, match=", ".join(unsupported)):
+            call(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS)
 
 
 def test_other_weights_are_refused_by_every_backend(engine, exported):
@@ -486,8 +499,9 @@ def test_tensorrt_builds_engines(exported, tmp_path):
     assert (tmp_path / "timing.cache").is_file() and (tmp_path / "manifest.json").is_file()
 
 
-def test_whole_pipeline_with_every_module_in_tensorrt(engine, checkpoint, exported, request_, tmp_path):
-    """As the ONNX Runtime pipeline test, with every module's engine built and run by TensorRT (fp32, TF32 off)."""
+def test_whole_pipeline_with_the_scheduled_modules_in_tensorrt(engine, checkpoint, exported, request_, tmp_path):
+    """As the ONNX Runtime pipeline test, with the scheduled modules' engines built and run by TensorRT (fp32,
+    TF32 off)."""
     pytest.importorskip("tensorrt", reason="tensorrt not installed")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -496,7 +510,7 @@ def test_whole_pipeline_with_every_module_in_tensorrt(engine, checkpoint, export
     build_engines(exported[0], tmp_path)
     want = engine.generate(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
                            return_audio=True)
-    trt_engine = OmniEngine.from_pretrained(checkpoint, backends={name: f"trt:{tmp_path}" for name in MODULES})
+    trt_engine = OmniEngine.from_pretrained(checkpoint, backends={name: f"trt:{tmp_path}" for name in SCHEDULED_BACKENDS})
     sessions = [s for b in trt_engine.backends.values()
                 for s in (b.buckets.graphs.values() if hasattr(b, "buckets") else [b.session])]
     assert sessions and all(isinstance(s, TrtModule) for s in sessions)

@@ -10,7 +10,7 @@ import torch
 
 from runtime.engine import OmniEngine
 from runtime.frontend.audio import audio_token_count
-from runtime.generate import generate_with_states
+from tests.reference_generate import generate_with_states
 from tests.oracle import build_oracle, rel_err
 
 NEWLINE = 10  # any ordinary token id of the tiny vocab

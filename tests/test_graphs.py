@@ -26,29 +26,52 @@ def test_capture_refuses_host_syncing_references():
 
 def test_runner_refuses_cpu():
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
-        GraphRunner(torch.device("cpu"), max_batch=2, prefill_buckets=[16])
+        GraphRunner(torch.device("cpu"), max_batch=2)
 
 
 def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
-    """What capture_all would capture, run eagerly on the CPU: every stage's example inputs (all rows padded)
-    fit its step function, and no session's slot is touched (only the scratch slot, reset after)."""
+    """What capture_all would capture (the runner's capture plan), run eagerly on the CPU: every stage at every
+    bucket, its example inputs (all rows padded) fit its step function, which returns a tuple of tensors, and
+    no session's slot is touched (only the scratch slots)."""
     build_oracle("odd", tmp_path, seed=int(torch.randint(0, 2**31, ()).item()))
-    engine = OmniEngine.from_pretrained(tmp_path)
-    engine.scheduler_config = dict(max_sessions=2, prefill_chunk=40)
-    scheduler = engine.scheduler
-    runner = object.__new__(GraphRunner)  # the capture plan without a device to capture on
-    runner.device, runner.buckets, runner.prefill_buckets = scheduler.device, batch_buckets(2), scheduler.prefill_buckets
-    stages = [(stage, size) for size in runner.prefill_buckets for stage in ("thinker_prefill", "talker_prefill")]
-    stages += [(stage, size) for size in runner.buckets for stage in runner._stages(scheduler)]
-    caches = (scheduler.thinker_cache, scheduler.talker_cache)
+    engine = OmniEngine.from_pretrained(tmp_path, scheduler=dict(max_sessions=2, prefill_chunk=40))
+    runner = engine.scheduler.runner
+    plan = runner.capture_plan()
+    assert [(spec.name, spec.size) for spec in plan] == (
+        [(name, size) for size in (40, 32, 16) for name in ("thinker_prefill", "talker_prefill")]
+        + [(name, size) for size in (2, 1) for name in ("thinker_decode", "talker_decode", "code_predictor", "code2wav")])
+    caches = (runner.thinker_cache, runner.talker_cache)
     before = [(c.keys[:, :-1].clone(), c.lengths.clone()) for c in caches]
+    code2wav_before = [t[:-1].clone() for t in runner.code2wav_slots.state_tensors()]
     with torch.inference_mode():
-        for stage, size in stages:
-            outputs = runner._step_fn(scheduler, stage)(*runner._example_inputs(scheduler, stage, size))
-            assert all(torch.is_tensor(o) and o.shape[0] == (1 if "prefill" in stage else size) for o in outputs), stage
+        for spec in plan:
+            outputs = spec.fn(*spec.example_inputs)
+            rows = 1 if "prefill" in spec.name else spec.size
+            assert isinstance(outputs, tuple) and all(torch.is_tensor(o) and o.shape[0] == rows for o in outputs), spec
     for cache, (keys, lengths) in zip(caches, before):
         assert torch.equal(cache.keys[:, :-1], keys) and torch.equal(cache.lengths, lengths)
-    assert runner.prefill_buckets == [16, 32, 40]
+    for tensor, saved in zip(runner.code2wav_slots.state_tensors(), code2wav_before):
+        assert torch.equal(tensor[:-1], saved)
+
+
+def test_runner_builds_at_released_shapes_without_a_gpu():
+    """The runner at the released shapes on the meta device (no GPU, no memory; tests/test_graph_safety.py
+    audits its stages there): no CUDA stream is made, nothing asks the GPU, and its capture plan's inputs are
+    made on the runner's device."""
+    from runtime.config import OmniConfig
+    from runtime.models.omni import build_model
+    from runtime.options import SchedulerConfig
+    from runtime.runner import ModelRunner
+
+    config = OmniConfig.from_pretrained("qwen3-omni-30b-a3b")
+    model = build_model(config, "meta").to(torch.bfloat16)
+    runner = ModelRunner(model, config, SchedulerConfig(max_sessions=4, prefill_chunk=64, use_graphs=False))
+    plan = runner.capture_plan()
+    assert runner.talker_stream is None and runner.graphs is None and runner.static_prefill is False
+    assert {spec.name for spec in plan} == {"thinker_prefill", "talker_prefill", "thinker_decode", "talker_decode",
+                                            "code_predictor", "code2wav"}
+    assert all(t.device.type == "meta" for spec in plan for t in spec.example_inputs)
+    assert runner.thinker_cache.keys.device.type == "meta" and runner.thinker_cache.keys.dtype == torch.bfloat16
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +98,9 @@ def _restore(cache, saved):
 def test_replay_equals_eager_for_every_stage(gpu_engine):
     engine = OmniEngine(gpu_engine.config, gpu_engine.model, None, "cuda", torch.float32,
                         dict(max_sessions=4, use_graphs=True))
-    scheduler, graphs = engine.scheduler, engine.scheduler.graphs
-    assert graphs is not None and set(graphs.graphs) >= {("thinker_decode", 4), ("talker_decode", 1)}
+    runner = engine.scheduler.runner
+    graphs = runner.graphs
+    assert set(graphs.graphs) == {(spec.name, spec.size) for spec in runner.capture_plan()}
     for captured in graphs.graphs.values():  # poison the outputs: every replay must write all of them
         for out in captured.outputs:
             if out.is_floating_point():
@@ -84,9 +108,9 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
     cfg = engine.config
     device = "cuda"
     slots = torch.tensor([2, 0, 1], device=device)
-    scheduler.thinker_cache.lengths[:3] = torch.tensor([5, 9, 3], device=device)
-    scheduler.talker_cache.lengths[:3] = torch.tensor([4, 6, 2], device=device)
-    for cache in (scheduler.thinker_cache, scheduler.talker_cache):
+    runner.thinker_cache.lengths[:3] = torch.tensor([5, 9, 3], device=device)
+    runner.talker_cache.lengths[:3] = torch.tensor([4, 6, 2], device=device)
+    for cache in (runner.thinker_cache, runner.talker_cache):
         cache.keys.normal_()
         cache.values.normal_()
     tokens = torch.randint(11, 470, (3,), device=device)
@@ -95,7 +119,7 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
     hidden = torch.randn(3, cfg.talker.text.hidden_size, device=device)
     code0 = torch.randint(0, 100, (3,), device=device)
     frame_codes = torch.randint(0, cfg.code2wav.codebook_size, (3, cfg.code2wav.num_quantizers, 1), device=device)
-    bucket = scheduler.prefill_buckets[1]  # a chunk of bucket − 3 tokens, front-padded, after slot 2's 5 tokens
+    bucket = runner.prefill_buckets[1]  # a chunk of bucket − 3 tokens, front-padded, after slot 2's 5 tokens
     chunk = (torch.randn(1, bucket, cfg.thinker.text.hidden_size, device=device),
              torch.randint(0, 30, (3, 1, bucket), device=device),
              torch.randn(len(cfg.thinker.vision.deepstack_visual_indexes), 1, bucket, cfg.thinker.text.hidden_size,
@@ -106,31 +130,27 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
                     torch.tensor([bucket - 2], device=device))  # after slot 0's 6 talker tokens
     assert {("thinker_prefill", bucket), ("talker_prefill", bucket)} <= set(graphs.graphs)
     for slot in (0, 1, 2):  # streams past their first frame, with non-zero contexts
-        scheduler.code2wav_slots.reset(slot)
-        scheduler.code2wav_slots.frames[slot] = 3 + slot
-    for pool in (*scheduler.code2wav_slots.conv.values(), *scheduler.code2wav_slots.tails.values()):
+        runner.code2wav_slots.reset(slot)
+        runner.code2wav_slots.frames[slot] = 3 + slot
+    for pool in (*runner.code2wav_slots.conv.values(), *runner.code2wav_slots.tails.values()):
         pool.normal_()
-    for cache, eager, graphed in (
-        (scheduler.thinker_cache, lambda: scheduler.thinker_prefill_eager(*chunk, 5 + bucket - 3),
-         lambda: graphs.thinker_prefill(scheduler, *chunk, 5 + bucket - 3)),
-        (scheduler.talker_cache, lambda: scheduler.talker_prefill_eager(*talker_chunk, 6 + bucket - 2),
-         lambda: graphs.talker_prefill(scheduler, *talker_chunk, 6 + bucket - 2)),
-        (scheduler.thinker_cache, lambda: (scheduler.thinker_decode_eager(tokens, positions, slots, 10),),
-         lambda: (graphs.thinker_decode(scheduler, tokens, positions, slots, 10),)),
-        (scheduler.talker_cache, lambda: scheduler.talker_decode_eager(embeds, positions, slots, 10),
-         lambda: graphs.talker_decode(scheduler, embeds, positions, slots, 10)),
-        (None, lambda: (engine.model.talker.predict_frame(hidden, code0),),
-         lambda: (graphs.code_predictor_frame(scheduler, hidden, code0),)),
-        (None, lambda: (engine.model.code2wav.decode_frame(frame_codes, scheduler.code2wav_slots.view(slots, False)),),
-         lambda: (graphs.code2wav_frame(scheduler, frame_codes, slots),)),
+    for cache, name, inputs in (
+        (runner.thinker_cache, "thinker_prefill", chunk),
+        (runner.talker_cache, "talker_prefill", talker_chunk),
+        (runner.thinker_cache, "thinker_decode", (tokens, positions, slots)),
+        (runner.talker_cache, "talker_decode", (embeds, positions, slots)),
+        (None, "code_predictor", (hidden, code0)),
+        (None, "code2wav", (frame_codes, slots)),
     ):
-        c2w_saved = [t.clone() for t in scheduler.code2wav_slots.state_tensors()]
+        eager = lambda: runner.steps[name](*inputs)  # noqa: E731 - the step function the graph captured
+        graphed = lambda: runner.run(name, inputs)  # noqa: E731 - its graph's replay (3 rows in bucket 4)
+        c2w_saved = [t.clone() for t in runner.code2wav_slots.state_tensors()]
         saved = _snapshot(cache) if cache is not None else None
         want = eager()
         after_eager = _snapshot(cache) if cache is not None else None
         if cache is not None:
             _restore(cache, saved)
-        for tensor, value in zip(scheduler.code2wav_slots.state_tensors(), c2w_saved):
+        for tensor, value in zip(runner.code2wav_slots.state_tensors(), c2w_saved):
             tensor.copy_(value)
         got = graphed()
         for g, w in zip(got, want):

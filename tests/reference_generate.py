@@ -1,4 +1,7 @@
-"""Greedy text generation with the thinker: one prefill, then one token per step on a KV cache.
+"""A reference for the tests, outside the runtime's call paths: transformers-shaped greedy thinker generation
+on a dynamic KV cache (one prefill of the whole left-padded batch, then one token per step), recording the
+states transformers records. The runtime generates through its one engine (runtime/scheduler.py); this
+reference checks the Thinker module's generation API against transformers on its own.
 
 Matches transformers' `generate(do_sample=False)` token for token: argmax of the fp32-or-model-dtype logits
 (first index on ties), a row stops at its first EOS, later tokens of a finished row are `pad_token_id`
@@ -16,6 +19,7 @@ from typing import Iterable
 
 import torch
 
+from runtime.batch import check_prompt
 from runtime.models.thinker import MultimodalInputs, Thinker
 
 
@@ -67,8 +71,8 @@ def generate_with_states(thinker: Thinker, input_ids: torch.Tensor, attention_ma
 
 
 class ThinkerStepper:
-    """Greedy thinker decoding one token at a time: `step()` returns the next token of every row. The offline
-    `generate_with_states` runs it to the end; the streaming engine interleaves it with the talker.
+    """Greedy thinker decoding one token at a time: `step()` returns the next token of every row;
+    `generate_with_states` runs it to the end.
 
     The prompt is checked at construction (before any model work); the prefill runs on the first step.
     """
@@ -76,7 +80,7 @@ class ThinkerStepper:
     def __init__(self, thinker: Thinker, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int, eos_token_id: int | Iterable[int] | None = None,
                  pad_token_id: int | None = None, hidden_layer: int | None = None, **multimodal):
-        _check_prompt(thinker, input_ids, attention_mask, max_new_tokens)
+        check_prompt(input_ids, attention_mask, max_new_tokens, thinker.cfg.text.max_position_embeddings)
         self.thinker, self.max_new_tokens = thinker, max_new_tokens
         self.attention_mask = attention_mask
         self.multimodal = MultimodalInputs(**multimodal)
@@ -129,22 +133,3 @@ class ThinkerStepper:
         if self.hidden_layer is None or not self.embeddings:
             return ThinkerGeneration(self.sequences)
         return ThinkerGeneration(self.sequences, torch.cat(self.embeddings, dim=1), torch.cat(self.accepted, dim=1))
-
-
-def _check_prompt(thinker: Thinker, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  max_new_tokens: int) -> None:
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
-    batch, length = input_ids.shape
-    if batch == 0 or length == 0:
-        raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}; give at least one token per row")
-    if attention_mask is not None:
-        empty_rows = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
-        if empty_rows:
-            raise ValueError(f"empty prompt: rows {empty_rows} of attention_mask have no real token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    limit = thinker.cfg.text.max_position_embeddings
-    if length + max_new_tokens > limit:
-        raise ValueError(f"prompt length {length} + max_new_tokens {max_new_tokens} = {length + max_new_tokens} "
-                         f"exceeds the thinker's max_position_embeddings {limit}")

@@ -1,0 +1,353 @@
+"""The model runner: the static state every session lives in, and the step functions that advance it.
+
+`ModelRunner` owns the per-slot state (the thinker's and the talker's StaticKVCache, Code2WavSlots), the
+code-0 suppress mask, the talker's CUDA stream, and one step function per stage:
+
+    thinker_prefill   one prefill chunk of one slot, front-padded to a static bucket
+    talker_prefill    the same for the talker's prompt
+    thinker_decode    one token for a batch of slots -> logits
+    talker_decode     one talker input per slot -> (logits, hidden)
+    code_predictor    one whole frame (codebooks 1..G−1) per row
+    code2wav          one frame's samples per slot, after each slot's first frame
+
+Each step function has static shapes and no host reads, so it is what a CUDA graph captures (`capture_plan`
+lists every stage at every bucket; runtime/graphs.py captures exactly that list and replays it) and, on the
+CPU or with graphs off, what runs eagerly. The host-level methods (`thinker_prefill`, `thinker_decode`, ...)
+check limits on the host, pad, and run a step through its graph or eagerly: the scheduler (policy) and the
+sessions (per-request rules) call only those.
+
+Shapes: B = rows of one batched step, C = a prefill bucket, H = hidden size, G = code groups, V = vocab.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from runtime.graphs import GraphRunner, batch_buckets, graphs_possible
+from runtime.kv_cache import StaticKVCache
+from runtime.models.code2wav import Code2WavSlots
+from runtime.models.decoder import DeepStack
+from runtime.models.talker import code0_suppress_mask
+from runtime.options import SchedulerConfig
+from runtime.rope_index import get_rope_index
+
+TALKER_PROMPT_EXTRA = 9  # assistant positions the talker prompt adds after the user part (MODEL_SPEC §8.3)
+
+# Batched stages: the batch dim of each input and the value that pads it up to a captured bucket (−1 slots
+# write only the scratch slot). Prefill stages take one slot and a chunk already padded to its bucket.
+BATCHED = {
+    "thinker_decode": ((0, 1, 0), (0, 0, -1)),
+    "talker_decode": ((0, 1, 0), (0, 0, -1)),
+    "code_predictor": ((0, 0), (0, 0)),
+    "code2wav": ((0, 0), (0, -1)),
+}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One captured stage at one size: `fn(*example_inputs)` runs exactly what its graph captures and returns
+    a tuple of tensors. size: the prefill bucket (tokens) or the batch bucket (rows)."""
+
+    name: str
+    size: int
+    fn: Callable[..., tuple[torch.Tensor, ...]]
+    example_inputs: tuple[torch.Tensor, ...]
+
+
+@dataclass
+class PromptEmbedding:
+    """A thinker prompt ready for prefill: embeds [1, L, H], positions [3, 1, L] (TM-RoPE), and its DeepStack
+    additions: dense [levels, 1, L, H] for static prefill, sparse (or None) for eager prefill."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    deepstack: torch.Tensor | DeepStack | None
+
+
+class ModelRunner:
+    """Static caches, slots and step functions of one engine (see the module docstring)."""
+
+    def __init__(self, model, config, options: SchedulerConfig):
+        self.model, self.config = model, config
+        param = model.thinker.lm_head.weight
+        self.device, self.dtype = param.device, param.dtype
+        text_cfg = config.thinker.text
+        self.max_sessions = options.max_sessions
+        self.max_seq_len = min(options.max_seq_len, text_cfg.max_position_embeddings)
+        self.prefill_chunk = min(options.prefill_chunk, self.max_seq_len)
+        self.prefill_buckets = prefill_buckets(self.prefill_chunk)
+        self.speech = model.has_audio_output
+        # hidden_states[accept_hidden_layer] of the prompt feed the talker prompt; 0 = the embeddings themselves
+        self.accept_layer = config.talker.accept_hidden_layer if self.speech else 0
+        slots = options.max_sessions
+        self.thinker_cache = StaticKVCache.for_decoder(text_cfg, slots, self.max_seq_len, self.dtype, self.device)
+        self.talker_cache = self.code2wav_slots = self.suppress = None
+        self.talker_max_len = 0
+        if self.speech:
+            talker_cfg = config.talker.text
+            self.talker_max_len = min(self.max_seq_len + TALKER_PROMPT_EXTRA + 1, talker_cfg.max_position_embeddings)
+            self.talker_cache = StaticKVCache.for_decoder(talker_cfg, slots, self.talker_max_len, self.dtype,
+                                                          self.device)
+            self.suppress = code0_suppress_mask(model.talker.cfg, self.device)  # [V]
+            self.suppress_for = model.talker.cfg.codec_eos_token_id
+            self.code2wav_slots = Code2WavSlots(model.code2wav, slots, self.device, self.dtype)
+        # Streams only where CUDA runs: the runner is also built on fake `cuda` tensors without a GPU.
+        on_gpu = self.device.type == "cuda" and torch.cuda.is_available()
+        self.talker_stream = torch.cuda.Stream(self.device) if self.speech and on_gpu else None
+        use_graphs = options.use_graphs
+        if use_graphs is None:  # default: graphs wherever they can run
+            use_graphs = on_gpu and graphs_possible()
+        self.static_prefill = use_graphs if options.static_prefill is None else options.static_prefill
+        if use_graphs and not self.static_prefill:
+            raise ValueError("CUDA graphs capture prefill chunks in their static form: static_prefill=False needs "
+                             "use_graphs=False")
+        self.steps: dict[str, Callable] = {
+            "thinker_prefill": self.thinker_prefill_step, "thinker_decode": self.thinker_decode_step,
+            "talker_prefill": self.talker_prefill_step, "talker_decode": self.talker_decode_step,
+            "code_predictor": self.code_predictor_step, "code2wav": self.code2wav_step}
+        self.graphs = None
+        if use_graphs:
+            self.graphs = GraphRunner(self.device, max_batch=slots)
+            self.graphs.capture_all(self.capture_plan())
+
+    # ------------------------------------------------------------------ slots
+
+    def reset_slot(self, slot: int) -> None:
+        """Forget whatever a slot's last user left: KV lengths and the Code2Wav stream (admission calls this)."""
+        self.thinker_cache.reset(slot)
+        if self.speech:
+            with self.on_talker_stream():  # the talker's graphs write these on its stream
+                self.talker_cache.reset(slot)
+                self.code2wav_slots.reset(slot)
+
+    def on_talker_stream(self):
+        """The talker's CUDA stream as a context (nothing on the CPU)."""
+        return torch.cuda.stream(self.talker_stream) if self.talker_stream is not None else nullcontext()
+
+    def embed_prompt(self, prompt) -> PromptEmbedding:
+        """A one-row prompt (runtime.engine.Prompt) -> its embeddings, with the encoders run and their features
+        merged in, its TM-RoPE positions and DeepStack additions (dense for static prefill: one scatter for
+        the whole prompt, so that chunks slice it without host reads)."""
+        thinker, inputs, ids = self.model.thinker, prompt.inputs, prompt.input_ids
+        audio_embeds = getattr(inputs, "audio_embeds", None)  # encoded with the rest of a batch (runtime/batch.py)
+        if audio_embeds is None:
+            embeds, deepstack = thinker.embed(ids, inputs)
+        else:
+            embeds, deepstack = thinker.embed(ids, replace(inputs, input_features=None, feature_attention_mask=None),
+                                              required=False)
+            audio_rows = (ids == thinker.cfg.audio_token_id)[..., None]  # [1, L, 1]
+            embeds = embeds.masked_scatter(audio_rows, audio_embeds.to(embeds.dtype))
+        positions, _ = get_rope_index(ids, None, inputs.image_grid_thw, inputs.video_grid_thw,
+                                      inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video,
+                                      config=thinker.cfg)
+        if self.static_prefill:
+            length, hidden = ids.shape[1], self.config.thinker.text.hidden_size
+            if deepstack is not None:
+                deepstack = deepstack.to_dense(1, length, hidden, self.dtype, self.device)
+            else:
+                levels = len(self.config.thinker.vision.deepstack_visual_indexes)
+                deepstack = torch.zeros(levels, 1, length, hidden, dtype=self.dtype, device=self.device)
+        return PromptEmbedding(embeds, positions, deepstack)
+
+    def slot_ids(self, slots: list[int]) -> torch.Tensor:
+        return torch.tensor(slots, dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------ step functions (what graphs capture)
+
+    def thinker_prefill_step(self, embeds, positions, deepstack, slots, num_valid) -> tuple[torch.Tensor, ...]:
+        """embeds [1, C, H], positions [3, 1, C], deepstack [levels, 1, C, H], slots [1], num_valid [1] real
+        tokens (the last ones) -> (last hidden [1, H],) + (accept-layer states [1, C, H],) with a talker."""
+        view = self.thinker_cache.view(slots, embeds.shape[1], embeds.shape[1], num_valid=num_valid)
+        out = self.model.thinker.model(embeds, positions, None, view, DeepStack(dense=deepstack),
+                                       output_layers=self.accept_layer > 0)
+        view.commit()
+        if self.accept_layer == 0:
+            return (out.hidden[:, -1],)
+        return out.hidden[:, -1], out.layer_outputs[self.accept_layer - 1]
+
+    def thinker_decode_step(self, tokens, positions, slots) -> tuple[torch.Tensor]:
+        """tokens [B], positions [3, B, 1], slots [B] (−1 = padded row) -> (logits [B, V],)."""
+        thinker = self.model.thinker
+        view = self.thinker_cache.view(slots, 1, 1)
+        hidden = thinker.model(thinker.model.embed_tokens(tokens[:, None]), positions, None, view).hidden
+        view.commit()
+        return (thinker.lm_head(hidden[:, -1]),)
+
+    def talker_prefill_step(self, embeds, positions, slots, num_valid) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds [1, C, H], positions [3, 1, C], slots [1], num_valid [1] -> (logits [1, V], hidden [1, H])
+        of the chunk's last token."""
+        view = self.talker_cache.view(slots, embeds.shape[1], embeds.shape[1], num_valid=num_valid)
+        logits, hidden = self.model.talker(embeds, positions, None, view, num_logits_to_keep=1)
+        view.commit()
+        return logits[:, -1], hidden[:, -1]
+
+    def talker_decode_step(self, embeds, positions, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds [B, 1, H], positions [3, B, 1], slots [B] -> (logits [B, V], hidden [B, H])."""
+        view = self.talker_cache.view(slots, 1, 1)
+        logits, hidden = self.model.talker(embeds, positions, None, view)
+        view.commit()
+        return logits[:, -1], hidden[:, -1]
+
+    def code_predictor_step(self, hidden, code0) -> tuple[torch.Tensor]:
+        """hidden [B, H], code0 [B] -> (codes [B, G],): the code predictor's whole frame."""
+        return (self.model.talker.predict_frame(hidden, code0),)
+
+    def code2wav_step(self, codes, slots) -> tuple[torch.Tensor]:
+        """codes [B, G, 1], slots [B] -> (samples [B, 1, hop],) of slots past their first frame."""
+        return (self.model.code2wav.decode_frame(codes, self.code2wav_slots.view(slots, first=False)),)
+
+    def capture_plan(self) -> list[StageSpec]:
+        """Every stage the runner captures at every bucket, largest first (the smaller graphs reuse the larger
+        ones' pool blocks): prefill chunks per prefill bucket, then each decode stage per batch bucket. The
+        example inputs are all padded rows (slot −1): running them touches only the scratch slots."""
+        prefill = ["thinker_prefill"] + (["talker_prefill"] if self.speech else [])
+        batched = ["thinker_decode"] + (["talker_decode", "code_predictor", "code2wav"] if self.speech else [])
+        plan = [StageSpec(name, size, self.steps[name], self._example_inputs(name, size))
+                for size in reversed(self.prefill_buckets) for name in prefill]
+        plan += [StageSpec(name, size, self.steps[name], self._example_inputs(name, size))
+                 for size in reversed(batch_buckets(self.max_sessions)) for name in batched]
+        return plan
+
+    def _example_inputs(self, name: str, size: int) -> tuple[torch.Tensor, ...]:
+        """Inputs of the right shapes made on the runner's device by factory functions (no host copies)."""
+        cfg, kw = self.config, dict(dtype=self.dtype, device=self.device)
+        index = dict(dtype=torch.long, device=self.device)
+        thinker_hidden, talker_hidden = cfg.thinker.text.hidden_size, cfg.talker.text.hidden_size
+        padded = torch.full((1 if "prefill" in name else size,), -1, **index)
+        if name == "thinker_prefill":
+            levels = len(cfg.thinker.vision.deepstack_visual_indexes)
+            return (torch.zeros(1, size, thinker_hidden, **kw), torch.zeros(3, 1, size, **index),
+                    torch.zeros(levels, 1, size, thinker_hidden, **kw), padded, torch.full((1,), size, **index))
+        if name == "talker_prefill":
+            return (torch.zeros(1, size, talker_hidden, **kw), torch.zeros(3, 1, size, **index), padded,
+                    torch.full((1,), size, **index))
+        positions = torch.zeros(3, size, 1, **index)
+        if name == "thinker_decode":
+            return torch.zeros(size, **index), positions, padded
+        if name == "talker_decode":
+            return torch.zeros(size, 1, talker_hidden, **kw), positions, padded
+        if name == "code2wav":
+            return torch.zeros(size, cfg.code2wav.num_quantizers, 1, **index), padded
+        return torch.zeros(size, talker_hidden, **kw), torch.zeros(size, **index)  # code_predictor
+
+    def run(self, name: str, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """One stage: its graph's replay when captured, else the step function eagerly."""
+        if self.graphs is not None:
+            return self.graphs.replay(name, inputs, *BATCHED.get(name, (None, None)))
+        return self.steps[name](*inputs)
+
+    # ------------------------------------------------------------------ host-level steps
+
+    def thinker_prefill(self, prompt: PromptEmbedding, slot: int, start: int, end: int, want_states: bool):
+        """Prompt positions [start, end) of one slot. Returns (last hidden [1, H], the talker's states of the
+        chunk [1, n, H] (accept-layer output, or the embeddings for accept layer 0) when `want_states`)."""
+        _check_room(self.thinker_cache, end)
+        embeds, positions = prompt.embeds[:, start:end], prompt.positions[:, :, start:end]
+        layer = self.accept_layer if want_states else 0
+        if self.static_prefill:
+            deepstack = prompt.deepstack[:, :, start:end]
+            (embeds_c, positions_c, deepstack_c), pad, num_valid = self._front_padded(embeds, positions, deepstack)
+            outputs = self.run("thinker_prefill", (embeds_c, positions_c, deepstack_c, self.slot_ids([slot]),
+                                                   num_valid))
+            hidden, accepted = outputs[0], outputs[1][:, pad:] if layer else None
+        else:
+            view = self.thinker_cache.view(self.slot_ids([slot]), end - start, end, prefill_slot=slot)
+            out = self.model.thinker.model(embeds, positions, None, view, _deepstack_slice(prompt.deepstack, start, end),
+                                           output_layers=layer > 0)
+            view.commit()
+            hidden, accepted = out.hidden[:, -1], out.layer_outputs[layer - 1] if layer else None
+        if not want_states:
+            return hidden, None
+        return hidden, embeds if layer == 0 else accepted
+
+    def thinker_decode(self, tokens, positions, slots: list[int], longest: int) -> torch.Tensor:
+        """tokens [B], positions [3, B, 1] -> logits [B, V]; `longest`: the longest row's length after it."""
+        _check_room(self.thinker_cache, longest)
+        return self.run("thinker_decode", (tokens, positions, self.slot_ids(slots)))[0]
+
+    def talker_prefill(self, embeds, positions, slot: int):
+        """The talker prompt (embeds [1, P, H], positions [3, 1, P]) into one slot -> (logits [1, V],
+        hidden [1, H]) of its last position: chunks of prefill_chunk (front-padded buckets when static)."""
+        length = embeds.shape[1]
+        _check_room(self.talker_cache, length)
+        slots = self.slot_ids([slot])
+        if not self.static_prefill:
+            view = self.talker_cache.view(slots, length, length, prefill_slot=slot)
+            logits, hidden = self.model.talker(embeds, positions, None, view, num_logits_to_keep=1)
+            view.commit()
+            return logits[:, -1], hidden[:, -1]
+        for start in range(0, length, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, length)
+            (embeds_c, positions_c), _, num_valid = self._front_padded(embeds[:, start:end], positions[:, :, start:end])
+            logits, hidden = self.run("talker_prefill", (embeds_c, positions_c, slots, num_valid))
+        return logits, hidden
+
+    def talker_decode(self, embeds, positions, slots: list[int], longest: int):
+        """embeds [B, 1, H], positions [3, B, 1] -> (logits [B, V], hidden [B, H])."""
+        _check_room(self.talker_cache, longest)
+        return self.run("talker_decode", (embeds, positions, self.slot_ids(slots)))
+
+    def code0(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> code 0 [B], greedy with the control ids suppressed (MODEL_SPEC §8.2)."""
+        talker_cfg = self.model.talker.cfg
+        if self.suppress_for != talker_cfg.codec_eos_token_id:  # the mask spares the talker's current EOS id
+            self.suppress = code0_suppress_mask(talker_cfg, self.device)
+            self.suppress_for = talker_cfg.codec_eos_token_id
+        return logits.masked_fill(self.suppress, float("-inf")).argmax(-1)
+
+    def code_predictor_frame(self, hidden, code0) -> torch.Tensor:
+        """hidden [B, H], code0 [B] -> codes [B, G]."""
+        return self.run("code_predictor", (hidden, code0))[0]
+
+    def code2wav_frame(self, codes, slots: list[int], first: bool) -> torch.Tensor:
+        """codes [B, G] of one new frame per slot -> samples [B, n] float32. A slot's first frame (`first`:
+        all rows are, else none) runs eagerly: its transposed convs still trim their left edge."""
+        frame, slot_ids = codes[:, :, None], self.slot_ids(slots)  # [B, G, 1]
+        if first:
+            wav = self.model.code2wav.decode_frame(frame, self.code2wav_slots.view(slot_ids, first=True))
+        else:
+            wav = self.run("code2wav", (frame, slot_ids))[0]
+        return wav[:, 0].float()
+
+    def _front_padded(self, embeds, positions, deepstack=None):
+        """A chunk (embeds [1, n, H], positions [3, 1, n], deepstack [levels, 1, n, H]) front-padded with zeros
+        to the smallest bucket C >= n: ((embeds, positions[, deepstack]) at C, pad = C − n, num_valid [1])."""
+        count = embeds.shape[1]
+        pad = next(size for size in self.prefill_buckets if size >= count) - count
+        padded = [F.pad(embeds, (0, 0, pad, 0)), F.pad(positions, (pad, 0))]
+        if deepstack is not None:
+            padded.append(F.pad(deepstack, (0, 0, pad, 0)))
+        return padded, pad, torch.full((1,), count, dtype=torch.long, device=self.device)
+
+
+def prefill_buckets(prefill_chunk: int) -> list[int]:
+    """Static chunk lengths of the captured prefill: powers of two from 16 below prefill_chunk, then
+    prefill_chunk: [16, 32, 64, 128, 256, 512] for 512, [7] for 7."""
+    buckets, size = [], 16
+    while size < prefill_chunk:
+        buckets.append(size)
+        size *= 2
+    return buckets + [prefill_chunk]
+
+
+def _check_room(cache: StaticKVCache, longest: int) -> None:
+    # The step functions see only static shapes (a graph cannot check a host length): check it here first.
+    if longest > cache.max_len:
+        raise ValueError(f"{longest} tokens exceed this cache's {cache.max_len} tokens per session")
+
+
+def _deepstack_slice(deepstack: DeepStack | None, start: int, end: int) -> DeepStack | None:
+    """The sparse DeepStack of prompt positions [start, end): its mask columns and its visual rows' features."""
+    if deepstack is None:
+        return None
+    mask = deepstack.visual_mask[:, start:end]
+    if not bool(mask.any()):
+        return None
+    before = int(deepstack.visual_mask[:, :start].sum())
+    count = int(mask.sum())
+    return DeepStack(mask, [level[before:before + count] for level in deepstack.features])

@@ -1,0 +1,175 @@
+"""One request in the engine: its progress through the thinker and the talker, and the rules that are per
+request (one definition each, for `generate` and `stream` alike):
+
+- the thinker's stop rule: EOS, or `max_new_tokens` tokens;
+- the text of each talker frame: the talker input after frame k carries t_{k+2} while that is a fed token,
+  tts_eos for the generation's last token, tts_pad after it (MODEL_SPEC §8.3);
+- the frame stop rule: codec EOS as code 0, or the talker's last allowed step (which emits no frame, as
+  transformers counts them: `talker_max_new_tokens` steps give at most `talker_max_new_tokens − 1` frames);
+- packets: every `chunk_frames` frames (and the rest at the end) become one AudioChunk (float32 or pcm16);
+- timings (runtime.streaming.StreamTimings).
+
+The scheduler (runtime/scheduler.py) decides when a session advances; the runner (runtime/runner.py) runs the
+model. Events (TextDelta / AudioChunk) queue up in `events` as ticks produce them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.frontend.tokenizer import StreamingDecoder
+from runtime.options import Request
+from runtime.runner import PromptEmbedding
+from runtime.streaming import AudioChunk, StreamTimings, TextDelta, pcm16
+
+
+@dataclass
+class ThinkerProgress:
+    prompt_len: int
+    prefilled: int = 0  # prompt tokens through the decoder so far
+    prompt: PromptEmbedding | None = None  # while prefilling
+    states: list = field(default_factory=list)  # talker-prompt states per prefill chunk (speech), [1, n, H] pairs
+    positions: torch.Tensor | None = None  # [3, 1, 1] position of the last fed token
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    next_token: torch.Tensor | None = None  # [1] generated, not fed yet
+    done: bool = False
+
+
+@dataclass
+class TalkerProgress:
+    prompt_len: int  # talker prompt positions
+    positions: torch.Tensor  # [3, 1, 1] position of the last fed input
+    tts_eos: torch.Tensor  # [H] projected tts_eos
+    tts_pad: torch.Tensor  # [H] projected tts_pad
+    logits: torch.Tensor | None = None  # [1, V] fresh logits: code 0 of the next frame not taken yet
+    hidden: torch.Tensor | None = None  # [1, H] the final-norm state that produced `logits`
+    codes: torch.Tensor | None = None  # [1, G] the last frame, waiting for its text to be fed back
+    frame: int = 0  # frames produced
+    waiting: list = field(default_factory=list)  # frames decoded, not sent yet: [G] each
+    samples: list = field(default_factory=list)  # their samples, [n] each
+    emitted: int = 0  # samples sent so far
+    done: bool = False
+
+
+class Session:
+    """One request (runtime.options.Request: a one-row prompt and its resolved options) in the scheduler."""
+
+    def __init__(self, session_id: int, request: Request, tokenizer, eos_token_id: int, codec_eos_token_id: int,
+                 sample_rate: int, timings: StreamTimings | None = None, started: float | None = None):
+        self.id, self.request, self.options = session_id, request, request.options
+        self.timings = timings or StreamTimings()
+        self.started = time.perf_counter() if started is None else started
+        self.eos_token_id, self.codec_eos_token_id, self.sample_rate = eos_token_id, codec_eos_token_id, sample_rate
+        self.slot: int | None = None
+        self.events: deque = deque()
+        self.state = "waiting"  # waiting -> prefill -> decode -> finished | failed | cancelled
+        self.error: BaseException | None = None
+        self.decoder = StreamingDecoder(tokenizer) if tokenizer is not None else None
+        self.thinker = ThinkerProgress(prompt_len=request.prompt.input_ids.shape[1])
+        self.talker: TalkerProgress | None = None
+        self.thinker_seconds: float | None = None  # request start -> the thinker's last token
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("finished", "failed", "cancelled")
+
+    @property
+    def speaks(self) -> bool:
+        return bool(self.options.return_audio)
+
+    def now(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to compute: the thinker has stopped and so has the talker (or there is none)."""
+        return self.state == "decode" and self.thinker.done and (self.talker is None or self.talker.done)
+
+    # ------------------------------------------------------------------ thinker
+
+    def take_token(self, token: int, token_tensor: torch.Tensor) -> None:
+        """The next text token (token_tensor [1] on the device, fed at the next decode step): a text delta;
+        the stop rule."""
+        th = self.thinker
+        th.tokens.append(token)
+        th.next_token = token_tensor
+        now = self.now()
+        if self.timings.thinker_first_token is None:
+            self.timings.thinker_first_token = now
+        if token != self.eos_token_id:
+            text = self.decoder.push(token) if self.decoder else ""
+            self.events.append(TextDelta(text, [token], now))
+        th.done = token == self.eos_token_id or len(th.tokens) == self.options.max_new_tokens
+        if th.done:
+            self.thinker_seconds = now
+
+    # ------------------------------------------------------------------ talker
+
+    def text_ready(self) -> bool:
+        """The talker input after frame k needs t_{k+2}, or the thinker to have stopped."""
+        return self.thinker.done or len(self.thinker.tokens) >= self.talker.frame + 1
+
+    def frame_text(self) -> int | torch.Tensor:
+        """The text of the talker input after frame k = frame − 1: the token id of t_{k+2} while that is a fed
+        token, else the projected tts_eos (for the generation's last token: EOS or the max-token cut) or
+        tts_pad (after it), [1, H]."""
+        th, tk = self.thinker, self.talker
+        wanted, generated = tk.frame + 1, len(th.tokens)  # 1-based index of t_{k+2}
+        if wanted < generated or (wanted == generated and not th.done):
+            return th.tokens[wanted - 1]
+        return (tk.tts_eos if wanted == generated else tk.tts_pad)[None]
+
+    def speech_ends(self, code0: int) -> bool:
+        """The frame stop rule: codec EOS as code 0, or the last allowed talker step (it emits no frame)."""
+        return code0 == self.codec_eos_token_id or self.talker.frame == self.options.talker_max_new_tokens - 1
+
+    def add_frame(self, codes: torch.Tensor, samples: torch.Tensor, code_predictor_s: float, code2wav_s: float):
+        """One decoded frame: codes [G], its final samples [n]; a packet when `chunk_frames` are waiting."""
+        tk = self.talker
+        self.timings.code_predictor_per_frame.append(code_predictor_s)
+        self.timings.code2wav_per_frame.append(code2wav_s)
+        if self.timings.talker_first_frame is None:
+            self.timings.talker_first_frame = self.now()
+        tk.waiting.append(codes)
+        tk.samples.append(samples)
+        tk.frame += 1
+        if len(tk.waiting) == self.options.chunk_frames:
+            self._send_audio()
+
+    def end_speech(self) -> None:
+        tk = self.talker
+        if tk.waiting:
+            self._send_audio()
+        tk.done, tk.codes, tk.logits, tk.hidden = True, None, None, None
+
+    def _send_audio(self) -> None:
+        """One AudioChunk of the decoded frames not sent yet."""
+        tk = self.talker
+        samples = torch.cat(tk.samples)
+        now = self.now()
+        if self.timings.first_packet is None and samples.numel():
+            self.timings.first_packet = now
+        out = pcm16(samples) if self.options.audio_format == "pcm16" else samples
+        codes = torch.stack(tk.waiting, dim=-1)  # [G, n]
+        self.events.append(AudioChunk(out, self.sample_rate, tk.frame - 1, codes, tk.emitted, now))
+        tk.emitted += samples.numel()
+        self.timings.audio_seconds = tk.emitted / self.sample_rate
+        tk.waiting, tk.samples = [], []
+
+    # ------------------------------------------------------------------ end
+
+    def finish(self) -> None:
+        """The last text (a multi-byte character completed by nothing more)."""
+        if self.decoder is not None:
+            tail = self.decoder.flush()
+            if tail:
+                self.events.append(TextDelta(tail, [], self.now()))
+
+    def release(self, state: str, error: BaseException | None = None) -> None:
+        self.state, self.error = state, error
+        self.slot = None
+        self.timings.total = self.now()
