@@ -106,7 +106,7 @@ stage_cmd() {  # stage_cmd NAME LIMIT: the command line a stage runs (also what 
     graphs)         pytest_cmd graphs "$limit" -k graph $GRAPH_TESTS $GPU_TESTS ;;
     e2e)            echo "$PY bench/e2e_latency.py --out $OUT/results $E2E_ARGS" ;;
     kernels_rest)   echo "$PY bench/kernels.py --skip-ops $KERNELS_DECODE_OPS --out $OUT/results" ;;
-    tune)           echo "$PY bench/tune.py --out $OUT/results --budget-s $(( limit - 60 )) && mkdir -p $OUT/tuned && cp kernels/tuned/*.json $OUT/tuned/" ;;
+    tune)           echo "$PY bench/tune.py --out $OUT/results --budget-s $(( limit > 120 ? limit - 60 : limit / 2 )) && mkdir -p $OUT/tuned && cp kernels/tuned/*.json $OUT/tuned/" ;;
     *)              return 1 ;;
   esac
 }
