@@ -13,7 +13,8 @@ Threading contract (docs/architecture.md, "Engine loop"):
 - A session's own failure is the scheduler's business (its stream raises it). An exception escaping
   `scheduler.step()` itself is a crash of the loop: every open stream ends with an `EngineLoopError` (caused
   by it), and every later submit raises one. `close()` ends open streams the same way and joins the thread;
-  at interpreter exit an atexit hook closes the loop.
+  at interpreter exit an atexit hook closes the loop. `retire()` (the engine was garbage-collected) ends the
+  loop once its open streams have finished, so the thread does not keep the scheduler's caches alive.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class EngineLoop:
         # Reentrant: a Stream's finalizer queues a command and may run in a garbage collection on a thread
         # that holds this lock already.
         self._wake = threading.Condition(threading.RLock())
-        self._closing = self._stopped = False
+        self._closing = self._retiring = self._stopped = False
         context = context if context is not None else contextvars.copy_context()
         self._thread = threading.Thread(target=context.run, args=(self._run,), name=name, daemon=True)
         self._thread.start()
@@ -120,6 +121,13 @@ class EngineLoop:
         from another thread. after_tick: run it after the next tick instead (right away when idle)."""
         return self._send(lambda loop: fn(loop.scheduler), after_tick=after_tick)
 
+    def retire(self) -> None:
+        """End the loop once it has nothing left to do (its engine is gone: no new requests can come, and the
+        streams still open finish first). Never waits."""
+        with self._wake:
+            self._retiring = True
+            self._wake.notify()
+
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop the loop: open streams end with an EngineLoopError, later submits raise one; joins the thread."""
         with self._wake:
@@ -131,6 +139,11 @@ class EngineLoop:
     @property
     def running(self) -> bool:
         return not self._stopped
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The loop's thread (the only one that touches the scheduler)."""
+        return self._thread
 
     def _send(self, fn: Callable, wait: bool = True, after_tick: bool = False):
         if wait and self._on_loop_thread():
@@ -185,6 +198,8 @@ class EngineLoop:
                     return False
                 if not self.scheduler.idle:
                     return True
+                if self._retiring and not self._commands:
+                    return False
                 if not self._commands:
                     self._wake.wait()
 
@@ -221,6 +236,7 @@ class EngineLoop:
             except Exception:  # noqa: BLE001
                 pass
         self._queues.clear()
+        self.scheduler = None  # its caches (and graphs) go with the engine, not with this stopped loop
 
 
 def _close_at_exit(loop_ref: weakref.ref) -> None:
