@@ -74,7 +74,6 @@ _STAND_INS = {
     aten._local_scalar_dense: lambda t: False if t.dtype == torch.bool else (1 if not t.is_floating_point() else 1.0),
     aten.item: lambda t: False if t.dtype == torch.bool else (1 if not t.is_floating_point() else 1.0),
     aten.is_nonzero: lambda t: True,
-    aten.nonzero: lambda t: torch.zeros(1, t.dim(), dtype=torch.long, device=t.device),
     aten.equal: lambda a, b: True,
     aten.bincount: lambda t, weights=None, minlength=0: torch.ones(max(minlength, 1), dtype=torch.long,
                                                                     device=t.device),
@@ -218,7 +217,7 @@ class StepAudit(TorchDispatchMode):
         if packet not in NO_LAUNCH and not _aliases_input(func, inputs, _tensors(out)):
             name = str(func.name())
             hint = self.launch_counts.get(name.split(".")[0]) if func.namespace != "aten" else None
-            count = 1 if hint is None else int(hint(*args, **kwargs))
+            count = 1 if hint is None else int(hint(args, kwargs))
             self.report.kernels += count
             self.report.ops[name.split(".")[0]] += count
             self._count_weights(name, inputs)
@@ -271,12 +270,14 @@ class MetaModel:
 
     def audit(self, fn: Callable, inputs: tuple, strict: bool = True) -> tuple[StepReport, object]:
         """Run fn(*inputs) under a StepAudit; returns (report, outputs)."""
-        try:
-            from kernels.launch_counts import LAUNCH_COUNTS
-        except ImportError:
-            LAUNCH_COUNTS = {}
-        audit = StepAudit(self.parameters, strict, LAUNCH_COUNTS)
-        with torch.inference_mode(), HostDataWatch(audit), audit:
+        from kernels.launch_counts import LAUNCHES
+
+        audit = StepAudit(self.parameters, strict, LAUNCHES)
+        from torch.fx.experimental import _config as fx_config
+
+        # Not strict: a boolean mask or nonzero on meta tensors is taken as all true, so the count goes on.
+        with torch.inference_mode(), fx_config.patch(meta_nonzero_assume_all_nonzero=not strict), \
+                HostDataWatch(audit), audit:
             out = fn(*inputs)
         return audit.report, out
 
