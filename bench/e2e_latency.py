@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -318,10 +319,11 @@ def main(argv=None) -> int:
         print("bench/e2e_latency.py needs a CUDA GPU for real measurements; run with --smoke on a CPU", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
+    kernels = nullcontext()
     if args.backend != "torch":
         from runtime import dispatch
 
-        dispatch.use_all(args.backend)
+        kernels = dispatch.using(args.backend)  # this thread's choice; the engine's loop thread runs in a copy
     info = device_info(device)
     print(f"# e2e latency on {info['device']} ({args.preset}, {args.dtype}); "
           + ("CPU smoke run: these are NOT GPU measurements" if device.type == "cpu" else "GPU measurement"), flush=True)
@@ -337,7 +339,8 @@ def main(argv=None) -> int:
         os.replace(partial, path)
 
     pending = {"skipped": "not run yet"}
-    ours = measure_ours(args, device, dtype, on_config=lambda results: save(results, pending, False))
+    with kernels:
+        ours = measure_ours(args, device, dtype, on_config=lambda results: save(results, pending, False))
     peer = {"skipped": "--no-peer"} if args.no_peer else measure_transformers(args, device, dtype)
     save(ours, peer, True)
     print_table(ours, peer, args)

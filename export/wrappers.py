@@ -52,14 +52,10 @@ dispatch.register("moe_experts", "export", moe_experts_gather)
 
 @contextmanager
 def exportable():
-    """Route the hot ops through their exportable forms while exporting (and when comparing eagerly)."""
-    saved = dispatch.selected()
-    dispatch.use("moe_experts", "export")
-    try:
+    """Route the hot ops through their exportable forms while exporting (and when comparing eagerly): the
+    active kernel choice with moe_experts on `export`, in this context only."""
+    with dispatch.active({**dispatch.selected(), "moe_experts": "export"}):
         yield
-    finally:
-        for op, backend in saved.items():
-            dispatch.use(op, backend)
 
 
 def _cache_from(past: tuple[torch.Tensor, ...], num_layers: int) -> DynamicKVCache:

@@ -5,17 +5,29 @@ Each op has a `torch` reference (kernels/*_ref, the CPU path and the oracle); Tr
 (`cuda`) implementations are registered under the same op name with the same signature when their modules
 are loaded (kernels/triton_*.py list theirs in `TRITON_OPS`; kernels/ never imports runtime/). Those modules
 are imported on first selection of their backend (`_BACKEND_MODULES`), so importing the runtime never needs
-triton or a GPU. Select with `use(op, backend)` / `use_all(backend)` or
-the `OMNI_RT_BACKEND` environment variable (e.g. `triton`).
+triton or a GPU.
+
+Which implementation runs is a *kernel choice*, a dict op -> backend held by whoever runs the model, not by
+the process:
+- `kernel_choice(spec)` resolves a backend name ("torch", "triton", "cuda": that backend for every op that has
+  it, torch for the others) or a mapping {op: backend} (missing ops: torch) into a full choice, loading the
+  backend modules; an unknown op is a KeyError, a backend an op lacks a ValueError, each naming it.
+- The active choice lives in a `contextvars.ContextVar`: `with active(choice):` sets it for the current
+  context (a thread, or an asyncio task) and restores the previous one on exit; `selected()` returns it; every
+  dispatch call reads it. `using(backend)` is `active(kernel_choice(backend))`.
+- A new thread starts with the default, not its creator's choice (unless it runs in a copy of the creator's
+  context, as runtime/engine_loop.py's thread does): the default is `kernel_choice($OMNI_RT_BACKEND)` when
+  that variable is set, else torch for every op. So two engines in one process can run different kernels.
 """
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import importlib.util
 import os
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Mapping
 
 from kernels import attention as _attention
 from kernels import conv as _conv
@@ -38,7 +50,6 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "causal_conv_transpose1d": {"torch": _conv.causal_conv_transpose1d_ref},
     "causal_conv_transpose1d_update": {"torch": _conv.causal_conv_transpose1d_update_ref},
 }
-_selected: dict[str, str] = {op: "torch" for op in _IMPLS}
 
 # The modules of each backend (each may cover some ops only). A module lists its implementations in a dict
 # `<BACKEND>_OPS` (op name -> function; kernels/ imports nothing from runtime/), which load_backend registers;
@@ -81,42 +92,56 @@ def backends(op: str) -> list[str]:
     return sorted(_IMPLS[op])
 
 
-def use(op: str, backend: str) -> None:
-    if op not in _IMPLS:
-        raise KeyError(f"unknown op {op!r}; known ops: {', '.join(sorted(_IMPLS))}")
-    load_backend(backend)
-    if backend not in _IMPLS[op]:
-        raise ValueError(f"op {op!r} has no {backend!r} implementation (available: {', '.join(backends(op))})")
-    _selected[op] = backend
+def kernel_choice(spec: str | Mapping[str, str] | None = None) -> dict[str, str]:
+    """A full op -> backend dict from a backend name (every op that has it; torch for the others) or a
+    mapping {op: backend} (missing ops: torch); None: all torch. Loads the backends it names."""
+    if isinstance(spec, str):
+        load_backend(spec)
+        if not any(spec in impls for impls in _IMPLS.values()):
+            known = sorted({b for impls in _IMPLS.values() for b in impls} | set(_BACKEND_MODULES))
+            raise ValueError(f"no op has a {spec!r} implementation (backends: {', '.join(known)})")
+        return {op: spec if spec in impls else "torch" for op, impls in _IMPLS.items()}
+    choice = {op: "torch" for op in _IMPLS}
+    for op, backend in (spec or {}).items():
+        if op not in _IMPLS:
+            raise KeyError(f"unknown op {op!r}; known ops: {', '.join(sorted(_IMPLS))}")
+        load_backend(backend)
+        if backend not in _IMPLS[op]:
+            raise ValueError(f"op {op!r} has no {backend!r} implementation (available: {', '.join(backends(op))})")
+        choice[op] = backend
+    return choice
 
 
-def use_all(backend: str) -> None:
-    """Select `backend` for every op that has it; the others keep their current implementation."""
-    load_backend(backend)
-    if not any(backend in impls for impls in _IMPLS.values()):
-        known = sorted({b for impls in _IMPLS.values() for b in impls} | set(_BACKEND_MODULES))
-        raise ValueError(f"no op has a {backend!r} implementation (backends: {', '.join(known)})")
-    for op, impls in _IMPLS.items():
-        if backend in impls:
-            _selected[op] = backend
+def _default_choice() -> dict[str, str]:
+    return kernel_choice(os.environ.get("OMNI_RT_BACKEND") or None)
+
+
+_active: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("omni_rt_kernel_choice",
+                                                                         default=_default_choice())
 
 
 @contextmanager
-def using(backend: str):
-    saved = dict(_selected)
-    use_all(backend)
+def active(choice: str | Mapping[str, str]):
+    """Run the body with `choice` (resolved and checked by kernel_choice) as this context's kernel choice."""
+    token = _active.set(kernel_choice(choice))
     try:
-        yield
+        yield selected()
     finally:
-        _selected.update(saved)
+        _active.reset(token)
+
+
+def using(backend: str | Mapping[str, str]):
+    """`active(kernel_choice(backend))`: e.g. `with dispatch.using("triton"):`."""
+    return active(kernel_choice(backend))
 
 
 def selected() -> dict[str, str]:
-    return dict(_selected)
+    """The active kernel choice of this context (a copy)."""
+    return dict(_active.get())
 
 
 def _call(op: str) -> Callable:
-    return _IMPLS[op][_selected[op]]
+    return _IMPLS[op][_active.get()[op]]
 
 
 def rms_norm(x, weight, eps):
@@ -170,7 +195,3 @@ def causal_conv_transpose1d(x, weight, bias, stride):
 
 def causal_conv_transpose1d_update(x_chunk, tail_state, weight, bias, stride, start, slot_ids=None):
     return _call("causal_conv_transpose1d_update")(x_chunk, tail_state, weight, bias, stride, start, slot_ids)
-
-
-if os.environ.get("OMNI_RT_BACKEND"):
-    use_all(os.environ["OMNI_RT_BACKEND"])

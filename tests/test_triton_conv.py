@@ -323,14 +323,9 @@ def test_registered():
         assert dispatch._IMPLS[op]["triton"] is triton_conv.TRITON_OPS[op] is getattr(triton_conv, op)
 
 
-@pytest.fixture
-def triton_convs():
-    saved = dispatch.selected()
-    for op in CONV_OPS:
-        dispatch.use(op, "triton")
-    yield
-    for op in CONV_OPS:
-        dispatch.use(op, saved[op])
+def conv_choice(backend: str) -> dict[str, str]:
+    """The four conv ops on `backend`, the other ops on torch."""
+    return dispatch.kernel_choice({op: backend for op in CONV_OPS})
 
 
 @pytest.fixture(scope="module")
@@ -351,21 +346,19 @@ def tiny_code2wav():
 
 
 @torch.no_grad()
-def test_code2wav_tiny_through_triton(tiny_code2wav, triton_convs):
+def test_code2wav_tiny_through_triton(tiny_code2wav):
     model = tiny_code2wav
     generator = torch.Generator().manual_seed(33)
     codes = torch.randint(0, model.cfg.codebook_size, (2, model.cfg.num_quantizers, 2), generator=generator)
     codes = codes.to(DEVICE)
-    for op in CONV_OPS:
-        dispatch.use(op, "torch")
-    ref = model(codes)
-    state = model.new_state(2)
-    ref_pieces = [model.decode_step(codes[..., a:b], state) for a, b in ((0, 1), (1, 2))]
-    for op in CONV_OPS:
-        dispatch.use(op, "triton")
-    out = model(codes)
-    state = model.new_state(2)
-    pieces = [model.decode_step(codes[..., a:b], state) for a, b in ((0, 1), (1, 2))]
+    with dispatch.active(conv_choice("torch")):
+        ref = model(codes)
+        state = model.new_state(2)
+        ref_pieces = [model.decode_step(codes[..., a:b], state) for a, b in ((0, 1), (1, 2))]
+    with dispatch.active(conv_choice("triton")):
+        out = model(codes)
+        state = model.new_state(2)
+        pieces = [model.decode_step(codes[..., a:b], state) for a, b in ((0, 1), (1, 2))]
     assert out.shape == ref.shape == (2, 1, model.num_samples(2))
     assert (ref.abs() >= 1).float().mean() < 0.01  # see tiny_code2wav
     err = ((out - ref).double().norm() / ref.double().norm()).item()
@@ -380,7 +373,7 @@ def test_code2wav_tiny_through_triton(tiny_code2wav, triton_convs):
 
 
 @torch.no_grad()
-def test_code2wav_tiny_slots_through_triton(tiny_code2wav, triton_convs):
+def test_code2wav_tiny_slots_through_triton(tiny_code2wav):
     """decode_frame over a slot pool (the kernels' slot-id form) with a padded row: the same samples and states
     as with the torch convs; the free slot keeps its bits."""
     from runtime.models.code2wav import Code2WavSlots
@@ -389,18 +382,18 @@ def test_code2wav_tiny_slots_through_triton(tiny_code2wav, triton_convs):
     codes = torch.randint(0, model.cfg.codebook_size, (2, model.cfg.num_quantizers, 2), generator=generator)
     runs = {}
     for backend in ("torch", "triton"):
-        for op in CONV_OPS:
-            dispatch.use(op, backend)
-        pool = Code2WavSlots(model, 3, DEVICE, torch.float32)
-        free = [t[0].clone() for t in (*pool.conv.values(), *pool.tails.values())]
-        wavs = []
-        for frame in range(2):  # slots 2 and 1 hold the two streams, row 1 is padding; slot 0 stays free
-            rows = codes[[0, 0, 1], :, frame:frame + 1].to(DEVICE)  # [3, Q, 1]
-            wavs.append(model.decode_frame(rows, pool.view(torch.tensor([2, -1, 1], device=DEVICE), frame == 0)))
-            assert not wavs[-1][1].any(), "a padded row produced samples"
-        for before, after in zip(free, (t[0] for t in (*pool.conv.values(), *pool.tails.values()))):
-            assert torch.equal(before, after), "the free slot's state changed"
-        runs[backend] = torch.cat(wavs, -1), pool.state_tensors()
+        with dispatch.active(conv_choice(backend)):
+            pool = Code2WavSlots(model, 3, DEVICE, torch.float32)
+            free = [t[0].clone() for t in (*pool.conv.values(), *pool.tails.values())]
+            wavs = []
+            for frame in range(2):  # slots 2 and 1 hold the two streams, row 1 is padding; slot 0 stays free
+                rows = codes[[0, 0, 1], :, frame:frame + 1].to(DEVICE)  # [3, Q, 1]
+                slot_ids = torch.tensor([2, -1, 1], device=DEVICE)
+                wavs.append(model.decode_frame(rows, pool.view(slot_ids, frame == 0)))
+                assert not wavs[-1][1].any(), "a padded row produced samples"
+            for before, after in zip(free, (t[0] for t in (*pool.conv.values(), *pool.tails.values()))):
+                assert torch.equal(before, after), "the free slot's state changed"
+            runs[backend] = torch.cat(wavs, -1), pool.state_tensors()
     (wav, states), (ref_wav, ref_states) = runs["triton"], runs["torch"]
     err = ((wav - ref_wav).double().norm() / ref_wav.double().norm()).item()
     print(f"tiny Code2Wav decode_frame over slots through triton convs: rel err {err:.2e}")

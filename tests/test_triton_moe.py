@@ -188,16 +188,14 @@ def test_moe_experts_refuses_mismatched_arguments():
 
 def test_registered_and_selectable():
     saved = dispatch.selected()
-    try:
-        dispatch.use("route_topk", "triton")
-        dispatch.use("moe_experts", "triton")
+    with dispatch.active({"route_topk": "triton", "moe_experts": "triton"}):
+        assert dispatch.selected()["moe_experts"] == "triton"
         logits = distinct_logits((6,), 16, torch.float32)
         x = torch.randn(6, 24, device=DEVICE)
         gate_up, down = expert_weights_for(16, 24, 8, torch.float32)
         weights, ids = dispatch.route_topk(logits, 4, True)
         got = dispatch.moe_experts(x, ids, weights, gate_up, down)
-    finally:
-        dispatch._selected.update(saved)
+    assert dispatch.selected() == saved
     want_weights, want_ids = route_topk_ref(logits, 4, True)
     assert torch.equal(ids, want_ids)
     assert rel_err(got, moe_experts_ref(x, want_ids, want_weights, gate_up, down)) <= 1e-5

@@ -158,10 +158,9 @@ def test_mrope_qk_norm_equals_table_path():
 # ---------------------------------------------------------------------------------------------- dispatch
 def test_registered_and_selectable():
     saved = dispatch.selected()
-    try:
-        for op in ("rms_norm", "qk_norm_rope", "mrope_qk_norm_"):
-            assert "triton" in dispatch.backends(op)
-            dispatch.use(op, "triton")
+    ops = ("rms_norm", "qk_norm_rope", "mrope_qk_norm_")
+    assert all("triton" in dispatch.backends(op) for op in ops)
+    with dispatch.active({op: "triton" for op in ops}):
         q = torch.randn(2, 3, 16, device=DEVICE)
         k = torch.randn(2, 1, 16, device=DEVICE)
         want_q, want_k = q.clone(), k.clone()
@@ -169,8 +168,6 @@ def test_registered_and_selectable():
         inv_freq = rope_inv_freq(16, 1e6).to(DEVICE)
         got = dispatch.mrope_qk_norm_(q, k, w, w, EPS, _positions(2), inv_freq, [2, 3, 3])
         assert got[0] is q
-    finally:
-        dispatch._selected.update(saved)
     assert dispatch.selected() == saved
     assert not torch.equal(q, want_q) and not torch.equal(k, want_k)
 
@@ -186,18 +183,16 @@ def test_tiny_thinker_logits_through_triton(monkeypatch):
     want = model.thinker(input_ids).logits
     calls = {"qk_norm_rope": 0, "rms_norm": 0}
     saved = dispatch.selected()
-    try:
-        for op in calls:
-            dispatch.use(op, "triton")
-            kernel = dispatch._IMPLS[op]["triton"]
+    dispatch.load_backend("triton")
+    for op in calls:
+        kernel = dispatch._IMPLS[op]["triton"]
 
-            def counted(*args, _op=op, _kernel=kernel):
-                calls[_op] += 1
-                return _kernel(*args)
-            monkeypatch.setitem(dispatch._IMPLS[op], "triton", counted)
+        def counted(*args, _op=op, _kernel=kernel):
+            calls[_op] += 1
+            return _kernel(*args)
+        monkeypatch.setitem(dispatch._IMPLS[op], "triton", counted)
+    with dispatch.active({op: "triton" for op in calls}):
         got = model.thinker(input_ids).logits
-    finally:
-        dispatch._selected.update(saved)
     assert dispatch.selected() == saved
     num_layers = model.thinker.cfg.text.num_layers
     assert calls == {"qk_norm_rope": num_layers, "rms_norm": 2 * num_layers + 1}, calls
