@@ -66,7 +66,8 @@ def split_rows(prompt, thinker) -> list:
     for row in range(ids.shape[0]):
         row_ids = ids[row:row + 1] if mask is None else ids[row:row + 1, mask[row].bool()]
         parts = {}
-        for kind, token, counts in (("audio", cfg.audio_token_id, audio_tokens), ("image", cfg.image_token_id, image_tokens),
+        for kind, token, counts in (("audio", cfg.audio_token_id, audio_tokens),
+                                    ("image", cfg.image_token_id, image_tokens),
                                     ("video", cfg.video_token_id, video_tokens)):
             parts[kind] = _items_for(kind, int((row_ids == token).sum()), counts, taken[kind])
             taken[kind] = parts[kind].stop

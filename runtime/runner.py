@@ -12,9 +12,10 @@ code-0 suppress mask, the talker's CUDA stream, and one step function per stage:
 
 Each step function has static shapes and no host reads, so it is what a CUDA graph captures (`capture_plan`
 lists every stage at every bucket; runtime/graphs.py captures exactly that list and replays it) and, on the
-CPU or with graphs off, what runs eagerly. The host-level methods (`thinker_prefill`, `thinker_decode`, ...)
-check limits on the host, pad, and run a step through its graph or eagerly: the scheduler (policy) and the
-sessions (per-request rules) call only those.
+CPU or with graphs off, what runs eagerly. The host-level methods (`thinker_decode`, `talker_decode`,
+`code_predictor_frame`, `code2wav_frame`; the prefills in runtime/prefill.py) check limits on the host, pad,
+and run a step through its graph or eagerly (`run`): the scheduler (policy, runtime/scheduler.py) and the
+talker's tick (runtime/speech.py) call only those.
 
 Shapes: B = rows of one batched step, C = a prefill bucket, H = hidden size, G = code groups, V = vocab.
 """
@@ -22,11 +23,10 @@ Shapes: B = rows of one batched step, C = a prefill bucket, H = hidden size, G =
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from runtime.graphs import GraphRunner, batch_buckets, graphs_possible
 from runtime.kv_cache import StaticKVCache
@@ -34,7 +34,6 @@ from runtime.models.code2wav import Code2WavSlots
 from runtime.models.decoder import DeepStack
 from runtime.models.talker import code0_suppress_mask
 from runtime.options import SchedulerConfig
-from runtime.rope_index import get_rope_index
 
 TALKER_PROMPT_EXTRA = 9  # assistant positions the talker prompt adds after the user part (MODEL_SPEC §8.3)
 
@@ -57,16 +56,6 @@ class StageSpec:
     size: int
     fn: Callable[..., tuple[torch.Tensor, ...]]
     example_inputs: tuple[torch.Tensor, ...]
-
-
-@dataclass
-class PromptEmbedding:
-    """A thinker prompt ready for prefill: embeds [1, L, H], positions [3, 1, L] (TM-RoPE), and its DeepStack
-    additions: dense [levels, 1, L, H] for static prefill, sparse (or None) for eager prefill."""
-
-    embeds: torch.Tensor
-    positions: torch.Tensor
-    deepstack: torch.Tensor | DeepStack | None
 
 
 class ModelRunner:
@@ -128,31 +117,6 @@ class ModelRunner:
     def on_talker_stream(self):
         """The talker's CUDA stream as a context (nothing on the CPU)."""
         return torch.cuda.stream(self.talker_stream) if self.talker_stream is not None else nullcontext()
-
-    def embed_prompt(self, prompt) -> PromptEmbedding:
-        """A one-row prompt (runtime.engine.Prompt) -> its embeddings, with the encoders run and their features
-        merged in, its TM-RoPE positions and DeepStack additions (dense for static prefill: one scatter for
-        the whole prompt, so that chunks slice it without host reads)."""
-        thinker, inputs, ids = self.model.thinker, prompt.inputs, prompt.input_ids
-        audio_embeds = getattr(inputs, "audio_embeds", None)  # encoded with the rest of a batch (runtime/batch.py)
-        if audio_embeds is None:
-            embeds, deepstack = thinker.embed(ids, inputs)
-        else:
-            embeds, deepstack = thinker.embed(ids, replace(inputs, input_features=None, feature_attention_mask=None),
-                                              required=False)
-            audio_rows = (ids == thinker.cfg.audio_token_id)[..., None]  # [1, L, 1]
-            embeds = embeds.masked_scatter(audio_rows, audio_embeds.to(embeds.dtype))
-        positions, _ = get_rope_index(ids, None, inputs.image_grid_thw, inputs.video_grid_thw,
-                                      inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video,
-                                      config=thinker.cfg)
-        if self.static_prefill:
-            length, hidden = ids.shape[1], self.config.thinker.text.hidden_size
-            if deepstack is not None:
-                deepstack = deepstack.to_dense(1, length, hidden, self.dtype, self.device)
-            else:
-                levels = len(self.config.thinker.vision.deepstack_visual_indexes)
-                deepstack = torch.zeros(levels, 1, length, hidden, dtype=self.dtype, device=self.device)
-        return PromptEmbedding(embeds, positions, deepstack)
 
     def slot_ids(self, slots: list[int]) -> torch.Tensor:
         return torch.tensor(slots, dtype=torch.long, device=self.device)
@@ -243,53 +207,14 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ host-level steps
 
-    def thinker_prefill(self, prompt: PromptEmbedding, slot: int, start: int, end: int, want_states: bool):
-        """Prompt positions [start, end) of one slot. Returns (last hidden [1, H], the talker's states of the
-        chunk [1, n, H] (accept-layer output, or the embeddings for accept layer 0) when `want_states`)."""
-        _check_room(self.thinker_cache, end)
-        embeds, positions = prompt.embeds[:, start:end], prompt.positions[:, :, start:end]
-        layer = self.accept_layer if want_states else 0
-        if self.static_prefill:
-            deepstack = prompt.deepstack[:, :, start:end]
-            (embeds_c, positions_c, deepstack_c), pad, num_valid = self._front_padded(embeds, positions, deepstack)
-            outputs = self.run("thinker_prefill", (embeds_c, positions_c, deepstack_c, self.slot_ids([slot]),
-                                                   num_valid))
-            hidden, accepted = outputs[0], outputs[1][:, pad:] if layer else None
-        else:
-            view = self.thinker_cache.view(self.slot_ids([slot]), end - start, end, prefill_slot=slot)
-            out = self.model.thinker.model(embeds, positions, None, view, _deepstack_slice(prompt.deepstack, start, end),
-                                           output_layers=layer > 0)
-            view.commit()
-            hidden, accepted = out.hidden[:, -1], out.layer_outputs[layer - 1] if layer else None
-        if not want_states:
-            return hidden, None
-        return hidden, embeds if layer == 0 else accepted
-
     def thinker_decode(self, tokens, positions, slots: list[int], longest: int) -> torch.Tensor:
         """tokens [B], positions [3, B, 1] -> logits [B, V]; `longest`: the longest row's length after it."""
-        _check_room(self.thinker_cache, longest)
+        check_room(self.thinker_cache, longest)
         return self.run("thinker_decode", (tokens, positions, self.slot_ids(slots)))[0]
-
-    def talker_prefill(self, embeds, positions, slot: int):
-        """The talker prompt (embeds [1, P, H], positions [3, 1, P]) into one slot -> (logits [1, V],
-        hidden [1, H]) of its last position: chunks of prefill_chunk (front-padded buckets when static)."""
-        length = embeds.shape[1]
-        _check_room(self.talker_cache, length)
-        slots = self.slot_ids([slot])
-        if not self.static_prefill:
-            view = self.talker_cache.view(slots, length, length, prefill_slot=slot)
-            logits, hidden = self.model.talker(embeds, positions, None, view, num_logits_to_keep=1)
-            view.commit()
-            return logits[:, -1], hidden[:, -1]
-        for start in range(0, length, self.prefill_chunk):
-            end = min(start + self.prefill_chunk, length)
-            (embeds_c, positions_c), _, num_valid = self._front_padded(embeds[:, start:end], positions[:, :, start:end])
-            logits, hidden = self.run("talker_prefill", (embeds_c, positions_c, slots, num_valid))
-        return logits, hidden
 
     def talker_decode(self, embeds, positions, slots: list[int], longest: int):
         """embeds [B, 1, H], positions [3, B, 1] -> (logits [B, V], hidden [B, H])."""
-        _check_room(self.talker_cache, longest)
+        check_room(self.talker_cache, longest)
         return self.run("talker_decode", (embeds, positions, self.slot_ids(slots)))
 
     def code0(self, logits: torch.Tensor) -> torch.Tensor:
@@ -314,17 +239,6 @@ class ModelRunner:
             wav = self.run("code2wav", (frame, slot_ids))[0]
         return wav[:, 0].float()
 
-    def _front_padded(self, embeds, positions, deepstack=None):
-        """A chunk (embeds [1, n, H], positions [3, 1, n], deepstack [levels, 1, n, H]) front-padded with zeros
-        to the smallest bucket C >= n: ((embeds, positions[, deepstack]) at C, pad = C − n, num_valid [1])."""
-        count = embeds.shape[1]
-        pad = next(size for size in self.prefill_buckets if size >= count) - count
-        padded = [F.pad(embeds, (0, 0, pad, 0)), F.pad(positions, (pad, 0))]
-        if deepstack is not None:
-            padded.append(F.pad(deepstack, (0, 0, pad, 0)))
-        return padded, pad, torch.full((1,), count, dtype=torch.long, device=self.device)
-
-
 def prefill_buckets(prefill_chunk: int) -> list[int]:
     """Static chunk lengths of the captured prefill: powers of two from 16 below prefill_chunk, then
     prefill_chunk: [16, 32, 64, 128, 256, 512] for 512, [7] for 7."""
@@ -335,19 +249,7 @@ def prefill_buckets(prefill_chunk: int) -> list[int]:
     return buckets + [prefill_chunk]
 
 
-def _check_room(cache: StaticKVCache, longest: int) -> None:
+def check_room(cache: StaticKVCache, longest: int) -> None:
     # The step functions see only static shapes (a graph cannot check a host length): check it here first.
     if longest > cache.max_len:
         raise ValueError(f"{longest} tokens exceed this cache's {cache.max_len} tokens per session")
-
-
-def _deepstack_slice(deepstack: DeepStack | None, start: int, end: int) -> DeepStack | None:
-    """The sparse DeepStack of prompt positions [start, end): its mask columns and its visual rows' features."""
-    if deepstack is None:
-        return None
-    mask = deepstack.visual_mask[:, start:end]
-    if not bool(mask.any()):
-        return None
-    before = int(deepstack.visual_mask[:, :start].sum())
-    count = int(mask.sum())
-    return DeepStack(mask, [level[before:before + count] for level in deepstack.features])

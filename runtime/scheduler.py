@@ -22,7 +22,7 @@ from collections import deque
 
 import torch
 
-from runtime import speech
+from runtime import prefill, speech
 from runtime.config import Code2WavConfig
 from runtime.options import Request, SchedulerConfig
 from runtime.runner import TALKER_PROMPT_EXTRA, ModelRunner
@@ -125,7 +125,7 @@ class Scheduler:
             self._take_tokens([s for s, _ in decoded], torch.cat([logits for _, logits in decoded]))
         for session in list(self.live):
             if session.done:
-                session.finish()
+                self._guarded([session], lambda one: one[0].finish())  # the tokenizer's last text may fail
                 self._release(session, "finished")
 
     def _guarded(self, sessions: list[Session], work) -> list[tuple[Session, object]]:
@@ -151,9 +151,9 @@ class Scheduler:
         session, runner = sessions[0], self.runner
         th = session.thinker
         if th.prompt is None:  # first chunk: encoders, the embedding merge and TM-RoPE ids of the whole prompt
-            th.prompt = runner.embed_prompt(session.request.prompt)
+            th.prompt = prefill.embed_prompt(runner, session.request.prompt)
         start, end = th.prefilled, min(th.prefilled + runner.prefill_chunk, th.prompt_len)
-        hidden, states = runner.thinker_prefill(th.prompt, session.slot, start, end, session.speaks)
+        hidden, states = prefill.thinker_prefill(runner, th.prompt, session.slot, start, end, session.speaks)
         if session.speaks:  # the talker prompt reads the user turn's embeddings and accept-layer states
             th.states.append((th.prompt.embeds[:, start:end], states))
         th.prefilled = end
@@ -182,5 +182,5 @@ class Scheduler:
         """Greedy next token of each session from logits [B, V]."""
         chosen = logits.argmax(-1)  # [B]
         for i, (session, token) in enumerate(zip(sessions, chosen.tolist())):
-            if not session.finished:  # not cancelled since its row was computed
-                session.take_token(token, chosen[i:i + 1])
+            # per session (its detokenizer may fail), and not for one cancelled since its row was computed
+            self._guarded([session], lambda one: one[0].take_token(token, chosen[i:i + 1]))

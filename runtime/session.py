@@ -23,7 +23,7 @@ import torch
 
 from runtime.frontend.tokenizer import StreamingDecoder
 from runtime.options import Request
-from runtime.runner import PromptEmbedding
+from runtime.prefill import PromptEmbedding
 from runtime.streaming import AudioChunk, StreamTimings, TextDelta, pcm16
 
 

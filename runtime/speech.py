@@ -19,6 +19,7 @@ import time
 import torch
 
 from runtime.models.talker import TalkerPrompt
+from runtime.prefill import talker_prefill
 from runtime.rope_index import get_rope_index
 from runtime.session import Session, TalkerProgress
 
@@ -73,7 +74,7 @@ def start_talker(runner, session: Session) -> None:
                                     inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video)
     special = torch.tensor([cfg.tts_eos_token_id, cfg.tts_pad_token_id], device=runner.device)
     tts_eos, tts_pad = model.talker.project_text(embed_tokens(special))
-    logits, hidden = runner.talker_prefill(talker_prompt.inputs_embeds, positions, session.slot)
+    logits, hidden = talker_prefill(runner, talker_prompt.inputs_embeds, positions, session.slot)
     session.talker = TalkerProgress(talker_prompt.inputs_embeds.shape[1], positions[:, :, -1:], tts_eos, tts_pad,
                                     logits, hidden)
 
@@ -120,7 +121,8 @@ def talker_decode(runner, sessions: list[Session]) -> None:
             token = torch.tensor([text], device=runner.device)
             text = model.talker.project_text(model.thinker.model.embed_tokens(token))
         texts.append(text)
-    embeds = torch.cat([model.talker.frame_input(s.talker.codes, text) for s, text in zip(sessions, texts)])  # [B, 1, H]
+    embeds = torch.cat([model.talker.frame_input(s.talker.codes, text)
+                        for s, text in zip(sessions, texts)])  # [B, 1, H]
     positions = torch.cat([s.talker.positions + 1 for s in sessions], dim=1)  # [3, B, 1]
     longest = max(s.talker.prompt_len + s.talker.frame for s in sessions)
     logits, hidden = runner.talker_decode(embeds, positions, [s.slot for s in sessions], longest)
