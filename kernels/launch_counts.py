@@ -1,7 +1,7 @@
 """How many GPU kernels one call of each `omni_rt_triton` op launches, as a function of its arguments.
 
 A TorchDispatchMode sees one `omni_rt_triton::<op>` call, not what runs inside it: `LAUNCHES[name](args,
-kwargs) -> int` (or `LAUNCH_COUNTS[name](*args, **kwargs)`) says how many kernels that call puts on the stream (Triton launches plus the torch kernels the
+kwargs) -> int` says how many kernels that call puts on the stream (Triton launches plus the torch kernels the
 op runs on the device, such as a copy that makes an input contiguous; allocations with torch.empty launch
 nothing). `args` / `kwargs` are the op's arguments as a dispatch mode receives them (schema order, see
 `SCHEMA_ARGS`); tensors may be fake or meta, only shapes and strides are read. The public functions of
@@ -138,6 +138,3 @@ def _counter(op: str) -> Callable[[tuple, dict], int]:
 
 # "omni_rt_triton::<op>" (what OpOverload.name() gives for the default overload) -> count(args, kwargs)
 LAUNCHES: dict[str, Callable[[tuple, dict], int]] = {f"{NAMESPACE}::{op}": _counter(op) for op in SCHEMA_ARGS}
-# The same counts called with the op's own arguments: LAUNCH_COUNTS[name](*args, **kwargs) (runtime/graph_audit.py)
-LAUNCH_COUNTS: dict[str, Callable[..., int]] = {
-    name: (lambda count: lambda *args, **kwargs: count(args, kwargs))(count) for name, count in LAUNCHES.items()}

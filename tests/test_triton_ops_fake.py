@@ -20,7 +20,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.launch_counts import LAUNCH_COUNTS, LAUNCHES, NAMESPACE, SCHEMA_ARGS
+from kernels.launch_counts import LAUNCHES, NAMESPACE, SCHEMA_ARGS
 
 triton = pytest.importorskip("triton", reason="triton not installed")
 
@@ -247,7 +247,5 @@ def test_a_dispatch_mode_sees_each_op_and_counts_its_launches(no_gpu_no_triton):
     counts = {}
     for name, args, kwargs in recorder.calls:
         if name.startswith(f"{NAMESPACE}::"):
-            count = LAUNCHES[name](args, kwargs)
-            assert LAUNCH_COUNTS[name](*args, **kwargs) == count
-            counts.setdefault(name.removeprefix(f"{NAMESPACE}::"), []).append(count)
+            counts.setdefault(name.removeprefix(f"{NAMESPACE}::"), []).append(LAUNCHES[name](args, kwargs))
     assert counts == expected
