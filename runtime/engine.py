@@ -15,14 +15,17 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from runtime import dispatch
 from runtime.config import OmniConfig
 from runtime.frontend import audio as audio_frontend
 from runtime.frontend import vision as vision_frontend
@@ -61,15 +64,19 @@ class GenerateResult:
 
 class OmniEngine:
     def __init__(self, config: OmniConfig, model: OmniModel, tokenizer=None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, scheduler: SchedulerConfig | dict | None = None):
+                 dtype: torch.dtype = torch.float32, scheduler: SchedulerConfig | dict | None = None,
+                 kernels: str | dict[str, str] | None = None):
         """scheduler: how the scheduler is sized (runtime.options.SchedulerConfig, or a dict of its fields);
-        fixed once the engine serves its first request."""
+        fixed once the engine serves its first request. kernels: the kernel choice this engine runs with
+        ("torch", "triton", "cuda" or {op: backend}, runtime/dispatch.py); None: the one active where the engine
+        is built. Its loop thread and its CUDA-graph capture run under it, whatever other engines use."""
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.dtype = dtype
         self._scheduler_config = SchedulerConfig.of(scheduler)
+        self.kernels = dispatch.kernel_choice(kernels) if kernels is not None else dispatch.selected()
         self._scheduler = None
         self._loop = None  # runtime.engine_loop.EngineLoop, started by the first request
         self._closed = False
@@ -82,7 +89,8 @@ class OmniEngine:
     def from_pretrained(cls, path_or_preset: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, seed: int = 0,
                         backends: dict[str, str] | None = None,
-                        scheduler: SchedulerConfig | dict | None = None) -> "OmniEngine":
+                        scheduler: SchedulerConfig | dict | None = None,
+                        kernels: str | dict[str, str] | None = None) -> "OmniEngine":
         """A checkpoint directory (config.json, safetensors, tokenizer), or a preset name:
         `tiny` (the demo's checkpoint, written on first use) or `qwen3-omni-30b-a3b` (the released shapes
         with random weights and no tokenizer: for benchmarks, takes input_ids only).
@@ -92,12 +100,15 @@ class OmniEngine:
         thinker_step, talker_step, code_predictor, code2wav, code2wav_stream (decode_step). `generate` then runs
         them exported; an export made for other weights, dtype or shapes is refused (export/ort.py,
         export/trt.py).
-        scheduler: runtime.options.SchedulerConfig (or a dict of its fields) for the engine's scheduler."""
-        scheduler = SchedulerConfig.of(scheduler)  # a bad option fails before any weights are read
+        scheduler: runtime.options.SchedulerConfig (or a dict of its fields) for the engine's scheduler.
+        kernels: "torch" | "triton" | "cuda" | {op: backend} (runtime/dispatch.py), held by this engine; None: the
+        choice active here."""
+        scheduler = SchedulerConfig.of(scheduler)  # bad options fail before any weights are read
+        kernels = dispatch.kernel_choice(kernels) if kernels is not None else dispatch.selected()
         if backends:
             from export.ort import apply_backends
 
-            engine = cls.from_pretrained(path_or_preset, device, dtype, seed, scheduler=scheduler)
+            engine = cls.from_pretrained(path_or_preset, device, dtype, seed, scheduler=scheduler, kernels=kernels)
             engine.backends = apply_backends(engine.model, backends, dtype)
             return engine
         from runtime.presets import PRESETS
@@ -111,7 +122,7 @@ class OmniEngine:
             name = os.fspath(ensure_tiny_checkpoint())
         if name in PRESETS:
             config = OmniConfig.from_pretrained(name)
-            return cls(config, init_random(config, device, dtype, seed), None, device, dtype, scheduler)
+            return cls(config, init_random(config, device, dtype, seed), None, device, dtype, scheduler, kernels)
         config = OmniConfig.from_pretrained(name)
         model = build_model(config, "meta")
         load_weights(model, name, prefix="", dtype=dtype, device=device)
@@ -121,7 +132,7 @@ class OmniEngine:
             from runtime.frontend.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_dir(name)
-        return cls(config, model, tokenizer, device, dtype, scheduler)
+        return cls(config, model, tokenizer, device, dtype, scheduler, kernels)
 
     # ------------------------------------------------------------------ inputs
 
@@ -221,8 +232,9 @@ class OmniEngine:
         # Offline = the engine run to completion: one session per prompt row in the scheduler that serves
         # streams (the same prefill, decode steps, frame loop and stop rules), the rows side by side.
         start = time.perf_counter()
-        streams = [self.submit(replace(request, prompt=row), started=start)
-                   for row in split_rows(prompt, self.model.thinker)]
+        with dispatch.active(self.kernels):  # splitting a batch runs the audio encoder here, on this thread
+            rows = split_rows(prompt, self.model.thinker)
+        streams = [self.submit(replace(request, prompt=row), started=start) for row in rows]
         events = consume_together(streams)
         total = time.perf_counter() - start
         want_audio, eos = request.options.return_audio, self.config.im_end_token_id
@@ -319,7 +331,7 @@ class OmniEngine:
             if self._scheduler is None:
                 from runtime.scheduler import Scheduler
 
-                with self._serving_scope():  # CUDA graphs are captured here, under the engine's kernel choice
+                with _serving_scope(self.kernels, self.device):  # CUDA graphs are captured here
                     self._scheduler = Scheduler(self, **asdict(self._scheduler_config))
             return self._scheduler
 
@@ -335,14 +347,13 @@ class OmniEngine:
             if self._loop is None:
                 if self._closed:
                     raise EngineLoopError("this engine is closed")
-                self._loop = EngineLoop(self.scheduler, scope=self._serving_scope)
+                # The loop holds no reference to the engine, so an engine dropped while serving is collected;
+                # its loop then ends once the streams still open have finished (a stream of a temporary engine
+                # still runs), and the scheduler's caches go with it.
+                loop = EngineLoop(self.scheduler, scope=partial(_serving_scope, self.kernels, self.device))
+                weakref.finalize(self, loop.retire)
+                self._loop = loop
             return self._loop
-
-    @contextmanager
-    def _serving_scope(self):
-        """What the loop thread (and scheduler construction) runs under: the engine's CUDA device."""
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
-            yield
 
     def close(self) -> None:
         """Stop serving: open streams end with runtime.engine_loop.EngineLoopError, later requests raise it;
@@ -418,6 +429,14 @@ def _check_prompt(prompt: Prompt, config: OmniConfig, need_assistant_turn: bool)
             raise ValueError("speech output needs a prompt that ends with an open assistant turn "
                              "(`<|im_start|>assistant\\n`): the talker speaks that turn; row "
                              f"{row} has none")
+
+
+@contextmanager
+def _serving_scope(kernels: dict[str, str], device: torch.device):
+    """What an engine's loop thread and its scheduler's construction (graph capture) run under: the engine's
+    kernel choice and CUDA device."""
+    with dispatch.active(kernels), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        yield
 
 
 def _scheduler_submit(request: Request, timings, started: float | None) -> tuple[object, dict]:

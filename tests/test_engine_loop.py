@@ -14,6 +14,7 @@ import threading
 import pytest
 import torch
 
+from runtime import dispatch
 from runtime.engine import OmniEngine
 from runtime.engine_loop import EngineLoopError
 from runtime.options import SchedulerConfig
@@ -74,7 +75,8 @@ def assert_same(got: Outcome, want: Outcome, context: str) -> None:
         f"{context}: codes differ from alone"
     assert got.wave.numel() == want.wave.numel(), f"{context}: {got.wave.numel()} samples != {want.wave.numel()}"
     if want.wave.numel():
-        assert rel_err(got.wave, want.wave) <= WAVE_TOL, f"{context}: waveform rel err {rel_err(got.wave, want.wave):.2e}"
+        err = rel_err(got.wave, want.wave)
+        assert err <= WAVE_TOL, f"{context}: waveform rel err {err:.2e}"
 
 
 def assert_prefix(got: Outcome, want: Outcome, context: str) -> None:
@@ -193,9 +195,9 @@ def test_threads_with_cross_thread_cancels(serve, pool):
 
 def test_async_streams_with_cancels(serve, pool, monkeypatch):
     """`async for` over several concurrent streams in one event loop, some cancelled by other tasks: each
-    not cancelled equals alone, a cancelled one delivered a prefix of it; one left by `break`. Once every consumer is waiting,
-    the loop's next tick waits for a coroutine of that event loop to run, so a consumer that blocked the
-    event loop while waiting for events would hang here."""
+    not cancelled equals alone, a cancelled one delivered a prefix of it; one left by `break`. Once every
+    consumer is waiting, the loop's next tick waits for a coroutine of that event loop to run, so a consumer
+    that blocked the event loop while waiting for events would hang here."""
     engine = serve(max_sessions=3)
     scheduler = engine.scheduler
     armed, gate, real_step = threading.Event(), threading.Event(), scheduler.step
@@ -330,6 +332,18 @@ def test_close_ends_open_streams_and_refuses_new_ones(serve, pool):
         engine.stream(**pool[3][0])
 
 
+def test_a_dropped_engine_finishes_its_streams_then_its_loop_ends(base, pool):
+    """`OmniEngine(...).stream(...)` on a temporary engine still runs to the end; then the loop thread ends and
+    lets the scheduler (its caches) go, instead of keeping them alive for the life of the process."""
+    engine = OmniEngine(base.config, base.model, base.tokenizer, base.device, base.dtype)
+    stream, loop = engine.stream(**pool[3][0]), engine.loop
+    del engine
+    gc.collect()
+    assert_same(Outcome(_within(HANG_S, list, stream)), pool[3][1], "stream of a dropped engine")
+    loop.thread.join(HANG_S)
+    assert not loop.thread.is_alive() and loop.scheduler is None
+
+
 # ---------------------------------------------------------------------------------------------- options
 
 
@@ -367,3 +381,36 @@ def test_scheduler_options_are_typed_and_fixed_once_serving(base, serve, pool):
     with pytest.raises(RuntimeError, match="fixed once the engine has started serving"):
         engine.scheduler_config = dict(max_sessions=4)
     assert engine.scheduler_config.max_sessions == 3
+
+
+# ---------------------------------------------------------------------------------------------- kernel choice
+
+
+def test_two_engines_run_their_own_kernel_choice(base, pool, monkeypatch):
+    """Two engines in one process, served at the same time: the one whose choice names a probe backend for
+    rms_norm runs it on its own loop thread only; the other runs torch, even when its loop is started
+    from a context that selected the probe."""
+    probe_threads = []
+    reference = dispatch._IMPLS["rms_norm"]["torch"]
+
+    def probe(*args):
+        probe_threads.append(threading.current_thread())
+        return reference(*args)
+
+    monkeypatch.setitem(dispatch._IMPLS["rms_norm"], "probe", probe)
+    shared = (base.config, base.model, base.tokenizer, base.device, base.dtype)
+    plain = OmniEngine(*shared, kernels="torch")
+    probed = OmniEngine(*shared, kernels={"rms_norm": "probe"})
+    try:
+        assert plain.kernels == dispatch.kernel_choice("torch") and probed.kernels["rms_norm"] == "probe"
+        with dispatch.active({"rms_norm": "probe"}):  # the plain engine's loop starts (and copies) this context
+            plain_stream = plain.stream(**pool[0][0])
+        probed_stream = probed.stream(**pool[1][0])
+        outcomes = _within(HANG_S, lambda: [Outcome(list(s)) for s in (plain_stream, probed_stream)])
+        assert_same(outcomes[0], pool[0][1], "torch engine")
+        assert_same(outcomes[1], pool[1][1], "probe engine")
+        assert probe_threads and set(probe_threads) == {probed.loop.thread}
+        assert dispatch.selected()["rms_norm"] == "torch", "an engine's choice leaked into the caller's context"
+    finally:
+        plain.close()
+        probed.close()
