@@ -210,7 +210,8 @@ class OmniEngine:
         """Generate text (and speech when `return_audio`, default: whenever the checkpoint can speak).
 
         Give either raw inputs (text / audio / images / videos) or processor tensors (input_ids and friends).
-        Greedy decoding (`do_sample=False`) is the supported mode: sampling comes with the streaming runtime.
+        Greedy decoding (`do_sample=False`) is the supported mode. Runs as the engine runs every request: one
+        session per prompt row in the scheduler, all to completion (runtime/batch.py assembles the result).
         """
         timings: dict[str, float] = {}
         start = time.perf_counter()

@@ -3,6 +3,7 @@ sequences, the same codec codes and the same waveform, for audio, image and audi
 left-padded batch whose rows stop speaking at different frames. Also the thinker states recorded during
 generation, and the bad inputs of speech output."""
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -256,6 +257,23 @@ def test_generate_one_stream_and_four_concurrent_streams_match_transformers(pair
     streams = [served.stream(**request) for request in requests]
     for request, events, reference in zip(requests, consume_together(streams), theirs):
         check(request, events, reference)
+
+
+@pytest.mark.parametrize("use_audio_in_video", [False, True])
+def test_mixed_batch_rows_each_get_their_own_inputs(pair, use_audio_in_video):
+    """A left-padded batch whose rows each hold audios, images and videos: generate splits it into one session
+    per row (each row's share of the encoder inputs; the batch's audios encoded together, as transformers
+    does) and returns transformers' batched thinker generate exactly."""
+    from tests.test_thinker import mixed_batch
+
+    oracle, engine = pair
+    ids, mask, mm = mixed_batch(engine.config.thinker, random.Random(), use_audio_in_video=use_audio_in_video)
+    eos = engine.config.im_end_token_id
+    ours = engine.generate(input_ids=ids, attention_mask=mask, **mm, max_new_tokens=THINKER_TOKENS, return_audio=False)
+    with torch.no_grad():
+        theirs = oracle.thinker.generate(input_ids=ids, attention_mask=mask, **mm, max_new_tokens=THINKER_TOKENS,
+                                         do_sample=False, eos_token_id=eos)
+    assert torch.equal(ours.sequences, theirs), f"{ours.sequences[:, ids.shape[1]:]} != {theirs[:, ids.shape[1]:]}"
 
 
 @torch.no_grad()
