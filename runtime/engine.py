@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -210,8 +210,7 @@ class OmniEngine:
         """Generate text (and speech when `return_audio`, default: whenever the checkpoint can speak).
 
         Give either raw inputs (text / audio / images / videos) or processor tensors (input_ids and friends).
-        Greedy decoding (`do_sample=False`) is the supported mode. Runs as the engine runs every request: one
-        session per prompt row in the scheduler, all to completion (runtime/batch.py assembles the result).
+        Greedy decoding (`do_sample=False`) is the supported mode: sampling comes with the streaming runtime.
         """
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -305,9 +304,7 @@ class OmniEngine:
         """Queue one request (runtime.options.Request, batch 1) on the engine loop -> its Stream. Safe from any
         thread; starts the loop on first use. The scheduler's refusal (a request that cannot fit its slots) is
         raised here. timings: the request's StreamTimings so far; started: its perf_counter start."""
-        loop = self._serving_loop()
-        scheduler_request, submit_kwargs = _scheduler_submit(request, timings, started)
-        return loop.submit(scheduler_request, **submit_kwargs)
+        return self._serving_loop().submit(request, timings=timings, started=started)
 
     @property
     def scheduler_config(self) -> SchedulerConfig:
@@ -333,7 +330,7 @@ class OmniEngine:
                 from runtime.scheduler import Scheduler
 
                 with _serving_scope(self.kernels, self.device):  # CUDA graphs are captured here
-                    self._scheduler = Scheduler(self, **asdict(self._scheduler_config))
+                    self._scheduler = Scheduler(self, self._scheduler_config)
             return self._scheduler
 
     @property
@@ -438,19 +435,6 @@ def _serving_scope(kernels: dict[str, str], device: torch.device):
     kernel choice and CUDA device."""
     with dispatch.active(kernels), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         yield
-
-
-def _scheduler_submit(request: Request, timings, started: float | None) -> tuple[object, dict]:
-    """(request, keywords) for the scheduler's submit: the one place that adapts a Request to what
-    runtime/scheduler.py takes."""
-    from runtime import scheduler
-
-    if hasattr(scheduler, "SessionRequest"):  # the scheduler before it took runtime.options.Request
-        options = request.options
-        request = scheduler.SessionRequest(request.prompt, options.speaker, options.max_new_tokens,
-                                           options.talker_max_new_tokens, options.return_audio, options.audio_format,
-                                           options.chunk_frames)
-    return request, dict(timings=timings, started=started)
 
 
 def _check_device_dtype(device, dtype) -> None:
