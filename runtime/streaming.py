@@ -201,7 +201,8 @@ class Stream:
     def cancel(self, wait: bool = True) -> None:
         """Stop the request and free its slot; events not read yet are dropped; other requests go on. A
         request that has finished already keeps its events. With `wait`, returns once the engine loop has
-        released the slot (within one tick)."""
+        released the slot (within one tick); a coroutine should pass wait=False (or call close()), which
+        returns at once: the slot is freed at the loop's next turn all the same."""
         if self._events.end(cancelled=True):
             self._loop.cancel(self.session, self._events, wait=wait)
 
