@@ -1,9 +1,11 @@
-"""Command line: `python -m runtime demo` and `python -m runtime generate ...`.
+"""Command line: `python -m runtime demo`, `python -m runtime generate ...` and `python -m runtime serve`.
 
 demo      builds (first run) or reuses the tiny default checkpoint, answers a built-in prompt with a
           synthetic audio clip and image, streams the speech into demo.wav, prints the text and the
           timing record (the paper's Table 2 rows).
 generate  runs a checkpoint directory (or preset) on your text / audio / images and streams the speech.
+serve     an OpenAI-compatible HTTP server (runtime/serve/): chat completions with streaming speech, a
+          realtime WebSocket, Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -128,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--out", default="out.wav", help="output wav (default: %(default)s)")
     p_gen.add_argument("--no-audio", action="store_true", help="text only, skip the talker")
     p_gen.set_defaults(run=generate)
+
+    from runtime.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
 
     args = parser.parse_args(argv)
     if args.command == "generate" and args.checkpoint is None:

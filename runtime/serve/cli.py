@@ -1,0 +1,95 @@
+"""`python -m runtime serve`: load the engine, serve the app with uvicorn, shut down cleanly.
+
+Prints the URL and then a ready line (`ready: http://HOST:PORT`) once the socket listens (with --port 0 the
+port the system picked). SIGINT / SIGTERM: new requests get 503, every open stream ends with a final error
+event (its slot freed), uvicorn drains the connections, the engine loop is closed; exit status 0.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat completions, realtime, metrics)")
+    p.add_argument("--checkpoint", default="tiny", help="checkpoint directory or preset (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--kernels", default=None, help="torch, triton or cuda (default: the process's choice)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--model-name", default="omni-rt", help="the model id clients send (default: %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (scheduler slots)")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="thinker tokens per slot (prompt + answer)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the slots before 429")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (413 beyond)")
+    p.add_argument("--max-tokens", type=int, default=128, help="max_tokens when a request gives none")
+    p.add_argument("--talker-max-new-tokens", type=int, default=1024,
+                   help="codec frames (80 ms) at most per answer unless the request's omni field says less")
+    p.add_argument("--allow-local-files", action="store_true", help="accept local image paths in requests")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
+    p.set_defaults(run=serve)
+
+
+def serve(args) -> int:
+    import torch
+    import uvicorn
+
+    from runtime.engine import OmniEngine
+    from runtime.options import SchedulerConfig
+    from runtime.serve.app import create_app
+    from runtime.serve.service import ServeConfig
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    start = time.perf_counter()
+    engine = OmniEngine.from_pretrained(
+        args.checkpoint, device=args.device, dtype=dtypes[args.dtype], kernels=args.kernels,
+        scheduler=SchedulerConfig(max_sessions=args.max_sessions, max_seq_len=args.max_seq_len))
+    engine.scheduler  # noqa: B018 - build the caches (and capture graphs) before saying ready
+    print(f"loaded {args.checkpoint} on {args.device} ({args.dtype}) in {time.perf_counter() - start:.2f} s",
+          flush=True)
+    config = ServeConfig(model_name=args.model_name, max_queue=args.max_queue,
+                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), allow_local_files=args.allow_local_files,
+                         default_max_tokens=args.max_tokens, default_talker_max_new_tokens=args.talker_max_new_tokens)
+    app = create_app(engine, config)
+    server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off",
+                                    ws_max_size=config.max_body_bytes, timeout_graceful_shutdown=10))
+    server.service = app.state.service
+    print(f"serving {args.model_name} ({args.checkpoint}) at http://{args.host}:{args.port}", flush=True)
+    try:
+        server.run()
+    finally:
+        engine.close()
+    print("stopped", flush=True)
+    return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, plus a ready line and a shutdown that first ends the open streams."""
+
+        service = None
+
+        async def startup(self, sockets=None) -> None:
+            import asyncio
+
+            self._event_loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+            if self.started:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                print(f"ready: http://{host}:{port}", flush=True)
+
+        def handle_exit(self, sig, frame) -> None:
+            # A signal handler: hand the work to the event loop; a second SIGINT forces the exit.
+            if self.should_exit:
+                self.force_exit = True
+                return
+            self.should_exit = True
+            loop = getattr(self, "_event_loop", None)
+            if loop is not None and self.service is not None:
+                loop.call_soon_threadsafe(self.service.begin_shutdown)
+
+    return Server

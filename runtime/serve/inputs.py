@@ -1,0 +1,152 @@
+"""OpenAI chat messages -> the thinker prompt `engine.stream` takes as processor tensors (input_ids,
+input_features, feature_attention_mask, pixel_values, image_grid_thw), for a whole conversation: every turn,
+media in the order the client sent them. Built with the engine's own front ends (runtime/frontend: audio
+features, image patches, the Qwen chat template), so a one-turn request gives the ids `engine.prepare` gives.
+
+Two steps: `parse_messages` decodes what the client sent (base64 audio of any rate -> 16 kHz waveform, data-URL
+or local images) into turns, raising a 400 that names the field; `build_prompt` turns those into tensors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+
+import numpy as np
+import torch
+
+from runtime.frontend import audio as audio_frontend
+from runtime.frontend import vision as vision_frontend
+from runtime.frontend.prompt import DEFAULT_SYSTEM_PROMPT, tokenize_prompt
+from runtime.serve.errors import bad_request
+from runtime.serve.schemas import ChatCompletionRequest
+
+ROLE_NAMES = {"developer": "system"}  # OpenAI's newer name for the system turn
+
+
+def decode_base64(data: str, param: str) -> bytes:
+    if "," in data[:100] and data.startswith("data:"):
+        data = data.split(",", 1)[1]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise bad_request(f"invalid base64: {err}", param) from None
+    if not raw:
+        raise bad_request("empty base64 payload", param)
+    return raw
+
+
+def check_waveform(waveform: np.ndarray, param: str) -> None:
+    if waveform.size == 0:
+        raise bad_request("audio has no samples", param)
+    if not np.isfinite(waveform).all():
+        raise bad_request("audio holds NaN or infinite samples", param)
+
+
+def decode_audio_file(raw: bytes, param: str) -> torch.Tensor:
+    """A wav / flac / mp3 file's bytes -> [num_samples] float32 mono at 16 kHz (the audio encoder's rate)."""
+    soundfile = audio_frontend.require_soundfile()
+    try:
+        samples, rate = soundfile.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+    except Exception as err:  # noqa: BLE001 - libsndfile raises several kinds for undecodable bytes
+        raise bad_request(f"cannot decode the audio: {err}", param) from None
+    waveform = samples.mean(axis=1)
+    check_waveform(waveform, param)
+    return audio_frontend.resample(waveform, rate)
+
+
+def decode_pcm16(raw: bytes, sample_rate: int, param: str) -> torch.Tensor:
+    """Raw little-endian int16 mono PCM (the Realtime API's input format) -> float32 at 16 kHz."""
+    if len(raw) % 2:
+        raise bad_request("pcm16 audio has an odd number of bytes", param)
+    waveform = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    check_waveform(waveform, param)
+    return audio_frontend.resample(waveform, sample_rate)
+
+
+def _open_image(url: str, allow_local_files: bool, param: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if url.startswith("data:"):
+        source = io.BytesIO(decode_base64(url, param))
+    elif url.startswith(("http://", "https://")):
+        raise bad_request("image URLs are not fetched: send a data: URL (base64)", param)
+    elif not allow_local_files:
+        raise bad_request("local image paths are refused (start the server with --allow-local-files)", param)
+    else:
+        source = url.removeprefix("file://")
+        if not os.path.isfile(source):
+            raise bad_request(f"no such image file: {source}", param)
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise bad_request(f"cannot decode the image: {err}", param) from None
+
+
+def parse_messages(body: ChatCompletionRequest, allow_local_files: bool = False) -> list[dict]:
+    """-> turns [{"role", "content": [{"type": "text", "text"} | {"type": "audio", "waveform"} |
+    {"type": "image", "image"}]}], media decoded."""
+    turns = []
+    for i, message in enumerate(body.messages):
+        role = ROLE_NAMES.get(message.role, message.role)
+        content = message.content
+        if content is None or isinstance(content, str):
+            turns.append({"role": role, "content": [{"type": "text", "text": content or ""}]})
+            continue
+        items = []
+        for j, part in enumerate(content):
+            param = f"messages[{i}].content[{j}]"
+            if part.type == "text":
+                items.append({"type": "text", "text": part.text})
+            elif role != "user":
+                raise bad_request(f"a {message.role} message can only hold text", f"{param}.type")
+            elif part.type == "input_audio":
+                raw = decode_base64(part.input_audio.data, f"{param}.input_audio.data")
+                items.append({"type": "audio", "waveform": decode_audio_file(raw, f"{param}.input_audio.data")})
+            elif part.type == "image_url":
+                items.append({"type": "image",
+                              "image": _open_image(part.image_url.url, allow_local_files, f"{param}.image_url.url")})
+            else:
+                raise bad_request("video_url input is not served yet: send frames as images", f"{param}.type",
+                                  "unsupported_value")
+        turns.append({"role": role, "content": items})
+    return turns
+
+
+def build_prompt(engine, turns: list[dict], max_tokens: int) -> tuple[dict, int]:
+    """turns -> (engine.stream keywords for the prompt, prompt length in tokens). 400 when the conversation is
+    empty or does not fit the server's context with max_tokens."""
+    if engine.tokenizer is None:
+        raise bad_request("this model has no tokenizer: it serves no chat", "model")
+    thinker = engine.config.thinker
+    waveforms = [item["waveform"] for turn in turns for item in turn["content"] if item["type"] == "audio"]
+    images = [item["image"] for turn in turns for item in turn["content"] if item["type"] == "image"]
+    chat = [{"role": t["role"], "content": [{"type": i["type"], "text": i["text"]} if i["type"] == "text"
+                                             else {"type": i["type"]} for i in t["content"]]} for t in turns]
+    kwargs, counts, grids = {}, [], []
+    if waveforms:
+        features, mask = audio_frontend.extract_audio_features(waveforms)
+        kwargs.update(input_features=features.to(engine.dtype), feature_attention_mask=mask)
+        counts = [int(audio_frontend.audio_token_count(int(n), thinker.audio.n_window)) for n in mask.sum(-1)]
+    if images:
+        pixels, grid = vision_frontend.preprocess_images(
+            images, patch_size=thinker.vision.patch_size, temporal_patch_size=thinker.vision.temporal_patch_size,
+            merge_size=thinker.vision.spatial_merge_size)
+        kwargs.update(pixel_values=pixels.to(engine.dtype), image_grid_thw=grid)
+        grids = grid.tolist()
+    try:
+        input_ids = tokenize_prompt(engine.tokenizer, chat, system=DEFAULT_SYSTEM_PROMPT, audio_token_counts=counts,
+                                    image_grid_thw=grids, merge_size=thinker.vision.spatial_merge_size,
+                                    position_id_per_seconds=thinker.position_id_per_seconds)
+    except ValueError as err:
+        raise bad_request(str(err), "messages") from None
+    length = input_ids.shape[1]
+    context = engine.scheduler_config.max_seq_len
+    if length + max_tokens > context:
+        raise bad_request(f"the prompt is {length} tokens; with max_tokens {max_tokens} it exceeds this server's "
+                          f"context of {context} tokens", "messages", "context_length_exceeded")
+    kwargs["input_ids"] = input_ids
+    return kwargs, length
