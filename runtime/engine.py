@@ -35,8 +35,10 @@ from runtime.models.thinker import MultimodalInputs
 from runtime.options import GenerationOptions, Request, SchedulerConfig
 
 AudioInput = str | os.PathLike | torch.Tensor | np.ndarray
-# Exported backends (export/ort.py) the scheduler runs as they are: they replace modules it calls unchanged.
-SCHEDULED_BACKENDS = {"audio_encoder", "vision_encoder", "code_predictor"}
+# Exported backends (export/ort.py) the scheduler runs: the modules it calls as they are (encoders, code
+# predictor) and the steps runtime/exported.py feeds from its slots (decoder steps, Code2Wav's stream).
+SCHEDULED_BACKENDS = {"audio_encoder", "vision_encoder", "code_predictor", "thinker_step", "talker_step",
+                      "code2wav_stream"}
 
 
 @dataclass
@@ -210,7 +212,8 @@ class OmniEngine:
         """Generate text (and speech when `return_audio`, default: whenever the checkpoint can speak).
 
         Give either raw inputs (text / audio / images / videos) or processor tensors (input_ids and friends).
-        Greedy decoding (`do_sample=False`) is the supported mode: sampling comes with the streaming runtime.
+        Greedy decoding (`do_sample=False`) is the supported mode. Runs as the engine runs every request: one
+        session per prompt row in the scheduler, all to completion (runtime/batch.py assembles the result).
         """
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -253,16 +256,14 @@ class OmniEngine:
         return result
 
     def _refuse_unsupported_backends(self, caller: str) -> None:
-        """Exported backends the scheduler cannot run: it drives the thinker and talker decoders on its static
-        per-slot KV caches and Code2Wav on per-slot streaming states, which the exported decoder steps (dynamic
-        KV in and out) and the exported Code2Wav graphs do not take. The encoders and the code predictor (a
-        fresh cache per frame) are called as they are, so they run exported."""
+        """Exported backends the engine cannot run: the full Code2Wav decode (`code2wav`) has no place in an
+        engine that decodes every request frame by frame (export code2wav_stream for that)."""
         unsupported = sorted(set(self.backends) - SCHEDULED_BACKENDS)
         if unsupported:
             raise NotImplementedError(
-                f"{caller} runs every request through the scheduler's static caches; the exported backends for "
+                f"{caller} decodes Code2Wav frame by frame for every request; the exported backends for "
                 f"{', '.join(unsupported)} cannot run there (supported: {', '.join(sorted(SCHEDULED_BACKENDS))}): "
-                "leave those modules on 'torch'")
+                "use code2wav_stream, or leave those modules on 'torch'")
 
     def stream(self, text: str | None = None, audio=None, sample_rate: int | None = None, images=None, videos=None,
                *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

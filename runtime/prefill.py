@@ -56,11 +56,17 @@ def embed_prompt(runner, prompt) -> PromptEmbedding:
 
 
 def thinker_prefill(runner, prompt: PromptEmbedding, slot: int, start: int, end: int, want_states: bool):
-    """Prompt positions [start, end) of one slot. Returns (last hidden [1, H], the talker's states of the
-    chunk [1, n, H] (accept-layer output, or the embeddings for accept layer 0) when `want_states`)."""
+    """Prompt positions [start, end) of one slot. Returns (the last position's logits [1, V] (None before the
+    prompt's last chunk), the talker's states of the chunk [1, n, H] (accept-layer output, or the embeddings
+    for accept layer 0) when `want_states`)."""
     check_room(runner.thinker_cache, end)
     embeds, positions = prompt.embeds[:, start:end], prompt.positions[:, :, start:end]
     layer = runner.accept_layer if want_states else 0
+    if runner.exported is not None and runner.exported.thinker:
+        deepstack = (DeepStack(dense=prompt.deepstack[:, :, start:end]) if runner.static_prefill
+                     else _deepstack_slice(prompt.deepstack, start, end))
+        logits, accepted = runner.exported.thinker_step(embeds, positions, slot, deepstack, layer)
+        return logits, (embeds if layer == 0 else accepted) if want_states else None
     if runner.static_prefill:
         deepstack = prompt.deepstack[:, :, start:end]
         (embeds_c, positions_c, deepstack_c), pad, num_valid = _front_padded(runner, embeds, positions, deepstack)
@@ -73,9 +79,11 @@ def thinker_prefill(runner, prompt: PromptEmbedding, slot: int, start: int, end:
         out = runner.model.thinker.model(embeds, positions, None, view, deepstack, output_layers=layer > 0)
         view.commit()
         hidden, accepted = out.hidden[:, -1], out.layer_outputs[layer - 1] if layer else None
+    # the next token's logits, on the prompt's last chunk only
+    logits = runner.model.thinker.lm_head(hidden) if end == prompt.embeds.shape[1] else None  # [1, V]
     if not want_states:
-        return hidden, None
-    return hidden, embeds if layer == 0 else accepted
+        return logits, None
+    return logits, embeds if layer == 0 else accepted
 
 
 def talker_prefill(runner, embeds, positions, slot: int):
@@ -83,6 +91,8 @@ def talker_prefill(runner, embeds, positions, slot: int):
     hidden [1, H]) of its last position: chunks of prefill_chunk (front-padded buckets when static)."""
     length = embeds.shape[1]
     check_room(runner.talker_cache, length)
+    if runner.exported is not None and runner.exported.talker:
+        return runner.exported.talker_step(embeds, positions, slot)
     slots = runner.slot_ids([slot])
     if not runner.static_prefill:
         view = runner.talker_cache.view(slots, length, length, prefill_slot=slot)

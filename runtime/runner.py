@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from runtime.exported import EXPORTED_STEPS, ExportedSteps
 from runtime.graphs import GraphRunner, batch_buckets, graphs_possible
 from runtime.kv_cache import StaticKVCache
 from runtime.models.code2wav import Code2WavSlots
@@ -61,7 +62,9 @@ class StageSpec:
 class ModelRunner:
     """Static caches, slots and step functions of one engine (see the module docstring)."""
 
-    def __init__(self, model, config, options: SchedulerConfig):
+    def __init__(self, model, config, options: SchedulerConfig, exported: set[str] | frozenset = frozenset()):
+        """exported: the modules this engine runs as exported graphs (export/ort.py names); the decoder steps and
+        Code2Wav's stream among them run through runtime/exported.py, one session at a time, without graphs."""
         self.model, self.config = model, config
         param = model.thinker.lm_head.weight
         self.device, self.dtype = param.device, param.dtype
@@ -88,9 +91,14 @@ class ModelRunner:
         # Streams only where CUDA runs: the runner is also built on fake `cuda` tensors without a GPU.
         on_gpu = self.device.type == "cuda" and torch.cuda.is_available()
         self.talker_stream = torch.cuda.Stream(self.device) if self.speech and on_gpu else None
+        steps = set(exported) & EXPORTED_STEPS
+        self.exported = ExportedSteps(self, steps) if steps else None
         use_graphs = options.use_graphs
+        if use_graphs and self.exported is not None:
+            raise ValueError(f"CUDA graphs capture the PyTorch steps; exported {', '.join(sorted(steps))} run without "
+                             "them: use_graphs=False")
         if use_graphs is None:  # default: graphs wherever they can run
-            use_graphs = on_gpu and graphs_possible()
+            use_graphs = on_gpu and graphs_possible() and self.exported is None
         self.static_prefill = use_graphs if options.static_prefill is None else options.static_prefill
         if use_graphs and not self.static_prefill:
             raise ValueError("CUDA graphs capture prefill chunks in their static form: static_prefill=False needs "
@@ -109,6 +117,8 @@ class ModelRunner:
     def reset_slot(self, slot: int) -> None:
         """Forget whatever a slot's last user left: KV lengths and the Code2Wav stream (admission calls this)."""
         self.thinker_cache.reset(slot)
+        if self.exported is not None:
+            self.exported.reset(slot)
         if self.speech:
             with self.on_talker_stream():  # the talker's graphs write these on its stream
                 self.talker_cache.reset(slot)
@@ -119,7 +129,14 @@ class ModelRunner:
         return torch.cuda.stream(self.talker_stream) if self.talker_stream is not None else nullcontext()
 
     def slot_ids(self, slots: list[int]) -> torch.Tensor:
-        return torch.tensor(slots, dtype=torch.long, device=self.device)
+        return self.indices(slots)
+
+    def indices(self, values: list[int]) -> torch.Tensor:
+        """[n] int64 on the runner's device from host ints: on a GPU through pinned memory, copied without
+        blocking the host (a pageable host-to-device copy waits for the stream)."""
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+        return torch.tensor(values, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ step functions (what graphs capture)
 
@@ -210,11 +227,15 @@ class ModelRunner:
     def thinker_decode(self, tokens, positions, slots: list[int], longest: int) -> torch.Tensor:
         """tokens [B], positions [3, B, 1] -> logits [B, V]; `longest`: the longest row's length after it."""
         check_room(self.thinker_cache, longest)
+        if self.exported is not None and self.exported.thinker:
+            return self.exported.thinker_decode(tokens, positions, slots)
         return self.run("thinker_decode", (tokens, positions, self.slot_ids(slots)))[0]
 
     def talker_decode(self, embeds, positions, slots: list[int], longest: int):
         """embeds [B, 1, H], positions [3, B, 1] -> (logits [B, V], hidden [B, H])."""
         check_room(self.talker_cache, longest)
+        if self.exported is not None and self.exported.talker:
+            return self.exported.talker_decode(embeds, positions, slots)
         return self.run("talker_decode", (embeds, positions, self.slot_ids(slots)))
 
     def code0(self, logits: torch.Tensor) -> torch.Tensor:
@@ -232,6 +253,8 @@ class ModelRunner:
     def code2wav_frame(self, codes, slots: list[int], first: bool) -> torch.Tensor:
         """codes [B, G] of one new frame per slot -> samples [B, n] float32. A slot's first frame (`first`:
         all rows are, else none) runs eagerly: its transposed convs still trim their left edge."""
+        if self.exported is not None and self.exported.code2wav:
+            return torch.stack(self.exported.code2wav_frame(codes, slots)).float()
         frame, slot_ids = codes[:, :, None], self.slot_ids(slots)  # [B, G, 1]
         if first:
             wav = self.model.code2wav.decode_frame(frame, self.code2wav_slots.view(slot_ids, first=True))

@@ -37,7 +37,7 @@ class Scheduler:
     def __init__(self, engine, config: SchedulerConfig | dict | None = None, **options):
         self.options = SchedulerConfig.of(options if config is None else config)
         self.model, self.config, self.tokenizer = engine.model, engine.config, engine.tokenizer
-        self.runner = ModelRunner(engine.model, engine.config, self.options)
+        self.runner = ModelRunner(engine.model, engine.config, self.options, set(getattr(engine, "backends", ())))
         self.free_slots = list(range(self.options.max_sessions))
         self.waiting: deque[Session] = deque()
         self.live: list[Session] = []
@@ -153,7 +153,7 @@ class Scheduler:
         if th.prompt is None:  # first chunk: encoders, the embedding merge and TM-RoPE ids of the whole prompt
             th.prompt = prefill.embed_prompt(runner, session.request.prompt)
         start, end = th.prefilled, min(th.prefilled + runner.prefill_chunk, th.prompt_len)
-        hidden, states = prefill.thinker_prefill(runner, th.prompt, session.slot, start, end, session.speaks)
+        logits, states = prefill.thinker_prefill(runner, th.prompt, session.slot, start, end, session.speaks)
         if session.speaks:  # the talker prompt reads the user turn's embeddings and accept-layer states
             th.states.append((th.prompt.embeds[:, start:end], states))
         th.prefilled = end
@@ -162,7 +162,7 @@ class Scheduler:
         th.positions = th.prompt.positions[:, :, -1:]
         th.prompt = None
         session.state = "decode"
-        self._take_tokens([session], self.model.thinker.lm_head(hidden))
+        self._take_tokens([session], logits)
         if session.speaks and not th.done:  # t1 is fed next: the talker can start now
             if runner.talker_stream is not None:  # it reads the thinker prefill's states
                 runner.talker_stream.wait_stream(torch.cuda.current_stream(runner.device))

@@ -72,7 +72,7 @@ def start_talker(runner, session: Session) -> None:
     inputs = prompt.inputs
     positions = talker_position_ids(talker_prompt, cfg, inputs.image_grid_thw, inputs.video_grid_thw,
                                     inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video)
-    special = torch.tensor([cfg.tts_eos_token_id, cfg.tts_pad_token_id], device=runner.device)
+    special = runner.indices([cfg.tts_eos_token_id, cfg.tts_pad_token_id])
     tts_eos, tts_pad = model.talker.project_text(embed_tokens(special))
     logits, hidden = talker_prefill(runner, talker_prompt.inputs_embeds, positions, session.slot)
     session.talker = TalkerProgress(talker_prompt.inputs_embeds.shape[1], positions[:, :, -1:], tts_eos, tts_pad,
@@ -90,7 +90,7 @@ def frames(runner, sessions: list[Session]) -> None:
     if going:
         tick = time.perf_counter()
         hidden = torch.cat([sessions[i].talker.hidden for i in going])  # [B', H]
-        codes = runner.code_predictor_frame(hidden, code0[torch.tensor(going, device=code0.device)])  # [B', G]
+        codes = runner.code_predictor_frame(hidden, code0[runner.indices(going)])  # [B', G]
         predictor_s = time.perf_counter() - tick
         samples, spent = [None] * len(going), [0.0] * len(going)
         for first in (True, False):
@@ -118,7 +118,7 @@ def talker_decode(runner, sessions: list[Session]) -> None:
     for session in sessions:
         text = session.frame_text()
         if isinstance(text, int):  # a fed text token: its thinker embedding, projected
-            token = torch.tensor([text], device=runner.device)
+            token = runner.indices([text])
             text = model.talker.project_text(model.thinker.model.embed_tokens(token))
         texts.append(text)
     embeds = torch.cat([model.talker.frame_input(s.talker.codes, text)

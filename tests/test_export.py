@@ -26,6 +26,7 @@ from export.wrappers import moe_experts_gather  # noqa: E402
 from kernels.moe import moe_experts_ref, route_topk_ref  # noqa: E402
 from runtime.engine import SCHEDULED_BACKENDS, OmniEngine  # noqa: E402
 from runtime.models.decoder import DeepStack  # noqa: E402
+from runtime.streaming import consume_together  # noqa: E402
 from runtime.weights import init_random  # noqa: E402
 from tests.oracle import build_oracle  # noqa: E402
 from tests.test_generate import image_request  # noqa: E402
@@ -304,10 +305,12 @@ def test_vision_encoder_buckets_match_torch(model, exported):
             assert_close(g, w, f"vision encoder {grid} output {i}")
 
 
-def test_whole_pipeline_with_the_scheduled_modules_in_onnx_runtime(engine, checkpoint, exported, request_, monkeypatch):
-    """generate() on a text + audio + image prompt, greedy, with the encoders and the code predictor run by ONNX
-    Runtime (the exported modules the scheduler calls as they are, runtime.engine.SCHEDULED_BACKENDS): the same
-    tokens and codec codes as the PyTorch engine and the same waveform within fp32 tolerance."""
+def test_whole_pipeline_with_every_scheduled_module_in_onnx_runtime(engine, checkpoint, exported, request_,
+                                                                     monkeypatch):
+    """generate() and stream() on a text + audio + image prompt, greedy, with every module the engine runs
+    (runtime.engine.SCHEDULED_BACKENDS: encoders, thinker and talker steps fed from the slots, code predictor,
+    Code2Wav's stream) run by ONNX Runtime: the same tokens and codec codes as the PyTorch engine and the same
+    waveform within fp32 tolerance."""
     out, _ = exported
     want = engine.generate(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
                            return_audio=True)
@@ -320,7 +323,8 @@ def test_whole_pipeline_with_the_scheduled_modules_in_onnx_runtime(engine, check
     original = OrtModule.__call__
 
     def counted(self, *tensors):
-        runs[self.entry["module"]] = runs.get(self.entry["module"], 0) + 1
+        module = self.entry["module"].split(".")[0]  # code2wav_stream.first / .next count as code2wav_stream
+        runs[module] = runs.get(module, 0) + 1
         return original(self, *tensors)
 
     monkeypatch.setattr(OrtModule, "__call__", counted)
@@ -328,25 +332,32 @@ def test_whole_pipeline_with_the_scheduled_modules_in_onnx_runtime(engine, check
                               return_audio=True)
     frames = want.codes.shape[-1]
     groups = engine.model.talker.code_predictor.num_code_groups
-    assert runs == {"audio_encoder": 1, "vision_encoder": 1, "code_predictor": frames * (groups - 1)}, runs
+    # one prefill (the prompt fits one chunk) and one step per fed token; the talker's prefill and one step
+    # after each frame; one Code2Wav call per frame
+    assert runs == {"audio_encoder": 1, "vision_encoder": 1, "thinker_step": want.sequences.shape[1] - prompt_len,
+                    "talker_step": frames + 1, "code_predictor": frames * (groups - 1),
+                    "code2wav_stream": frames}, runs
     assert torch.equal(got.sequences, want.sequences), f"{got.sequences.tolist()} != {want.sequences.tolist()}"
     assert torch.equal(got.codes, want.codes), f"{got.codes[:, 0].tolist()} != {want.codes[:, 0].tolist()}"
     assert got.waveform.shape == want.waveform.shape
     assert_close(got.waveform, want.waveform, "waveform")
-    streamed = [e for e in ort_engine.stream(**request_, max_new_tokens=THINKER_TOKENS,
-                                             talker_max_new_tokens=TALKER_TOKENS) if hasattr(e, "codes")]
-    assert torch.equal(torch.cat([chunk.codes for chunk in streamed], dim=-1), want.codes[0])
+    # two streams side by side: each session's steps see only its own slot
+    streams = [ort_engine.stream(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS)
+               for _ in range(2)]
+    for events in consume_together(streams):
+        chunks = [e for e in events if hasattr(e, "codes")]
+        assert torch.equal(torch.cat([chunk.codes for chunk in chunks], dim=-1), want.codes[0])
+        assert_close(torch.cat([chunk.samples for chunk in chunks]), want.waveform[0], "streamed waveform")
 
 
-def test_backends_the_scheduler_cannot_run_are_refused_by_name(checkpoint, exported, request_):
-    """The decoder steps (dynamic KV in and out) and Code2Wav's graphs do not fit the scheduler's static per-slot
-    caches and streaming states: generate() and stream() refuse them, naming each, before any model work."""
+def test_the_full_code2wav_decode_is_refused_by_name(checkpoint, exported, request_):
+    """The engine decodes Code2Wav frame by frame for every request: an exported full decode (`code2wav`) has
+    no place there, and generate() and stream() say so, before any model work."""
     out, _ = exported
     every = OmniEngine.from_pretrained(checkpoint, backends={name: f"ort:{out}" for name in MODULES})
-    unsupported = sorted(set(MODULES) - SCHEDULED_BACKENDS)
-    assert unsupported == ["code2wav", "code2wav_stream", "talker_step", "thinker_step"]
+    assert sorted(set(MODULES) - SCHEDULED_BACKENDS) == ["code2wav"]
     for call in (every.generate, every.stream):
-        with pytest.raises(NotImplementedError, match=", ".join(unsupported)):
+        with pytest.raises(NotImplementedError, match="exported backends for code2wav cannot run"):
             call(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS)
 
 
