@@ -83,8 +83,11 @@ class Service:
         """engine.stream(**kwargs) off the event loop (it waits for the loop thread to queue the request)."""
         try:
             stream = await asyncio.to_thread(self.engine.stream, **kwargs)
-        except (ValueError, TypeError) as err:
-            raise bad_request(str(err), "messages") from None
+        except (ValueError, TypeError) as err:  # the engine's checks: the message names its option
+            message = str(err)
+            param = ("omni.talker_max_new_tokens" if "talker_max_new_tokens" in message
+                     else "max_tokens" if "max_new_tokens" in message else "messages")
+            raise bad_request(message, param) from None
         job.stream = stream
         if job.abort_reason is not None:  # shutdown began while it was being queued
             stream.cancel(wait=False)
