@@ -11,11 +11,17 @@ serve     an OpenAI-compatible HTTP server (runtime/serve/): chat completions wi
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
+
+from runtime.frontend.audio import OUTPUT_FORMATS
+from runtime.frontend.prompt import DEFAULT_SYSTEM_PROMPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_TEXT = "Listen to this clip and look at the picture. What do you hear and see?"
@@ -31,35 +37,35 @@ def _demo_inputs() -> tuple[np.ndarray, int, np.ndarray]:
     return audio.astype(np.float32), rate, image
 
 
-def _run(engine, out: str | None, **request) -> int:
-    """Stream one request: text to stdout as it comes, audio into `out` frame by frame, a progress line on
-    stderr, then the timing record (the paper's Table 2 rows)."""
-    from runtime.frontend.audio import require_soundfile
+def _run(engine, out: str | None, out_format: str | None, **request) -> int:
+    """Stream one request: text to stdout as it comes, audio into `out` frame by frame (in `out_format`), a
+    progress line on stderr when it is a terminal, then the timing record (the paper's Table 2 rows)."""
+    from runtime.frontend.audio import open_audio_writer
     from runtime.streaming import AudioChunk, TextDelta
 
-    soundfile = require_soundfile() if request.get("return_audio") else None  # writing the wav needs it: fail first
     stream = engine.stream(**request)
-    wav, frames, text = None, 0, []
+    writer, frames, text = None, 0, []
     try:
         for event in stream:
             if isinstance(event, TextDelta):
                 text.append(event.text)
             elif isinstance(event, AudioChunk):
-                if wav is None:
-                    wav = soundfile.SoundFile(out, "w", samplerate=event.sample_rate, channels=1, subtype="PCM_16")
-                wav.write(event.samples.numpy())
+                if writer is None:
+                    writer = open_audio_writer(out, event.sample_rate, out_format)
+                writer.write(event.samples.numpy())
                 frames = event.frame + 1
                 if sys.stderr.isatty():
                     print(f"\rspeaking: {frames} frames, {stream.timings.audio_seconds:.2f} s of audio",
                           end="", file=sys.stderr, flush=True)
     finally:
-        if wav is not None:
-            wav.close()
+        if writer is not None:
+            writer.close()
     if frames and sys.stderr.isatty():
         print(file=sys.stderr)
     print(f"text: {''.join(text)!r}")
-    if wav is not None:
-        print(f"speech: {frames} codec frames, {stream.timings.audio_seconds:.2f} s at 24000 Hz -> {out}")
+    if writer is not None:
+        print(f"speech: {frames} codec frames, {stream.timings.audio_seconds:.2f} s at 24000 Hz -> {out} "
+              f"({out_format})")
     _print_timings(stream.timings)
     return 0
 
@@ -82,24 +88,101 @@ def _engine(checkpoint: str, device: str, dtype: str):
 
     start = time.perf_counter()
     engine = OmniEngine.from_pretrained(checkpoint, device=device, dtype=DTYPES[dtype])
-    print(f"loaded {checkpoint} on {device} ({dtype}) in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    # stdout: stderr is kept for the one error line (and the progress line on a terminal)
+    print(f"loaded {checkpoint} on {device} ({dtype}) in {time.perf_counter() - start:.2f} s")
     return engine
 
 
+def _output(args) -> str | None:
+    """The output format, checked before any model work (a bad --out must not cost a whole generation)."""
+    if getattr(args, "no_audio", False):
+        return None
+    from runtime.frontend.audio import output_format
+
+    return output_format(args.out, args.format)
+
+
 def demo(args) -> int:
+    out_format = _output(args)
     engine = _engine(args.checkpoint, args.device, args.dtype)
     audio, rate, image = _demo_inputs()
     print(f"prompt: {DEMO_TEXT!r} + 1.5 s audio clip + 96x128 image")
-    return _run(engine, args.out, text=DEMO_TEXT, audio=audio, sample_rate=rate, images=[image],
+    return _run(engine, args.out, out_format, text=DEMO_TEXT, audio=audio, sample_rate=rate, images=[image],
                 max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
                 speaker=args.speaker, return_audio=engine.model.has_audio_output)
 
 
+def _load_messages(path: str) -> list:
+    """--messages FILE: a JSON list of turns (runtime/frontend/conversation.py), media given as file paths
+    relative to the JSON file's folder or absolute."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            messages = json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--messages file {path!r} does not exist") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--messages file {path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(messages, list):
+        raise ValueError(f"--messages file {path!r} must hold a JSON list of turns, got {type(messages).__name__}")
+    base = os.path.dirname(os.path.abspath(path))
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            for key in ("audio", "image", "video", "path"):
+                value = part.get(key) if isinstance(part, dict) else None
+                if isinstance(value, str) and not os.path.isabs(value) and "://" not in value:
+                    part[key] = os.path.join(base, value)
+    return messages
+
+
+def _check_generate_inputs(args) -> None:
+    """What can be refused before the model is loaded: no input, a preset without a tokenizer asked for text,
+    missing input files."""
+    from runtime.presets import PRESETS
+
+    if not (args.text or args.audio or args.image or args.video or args.messages):
+        raise ValueError("nothing to answer: give --text, --audio, --image, --video or --messages")
+    if args.checkpoint in PRESETS and args.checkpoint != "tiny":
+        raise ValueError(f"preset {args.checkpoint!r} has random weights and no tokenizer, so it cannot read "
+                         "--text/--audio/--image/--video/--messages (it serves benchmarks through input_ids); "
+                         "use a checkpoint directory with tokenizer.json")
+    if args.messages and (args.text or args.audio or args.image or args.video):
+        raise ValueError("give either --messages or --text/--audio/--image/--video, not both")
+    for flag, paths in (("--audio", args.audio), ("--image", args.image), ("--video", args.video)):
+        for path in paths or []:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{flag} file {path!r} does not exist")
+    from runtime.frontend.audio import require_soundfile
+    from runtime.frontend.vision import load_image
+
+    for i, path in enumerate(args.image or []):
+        load_image(path, f"--image {i}")  # a damaged or non-image file, found before a long model load
+    for path in args.audio or []:
+        soundfile = require_soundfile()
+        try:
+            soundfile.info(path)
+        except (RuntimeError, soundfile.SoundFileError) as exc:
+            raise ValueError(f"could not decode audio file {path}: {exc}") from exc
+
+
 def generate(args) -> int:
+    _check_generate_inputs(args)
+    messages = _load_messages(args.messages) if args.messages else None
+    out_format = _output(args)
     engine = _engine(args.checkpoint, args.device, args.dtype)
-    return _run(engine, args.out, text=args.text, audio=args.audio or None, images=args.image or None,
-                max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
-                speaker=args.speaker, return_audio=engine.model.has_audio_output and not args.no_audio)
+    request = dict(messages=messages) if messages is not None else dict(
+        text=args.text, audio=args.audio or None, images=args.image or None, videos=args.video or None)
+    return _run(engine, args.out, out_format, **request, system=args.system, video_fps=args.video_fps,
+                use_audio_in_video=args.use_audio_in_video, max_new_tokens=args.max_new_tokens,
+                talker_max_new_tokens=args.talker_max_new_tokens, speaker=args.speaker,
+                return_audio=engine.model.has_audio_output and not args.no_audio)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    if isinstance(err, KeyError):  # str(KeyError) is the quoted key alone
+        text = f"missing {text}"
+    return f"error: {text}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,27 +190,45 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, checkpoint_default):
+    def common(p, checkpoint_default, max_new_tokens, talker_max_new_tokens):
         p.add_argument("--checkpoint", default=checkpoint_default,
                        help="checkpoint directory or preset (tiny, qwen3-omni-30b-a3b); default: %(default)s")
         p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
         p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
         p.add_argument("--speaker", default="ethan", help="voice (default: %(default)s)")
-        p.add_argument("--max-new-tokens", type=int, default=32, help="thinker text tokens (default: %(default)s)")
-        p.add_argument("--talker-max-new-tokens", type=int, default=64,
-                       help="codec frames of 80 ms at most (default: %(default)s)")
+        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                       help="thinker text tokens at most (default: %(default)s)")
+        p.add_argument("--talker-max-new-tokens", type=int, default=talker_max_new_tokens,
+                       help="codec frames of 80 ms at most (default: %(default)s = "
+                            f"{talker_max_new_tokens * 0.08:.0f} s of speech)")
+        p.add_argument("--format", choices=sorted(OUTPUT_FORMATS),
+                       help="output audio format (default: from the --out suffix: .wav .flac .mp3 .opus/.ogg "
+                            ".pcm/.raw)")
+        p.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
 
     p_demo = sub.add_parser("demo", help="speak a built-in prompt with the tiny default model")
-    common(p_demo, "tiny")
-    p_demo.add_argument("--out", default="demo.wav", help="output wav (default: %(default)s)")
+    # the tiny model has random weights: short limits keep the demo quick on a CPU
+    common(p_demo, "tiny", 32, 64)
+    p_demo.add_argument("--out", default="demo.wav", help="output audio file (default: %(default)s)")
     p_demo.set_defaults(run=demo)
 
     p_gen = sub.add_parser("generate", help="run a checkpoint on your inputs")
-    common(p_gen, None)
+    # long enough for a real spoken answer: 512 text tokens, 4096 frames = 5.5 min of speech
+    common(p_gen, None, 512, 4096)
     p_gen.add_argument("--text", help="the user's text")
-    p_gen.add_argument("--audio", action="append", help="audio file (wav/flac/ogg, any rate); repeatable")
+    p_gen.add_argument("--audio", action="append", help="audio file (wav/flac/ogg/mp3, any rate); repeatable")
     p_gen.add_argument("--image", action="append", help="image file; repeatable")
-    p_gen.add_argument("--out", default="out.wav", help="output wav (default: %(default)s)")
+    p_gen.add_argument("--video", action="append", help="video file (decoded with PyAV); repeatable")
+    p_gen.add_argument("--video-fps", type=float, default=1.0, help="video frames sampled per second "
+                       "(default: %(default)s)")
+    p_gen.add_argument("--use-audio-in-video", action="store_true", help="feed each video's audio track too")
+    p_gen.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT,
+                       help="system prompt, used when the conversation has none (default: the Qwen3-Omni one, "
+                            "which speech output needs)")
+    p_gen.add_argument("--messages", help="a conversation as a JSON list of turns ({'role': 'user', 'content': "
+                       "[{'type': 'audio', 'audio': 'q.wav'}, {'type': 'text', 'text': '...'}]}, ...); media paths "
+                       "are relative to the JSON file")
+    p_gen.add_argument("--out", default="out.wav", help="output audio file (default: %(default)s)")
     p_gen.add_argument("--no-audio", action="store_true", help="text only, skip the talker")
     p_gen.set_defaults(run=generate)
 
@@ -140,8 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("generate needs --checkpoint DIR (or a preset name)")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure is one line (exit 2); --debug adds the traceback
+        if args.debug:
+            traceback.print_exc()
+        print(_one_line(err), file=sys.stderr)
         return 2
 
 

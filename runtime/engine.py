@@ -29,7 +29,7 @@ from runtime import dispatch
 from runtime.config import OmniConfig
 from runtime.frontend import audio as audio_frontend
 from runtime.frontend import vision as vision_frontend
-from runtime.frontend.prompt import DEFAULT_SYSTEM_PROMPT, tokenize_prompt
+from runtime.frontend.prompt import DEFAULT_SYSTEM_PROMPT, tokenize_chat_text
 from runtime.models.omni import OmniModel, build_model
 from runtime.models.thinker import MultimodalInputs
 from runtime.options import GenerationOptions, Request, SchedulerConfig
@@ -140,78 +140,102 @@ class OmniEngine:
 
     def prepare(self, text: str | None = None, audio: AudioInput | Sequence[AudioInput] | None = None,
                 sample_rate: int | None = None, images: Sequence[Any] | Any | None = None,
-                videos: Sequence[Any] | None = None, video_fps: float = 1.0,
-                system: str | None = DEFAULT_SYSTEM_PROMPT, use_audio_in_video: bool = False) -> Prompt:
-        """Raw inputs -> Prompt. One user turn: audios, then images, then videos, then the text.
+                videos: Sequence[Any] | Any | None = None, video_fps: float = 1.0,
+                system: str | None = DEFAULT_SYSTEM_PROMPT, use_audio_in_video: bool = False,
+                messages: Sequence[dict] | None = None) -> Prompt:
+        """Raw inputs -> Prompt, rendered with the checkpoint's chat template (the built-in one without).
 
+        Either a conversation, `messages` (runtime/frontend/conversation.py: system / user / assistant turns
+        with text, audio, image and video parts), or one user turn of audios, then images, then videos, then
+        the text. `system` is added when the conversation has no system turn (None: none).
         audio: a file path (decoded and resampled to 16 kHz), or a waveform (1-D float) with `sample_rate`
           (resampled when it is not 16 kHz), or a list of those. images: PIL images, HxWx3 uint8 arrays or file
-          paths. videos: each a [T, H, W, 3] uint8 array or a list of frames, sampled at `video_fps`.
+          paths (turned upright by their EXIF orientation). videos: a video file (decoded with PyAV, frames
+          sampled at `video_fps`), a [T, H, W, 3] uint8 array (frames taken at `video_fps`), or a list of those;
+          a bare array is one video. use_audio_in_video: each video's audio track goes in with its frames; a file
+          brings its own track, a frame array takes its track from the end of `audio` (one per array video, in
+          video order).
+        Every input is checked here, before any model work: errors name the input (audio 0, image file ..).
         """
+        from runtime.frontend.conversation import conversation
+
         if self.tokenizer is None:
             raise ValueError("this engine has no tokenizer (a preset with random weights, or a checkpoint without "
                              "tokenizer.json): pass input_ids instead of text")
-        waveforms = [self._load_audio(a, sample_rate) for a in _as_list(audio)]
-        image_list = [_open_image(i) for i in _as_list(images)]
-        video_list = list(videos or [])
+        if messages is not None:
+            if any(x is not None for x in (text, audio, images, videos)):
+                raise ValueError("give either messages= or text/audio/images/videos, not both")
+        else:
+            messages = _raw_turn(text, _as_list(audio), sample_rate, _as_list(images), _as_videos(videos),
+                                 use_audio_in_video)
+        conv = conversation(messages, getattr(self.tokenizer, "chat_template", None), system=system)
         thinker = self.config.thinker
-        merge = thinker.vision.spatial_merge_size
+        vision = dict(patch_size=thinker.vision.patch_size, temporal_patch_size=thinker.vision.temporal_patch_size,
+                      merge_size=thinker.vision.spatial_merge_size)
+        audios = iter(conv.audios)
+        videos = [_load_video(v, i, video_fps, use_audio_in_video, vision) for i, v in enumerate(conv.videos)]
+        tracks = iter(track for _, track in videos)
+        waveforms = []  # audio slots in order of appearance: audio parts, and videos' tracks with use_audio_in_video
+        for index, kind in enumerate(conv.kinds):
+            if kind == "audio":
+                value, rate = next(audios)
+                number = sum(k == "audio" for k in conv.kinds[:index])  # "audio N" counts audio parts only
+                waveforms.append(self._load_audio(value, rate if rate is not None else sample_rate, number))
+            elif kind == "video" and use_audio_in_video:
+                waveforms.append(next(tracks))
+        image_list = [self._open_image(image, i) for i, image in enumerate(conv.images)]
         inputs = MultimodalInputs(use_audio_in_video=use_audio_in_video)
         counts = []
         if waveforms:
             features, mask = audio_frontend.extract_audio_features(waveforms)
             inputs.input_features, inputs.feature_attention_mask = features.to(self.dtype), mask
             counts = [int(audio_frontend.audio_token_count(int(n), thinker.audio.n_window)) for n in mask.sum(-1)]
-        vision = dict(patch_size=thinker.vision.patch_size, temporal_patch_size=thinker.vision.temporal_patch_size,
-                      merge_size=merge)
         if image_list:
             inputs.pixel_values, inputs.image_grid_thw = vision_frontend.preprocess_images(image_list, **vision)
         seconds_per_grid = []
-        if video_list:
-            pieces = [vision_frontend.preprocess_video(v, fps=video_fps, **vision) for v in video_list]
+        if videos:
+            pieces = [vision_frontend.preprocess_video(frames, fps=video_fps, **vision) for frames, _ in videos]
             inputs.pixel_values_videos = torch.cat([p[0] for p in pieces])
             inputs.video_grid_thw = torch.cat([p[1] for p in pieces])
             inputs.video_second_per_grid = torch.cat([p[2] for p in pieces])
-            seconds_per_grid = [thinker.vision.temporal_patch_size / video_fps] * len(video_list)
-        content = ([{"type": "audio"}] * len(waveforms) + [{"type": "image"}] * len(image_list)
-                   + [{"type": "video"}] * len(video_list))
-        if text:
-            content.append({"type": "text", "text": text})
-        input_ids = tokenize_prompt(
-            self.tokenizer, [{"role": "user", "content": content}], system=system, audio_token_counts=counts,
-            image_grid_thw=_grid_rows(inputs.image_grid_thw), video_grid_thw=_grid_rows(inputs.video_grid_thw),
-            video_second_per_grid=seconds_per_grid or None, merge_size=merge,
-            position_id_per_seconds=thinker.position_id_per_seconds, use_audio_in_video=use_audio_in_video)
+            seconds_per_grid = [thinker.vision.temporal_patch_size / video_fps] * len(videos)
+        input_ids = tokenize_chat_text(
+            self.tokenizer, conv.text, audio_token_counts=counts, image_grid_thw=_grid_rows(inputs.image_grid_thw),
+            video_grid_thw=_grid_rows(inputs.video_grid_thw), video_second_per_grid=seconds_per_grid or None,
+            merge_size=vision["merge_size"], position_id_per_seconds=thinker.position_id_per_seconds,
+            use_audio_in_video=use_audio_in_video)
         for name in ("pixel_values", "pixel_values_videos"):
             if getattr(inputs, name) is not None:
                 setattr(inputs, name, getattr(inputs, name).to(self.dtype))
         return Prompt(input_ids, None, inputs)
 
-    def _load_audio(self, audio: AudioInput, sample_rate: int | None) -> torch.Tensor:
+    def _load_audio(self, audio: AudioInput, sample_rate: int | None, index: int = 0) -> torch.Tensor:
+        """One audio input -> [num_samples] float32 at 16 kHz; ValueError naming it (`audio {index}` or its file)
+        for a bad rate, shape, dtype or a NaN / inf sample, before any resampling."""
         if isinstance(audio, (str, os.PathLike)):
             return audio_frontend.load_audio(audio)
-        if sample_rate is None:
-            raise ValueError("a raw audio waveform needs its sample_rate (it is resampled to 16 kHz)")
-        waveform = torch.as_tensor(audio, dtype=torch.float32)
-        if waveform.dim() != 1:
-            raise ValueError(f"audio waveform must be 1-D (mono samples), got shape {tuple(waveform.shape)}")
-        if waveform.numel() == 0:
-            raise ValueError("audio waveform is empty (zero samples)")
-        return audio_frontend.resample(waveform, sample_rate) if sample_rate != audio_frontend.SAMPLE_RATE else waveform
+        return _waveform(audio, sample_rate, f"audio {index}")
+
+    def _open_image(self, image, index: int = 0):
+        if isinstance(image, (str, os.PathLike)):
+            return vision_frontend.load_image(image, f"image {index}")
+        return image
 
     # ------------------------------------------------------------------ generation
 
     @torch.inference_mode()
     def generate(self, text: str | None = None, audio=None, sample_rate: int | None = None, images=None,
-                 videos=None, *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 input_features=None, feature_attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 videos=None, *, messages=None, input_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, input_features=None, feature_attention_mask=None,
+                 pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, video_second_per_grid=None,
                  use_audio_in_video: bool = False, video_fps: float = 1.0, system: str | None = DEFAULT_SYSTEM_PROMPT,
                  speaker: str | None = None, max_new_tokens: int = 128, talker_max_new_tokens: int = 1024,
                  do_sample: bool = False, return_audio: bool | None = None) -> GenerateResult:
         """Generate text (and speech when `return_audio`, default: whenever the checkpoint can speak).
 
-        Give either raw inputs (text / audio / images / videos) or processor tensors (input_ids and friends).
+        Give either raw inputs (a conversation as `messages`, or text / audio / images / videos; see `prepare`)
+        or processor tensors (input_ids and friends).
         Greedy decoding (`do_sample=False`) is the supported mode. Runs as the engine runs every request: one
         session per prompt row in the scheduler, all to completion (runtime/batch.py assembles the result).
         """
@@ -220,7 +244,7 @@ class OmniEngine:
         prompt = self._prompt(text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
                               feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                               video_grid_thw, video_second_per_grid, use_audio_in_video, video_fps, system,
-                              do_sample)
+                              do_sample, messages=messages)
         timings["preprocess"] = time.perf_counter() - start
 
         from runtime.batch import assemble, check_prompt, row_result, split_rows
@@ -266,7 +290,7 @@ class OmniEngine:
                 "use code2wav_stream, or leave those modules on 'torch'")
 
     def stream(self, text: str | None = None, audio=None, sample_rate: int | None = None, images=None, videos=None,
-               *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+               *, messages=None, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                input_features=None, feature_attention_mask=None, pixel_values=None, image_grid_thw=None,
                pixel_values_videos=None, video_grid_thw=None, video_second_per_grid=None,
                use_audio_in_video: bool = False, video_fps: float = 1.0, system: str | None = DEFAULT_SYSTEM_PROMPT,
@@ -289,7 +313,7 @@ class OmniEngine:
         prompt = self._prompt(text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
                               feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                               video_grid_thw, video_second_per_grid, use_audio_in_video, video_fps, system,
-                              do_sample)
+                              do_sample, messages=messages)
         request = self._request(prompt, options)
         return self.submit(request, StreamTimings(preprocess=time.perf_counter() - started), started)
 
@@ -371,14 +395,15 @@ class OmniEngine:
 
     def _prompt(self, text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
                 feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                video_second_per_grid, use_audio_in_video, video_fps, system, do_sample) -> Prompt:
+                video_second_per_grid, use_audio_in_video, video_fps, system, do_sample, messages=None) -> Prompt:
         if do_sample:
             raise NotImplementedError("do_sample=True is not supported yet; use greedy decoding (do_sample=False)")
         if input_ids is None:
-            prompt = self.prepare(text, audio, sample_rate, images, videos, video_fps, system, use_audio_in_video)
+            prompt = self.prepare(text, audio, sample_rate, images, videos, video_fps, system, use_audio_in_video,
+                                  messages=messages)
         else:
-            if any(x is not None for x in (text, audio, images, videos)):
-                raise ValueError("give either raw inputs (text/audio/images/videos) or input_ids, not both")
+            if any(x is not None for x in (text, audio, images, videos, messages)):
+                raise ValueError("give either raw inputs (messages or text/audio/images/videos) or input_ids, not both")
             prompt = Prompt(input_ids, attention_mask, MultimodalInputs(
                 input_features, feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                 video_grid_thw, video_second_per_grid, use_audio_in_video))
@@ -415,13 +440,31 @@ class OmniEngine:
 
 def _check_prompt(prompt: Prompt, config: OmniConfig, need_assistant_turn: bool) -> None:
     """Errors that must surface before any model work."""
+    ids = prompt.input_ids
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in _INT_DTYPES[:3] or ids.dim() != 2:
+        raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+    vocab = config.thinker.text.vocab_size
+    bad = ((ids < 0) | (ids >= vocab)).any(-1).nonzero().flatten().tolist()
+    if bad:
+        row = bad[0]
+        wrong = ids[row][(ids[row] < 0) | (ids[row] >= vocab)]
+        raise ValueError(f"input_ids row {row} holds ids outside the vocabulary [0, {vocab}): "
+                         f"{wrong[:5].tolist()} (rows with such ids: {bad})")
+    attention = prompt.attention_mask
+    if attention is not None:
+        if tuple(attention.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask shape {tuple(attention.shape)} differs from input_ids {tuple(ids.shape)}")
+        empty = (attention.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"attention_mask row {empty[0]} is all zeros (rows {empty}): every row needs at least "
+                             "one real token")
     mask = prompt.inputs.feature_attention_mask
     if mask is not None and (mask.sum(-1) == 0).any():
         empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
         raise ValueError(f"zero-length audio: feature_attention_mask rows {empty} have no frames")
     if not need_assistant_turn:
         return
-    ids = prompt.input_ids
     for row in range(ids.shape[0]):
         starts = (ids[row] == config.im_start_token_id).nonzero().flatten()
         if starts.numel() == 0 or starts[-1] + 1 >= ids.shape[1] or ids[row, starts[-1] + 1] != config.assistant_token_id:
@@ -439,8 +482,11 @@ def _serving_scope(kernels: dict[str, str], device: torch.device):
 
 
 def _check_device_dtype(device, dtype) -> None:
+    if isinstance(dtype, str):
+        raise ValueError(f"dtype must be a torch.dtype, got the string {dtype!r}: pass torch.float32, torch.bfloat16 "
+                         "or torch.float16 (the CLI's --dtype takes the names float32, bfloat16, float16)")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"unsupported dtype {dtype}; omni-rt runs float32, bfloat16 or float16")
+        raise ValueError(f"unsupported dtype {dtype}; omni-rt runs torch.float32, torch.bfloat16 or torch.float16")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but CUDA is not available (no GPU or no CUDA build of torch)")
 
@@ -459,15 +505,104 @@ def _as_list(value) -> list:
     return [value]
 
 
-def _open_image(image):
-    if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
+def _check_text(text) -> None:
+    if text is None:
+        return
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # e.g. a command-line argument of undecodable bytes (surrogate escapes)
+        raise ValueError(f"text is not valid UTF-8 (character {exc.start} of {len(text)}): decode it first") from exc
 
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f"image file {os.fspath(image)!r} does not exist")
-        with Image.open(image) as handle:
-            return handle.convert("RGB")
-    return image
+
+def _raw_turn(text, audios: list, sample_rate, images: list, videos: list, use_audio_in_video: bool) -> list[dict]:
+    """prepare's raw inputs as one user turn: audios, images, videos, then the text. With use_audio_in_video the
+    frame-array videos take their audio tracks from the end of `audios`, in video order."""
+    _check_text(text)
+    array_videos = [i for i, v in enumerate(videos) if not isinstance(v, (str, os.PathLike))]
+    tracks: dict[int, object] = {}
+    if use_audio_in_video and array_videos:
+        if len(audios) < len(array_videos):
+            raise ValueError(f"use_audio_in_video=True with {len(array_videos)} video frame arrays needs their audio "
+                             f"tracks: pass audio=[..., one waveform per array video, last and in video order] "
+                             f"(got {len(audios)} audio inputs), or pass video files, whose tracks are decoded")
+        tracks = dict(zip(array_videos, audios[len(audios) - len(array_videos):]))
+        audios = audios[:len(audios) - len(array_videos)]
+    content = [{"type": "audio", "audio": a, "sample_rate": sample_rate} for a in audios]
+    content += [{"type": "image", "image": i} for i in images]
+    content += [{"type": "video", "video": v, "audio": tracks.get(n), "sample_rate": sample_rate}
+                for n, v in enumerate(videos)]
+    if text:
+        content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def _waveform(audio, sample_rate, what: str) -> torch.Tensor:
+    """A raw waveform -> [num_samples] float32 at 16 kHz, checked (rate, shape, finite) before resampling."""
+    if sample_rate is None:
+        raise ValueError(f"{what}: a raw audio waveform needs its sample_rate (it is resampled to 16 kHz)")
+    rate = audio_frontend.check_sample_rate(sample_rate, what)
+    try:
+        waveform = torch.as_tensor(np.asarray(audio) if not isinstance(audio, torch.Tensor) else audio)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{what}: expected a file path or a 1-D float waveform, got {type(audio).__name__}") from exc
+    if waveform.is_complex() or waveform.dtype == torch.bool or not (waveform.is_floating_point()
+                                                                      or waveform.dtype in _INT_DTYPES):
+        raise ValueError(f"{what}: expected real float samples, got dtype {waveform.dtype}")
+    if waveform.dim() != 1:
+        raise ValueError(f"{what}: audio waveform must be 1-D (mono samples), got shape {tuple(waveform.shape)}")
+    if waveform.numel() == 0:
+        raise ValueError(f"{what}: audio waveform is empty (zero samples)")
+    audio_frontend.check_finite(waveform, what)
+    waveform = waveform.to(torch.float32)
+    return audio_frontend.resample(waveform, rate) if rate != audio_frontend.SAMPLE_RATE else waveform
+
+
+_INT_DTYPES = (torch.int16, torch.int32, torch.int64, torch.int8, torch.uint8)
+
+
+def _load_video(item, index: int, video_fps: float, use_audio_in_video: bool, vision: dict):
+    """A conversation's video part (value, track, track rate) -> (frames, 16 kHz track or None)."""
+    value, track, track_rate = item
+    what = f"video {index}"
+    if not (isinstance(video_fps, (int, float)) and not isinstance(video_fps, bool) and video_fps > 0):
+        raise ValueError(f"video_fps must be a positive number, got {video_fps!r}")
+    if isinstance(value, (str, os.PathLike)):
+        from runtime.frontend.video import load_video
+
+        clip = load_video(value, fps=video_fps, temporal_patch_size=vision["temporal_patch_size"],
+                          with_audio=use_audio_in_video)
+        return clip.frames, (torch.from_numpy(clip.audio) if use_audio_in_video else None)
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim != 4:
+        raise ValueError(f"{what}: a video array must be [num_frames, H, W, 3] uint8, got shape {tuple(value.shape)}")
+    if use_audio_in_video:
+        if track is None:
+            raise ValueError(f"{what}: use_audio_in_video=True needs this frame array's audio track (an 'audio' "
+                             "waveform with its 'sample_rate' in the video part), or a video file")
+        track = _waveform(track, track_rate, f"audio track of {what}") if not isinstance(
+            track, (str, os.PathLike)) else audio_frontend.load_audio(track)
+        return value, track
+    return value, None
+
+
+def _as_videos(videos) -> list:
+    """videos as a list of videos: a bare [T, H, W, 3] array (or a path) is one video, a [N, T, H, W, 3] array
+    N videos (a numpy array's truth value would otherwise be asked for, which fails)."""
+    if videos is None:
+        return []
+    if isinstance(videos, (str, os.PathLike)):
+        return [videos]
+    if isinstance(videos, (np.ndarray, torch.Tensor)):
+        if videos.ndim == 4:
+            return [videos]
+        if videos.ndim == 5:
+            return list(videos)
+        raise ValueError(f"videos: an array must be one video [num_frames, H, W, 3] or a batch [N, num_frames, H, W, "
+                         f"3], got shape {tuple(videos.shape)}")
+    if isinstance(videos, (list, tuple)):
+        return list(videos)
+    raise ValueError(f"videos: expected a video file, a frame array or a list of them, got {type(videos).__name__}")
 
 
 def _grid_rows(grid: torch.Tensor | None) -> list:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,15 +42,39 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = TINY_SEED) -> 
     return out
 
 
-def ensure_tiny_checkpoint(out_dir: str | os.PathLike | None = None) -> Path:
-    """Reuse the tiny checkpoint at `out_dir` if it is complete and matches the preset; else (re)write it."""
-    out = Path(out_dir) if out_dir is not None else default_tiny_dir()
+def _is_intact(out: Path) -> bool:
+    """True when every file of a cached tiny checkpoint reads back: the config is the preset's, the weights are
+    whole safetensors files, the tokenizer loads (a damaged cache would otherwise fail the demo on every run)."""
+    from runtime.frontend.tokenizer import Tokenizer
+    from runtime.weights import CheckpointError, check_shard
+
     config = out / "config.json"
-    complete = config.is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    if complete:
-        try:
-            if OmniConfig.from_dict(json.loads(config.read_text())) == OmniConfig.from_dict(tiny()):
-                return out
-        except ValueError:
-            pass  # an older or damaged tiny checkpoint: write a fresh one
-    return write_tiny_checkpoint(out)
+    if not (config.is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()):
+        return False
+    try:
+        if OmniConfig.from_dict(json.loads(config.read_text())) != OmniConfig.from_dict(tiny()):
+            return False
+        check_shard(str(out / "model.safetensors"))
+        Tokenizer.from_dir(out)
+    except (ValueError, CheckpointError, OSError):  # ConfigError and JSONDecodeError are ValueErrors
+        return False
+    return True
+
+
+def ensure_tiny_checkpoint(out_dir: str | os.PathLike | None = None) -> Path:
+    """Reuse the tiny checkpoint at `out_dir` if it is intact and matches the preset; else (re)write it, into a
+    temporary folder renamed into place, so an interrupted write never leaves a half checkpoint behind."""
+    out = Path(out_dir) if out_dir is not None else default_tiny_dir()
+    if _is_intact(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write_tiny_checkpoint(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -71,20 +71,52 @@ def _plan(module: nn.Module, prefix: str) -> list[_Source]:
     return plan
 
 
+def check_shard(path: str) -> None:
+    """CheckpointError naming `path` unless it is a whole safetensors file: an 8-byte little-endian header
+    length, a JSON header, and exactly as many data bytes as the header's offsets cover. A shard cut short by an
+    interrupted download is caught here, by name, before anything is read from it."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as handle:
+            if size < 8:
+                raise CheckpointError(f"safetensors shard {path} is truncated ({size} bytes, no header)")
+            header_len = int.from_bytes(handle.read(8), "little")
+            if header_len > size - 8:
+                raise CheckpointError(f"safetensors shard {path} is truncated or not safetensors: its header claims "
+                                      f"{header_len} bytes but the file has {size}")
+            header = json.loads(handle.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"safetensors shard {path} has a damaged header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"safetensors shard {path} has a damaged header (not a JSON object)")
+    try:
+        data_len = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError) as exc:
+        raise CheckpointError(f"safetensors shard {path} has a damaged header: {exc!r}") from exc
+    if 8 + header_len + data_len != size:
+        raise CheckpointError(f"safetensors shard {path} is truncated or damaged: its header covers "
+                              f"{8 + header_len + data_len} bytes, the file has {size}")
+
+
 def _checkpoint_files(checkpoint_dir: str) -> dict[str, str]:
     """Checkpoint tensor name -> shard path."""
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist")
     index = os.path.join(checkpoint_dir, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as handle:
-            weight_map = json.load(handle).get("weight_map")
+        try:
+            with open(index) as handle:
+                weight_map = json.load(handle).get("weight_map")
+        except (ValueError, AttributeError) as exc:  # bad JSON, or JSON that is not an object
+            raise CheckpointError(f"{index} is damaged: {exc}") from exc
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' object")
         files = {name: os.path.join(checkpoint_dir, shard) for name, shard in weight_map.items()}
         absent = sorted({path for path in files.values() if not os.path.isfile(path)})
         if absent:
             raise CheckpointError(f"{index} names shards that are not there: {', '.join(map(os.path.basename, absent))}")
+        for path in sorted(set(files.values())):
+            check_shard(path)
         return files
     shards = sorted(f for f in os.listdir(checkpoint_dir) if f.endswith(".safetensors"))
     if not shards:
@@ -94,6 +126,7 @@ def _checkpoint_files(checkpoint_dir: str) -> dict[str, str]:
     files = {}
     for shard in shards:
         path = os.path.join(checkpoint_dir, shard)
+        check_shard(path)
         with safe_open(path, framework="pt") as handle:
             files.update({name: path for name in handle.keys()})
     return files
@@ -177,6 +210,8 @@ def load_weights(module: nn.Module, checkpoint_dir: str, prefix: str = "", dtype
     device = torch.device(device)
     shards = _Shards(str(device) if device.type == "cuda" else "cpu")
     total = sum(math.prod(shape) for source in plan for _, shape in source.parts)
+    if dtype is not None:
+        check_fits(total * dtype.itemsize, device, f"the weights of {checkpoint_dir} in {dtype}")
     show = progress if progress is not None else total * 2 >= PROGRESS_MIN_BYTES
     bar = _progress_bar(len(plan), show, "loading weights")
     state = {}
@@ -302,7 +337,42 @@ def init_random(config, device: str | torch.device = "cpu", dtype: torch.dtype =
     from runtime.models.omni import build_model
 
     cfg = config if isinstance(config, OmniConfig) else OmniConfig.from_pretrained(config)
-    return init_random_(build_model(cfg, "meta"), seed=seed, device=device, dtype=dtype).eval()
+    model = build_model(cfg, "meta")
+    size = dtype.itemsize if dtype is not None else 4
+    check_fits(sum(p.numel() for p in model.parameters()) * size, device, f"random {dtype} weights")
+    return init_random_(model, seed=seed, device=device, dtype=dtype).eval()
+
+
+class InsufficientMemoryError(MemoryError):
+    """A model that cannot fit where it was asked to go, refused before anything is allocated."""
+
+
+def available_bytes(device: str | torch.device) -> int | None:
+    """Bytes free for new tensors on `device`: MemAvailable from /proc/meminfo for the CPU,
+    torch.cuda.mem_get_info for a GPU; None when it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]) if torch.cuda.is_available() else None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(num_bytes: int, device: str | torch.device, what: str) -> None:
+    """InsufficientMemoryError with both figures when `num_bytes` exceed what `device` has free: random init
+    of the released shapes in fp32 (~120 GB) would otherwise be OOM-killed half way, taking others with it."""
+    free = available_bytes(device)
+    if free is not None and num_bytes > free:
+        raise InsufficientMemoryError(
+            f"{what} need {num_bytes / 2**30:.1f} GiB on {torch.device(device)} but only {free / 2**30:.1f} GiB is "
+            "available; use a smaller preset, bfloat16, or a device with more memory")
 
 
 def _owner(module: nn.Module, param_name: str) -> nn.Module:

@@ -1,6 +1,8 @@
 """Audio front end: file -> 16 kHz mono waveform -> Whisper-style log-mel features (MODEL_SPEC §5).
 
     load_audio(path)           soundfile decode, channel mean, soxr resample          -> [num_samples] f32
+    check_waveform(wav, what)  finite samples, a sane sample rate: bad input fails before any model work
+    write_audio(path, wav)     wav / flac / mp3 / opus (ogg) / raw pcm16 through libsndfile
     log_mel_spectrogram(wav)   |STFT|² (n_fft 400, hop 160, periodic Hann) -> slaney mel (128)
                                -> log10(max(·, 1e-10)) -> max(·, peak − 8) -> (· + 4) / 4   -> [128, frames]
     extract_audio_features     zero-pad a batch to the longest, as the Qwen3-Omni processor does
@@ -29,6 +31,9 @@ NUM_MEL_BINS = 128
 MEL_MAX_HZ = 8000.0  # Nyquist of 16 kHz; transformers fixes the filterbank's top at 8 kHz
 LOG_FLOOR = 1e-10
 DYNAMIC_RANGE = 8.0  # log10 units kept below each audio's peak (80 dB)
+# Input sample rates accepted: telephone-band 1 kHz .. 384 kHz (the highest rate audio interfaces record).
+# Outside it the number is a mistake (sample_rate=1 would resample a clip to hundreds of millions of samples).
+MIN_INPUT_RATE, MAX_INPUT_RATE = 1000, 384000
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -74,14 +79,38 @@ def resample(waveform: torch.Tensor | np.ndarray, orig_rate: int, target_rate: i
     return torch.from_numpy(np.ascontiguousarray(waveform))
 
 
+def check_sample_rate(sample_rate, what: str = "audio") -> int:
+    """-> sample_rate as an int; ValueError naming `what` for a non-integer rate or one outside 1 kHz .. 384 kHz
+    (checked before resampling, whose cost grows with the ratio)."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
+        if not (isinstance(sample_rate, float) and sample_rate.is_integer()):
+            raise ValueError(f"{what}: sample_rate must be an integer number of Hz, got {sample_rate!r}")
+    rate = int(sample_rate)
+    if not MIN_INPUT_RATE <= rate <= MAX_INPUT_RATE:
+        raise ValueError(f"{what}: sample_rate {rate} Hz is outside {MIN_INPUT_RATE}..{MAX_INPUT_RATE} Hz")
+    return rate
+
+
+def check_finite(waveform: np.ndarray | torch.Tensor, what: str) -> None:
+    """ValueError naming `what` and the first bad sample when the waveform holds NaN or inf: such a sample
+    turns every log-mel value of its clip into NaN, and the model then answers garbage without any error."""
+    values = torch.as_tensor(waveform)
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        first = int(bad.flatten().nonzero()[0])
+        kind = "NaN" if bool(torch.isnan(values.flatten()[first])) else "inf"
+        raise ValueError(f"{what}: {int(bad.sum())} non-finite samples ({kind} first at sample {first}); audio "
+                         "must be finite")
+
+
 def load_audio(path: str | os.PathLike, target_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """-> [num_samples] float32 mono waveform at `target_rate`, values in [-1, 1] for PCM files.
 
     Decodes wav/flac/ogg (anything libsndfile reads) with soundfile, averages the channels, and resamples with
     soxr when the file's rate differs from `target_rate`.
     Raises FileNotFoundError for a missing file, ModuleNotFoundError naming soundfile when it is not installed,
-    ValueError naming the path for an undecodable file (with the decoder's message) or for a file holding no
-    samples.
+    ValueError naming the path for an undecodable file (with the decoder's message), for a file holding no
+    samples or for one holding NaN / inf samples.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -93,6 +122,7 @@ def load_audio(path: str | os.PathLike, target_rate: int = SAMPLE_RATE) -> torch
         raise ValueError(f"could not decode audio file {path}: {exc}") from exc
     if data.shape[0] == 0:
         raise ValueError(f"audio file {path} is empty (0 samples)")
+    check_finite(data, f"audio file {path}")  # float WAV/FLAC can store NaN and inf
     mono = data.mean(axis=1, dtype=np.float32)  # downmix first: resampling is linear, so the order is free
     return resample(mono, rate, target_rate)
 
@@ -223,3 +253,74 @@ def audio_token_count(num_mel_frames, n_window: int = 50):
 def conv_out_len(frames):
     """AuT's three stride-2, kernel-3, padding-1 convs: frames -> ceil(frames / 8) (0 stays 0), ints or int tensors."""
     return (((frames + 1) // 2 + 1) // 2 + 1) // 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing speech
+# ----------------------------------------------------------------------------------------------------------
+
+# format -> (libsndfile container, subtype). libsndfile 1.2 (in the pinned soundfile wheel) encodes MP3 (LAME)
+# and Opus in an Ogg container itself, so no ffmpeg is needed. Opus runs at 8/12/16/24/48 kHz: 24 kHz speech fits.
+OUTPUT_FORMATS = {
+    "wav": ("WAV", "PCM_16"),
+    "flac": ("FLAC", "PCM_16"),
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+    "opus": ("OGG", "OPUS"),
+    "pcm16": ("RAW", "PCM_16"),  # headerless little-endian 16-bit samples
+}
+_SUFFIX_FORMATS = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".opus": "opus", ".ogg": "opus", ".pcm": "pcm16",
+                   ".raw": "pcm16"}
+
+
+def output_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """The output format for `path`: `format` when given, else from the file's suffix (.wav .flac .mp3 .opus .ogg
+    .pcm .raw). ValueError naming the path for an unknown format or suffix, or a folder that does not exist:
+    checked before any model work, so a long generation is never lost to a bad file name."""
+    path = os.fspath(path)
+    if format is None:
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix not in _SUFFIX_FORMATS:
+            raise ValueError(f"output {path!r}: cannot tell the audio format from the suffix {suffix or '(none)'!r}; "
+                             f"use one of {', '.join(_SUFFIX_FORMATS)} or give the format "
+                             f"({', '.join(OUTPUT_FORMATS)})")
+        format = _SUFFIX_FORMATS[suffix]
+    if format not in OUTPUT_FORMATS:
+        raise ValueError(f"output {path!r}: unknown audio format {format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"output {path!r}: folder {folder!r} does not exist")
+    container, subtype = OUTPUT_FORMATS[format]
+    soundfile = require_soundfile()
+    if container not in soundfile.available_formats() or subtype not in soundfile.available_subtypes(container):
+        raise ValueError(f"output {path!r}: this libsndfile ({soundfile.__libsndfile_version__}) cannot write "
+                         f"{format}; choose another of {', '.join(OUTPUT_FORMATS)}")
+    return format
+
+
+def open_audio_writer(path: str | os.PathLike, sample_rate: int, format: str | None = None):
+    """A soundfile.SoundFile open for writing mono audio at `sample_rate` in `format` (see output_format); write
+    float32 chunks to it as they come and close it (a streamed answer is written packet by packet)."""
+    format = output_format(path, format)
+    container, subtype = OUTPUT_FORMATS[format]
+    endian = "LITTLE" if container == "RAW" else "FILE"
+    return require_soundfile().SoundFile(os.fspath(path), "w", samplerate=int(sample_rate), channels=1,
+                                         format=container, subtype=subtype, endian=endian)
+
+
+def write_audio(path: str | os.PathLike, samples: np.ndarray | torch.Tensor, sample_rate: int,
+                format: str | None = None) -> str:
+    """samples: [num_samples] float in [-1, 1] (or int16 pcm) -> `path` in `format` (default: from the suffix).
+    Returns the format written. wav/flac/pcm16 keep every sample exactly at 16 bits; mp3 and opus are lossy but
+    decode back (soundfile) to the same number of samples."""
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu().numpy()
+    samples = np.asarray(samples)
+    if samples.ndim != 1:
+        raise ValueError(f"output {os.fspath(path)!r}: samples must be mono [num_samples], got shape {samples.shape}")
+    if samples.dtype == np.int16:
+        samples = samples.astype(np.float32) / 32768.0
+    check_finite(samples, f"output {os.fspath(path)!r}")
+    format = output_format(path, format)
+    with open_audio_writer(path, sample_rate, format) as handle:
+        handle.write(samples.astype(np.float32))
+    return format

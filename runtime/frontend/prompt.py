@@ -288,6 +288,20 @@ def tokenize_prompt(tokenizer, messages: Sequence[dict], *, system: str | None =
     """
     text = build_chat(messages, system=system, add_generation_prompt=add_generation_prompt,
                       enable_thinking=enable_thinking)
+    return tokenize_chat_text(tokenizer, text, audio_token_counts=audio_token_counts, image_grid_thw=image_grid_thw,
+                              video_grid_thw=video_grid_thw, video_second_per_grid=video_second_per_grid,
+                              merge_size=merge_size, position_id_per_seconds=position_id_per_seconds,
+                              use_audio_in_video=use_audio_in_video)
+
+
+def tokenize_chat_text(tokenizer, text: str, *, audio_token_counts: Sequence[int] = (), image_grid_thw=(),
+                       video_grid_thw=(), video_second_per_grid: Sequence[float] | None = None, merge_size: int = 2,
+                       position_id_per_seconds: float = 13, use_audio_in_video: bool = False) -> torch.Tensor:
+    """Chat text with one placeholder per media item (build_chat, or a checkpoint's chat template) -> input_ids
+    [1, L], equal to `tokenizer.encode(expand_placeholders(text, ...))`. Media arguments as in
+    `expand_placeholders`."""
+    if not text.strip():
+        raise ValueError("empty prompt: no text and no media")
     ids = tokenizer.encode(text)
     pad_ids = {tokenizer.token_to_id(tok): kind for tok, kind in _PAD_KIND.items()}
     kinds = [pad_ids[i] for i in ids if i in pad_ids]

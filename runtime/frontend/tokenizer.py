@@ -93,19 +93,31 @@ class Tokenizer:
     embedding rows (152,064): ids in between exist only as logits and decode to nothing.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer):
+    def __init__(self, backend: tokenizers.Tokenizer, chat_template: str | None = None):
         self.backend = backend
         self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+        self.chat_template = chat_template  # the checkpoint's Jinja chat template; None: the built-in one
 
     @classmethod
     def from_dir(cls, checkpoint_dir: str | os.PathLike) -> "Tokenizer":
         """Load `tokenizer.json`, or else build the byte-level BPE from `vocab.json` + `merges.txt` with the added
         tokens listed in `tokenizer_config.json` (`added_tokens_decoder`)."""
+        from runtime.frontend.conversation import load_chat_template  # conversation -> prompt -> tokenizer
+
         root = Path(checkpoint_dir)
         if (root / "tokenizer.json").is_file():
-            return cls(tokenizers.Tokenizer.from_file(str(root / "tokenizer.json")))
+            path = root / "tokenizer.json"
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as exc:  # the Rust loader raises a bare Exception for bad JSON or a bad model
+                raise ValueError(f"tokenizer file {path} is damaged or not a tokenizers JSON file: {exc}") from exc
+            return cls(backend, load_chat_template(root))
         if (root / "vocab.json").is_file() and (root / "merges.txt").is_file():
-            return cls(_backend_from_vocab_merges(root))
+            try:
+                backend = _backend_from_vocab_merges(root)
+            except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"tokenizer files vocab.json / merges.txt in {root} are damaged: {exc}") from exc
+            return cls(backend, load_chat_template(root))
         raise FileNotFoundError(
             f"no tokenizer in {root}: looked for tokenizer.json, or vocab.json together with merges.txt "
             f"(found: {sorted(p.name for p in root.iterdir()) if root.is_dir() else 'directory missing'})")

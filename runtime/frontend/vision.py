@@ -17,10 +17,12 @@ Shapes: P = patch_size, T = temporal_patch_size, M = merge_size, (gh, gw) = the 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
@@ -76,6 +78,25 @@ def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def load_image(path, what: str = "image") -> PIL.Image.Image:
+    """An image file -> a fully decoded PIL image, turned upright by its EXIF orientation (as transformers'
+    `load_image` does). Its mode is kept, so transparency is composited onto white later exactly as for a PIL
+    image passed in (transformers' loader instead drops the alpha channel of a file, so a file and the same image
+    opened by the caller gave different pixels; here both go through `_pil_to_rgb`).
+    FileNotFoundError for a missing file; ValueError naming the file when it is not an image or is damaged."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: image file {path!r} does not exist")
+    try:
+        with PIL.Image.open(path) as handle:
+            handle.load()  # decode now: a truncated file fails here, not later inside preprocessing
+            return PIL.ImageOps.exif_transpose(handle)
+    except PIL.UnidentifiedImageError as exc:
+        raise ValueError(f"{what}: {path!r} is not an image file PIL can read ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data; PIL raises all three
+        raise ValueError(f"{what}: image file {path!r} is damaged ({exc})") from exc
+
+
 def _to_rgb_uint8(image: ImageLike, what: str) -> np.ndarray:
     """-> [H, W, 3] uint8. Arrays are [H, W, 3] or [3, H, W] uint8; PIL images of any mode are converted."""
     if isinstance(image, PIL.Image.Image):
@@ -126,7 +147,10 @@ def _normalize(frames: torch.Tensor, image_mean: Sequence[float], image_std: Seq
 def _target_size(height: int, width: int, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int,
                  what: str) -> tuple[int, int]:
     factor = patch_size * merge_size
-    resized_height, resized_width = smart_resize(height, width, factor, min_pixels, max_pixels)
+    try:
+        resized_height, resized_width = smart_resize(height, width, factor, min_pixels, max_pixels)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from exc
     if resized_height < factor or resized_width < factor:
         raise ValueError(f"{what}: {height}x{width} resizes to {resized_height}x{resized_width}, smaller than one "
                          f"{factor}x{factor} merged patch (min_pixels={min_pixels}, max_pixels={max_pixels})")
