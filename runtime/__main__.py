@@ -185,7 +185,7 @@ def _one_line(err: BaseException) -> str:
     return f"error: {text}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.serve.cli import add_serve_parser
 
     add_serve_parser(sub)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "generate" and args.checkpoint is None:
         parser.error("generate needs --checkpoint DIR (or a preset name)")
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # every failure is one line (exit 2); --debug adds the traceback
-        if args.debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
         print(_one_line(err), file=sys.stderr)
         return 2
