@@ -299,7 +299,7 @@ class Realtime:
 
 
 def test_realtime_barge_in_then_a_second_response_sees_the_history(engine, server):
-    from runtime.serve.inputs import build_prompt, decode_pcm16
+    from runtime.serve.inputs import audio_part, build_prompt, decode_pcm16
 
     rt = Realtime(server)
     instructions = "Answer briefly."
@@ -342,7 +342,7 @@ def test_realtime_barge_in_then_a_second_response_sees_the_history(engine, serve
     # The second prompt is the whole conversation: instructions, the audio turn, the interrupted answer as far as
     # it got, the new text turn.
     turns = [{"role": "system", "content": [{"type": "text", "text": instructions}]},
-             {"role": "user", "content": [{"type": "audio", "waveform": decode_pcm16(speech, 24000, "audio")}]}]
+             {"role": "user", "content": [audio_part(decode_pcm16(speech, 24000, "audio"))]}]
     if first["output"]:
         turns.append({"role": "assistant", "content": [{"type": "text", "text": heard}]})
     turns.append({"role": "user", "content": [{"type": "text", "text": "And then?"}]})
@@ -437,3 +437,20 @@ def test_sigterm_ends_open_streams_with_an_error_event_and_exits_cleanly(engine)
         assert any(line.startswith("stopped") for line in server.output)
     finally:
         server.stop(signal.SIGKILL)
+
+
+def test_serve_latency_bench_against_the_running_server(server, tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "serve_latency.py"), "--url", server.url,
+                           "--device", "cpu", "--concurrency", "1,2", "--repeats", "1", "--max-tokens", "4",
+                           "--talker-max-new-tokens", "4", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "CPU" in done.stdout and "first_token_client_over_engine" in done.stdout
+    (path,) = tmp_path.glob("serve_latency-cpu-smoke-*.json")
+    result = json.loads(path.read_text())
+    assert result["complete"] and [row["concurrency"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        # The client's clock starts before the engine's and its events arrive after: never under 1.
+        assert row["first_token_client_over_engine"] >= 1 and row["first_packet_client_over_engine"] >= 1
+        assert 0 < row["first_packet_prepare_share"] < 1
+        assert "first_packet_client_ms" not in row  # absolute numbers only from a GPU

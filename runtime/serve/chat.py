@@ -75,8 +75,9 @@ def timings_dict(timings) -> dict:
 class Answer:
     """What a request has produced so far."""
 
-    def __init__(self, max_tokens: int, prompt_tokens: int):
+    def __init__(self, max_tokens: int, prompt_tokens: int, prepare_seconds: float):
         self.max_tokens, self.prompt_tokens = max_tokens, prompt_tokens
+        self.prepare_seconds = prepare_seconds  # request received -> engine.stream called (decoding, features)
         self.text: list[str] = []
         self.token_ids: list[int] = []
         self.samples: list[np.ndarray] = []
@@ -95,12 +96,17 @@ class Answer:
         # A TextDelta carries every token but the EOS: reaching max_tokens means the answer was cut.
         return "length" if len(self.token_ids) >= self.max_tokens else "stop"
 
+    def extension(self, timings) -> dict:
+        """omni-rt's `omni` field: the token ids and the engine's timing record, plus the server's own share."""
+        return {"token_ids": self.token_ids, "timings": timings_dict(timings), "server_prepare": self.prepare_seconds}
+
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids),
                 "total_tokens": self.prompt_tokens + len(self.token_ids)}
 
 
 async def chat_completions(request: Request):
+    received = time.perf_counter()
     service = request.app.state.service
     engine, config = service.engine, service.config
     body = validate(ChatCompletionRequest, await read_json(request, config.max_body_bytes))
@@ -113,12 +119,13 @@ async def chat_completions(request: Request):
     turns = await asyncio.to_thread(parse_messages, body, config.allow_local_files)
     prompt, prompt_tokens = await asyncio.to_thread(build_prompt, engine, turns, options.max_tokens)
     job = service.admit("chat")
+    prepare_seconds = time.perf_counter() - received
     try:
         stream = await service.open_stream(job, **prompt, **options.stream_kwargs)
     except BaseException:
         service.release(job, "error")
         raise
-    answer = Answer(options.max_tokens, prompt_tokens)
+    answer = Answer(options.max_tokens, prompt_tokens, prepare_seconds)
     ident = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         return StreamingResponse(_events(service, job, stream, answer, ident, options.speaks),
@@ -159,7 +166,7 @@ async def _events(service, job, stream, answer: Answer, ident: str, speaks: bool
         else:
             outcome = "ok"
             yield _chunk(ident, model, {}, answer.finish_reason, usage=answer.usage(),
-                         omni={"token_ids": answer.token_ids, "timings": timings_dict(stream.timings)})
+                         omni=answer.extension(stream.timings))
         yield "data: [DONE]\n\n"
     except Exception as err:  # noqa: BLE001 - the request failed in the engine: tell this client only
         outcome = "error"
@@ -205,4 +212,4 @@ async def _complete(request, service, job, stream, answer: Answer, ident: str, o
     return JSONResponse({
         "id": ident, "object": "chat.completion", "created": int(time.time()), "model": service.config.model_name,
         "choices": [{"index": 0, "message": message, "finish_reason": answer.finish_reason, "logprobs": None}],
-        "usage": answer.usage(), "omni": {"token_ids": answer.token_ids, "timings": timings_dict(stream.timings)}})
+        "usage": answer.usage(), "omni": answer.extension(stream.timings)})

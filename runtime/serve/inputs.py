@@ -1,10 +1,11 @@
 """OpenAI chat messages -> the thinker prompt `engine.stream` takes as processor tensors (input_ids,
 input_features, feature_attention_mask, pixel_values, image_grid_thw), for a whole conversation: every turn,
-media in the order the client sent them. Built with the engine's own front ends (runtime/frontend: audio
-features, image patches, the Qwen chat template), so a one-turn request gives the ids `engine.prepare` gives.
+media in the order the client sent them.
 
 Two steps: `parse_messages` decodes what the client sent (base64 audio of any rate -> 16 kHz waveform, data-URL
-or local images) into turns, raising a 400 that names the field; `build_prompt` turns those into tensors.
+or local images) into the engine's conversation input, raising a 400 that names the field; `build_prompt`
+prepares it with `engine.prepare(messages=...)` (so a request gives the ids `engine.generate` gives) and checks
+that it fits.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import numpy as np
 import torch
 
 from runtime.frontend import audio as audio_frontend
-from runtime.frontend import vision as vision_frontend
-from runtime.frontend.prompt import DEFAULT_SYSTEM_PROMPT, tokenize_prompt
+from runtime.frontend.prompt import DEFAULT_SYSTEM_PROMPT
 from runtime.serve.errors import bad_request
 from runtime.serve.schemas import ChatCompletionRequest
 
@@ -86,9 +86,14 @@ def _open_image(url: str, allow_local_files: bool, param: str):
         raise bad_request(f"cannot decode the image: {err}", param) from None
 
 
+def audio_part(waveform: torch.Tensor) -> dict:
+    """A decoded 16 kHz waveform as a part of the engine's conversation input (runtime/frontend/conversation.py)."""
+    return {"type": "audio", "audio": waveform, "sample_rate": audio_frontend.SAMPLE_RATE}
+
+
 def parse_messages(body: ChatCompletionRequest, allow_local_files: bool = False) -> list[dict]:
-    """-> turns [{"role", "content": [{"type": "text", "text"} | {"type": "audio", "waveform"} |
-    {"type": "image", "image"}]}], media decoded."""
+    """-> the engine's conversation input: [{"role", "content": [{"type": "text", "text"} | audio_part(...) |
+    {"type": "image", "image": PIL image}]}], media decoded (so every decoding error names its field)."""
     turns = []
     for i, message in enumerate(body.messages):
         role = ROLE_NAMES.get(message.role, message.role)
@@ -105,7 +110,7 @@ def parse_messages(body: ChatCompletionRequest, allow_local_files: bool = False)
                 raise bad_request(f"a {message.role} message can only hold text", f"{param}.type")
             elif part.type == "input_audio":
                 raw = decode_base64(part.input_audio.data, f"{param}.input_audio.data")
-                items.append({"type": "audio", "waveform": decode_audio_file(raw, f"{param}.input_audio.data")})
+                items.append(audio_part(decode_audio_file(raw, f"{param}.input_audio.data")))
             elif part.type == "image_url":
                 items.append({"type": "image",
                               "image": _open_image(part.image_url.url, allow_local_files, f"{param}.image_url.url")})
@@ -116,37 +121,20 @@ def parse_messages(body: ChatCompletionRequest, allow_local_files: bool = False)
     return turns
 
 
-def build_prompt(engine, turns: list[dict], max_tokens: int) -> tuple[dict, int]:
-    """turns -> (engine.stream keywords for the prompt, prompt length in tokens). 400 when the conversation is
-    empty or does not fit the server's context with max_tokens."""
+def build_prompt(engine, messages: list[dict], max_tokens: int) -> tuple[dict, int]:
+    """messages (parse_messages' form) -> (engine.stream keywords for the prompt, prompt length in tokens),
+    prepared by `engine.prepare(messages=...)`, the engine's own conversation input (the checkpoint's chat
+    template). 400 when the conversation is empty or does not fit the server's context with max_tokens."""
     if engine.tokenizer is None:
         raise bad_request("this model has no tokenizer: it serves no chat", "model")
-    thinker = engine.config.thinker
-    waveforms = [item["waveform"] for turn in turns for item in turn["content"] if item["type"] == "audio"]
-    images = [item["image"] for turn in turns for item in turn["content"] if item["type"] == "image"]
-    chat = [{"role": t["role"], "content": [{"type": i["type"], "text": i["text"]} if i["type"] == "text"
-                                             else {"type": i["type"]} for i in t["content"]]} for t in turns]
-    kwargs, counts, grids = {}, [], []
-    if waveforms:
-        features, mask = audio_frontend.extract_audio_features(waveforms)
-        kwargs.update(input_features=features.to(engine.dtype), feature_attention_mask=mask)
-        counts = [int(audio_frontend.audio_token_count(int(n), thinker.audio.n_window)) for n in mask.sum(-1)]
-    if images:
-        pixels, grid = vision_frontend.preprocess_images(
-            images, patch_size=thinker.vision.patch_size, temporal_patch_size=thinker.vision.temporal_patch_size,
-            merge_size=thinker.vision.spatial_merge_size)
-        kwargs.update(pixel_values=pixels.to(engine.dtype), image_grid_thw=grid)
-        grids = grid.tolist()
     try:
-        input_ids = tokenize_prompt(engine.tokenizer, chat, system=DEFAULT_SYSTEM_PROMPT, audio_token_counts=counts,
-                                    image_grid_thw=grids, merge_size=thinker.vision.spatial_merge_size,
-                                    position_id_per_seconds=thinker.position_id_per_seconds)
+        prompt = engine.prepare(messages=messages, system=DEFAULT_SYSTEM_PROMPT)
     except ValueError as err:
         raise bad_request(str(err), "messages") from None
-    length = input_ids.shape[1]
+    length = prompt.input_ids.shape[1]
     context = engine.scheduler_config.max_seq_len
     if length + max_tokens > context:
         raise bad_request(f"the prompt is {length} tokens; with max_tokens {max_tokens} it exceeds this server's "
                           f"context of {context} tokens", "messages", "context_length_exceeded")
-    kwargs["input_ids"] = input_ids
-    return kwargs, length
+    kwargs = {name: value for name, value in vars(prompt.inputs).items() if value is not None}
+    return dict(kwargs, input_ids=prompt.input_ids, attention_mask=prompt.attention_mask), length

@@ -23,7 +23,7 @@ import uuid
 from fastapi import WebSocket, WebSocketDisconnect
 
 from runtime.serve.errors import APIError, bad_request
-from runtime.serve.inputs import build_prompt, decode_base64, decode_pcm16
+from runtime.serve.inputs import audio_part, build_prompt, decode_base64, decode_pcm16
 from runtime.serve.options import request_options
 from runtime.streaming import AudioChunk, TextDelta
 
@@ -113,7 +113,7 @@ class RealtimeConnection:
             raise bad_request("the input audio buffer is empty", "audio", "input_audio_buffer_commit_empty")
         waveform = await asyncio.to_thread(decode_pcm16, bytes(self.audio_buffer), INPUT_RATE, "audio")
         self.audio_buffer.clear()
-        item = self._add_item("user", [{"type": "audio", "waveform": waveform}])
+        item = self._add_item("user", [audio_part(waveform)])
         await self.send("input_audio_buffer.committed", previous_item_id=item["previous_item_id"], item_id=item["id"])
         await self.send("conversation.item.created", previous_item_id=item["previous_item_id"], item=item["public"])
 
@@ -139,8 +139,7 @@ class RealtimeConnection:
                 content.append({"type": "text", "text": part["text"]})
             elif kind == "input_audio" and role == "user" and isinstance(part.get("audio"), str):
                 raw = decode_base64(part["audio"], f"{param}.audio")
-                content.append({"type": "audio",
-                                "waveform": await asyncio.to_thread(decode_pcm16, raw, INPUT_RATE, f"{param}.audio")})
+                content.append(audio_part(await asyncio.to_thread(decode_pcm16, raw, INPUT_RATE, f"{param}.audio")))
             else:
                 raise bad_request(f"unsupported content part for a {role} item: {kind!r}", f"{param}.type")
         added = self._add_item(role, content)
