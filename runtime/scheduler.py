@@ -163,7 +163,7 @@ class Scheduler:
         th.prompt = None
         session.state = "decode"
         self._take_tokens([session], logits)
-        if session.speaks and not th.done:  # t1 is fed next: the talker can start now
+        if session.speaks and not th.done and not session.finished:  # t1 is fed next: the talker can start now
             if runner.talker_stream is not None:  # it reads the thinker prefill's states
                 runner.talker_stream.wait_stream(torch.cuda.current_stream(runner.device))
             with runner.on_talker_stream():
