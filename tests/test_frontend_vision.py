@@ -21,45 +21,7 @@ import textwrap
 
 import numpy as np
 
-_TORCHVISION_STANDIN = {
-    "torchvision/__init__.py": '__version__ = "0.0.0+standin"\n',
-    "torchvision/io/__init__.py": "",  # transformers' video_utils imports it (for decoding, unused here)
-    "torchvision/transforms/__init__.py": "from .v2.functional import InterpolationMode\nfrom . import v2\n",
-    "torchvision/transforms/functional.py": "def pil_to_tensor(pic):\n    raise NotImplementedError\n",
-    "torchvision/transforms/v2/__init__.py": "from . import functional\n",
-    "torchvision/transforms/v2/functional.py": textwrap.dedent('''
-        import enum
-        import torch
-        import torch.nn.functional as F
-
-        class InterpolationMode(enum.Enum):
-            NEAREST = "nearest"
-            NEAREST_EXACT = "nearest-exact"
-            BILINEAR = "bilinear"
-            BICUBIC = "bicubic"
-            BOX = "box"
-            HAMMING = "hamming"
-            LANCZOS = "lanczos"
-
-        def resize(image, size, interpolation=InterpolationMode.BILINEAR, max_size=None, antialias=True):
-            # torchvision resize_image, CPU uint8 bicubic: native uint8 interpolate, align_corners=False
-            assert interpolation == InterpolationMode.BICUBIC and image.dtype == torch.uint8
-            *lead, c, h, w = image.shape
-            if (h, w) == tuple(size):
-                return image
-            out = F.interpolate(image.reshape(-1, c, h, w), size=list(size), mode="bicubic",
-                                align_corners=False, antialias=antialias)
-            return out.reshape(*lead, c, *size)
-
-        def normalize(image, mean, std, inplace=False):
-            mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
-            std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
-            return image.sub_(mean).div_(std) if inplace else (image - mean) / std
-
-        def grayscale_to_rgb(image):
-            return image if image.shape[-3] == 3 else image.expand(*image.shape[:-3], 3, *image.shape[-2:])
-    '''),
-}
+from tests.torchvision_standin import TORCHVISION_STANDIN as _TORCHVISION_STANDIN  # noqa: E402
 
 _RUN_VIDEO_PROCESSOR = textwrap.dedent('''
     import json, sys
