@@ -138,3 +138,6 @@ def _counter(op: str) -> Callable[[tuple, dict], int]:
 
 # "omni_rt_triton::<op>" (what OpOverload.name() gives for the default overload) -> count(args, kwargs)
 LAUNCHES: dict[str, Callable[[tuple, dict], int]] = {f"{NAMESPACE}::{op}": _counter(op) for op in SCHEMA_ARGS}
+
+# kernels/triton_sampling.py (not in SCHEMA_ARGS: tests/test_triton_ops_fake.py's tables cover those ops)
+LAUNCHES[f"{NAMESPACE}::sample_draw"] = lambda args, kwargs=None: 1 if args[0].shape[0] else 0
