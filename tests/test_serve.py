@@ -210,6 +210,51 @@ def test_non_streaming_audio_in_speech_out_equals_generate(engine, client):
     assert_same_speech(torch.from_numpy(samples), ref)
 
 
+def test_image_data_url_and_a_multi_turn_conversation_equal_generate(engine, client):
+    from PIL import Image
+
+    rng = np.random.default_rng(8)
+    image = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What is this?"}]}]
+    answer = client.chat.completions.create(model="omni-rt", messages=messages, max_tokens=MAX_TOKENS)
+    ours = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello."},
+            {"role": "assistant", "content": "Hi."},
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}]
+    prompt = engine.prepare(messages=ours)
+    result = engine.generate(input_ids=prompt.input_ids, pixel_values=prompt.inputs.pixel_values,
+                             image_grid_thw=prompt.inputs.image_grid_thw, max_new_tokens=MAX_TOKENS,
+                             return_audio=False)
+    tokens = result.sequences[0, prompt.input_ids.shape[1]:].tolist()
+    eos = engine.config.im_end_token_id
+    assert answer.model_extra["omni"]["token_ids"] == (tokens[:tokens.index(eos)] if eos in tokens else tokens)
+    assert answer.usage.prompt_tokens == prompt.input_ids.shape[1]
+    assert answer.choices[0].message.audio is None  # text only unless modalities asks for audio
+
+
+def test_every_output_format_decodes_to_the_same_speech(client):
+    messages, _, _ = question(seed=7)
+    decoded = {}
+    for fmt in ("wav", "flac", "pcm16", "mp3", "opus"):
+        answer = client.chat.completions.create(model="omni-rt", messages=messages, modalities=["text", "audio"],
+                                                audio={"voice": "ethan", "format": fmt}, max_tokens=MAX_TOKENS)
+        data = base64.b64decode(answer.choices[0].message.audio.data)
+        if fmt == "pcm16":
+            decoded[fmt] = np.frombuffer(data, dtype="<i2")
+        else:
+            samples, rate = soundfile.read(io.BytesIO(data), dtype="int16")
+            assert rate == 24000, fmt
+            decoded[fmt] = samples
+    assert np.array_equal(decoded["wav"], decoded["flac"]) and np.array_equal(decoded["wav"], decoded["pcm16"])
+    for lossy in ("mp3", "opus"):  # codec delay and framing: the length within 100 ms
+        assert abs(len(decoded[lossy]) - len(decoded["wav"])) <= 2400, (lossy, len(decoded[lossy]))
+
+
 def test_streaming_speech_equals_generate(engine, client):
     messages, decoded, rate = question(seed=2)
     text, samples, final, audio_deltas = stream_request(client, messages)
@@ -302,6 +347,13 @@ def test_realtime_barge_in_then_a_second_response_sees_the_history(engine, serve
     from runtime.serve.inputs import audio_part, build_prompt, decode_pcm16
 
     rt = Realtime(server)
+    for bad, code in ((b"\x00binary", "invalid_event"), ("{not json", "invalid_json"), ('{"type": "dance"}', "invalid_event"),
+                      ('{"type": "input_audio_buffer.append", "audio": "%%%"}', "invalid_value"),
+                      ('{"type": "input_audio_buffer.commit"}', "input_audio_buffer_commit_empty"),
+                      ('{"type": "session.update", "session": {"voice": "hal9000"}}', "invalid_value")):
+        rt.ws.send(bad)  # each answered with an error event; the connection goes on
+        event = rt.next()
+        assert event["type"] == "error" and event["error"]["code"] == code, (bad, event)
     instructions = "Answer briefly."
     rt.send("session.update", session={"voice": "aiden", "instructions": instructions, "max_response_output_tokens": 8,
                                        "omni": LONG_TALK})

@@ -1,5 +1,6 @@
-"""Speech out: int16 PCM samples -> the bytes of the format a client asked for (libsndfile through soundfile:
-wav, flac, mp3, ogg/opus; pcm16 is the raw little-endian samples, as the OpenAI API sends them)."""
+"""Speech out: int16 PCM samples -> the bytes of the format a client asked for, with the front end's table of
+output formats (runtime/frontend/audio.py OUTPUT_FORMATS: wav, flac, mp3, ogg/opus through libsndfile; pcm16 is
+the raw little-endian samples, as the OpenAI API sends them)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,7 @@ import io
 
 import numpy as np
 
-from runtime.frontend.audio import require_soundfile
-
-# format -> (libsndfile container, subtype)
-CONTAINERS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"),
-              "opus": ("OGG", "OPUS")}
+from runtime.frontend.audio import OUTPUT_FORMATS, require_soundfile
 
 
 def encode_audio(samples: np.ndarray, sample_rate: int, audio_format: str) -> bytes:
@@ -19,7 +16,7 @@ def encode_audio(samples: np.ndarray, sample_rate: int, audio_format: str) -> by
     samples = np.ascontiguousarray(samples, dtype=np.int16)
     if audio_format == "pcm16":
         return samples.astype("<i2").tobytes()
-    container, subtype = CONTAINERS[audio_format]
+    container, subtype = OUTPUT_FORMATS[audio_format]
     out = io.BytesIO()
     require_soundfile().write(out, samples, sample_rate, format=container, subtype=subtype)
     return out.getvalue()

@@ -60,23 +60,22 @@ class RealtimeConnection:
     async def run(self) -> None:
         await self.send("session.created", session=self.session)
         try:
-            while True:
-                raw = await self.ws.receive_text()
+            while (message := await self.ws.receive())["type"] != "websocket.disconnect":
+                event = {}
                 try:
-                    event = json.loads(raw)
-                    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-                        raise bad_request("an event is a JSON object with a string 'type'", "type")
-                except ValueError as err:
-                    await self.send_error(bad_request(f"malformed JSON event: {err}", None, "invalid_json"))
-                    continue
-                handler = HANDLERS.get(event["type"])
-                try:
+                    event = _parse_event(message)
+                    handler = HANDLERS.get(event["type"])
                     if handler is None:
                         raise bad_request(f"unknown event type {event['type']!r}", "type", "invalid_event")
                     await handler(self, event)
                 except APIError as err:
                     await self.send_error(err, event.get("event_id"))
-        except WebSocketDisconnect:
+                except (WebSocketDisconnect, RuntimeError):
+                    raise
+                except Exception as err:  # noqa: BLE001 - a bug met by one event fails that event, not the server
+                    await self.send_error(APIError(500, f"internal error: {type(err).__name__}: {err}",
+                                                   code="internal_error", kind="server_error"), event.get("event_id"))
+        except (WebSocketDisconnect, RuntimeError):  # RuntimeError: sending on a socket the client has closed
             pass
         finally:
             self.cancel_response()
@@ -113,7 +112,7 @@ class RealtimeConnection:
             raise bad_request("the input audio buffer is empty", "audio", "input_audio_buffer_commit_empty")
         waveform = await asyncio.to_thread(decode_pcm16, bytes(self.audio_buffer), INPUT_RATE, "audio")
         self.audio_buffer.clear()
-        item = self._add_item("user", [audio_part(waveform)])
+        item = self.add_item("user", [audio_part(waveform)])
         await self.send("input_audio_buffer.committed", previous_item_id=item["previous_item_id"], item_id=item["id"])
         await self.send("conversation.item.created", previous_item_id=item["previous_item_id"], item=item["public"])
 
@@ -142,7 +141,7 @@ class RealtimeConnection:
                 content.append(audio_part(await asyncio.to_thread(decode_pcm16, raw, INPUT_RATE, f"{param}.audio")))
             else:
                 raise bad_request(f"unsupported content part for a {role} item: {kind!r}", f"{param}.type")
-        added = self._add_item(role, content)
+        added = self.add_item(role, content)
         await self.send("conversation.item.created", previous_item_id=added["previous_item_id"], item=added["public"])
 
     async def response_create(self, event: dict) -> None:
@@ -154,7 +153,7 @@ class RealtimeConnection:
             raise bad_request("response must be an object", "response")
         options = self._options(self.session, params)
         self.cancel_requested = False
-        self.response_task = asyncio.create_task(self._respond(options, params.get("instructions")))
+        self.response_task = asyncio.create_task(respond(self, options, params.get("instructions")))
 
     async def response_cancel(self, event: dict) -> None:
         if self.response_task is None or self.response_task.done():
@@ -181,9 +180,9 @@ class RealtimeConnection:
         return request_options(body, self.service.engine, streaming=True, default_max_tokens=config.default_max_tokens,
                                default_talker_max_new_tokens=config.default_talker_max_new_tokens)
 
-    def _add_item(self, role: str, content: list[dict]) -> dict:
+    def add_item(self, role: str, content: list[dict], item_id: str | None = None) -> dict:
         previous = self.items[-1]["id"] if self.items else None
-        item = {"id": _id("item"), "role": role, "content": content, "previous_item_id": previous}
+        item = {"id": item_id or _id("item"), "role": role, "content": content, "previous_item_id": previous}
         public = [{"type": "input_audio", "transcript": None} if c["type"] == "audio"
                   else {"type": "input_text" if role != "assistant" else "text", "text": c["text"]} for c in content]
         item["public"] = {"id": item["id"], "object": "realtime.item", "type": "message", "status": "completed",
@@ -191,61 +190,75 @@ class RealtimeConnection:
         self.items.append(item)
         return item
 
-    async def _respond(self, options, instructions: str | None) -> None:
-        service = self.service
-        response = {"id": _id("resp"), "object": "realtime.response", "status": "in_progress", "output": []}
-        item_id, text, output_tokens, prompt_tokens = _id("item"), [], 0, 0
-        status, details = "failed", None
-        try:
-            turns = [{"role": i["role"], "content": i["content"]} for i in self.items]
-            system = instructions or self.session.get("instructions")
-            if system:
-                turns.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
-            prompt, prompt_tokens = await asyncio.to_thread(build_prompt, service.engine, turns, options.max_tokens)
-            self.job = service.admit("realtime")
-            stream = await service.open_stream(self.job, **prompt, **options.stream_kwargs)
-            if self.cancel_requested:
-                stream.cancel(wait=False)
-            await self.send("response.created", response=response)
-            where = dict(response_id=response["id"], item_id=item_id, output_index=0, content_index=0)
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    output_tokens += len(event.token_ids)
-                    if event.text:
-                        text.append(event.text)
-                        kind = "response.audio_transcript.delta" if options.speaks else "response.text.delta"
-                        await self.send(kind, delta=event.text, **where)
-                elif isinstance(event, AudioChunk):
-                    data = base64.b64encode(event.samples.numpy().astype("<i2").tobytes()).decode()
-                    await self.send("response.audio.delta", delta=data, **where)
-            if self.job.abort_reason is not None:
-                details = {"type": "failed", "reason": self.job.abort_reason}
-                await self.send_error(APIError(503, self.job.abort_reason, code="shutting_down", kind="server_error"))
-            elif stream.cancelled:
-                status, details = "cancelled", {"type": "cancelled", "reason": "client_cancelled"}
-            else:
-                status = "completed"
-        except APIError as err:
-            await self.send_error(err)
-            details = {"type": "failed", "error": err.body()["error"]}
-        except Exception as err:  # noqa: BLE001 - this response failed in the engine; the connection goes on
-            details = {"type": "failed", "error": {"type": "server_error", "message": str(err)}}
-        finally:
-            if self.job is not None:
-                service.release(self.job, {"completed": "ok", "cancelled": "cancelled"}.get(status, "error"))
-                self.job = None
-        if text or status == "completed":  # the answer as far as it got joins the history
-            added = self._add_item("assistant", [{"type": "text", "text": "".join(text)}])
-            added["public"]["id"] = item_id
-            added["id"] = item_id
-            response["output"] = [added["public"]]
-        response.update(status=status, status_details=details,
-                        usage={"input_tokens": prompt_tokens, "output_tokens": output_tokens,
-                               "total_tokens": prompt_tokens + output_tokens})
-        try:
-            await self.send("response.done", response=response)
-        except (WebSocketDisconnect, RuntimeError):  # the client has gone: nobody to tell
-            pass
+
+async def respond(conn: RealtimeConnection, options, instructions: str | None) -> None:
+    """One response: the conversation so far as one engine stream, its events sent as they come; the answer (as
+    far as it got) joins the history; response.done last, whatever happened."""
+    service = conn.service
+    response = {"id": _id("resp"), "object": "realtime.response", "status": "in_progress", "output": []}
+    item_id, text, output_tokens, prompt_tokens = _id("item"), [], 0, 0
+    status, details = "failed", None
+    try:
+        turns = [{"role": i["role"], "content": i["content"]} for i in conn.items]
+        system = instructions or conn.session.get("instructions")
+        if system:
+            turns.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        prompt, prompt_tokens = await asyncio.to_thread(build_prompt, service.engine, turns, options.max_tokens)
+        conn.job = service.admit("realtime")
+        stream = await service.open_stream(conn.job, **prompt, **options.stream_kwargs)
+        if conn.cancel_requested:
+            stream.cancel(wait=False)
+        await conn.send("response.created", response=response)
+        where = dict(response_id=response["id"], item_id=item_id, output_index=0, content_index=0)
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                output_tokens += len(event.token_ids)
+                if event.text:
+                    text.append(event.text)
+                    kind = "response.audio_transcript.delta" if options.speaks else "response.text.delta"
+                    await conn.send(kind, delta=event.text, **where)
+            elif isinstance(event, AudioChunk):
+                data = base64.b64encode(event.samples.numpy().astype("<i2").tobytes()).decode()
+                await conn.send("response.audio.delta", delta=data, **where)
+        if conn.job.abort_reason is not None:
+            details = {"type": "failed", "reason": conn.job.abort_reason}
+            await conn.send_error(APIError(503, conn.job.abort_reason, code="shutting_down", kind="server_error"))
+        elif stream.cancelled:
+            status, details = "cancelled", {"type": "cancelled", "reason": "client_cancelled"}
+        else:
+            status = "completed"
+    except APIError as err:
+        await conn.send_error(err)
+        details = {"type": "failed", "error": err.body()["error"]}
+    except Exception as err:  # noqa: BLE001 - this response failed in the engine; the connection goes on
+        details = {"type": "failed", "error": {"type": "server_error", "message": str(err)}}
+    finally:
+        if conn.job is not None:
+            service.release(conn.job, {"completed": "ok", "cancelled": "cancelled"}.get(status, "error"))
+            conn.job = None
+    if text or status == "completed":  # the answer as far as it got joins the history
+        added = conn.add_item("assistant", [{"type": "text", "text": "".join(text)}], item_id)
+        response["output"] = [added["public"]]
+    response.update(status=status, status_details=details,
+                    usage={"input_tokens": prompt_tokens, "output_tokens": output_tokens,
+                           "total_tokens": prompt_tokens + output_tokens})
+    try:
+        await conn.send("response.done", response=response)
+    except (WebSocketDisconnect, RuntimeError):  # the client has gone: nobody to tell
+        pass
+
+
+def _parse_event(message: dict) -> dict:
+    text = message.get("text")
+    if text is None:
+        raise bad_request("events are JSON text frames, not binary", None, "invalid_event")
+    try:
+        event = json.loads(text)
+    except ValueError as err:
+        raise bad_request(f"malformed JSON event: {err}", None, "invalid_json") from None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise bad_request("an event is a JSON object with a string 'type'", "type", "invalid_event")
+    return event
 
 
 HANDLERS = {

@@ -8,8 +8,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-AUDIO_OUT_FORMATS = ("wav", "pcm16", "flac", "mp3", "opus")
-AUDIO_IN_FORMATS = ("wav", "flac", "mp3")
+from runtime.frontend.audio import OUTPUT_FORMATS
+
+AUDIO_OUT_FORMATS = tuple(OUTPUT_FORMATS)  # wav, flac, mp3, opus, pcm16
 
 
 class _Strict(BaseModel):
