@@ -338,3 +338,20 @@ def test_triton_draw_op_passes_opcheck():
     args = (scores, torch.tensor([1, 2, 3]), torch.tensor([0, 5, 9]), torch.tensor([True, False, True]),
             torch.tensor([0.9, 1.0, 0.0]), STAGE_TALKER)
     torch.library.opcheck(torch.ops.omni_rt_triton.sample_draw.default, args)
+
+
+def test_triton_draw_compiles_for_sm90():
+    """What the interpreter never checks (loop-carried types, tuple indexing) compiled down to a cubin."""
+    from tests.test_triton_attention import can_compile_for_sm90, compile_for_sm90
+
+    if torch.cuda.is_available() or not can_compile_for_sm90():
+        pytest.skip("a GPU runs the kernel for real / triton's ptxas not bundled")
+    out = compile_for_sm90("""
+        TYPES[torch.bool] = "i1"
+        from kernels.sampling import SamplingTensors, STAGE_TALKER
+        from kernels.triton_sampling import sample_draw
+        for dtype in (torch.float32, torch.bfloat16):
+            sample_draw(torch.zeros(4, 3072, dtype=dtype), torch.zeros(4, dtype=torch.int64),
+                        torch.zeros(4, dtype=torch.int64), SamplingTensors.greedy(4), STAGE_TALKER)
+    """)
+    assert "compiled 2 launches of ['_gumbel_argmax_kernel']" in out, out
