@@ -237,6 +237,29 @@ def test_image_data_url_and_a_multi_turn_conversation_equal_generate(engine, cli
     assert answer.choices[0].message.audio is None  # text only unless modalities asks for audio
 
 
+def test_video_data_url_equals_generate_on_the_file(engine, client, tmp_path):
+    av = pytest.importorskip("av", reason="needs PyAV to write and decode a video")
+    path = tmp_path / "clip.mp4"
+    rng = np.random.default_rng(9)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(12):  # 3 s at 4 fps
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    answer = client.chat.completions.create(model="omni-rt", messages=messages, max_tokens=MAX_TOKENS)
+    result = engine.generate(text="What happens?", videos=[str(path)], max_new_tokens=MAX_TOKENS, return_audio=False)
+    prompt_len = engine.prepare(text="What happens?", videos=[str(path)]).input_ids.shape[1]
+    tokens = result.sequences[0, prompt_len:].tolist()
+    eos = engine.config.im_end_token_id
+    assert answer.usage.prompt_tokens == prompt_len
+    assert answer.model_extra["omni"]["token_ids"] == (tokens[:tokens.index(eos)] if eos in tokens else tokens)
+
+
 def test_every_output_format_decodes_to_the_same_speech(client):
     messages, _, _ = question(seed=7)
     decoded = {}
@@ -448,6 +471,9 @@ BAD_REQUESTS = [  # (name, body: dict | raw bytes, status, param)
      "messages[0].content[0].image_url.url"),
     ("local image refused", {"model": "omni-rt", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]}, 400, "messages[0].content[0].image_url.url"),
+    ("undecodable video", {"model": "omni-rt", "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(b"no video").decode()}}]}]},
+     400, "messages[0].content[0].video_url.url"),
     ("huge body", b'{"model": "omni-rt", "pad": "' + b"x" * (BODY_LIMIT_MB * 1024 * 1024 + 10) + b'"}', 413, None),
 ]
 

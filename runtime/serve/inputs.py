@@ -3,7 +3,7 @@ input_features, feature_attention_mask, pixel_values, image_grid_thw), for a who
 media in the order the client sent them.
 
 Two steps: `parse_messages` decodes what the client sent (base64 audio of any rate -> 16 kHz waveform, data-URL
-or local images) into the engine's conversation input, raising a 400 that names the field; `build_prompt`
+or local images, videos as data URLs or local files) into the engine's conversation input, raising a 400 that names the field; `build_prompt`
 prepares it with `engine.prepare(messages=...)` (so a request gives the ids `engine.generate` gives) and checks
 that it fits.
 """
@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -86,6 +87,26 @@ def _open_image(url: str, allow_local_files: bool, param: str):
         raise bad_request(f"cannot decode the image: {err}", param) from None
 
 
+def _load_video(url: str, allow_local_files: bool, param: str) -> np.ndarray:
+    """A video data URL (base64 mp4 / webm / ...) or an allowed local file -> [T, H, W, 3] uint8 frames sampled at
+    1 fps, as engine.prepare samples a video file (its default video_fps); decoded here so errors name the field."""
+    from runtime.frontend.video import load_video
+
+    if url.startswith(("http://", "https://")):
+        raise bad_request("video URLs are not fetched: send a data: URL (base64)", param)
+    if not url.startswith("data:") and not allow_local_files:
+        raise bad_request("local video paths are refused (start the server with --allow-local-files)", param)
+    try:
+        if not url.startswith("data:"):
+            return load_video(url.removeprefix("file://")).frames
+        with tempfile.NamedTemporaryFile(suffix=".video") as handle:  # PyAV reads files; gone once decoded
+            handle.write(decode_base64(url, param))
+            handle.flush()
+            return load_video(handle.name).frames
+    except (ValueError, FileNotFoundError) as err:
+        raise bad_request(f"cannot decode the video: {err}", param) from None
+
+
 def audio_part(waveform: torch.Tensor) -> dict:
     """A decoded 16 kHz waveform as a part of the engine's conversation input (runtime/frontend/conversation.py)."""
     return {"type": "audio", "audio": waveform, "sample_rate": audio_frontend.SAMPLE_RATE}
@@ -115,8 +136,8 @@ def parse_messages(body: ChatCompletionRequest, allow_local_files: bool = False)
                 items.append({"type": "image",
                               "image": _open_image(part.image_url.url, allow_local_files, f"{param}.image_url.url")})
             else:
-                raise bad_request("video_url input is not served yet: send frames as images", f"{param}.type",
-                                  "unsupported_value")
+                items.append({"type": "video",
+                              "video": _load_video(part.video_url.url, allow_local_files, f"{param}.video_url.url")})
         turns.append({"role": role, "content": items})
     return turns
 
