@@ -28,6 +28,7 @@ import torch
 from runtime import dispatch
 from runtime.config import OmniConfig
 from runtime.frontend import audio as audio_frontend
+from runtime.frontend import inputs as inputs_frontend
 from runtime.frontend import vision as vision_frontend
 from runtime.frontend.prompt import DEFAULT_SYSTEM_PROMPT, tokenize_chat_text
 from runtime.models.omni import OmniModel, build_model
@@ -166,14 +167,15 @@ class OmniEngine:
             if any(x is not None for x in (text, audio, images, videos)):
                 raise ValueError("give either messages= or text/audio/images/videos, not both")
         else:
-            messages = _raw_turn(text, _as_list(audio), sample_rate, _as_list(images), _as_videos(videos),
-                                 use_audio_in_video)
+            messages = inputs_frontend.raw_turn(text, _as_list(audio), sample_rate, _as_list(images),
+                                                inputs_frontend.as_videos(videos), use_audio_in_video)
         conv = conversation(messages, getattr(self.tokenizer, "chat_template", None), system=system)
         thinker = self.config.thinker
         vision = dict(patch_size=thinker.vision.patch_size, temporal_patch_size=thinker.vision.temporal_patch_size,
                       merge_size=thinker.vision.spatial_merge_size)
         audios = iter(conv.audios)
-        videos = [_load_video(v, i, video_fps, use_audio_in_video, vision) for i, v in enumerate(conv.videos)]
+        videos = [inputs_frontend.load_video_part(v, i, video_fps, use_audio_in_video, vision)
+                  for i, v in enumerate(conv.videos)]
         tracks = iter(track for _, track in videos)
         waveforms = []  # audio slots in order of appearance: audio parts, and videos' tracks with use_audio_in_video
         for index, kind in enumerate(conv.kinds):
@@ -214,7 +216,7 @@ class OmniEngine:
         for a bad rate, shape, dtype or a NaN / inf sample, before any resampling."""
         if isinstance(audio, (str, os.PathLike)):
             return audio_frontend.load_audio(audio)
-        return _waveform(audio, sample_rate, f"audio {index}")
+        return inputs_frontend.load_waveform(audio, sample_rate, f"audio {index}")
 
     def _open_image(self, image, index: int = 0):
         if isinstance(image, (str, os.PathLike)):
@@ -441,7 +443,7 @@ class OmniEngine:
 def _check_prompt(prompt: Prompt, config: OmniConfig, need_assistant_turn: bool) -> None:
     """Errors that must surface before any model work."""
     ids = prompt.input_ids
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in _INT_DTYPES[:3] or ids.dim() != 2:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in inputs_frontend.INT_DTYPES[:3] or ids.dim() != 2:
         raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
                          f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
     vocab = config.thinker.text.vocab_size
@@ -503,106 +505,6 @@ def _as_list(value) -> list:
     if isinstance(value, (list, tuple)):
         return list(value)
     return [value]
-
-
-def _check_text(text) -> None:
-    if text is None:
-        return
-    if not isinstance(text, str):
-        raise ValueError(f"text must be a string, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:  # e.g. a command-line argument of undecodable bytes (surrogate escapes)
-        raise ValueError(f"text is not valid UTF-8 (character {exc.start} of {len(text)}): decode it first") from exc
-
-
-def _raw_turn(text, audios: list, sample_rate, images: list, videos: list, use_audio_in_video: bool) -> list[dict]:
-    """prepare's raw inputs as one user turn: audios, images, videos, then the text. With use_audio_in_video the
-    frame-array videos take their audio tracks from the end of `audios`, in video order."""
-    _check_text(text)
-    array_videos = [i for i, v in enumerate(videos) if not isinstance(v, (str, os.PathLike))]
-    tracks: dict[int, object] = {}
-    if use_audio_in_video and array_videos:
-        if len(audios) < len(array_videos):
-            raise ValueError(f"use_audio_in_video=True with {len(array_videos)} video frame arrays needs their audio "
-                             f"tracks: pass audio=[..., one waveform per array video, last and in video order] "
-                             f"(got {len(audios)} audio inputs), or pass video files, whose tracks are decoded")
-        tracks = dict(zip(array_videos, audios[len(audios) - len(array_videos):]))
-        audios = audios[:len(audios) - len(array_videos)]
-    content = [{"type": "audio", "audio": a, "sample_rate": sample_rate} for a in audios]
-    content += [{"type": "image", "image": i} for i in images]
-    content += [{"type": "video", "video": v, "audio": tracks.get(n), "sample_rate": sample_rate}
-                for n, v in enumerate(videos)]
-    if text:
-        content.append({"type": "text", "text": text})
-    return [{"role": "user", "content": content}]
-
-
-def _waveform(audio, sample_rate, what: str) -> torch.Tensor:
-    """A raw waveform -> [num_samples] float32 at 16 kHz, checked (rate, shape, finite) before resampling."""
-    if sample_rate is None:
-        raise ValueError(f"{what}: a raw audio waveform needs its sample_rate (it is resampled to 16 kHz)")
-    rate = audio_frontend.check_sample_rate(sample_rate, what)
-    try:
-        waveform = torch.as_tensor(np.asarray(audio) if not isinstance(audio, torch.Tensor) else audio)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{what}: expected a file path or a 1-D float waveform, got {type(audio).__name__}") from exc
-    if waveform.is_complex() or waveform.dtype == torch.bool or not (waveform.is_floating_point()
-                                                                      or waveform.dtype in _INT_DTYPES):
-        raise ValueError(f"{what}: expected real float samples, got dtype {waveform.dtype}")
-    if waveform.dim() != 1:
-        raise ValueError(f"{what}: audio waveform must be 1-D (mono samples), got shape {tuple(waveform.shape)}")
-    if waveform.numel() == 0:
-        raise ValueError(f"{what}: audio waveform is empty (zero samples)")
-    audio_frontend.check_finite(waveform, what)
-    waveform = waveform.to(torch.float32)
-    return audio_frontend.resample(waveform, rate) if rate != audio_frontend.SAMPLE_RATE else waveform
-
-
-_INT_DTYPES = (torch.int16, torch.int32, torch.int64, torch.int8, torch.uint8)
-
-
-def _load_video(item, index: int, video_fps: float, use_audio_in_video: bool, vision: dict):
-    """A conversation's video part (value, track, track rate) -> (frames, 16 kHz track or None)."""
-    value, track, track_rate = item
-    what = f"video {index}"
-    if not (isinstance(video_fps, (int, float)) and not isinstance(video_fps, bool) and video_fps > 0):
-        raise ValueError(f"video_fps must be a positive number, got {video_fps!r}")
-    if isinstance(value, (str, os.PathLike)):
-        from runtime.frontend.video import load_video
-
-        clip = load_video(value, fps=video_fps, temporal_patch_size=vision["temporal_patch_size"],
-                          with_audio=use_audio_in_video)
-        return clip.frames, (torch.from_numpy(clip.audio) if use_audio_in_video else None)
-    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim != 4:
-        raise ValueError(f"{what}: a video array must be [num_frames, H, W, 3] uint8, got shape {tuple(value.shape)}")
-    if use_audio_in_video:
-        if track is None:
-            raise ValueError(f"{what}: use_audio_in_video=True needs this frame array's audio track (an 'audio' "
-                             "waveform with its 'sample_rate' in the video part), or a video file")
-        track = _waveform(track, track_rate, f"audio track of {what}") if not isinstance(
-            track, (str, os.PathLike)) else audio_frontend.load_audio(track)
-        return value, track
-    return value, None
-
-
-def _as_videos(videos) -> list:
-    """videos as a list of videos: a bare [T, H, W, 3] array (or a path) is one video, a [N, T, H, W, 3] array
-    N videos (a numpy array's truth value would otherwise be asked for, which fails)."""
-    if videos is None:
-        return []
-    if isinstance(videos, (str, os.PathLike)):
-        return [videos]
-    if isinstance(videos, (np.ndarray, torch.Tensor)):
-        if videos.ndim == 4:
-            return [videos]
-        if videos.ndim == 5:
-            return list(videos)
-        raise ValueError(f"videos: an array must be one video [num_frames, H, W, 3] or a batch [N, num_frames, H, W, "
-                         f"3], got shape {tuple(videos.shape)}")
-    if isinstance(videos, (list, tuple)):
-        return list(videos)
-    raise ValueError(f"videos: expected a video file, a frame array or a list of them, got {type(videos).__name__}")
 
 
 def _grid_rows(grid: torch.Tensor | None) -> list:
