@@ -443,6 +443,10 @@ BAD_REQUESTS = [  # (name, body: dict | raw bytes, status, param)
     ("not an object", b'["omni-rt"]', 400, None),
     ("nan in json", b'{"model": "omni-rt", "messages": [{"role": "user", "content": "hi"}], "top_p": NaN}', 400, None),
     ("wrong type", {"model": "omni-rt", "messages": HI, "max_tokens": "8"}, 400, "max_tokens"),
+    ("audio part without data", {"model": "omni-rt", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"format": "wav"}}]}]}, 400, "messages[0].content[0].input_audio.data"),
+    ("unknown part type", {"model": "omni-rt", "messages": [{"role": "user", "content": [{"type": "hologram"}]}]},
+     400, "messages[0].content[0]"),
     ("empty messages", {"model": "omni-rt", "messages": []}, 400, "messages"),
     ("unknown role", {"model": "omni-rt", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     ("empty prompt", {"model": "omni-rt", "messages": [{"role": "user", "content": " "}]}, 400, "messages"),
@@ -487,6 +491,42 @@ def test_bad_request_gets_an_openai_error_naming_the_field(server, name, body, s
     error = response.json()["error"]
     assert error["param"] == param, error
     assert error["message"] and "\n" not in error["message"] and error["type"]
+
+
+def _mutations(seed: int, count: int):
+    """Valid bodies with one field (at any depth) replaced by a value of another kind, reproducibly."""
+    rng = np.random.default_rng(seed)
+    junk = [None, 0, -1, 2 ** 40, 0.5, "", "x" * 300, [], [1, "a"], {}, {"type": "text"}, True]
+    for _ in range(count):
+        body = {"model": "omni-rt", "max_tokens": 3, "modalities": ["text", "audio"], "omni": {"talker_max_new_tokens": 3},
+                "audio": {"voice": "ethan", "format": "wav"},
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                          {"type": "input_audio", "input_audio": {
+                                                              "data": wav_b64(np.zeros(800, np.float32), 8000),
+                                                              "format": "wav"}}]}]}
+        paths, stack = [], [((), body)]
+        while stack:  # every (container, key) in the body
+            path, node = stack.pop()
+            items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+            for key, value in items:
+                paths.append(path + (key,))
+                stack.append((path + (key,), value))
+        target = paths[rng.integers(len(paths))]
+        node = body
+        for key in target[:-1]:
+            node = node[key]
+        node[target[-1]] = junk[rng.integers(len(junk))]
+        yield target, body
+
+
+def test_mutated_requests_never_crash_the_server(server):
+    seed = 11
+    for target, body in _mutations(seed, 60):
+        response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code in (200, 400, 404), (seed, target, response.status_code, response.text[:300])
+        if response.status_code != 200:
+            assert "\n" not in response.json()["error"]["message"], (target, response.text[:300])
+    assert wait_idle(server)["slots"]["in_use"] == 0
 
 
 def test_server_still_serves_after_the_bad_requests(server, client):

@@ -60,8 +60,9 @@ def validate(model, data: dict):
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = loc_to_param(first["loc"])
+        # Of a union's failed branches, the error that reaches deepest into the body names the field best.
+        params = [(loc_to_param(e["loc"], data), e) for e in err.errors()]
+        param, first = max(params, key=lambda pe: len(pe[0] or ""))
         raise bad_request(f"{param or 'body'}: {first['msg']}", param, "invalid_type") from None
 
 

@@ -26,12 +26,20 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return APIError(400, message, param, code)
 
 
-def loc_to_param(loc) -> str:
-    """pydantic's error location ('messages', 0, 'content') -> 'messages[0].content'."""
-    out = ""
+def loc_to_param(loc, data) -> str | None:
+    """pydantic's error location -> the field as the client wrote it ('messages[0].content[1].input_audio.data'):
+    the location is walked through the body itself, so the branch names pydantic adds for unions ('str',
+    'list[...]', a discriminator's tag) are left out."""
+    out, node = "", data
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            out += ("." if out else "") + part
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             out += f"[{part}]"
-        elif part not in ("body",) and not str(part).startswith("function-"):
-            out += ("." if out else "") + str(part)
+        else:
+            continue  # a union branch or a tag, not a field of the body
+        node = node[part]
+    last = loc[-1] if loc else None
+    if isinstance(node, dict) and isinstance(last, str) and last not in node and "[" not in last:
+        out += ("." if out else "") + last  # a missing required field
     return out or None
