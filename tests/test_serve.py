@@ -14,13 +14,10 @@ import base64
 import io
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,8 +31,8 @@ ws_client = pytest.importorskip("websockets.sync.client", reason="needs websocke
 
 from runtime.streaming import pcm16  # noqa: E402
 from tests.oracle import rel_err  # noqa: E402
+from tests.serve_client import ROOT, Realtime, Server, health, metric, wait_idle, wav_b64  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_TOKENS, TALKER_FRAMES, MAX_SEQ_LEN, MAX_SESSIONS, MAX_QUEUE = 10, 12, 2048, 8, 4
 LONG_TALK = {"talker_max_new_tokens": 1500}  # 2 minutes of speech: only a cancel ends it within a test
 BODY_LIMIT_MB = 1
@@ -43,46 +40,6 @@ WAVE_TOL = 5e-4
 SERVER_ARGS = ["--max-sessions", str(MAX_SESSIONS), "--max-queue", str(MAX_QUEUE), "--max-seq-len", str(MAX_SEQ_LEN),
                "--max-body-mb", str(BODY_LIMIT_MB), "--max-tokens", str(MAX_TOKENS),
                "--talker-max-new-tokens", str(TALKER_FRAMES)]
-
-
-class Server:
-    """A `python -m runtime serve --port 0` subprocess; `url` from its ready line."""
-
-    def __init__(self, *args: str, timeout: float = 120.0):
-        self.process = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--port", "0", *args], cwd=ROOT,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    raise AssertionError(f"server exited {self.process.returncode}:\n{''.join(self.output)}") from None
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise AssertionError(f"no ready line in {timeout} s:\n{''.join(self.output)}") from None
-                continue
-            if line.startswith("ready: "):
-                self.url = line.split()[1]
-                break
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-
-    def stop(self, sig=signal.SIGINT, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        return self.process.returncode
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +61,6 @@ def server(engine):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60.0, max_retries=0)
-
-
-def wav_b64(waveform: np.ndarray, rate: int, subtype: str = "PCM_16") -> str:
-    out = io.BytesIO()
-    soundfile.write(out, waveform, rate, format="WAV", subtype=subtype)
-    return base64.b64encode(out.getvalue()).decode()
 
 
 def question(seed: int, text: str = "What do you hear?", rate: int = 22050) -> tuple[list[dict], np.ndarray, int]:
@@ -161,28 +112,6 @@ def stream_request(client, messages, voice="ethan", omni=None):
             final = chunk.model_dump()
     samples = torch.from_numpy(np.concatenate(pcm).astype(np.int16)) if pcm else torch.zeros(0, dtype=torch.int16)
     return "".join(text), samples, final, audio_deltas
-
-
-def health(server) -> dict:
-    return httpx.get(server.url + "/health", timeout=10).json()
-
-
-def wait_idle(server, timeout: float = 10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = health(server)
-        if state["slots"]["in_use"] == 0 and state["slots"]["open_requests"] == 0 or time.monotonic() > deadline:
-            return state
-        time.sleep(0.05)
-
-
-def metric(server, name: str, **labels) -> float:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(name + ("{" + want + "}" if want else " ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,26 +273,6 @@ def test_admission_beyond_the_queue_is_429_with_retry_after(server):
             c.__exit__(None, None, None)
     state = wait_idle(server)
     assert state["slots"]["in_use"] == 0 and state["slots"]["open_requests"] == 0, state
-
-
-class Realtime:
-    def __init__(self, server):
-        self.ws = ws_client.connect(server.url.replace("http://", "ws://") + "/v1/realtime", open_timeout=30,
-                                    max_size=None)
-        assert self.next()["type"] == "session.created"
-
-    def send(self, kind: str, **fields) -> None:
-        self.ws.send(json.dumps({"type": kind, **fields}))
-
-    def next(self) -> dict:
-        return json.loads(self.ws.recv(timeout=60))
-
-    def until(self, kind: str) -> tuple[dict, list[dict]]:
-        seen = []
-        while (event := self.next())["type"] != kind:
-            assert event["type"] != "error", event
-            seen.append(event)
-        return event, seen
 
 
 def test_realtime_barge_in_then_a_second_response_sees_the_history(engine, server):

@@ -7,7 +7,6 @@ event (its slot freed), uvicorn drains the connections, the engine loop is close
 
 from __future__ import annotations
 
-import sys
 import time
 
 
