@@ -299,6 +299,7 @@ def test_realtime_barge_in_then_a_second_response_sees_the_history(engine, serve
     rt.until("conversation.item.created")
     rt.send("response.create")
     rt.until("response.created")
+    assert rt.next()["type"] == "response.output_item.added"
     audio = 0
     while audio < 2:
         event = rt.next()
@@ -331,6 +332,12 @@ def test_realtime_barge_in_then_a_second_response_sees_the_history(engine, serve
         turns.append({"role": "assistant", "content": [{"type": "text", "text": heard}]})
     turns.append({"role": "user", "content": [{"type": "text", "text": "And then?"}]})
     assert second["usage"]["input_tokens"] == build_prompt(engine, turns, 8)[1] > first["usage"]["input_tokens"]
+    rt.send("response.create", response={"modalities": ["text"], "max_output_tokens": 4})
+    done, events = rt.until("response.done")
+    assert done["response"]["status"] == "completed"
+    kinds = {e["type"] for e in events}
+    assert "response.text.delta" in kinds and "response.text.done" in kinds and "response.audio.delta" not in kinds
+    assert done["response"]["usage"]["input_tokens"] > second["usage"]["input_tokens"]  # it saw the second answer
     rt.send("response.cancel")  # nothing in progress: an error event, and the connection goes on
     assert rt.next()["type"] == "error"
     rt.ws.close()

@@ -4,8 +4,9 @@ Client events: session.update (voice, instructions, modalities, temperature, max
 omni), input_audio_buffer.append / .commit / .clear (base64 pcm16, 24 kHz mono unless the session says
 otherwise), conversation.item.create (message items: input_text, input_audio, text), response.create,
 response.cancel. Server events: session.created / .updated, input_audio_buffer.committed / .cleared,
-conversation.item.created, response.created, response.text.delta (text only) or response.audio.delta with
-response.audio_transcript.delta (speaking), response.done (status completed / cancelled / failed, usage), error.
+conversation.item.created, response.created, response.output_item.added, response.text.delta (text only) or
+response.audio.delta with response.audio_transcript.delta (speaking), their .done events, response.output_item.done,
+response.done (status completed / cancelled / failed, usage), error.
 
 Each response runs the whole conversation so far as one engine stream (the history is kept per connection:
 committed audio, items, and the assistant's answers, a cancelled one as far as it got). response.cancel is
@@ -209,6 +210,9 @@ async def respond(conn: RealtimeConnection, options, instructions: str | None) -
         if conn.cancel_requested:
             stream.cancel(wait=False)
         await conn.send("response.created", response=response)
+        item = {"id": item_id, "object": "realtime.item", "type": "message", "status": "in_progress",
+                "role": "assistant", "content": []}
+        await conn.send("response.output_item.added", response_id=response["id"], output_index=0, item=item)
         where = dict(response_id=response["id"], item_id=item_id, output_index=0, content_index=0)
         async for event in stream:
             if isinstance(event, TextDelta):
@@ -227,6 +231,11 @@ async def respond(conn: RealtimeConnection, options, instructions: str | None) -
             status, details = "cancelled", {"type": "cancelled", "reason": "client_cancelled"}
         else:
             status = "completed"
+            if options.speaks:
+                await conn.send("response.audio.done", **where)
+                await conn.send("response.audio_transcript.done", transcript="".join(text), **where)
+            else:
+                await conn.send("response.text.done", text="".join(text), **where)
     except APIError as err:
         await conn.send_error(err)
         details = {"type": "failed", "error": err.body()["error"]}
@@ -239,6 +248,11 @@ async def respond(conn: RealtimeConnection, options, instructions: str | None) -
     if text or status == "completed":  # the answer as far as it got joins the history
         added = conn.add_item("assistant", [{"type": "text", "text": "".join(text)}], item_id)
         response["output"] = [added["public"]]
+        try:
+            await conn.send("response.output_item.done", response_id=response["id"], output_index=0,
+                            item=added["public"])
+        except (WebSocketDisconnect, RuntimeError):
+            pass
     response.update(status=status, status_details=details,
                     usage={"input_tokens": prompt_tokens, "output_tokens": output_tokens,
                            "total_tokens": prompt_tokens + output_tokens})
