@@ -55,7 +55,8 @@ def serve(args) -> int:
     server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off",
                                     ws_max_size=config.max_body_bytes, timeout_graceful_shutdown=10))
     server.service = app.state.service
-    print(f"serving {args.model_name} ({args.checkpoint}) at http://{args.host}:{args.port}", flush=True)
+    where = f"http://{args.host}:{args.port}" if args.port else f"http://{args.host} (a free port: see the ready line)"
+    print(f"serving {args.model_name} ({args.checkpoint}) at {where}", flush=True)
     try:
         server.run()
     finally:
