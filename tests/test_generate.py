@@ -26,10 +26,15 @@ THINKER_TOKENS, TALKER_TOKENS = 6, 12  # talker: at most 11 frames
 WAVEFORM_TOLERANCE = 1e-5
 
 
+# Fixed weights per variant: a random talker sometimes emits codec EOS at once for every prompt, which leaves no
+# speech to compare (the tests then fail looking for one); these seeds give talkers that speak.
+ORACLE_SEEDS = {"pow2": 20261201, "odd": 20261202}
+
+
 @pytest.fixture(scope="module", params=["pow2", "odd"])
 def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    oracle = build_oracle(request.param, path, seed=int(torch.randint(0, 2**31, ()).item()))
+    oracle = build_oracle(request.param, path, seed=ORACLE_SEEDS[request.param])
     return oracle, OmniEngine.from_pretrained(path)
 
 
