@@ -1,7 +1,9 @@
 """python -m export (--checkpoint DIR | --preset NAME) --modules a,b --out DIR [--dtype float32]
                    [--shapes KEY=V[/V...],...] [--profile [MODULE.]DIM=MIN:OPT:MAX,...]
 
-Writes <out>/<key>.onnx (+ <key>.onnx.data external weights) per graph and <out>/manifest.json.
+Writes <out>/<key>.onnx (+ <key>.onnx.data external weights) per graph and <out>/manifest.json, which records
+the sha256 of every file it lists (checked before a graph is opened). Each module is written into a staging
+folder and renamed into place when whole; the manifest is replaced after each module. Errors: exit 2, one line.
 --shapes: the static-shape encoders' buckets, one graph each: audio_frames=137/200 (mel frames of one clip),
   vision_grid=1x4x6/2x6x4 (t x h x w patches of one image or video). Defaults: audio_frames=200, vision_grid=1x4x4.
 --profile: (min, opt, max) of a dynamic dim (batch, seq, past; frames for code2wav and code2wav_stream), for
@@ -35,6 +37,10 @@ def parse_shapes(text: str | None) -> dict:
                            for one in value.split("/")]
         except ValueError:
             raise SystemExit(f"--shapes: {item!r} is not KEY=V[/V...] with integer sizes (grids as TxHxW)") from None
+        sizes = [v for one in shapes[key] for v in (one if isinstance(one, tuple) else (one,))]
+        if any(v < 1 for v in sizes) or (key == "vision_grid" and any(len(g) != 3 for g in shapes[key])):
+            raise SystemExit(f"--shapes: {item!r} needs sizes >= 1 (and grids as TxHxW): an empty bucket exports "
+                             "a graph nothing can run")
     return shapes
 
 
@@ -46,11 +52,37 @@ def parse_profile(text: str | None) -> dict:
         parts = value.split(":")
         if len(parts) != 3 or not all(p.isdigit() for p in parts):
             raise SystemExit(f"--profile: {item!r} is not [MODULE.]DIM=MIN:OPT:MAX")
-        profile[key] = tuple(int(p) for p in parts)
+        low, opt, high = (int(p) for p in parts)
+        dim = key.rpartition(".")[2]
+        least = 0 if dim == "past" else 1  # an empty KV cache is real; zero frames, tokens or rows are not
+        if not least <= low <= opt <= high:
+            raise SystemExit(f"--profile: {item!r} needs {least} <= MIN <= OPT <= MAX (a {dim} range of "
+                             f"{low}:{opt}:{high} exports a graph nothing can run)")
+        profile[key] = (low, opt, high)
     return profile
 
 
 def main(argv=None) -> int:
+    """Every error is one line on stderr and exit code 2 (--debug: the traceback too)."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        return _main(argv)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # a usage error raised with its message
+            print(f"error: {exc.code}", file=sys.stderr)
+            return 2
+        raise
+    except Exception as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -63,6 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default=None, help="encoder buckets, e.g. audio_frames=137/200,vision_grid=1x4x6")
     parser.add_argument("--profile", default=None,
                         help="dynamic-dim ranges, e.g. batch=1:1:4,thinker_step.seq=1:1:2048")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
     args = parser.parse_args(argv)
 
     from runtime.config import OmniConfig

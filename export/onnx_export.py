@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,10 +324,14 @@ def export_graph(spec: ExportSpec, out_dir: Path, dtype: torch.dtype, profile: d
                     location=data_name, size_threshold=1024)
     onnx.checker.check_model(str(path))
     roots = {d for axes in spec.dynamic.values() for d in axes.values() if "+" not in d}
+    written = [path.name] + ([data_name] if (out_dir / data_name).exists() else [])
     return {
         "module": spec.name,
         "file": path.name,
         "external_data": data_name if (out_dir / data_name).exists() else None,
+        # what the check recomputes before a session opens: another export's .onnx.data swapped in, or graph
+        # files of an interrupted re-export beside the old manifest, are refused by name
+        "files_sha256": {name: file_sha256(out_dir / name) for name in written},
         "inputs": _value_info(proto.graph.input),
         "outputs": _value_info(proto.graph.output),
         "dynamic_axes": {k: {str(a): d for a, d in v.items()} for k, v in spec.dynamic.items()},
@@ -361,8 +367,46 @@ def export_module(model, name: str, out_dir: str | os.PathLike, dtype: torch.dty
         if not low <= opt <= high:
             raise ValueError(f"{name}: profile {dim}={low}:{opt}:{high} needs min <= opt <= max")
     fingerprint = weights_fingerprint(source_module(model, name))
-    return {spec.key: export_graph(spec, out_dir, dtype, ranges, checkpoint, source_hash, fingerprint)
-            for spec in build_specs(model, name, dtype, shapes)}
+    # Written into a staging folder and renamed into place only once every graph of the module is whole, so an
+    # interrupted export leaves the previous files (and the manifest that lists them) as they were.
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=out_dir))
+    try:
+        entries = {spec.key: export_graph(spec, staging, dtype, ranges, checkpoint, source_hash, fingerprint)
+                   for spec in build_specs(model, name, dtype, shapes)}
+        for key, entry in entries.items():
+            stale = out_dir / f"{key}.onnx.data"
+            if entry["external_data"] is None and stale.exists():
+                stale.unlink()
+            for file in entry["files_sha256"]:
+                os.replace(staging / file, out_dir / file)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return entries
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest_file(path: Path) -> dict:
+    """manifest.json -> dict; ValueError naming the path when it is not a JSON object with a "modules" map."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: export manifest is damaged ({exc}); re-export with `python -m export`") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("modules"), dict):
+        raise ValueError(f"{path}: export manifest is damaged (no 'modules' map); re-export with `python -m export`")
+    return manifest
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(staging, path)  # a reader sees the old manifest or the new one, never half of one
 
 
 def export_all(model, modules, out_dir, dtype=torch.float32, shapes=None, checkpoint=None, source_hash=None,
@@ -377,17 +421,17 @@ def export_all(model, modules, out_dir, dtype=torch.float32, shapes=None, checkp
                          f"(dims: {', '.join(sorted(dims))})")
     out_dir = Path(out_dir)
     manifest_path = out_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"modules": {}}
+    manifest = read_manifest_file(manifest_path) if manifest_path.is_file() else {"modules": {}}
     if manifest.get("format") != FORMAT:
         manifest = {"modules": {}}
     for name in modules:
-        manifest["modules"] = {k: e for k, e in manifest["modules"].items() if e["module"] != name}
         start = time.perf_counter()
         entries = export_module(model, name, out_dir, dtype, shapes, checkpoint, source_hash, profile)
+        manifest["modules"] = {k: e for k, e in manifest["modules"].items() if e["module"] != name}
         manifest["modules"].update(entries)
+        manifest.update(format=FORMAT, omni_rt_version=omni_rt_version(), checkpoint=checkpoint,
+                        checkpoint_sha256=source_hash)
+        _write_manifest(manifest_path, manifest)  # after each module: the finished ones stay usable
         if on_module is not None:
             on_module(name, entries, time.perf_counter() - start)
-    manifest.update(format=FORMAT, omni_rt_version=omni_rt_version(), checkpoint=checkpoint,
-                    checkpoint_sha256=source_hash)
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_export import FORMAT, MODULES, source_module, weights_fingerprint
+from export.onnx_export import FORMAT, MODULES, file_sha256, read_manifest_file, source_module, weights_fingerprint
 from runtime.kv_cache import DynamicKVCache
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
@@ -45,7 +45,10 @@ def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no export manifest (run `python -m export ... --out {directory}`)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = read_manifest_file(path)
+    except ValueError as exc:
+        raise ManifestMismatch(str(exc)) from exc
     if manifest.get("format") != FORMAT:
         raise ManifestMismatch(f"{path}: export format {manifest.get('format')!r}, this omni-rt reads {FORMAT!r}; "
                                "re-export with `python -m export`")
@@ -64,14 +67,17 @@ def module_entries(manifest: dict, name: str, directory="") -> dict[str, dict]:
 def check_entry(entry: dict, name: str, source: nn.Module | None, dtype: torch.dtype | None = None,
                 shapes: dict[str, list] | None = None, fingerprint: str | None = None) -> None:
     """Refuse an exported module whose weights, dtype or static shapes differ from what the caller runs."""
+    # dtype first: the weights fingerprint covers the dtype too, so a bf16 engine beside an fp32 export would
+    # otherwise be told "other weights"
+    if dtype is not None and entry["dtype"] != str(dtype).replace("torch.", ""):
+        raise ManifestMismatch(f"{name}: exported in {entry['dtype']}, the runtime runs {dtype}; re-export with "
+                               f"--dtype {str(dtype).replace('torch.', '')} (or load the engine in {entry['dtype']})")
     if source is not None or fingerprint is not None:
         expected = fingerprint or weights_fingerprint(source)
         if entry["weights_sha256"] != expected:
             raise ManifestMismatch(
                 f"{name}: exported from other weights: manifest weights_sha256 {entry['weights_sha256']} "
                 f"(checkpoint {entry.get('checkpoint')}), loaded module has {expected}; re-export for this checkpoint")
-    if dtype is not None and entry["dtype"] != str(dtype).replace("torch.", ""):
-        raise ManifestMismatch(f"{name}: exported in {entry['dtype']}, the runtime runs {dtype}")
     for io in entry["inputs"]:
         want = (shapes or {}).get(io["name"])
         if want is None:
@@ -80,6 +86,22 @@ def check_entry(entry: dict, name: str, source: nn.Module | None, dtype: torch.d
             if isinstance(have, int) and have != need or len(io["shape"]) != len(want):
                 raise ManifestMismatch(f"{name}: input {io['name']} was exported with shape {io['shape']}, "
                                        f"the runtime needs {list(want)} (axis {axis}); re-export with --shapes")
+
+
+def verify_files(directory: str | Path, entry: dict, name: str) -> None:
+    """Recompute the sha256 of every file the manifest entry lists; ManifestMismatch naming the file that is
+    missing or differs (another export's .onnx.data, a graph from an interrupted re-export, a damaged copy)."""
+    hashes = entry.get("files_sha256")
+    if not isinstance(hashes, dict) or not hashes:
+        raise ManifestMismatch(f"{name}: the manifest in {directory} records no file hashes (an older export); "
+                               "re-export with `python -m export`")
+    for file, want in hashes.items():
+        path = Path(directory) / file
+        if not path.is_file():
+            raise ManifestMismatch(f"{name}: {path} is listed in the manifest but missing; re-export")
+        if file_sha256(path) != want:
+            raise ManifestMismatch(f"{name}: {path} is not the file this manifest was written with (sha256 differs:"
+                                   " another export's file, or an interrupted re-export); re-export this module")
 
 
 def bind_dims(entry: dict, name: str, shapes: list[tuple[int, ...]]) -> dict[str, int]:
@@ -148,6 +170,7 @@ class OrtModule:
             raise ManifestMismatch(f"{key}: exported in {', '.join(unsupported)}, which the ONNX Runtime backend does "
                                    f"not run (it takes {', '.join(_NP)}); build a TensorRT engine "
                                    "(python -m export.trt) or re-export with --dtype float32")
+        verify_files(directory, self.entry, key)  # last before the session: the files are what it will load
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(directory / self.entry["file"]), options,

@@ -58,7 +58,10 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, modules: list[str] 
     computes what the fp32 module does)."""
     trt = require_tensorrt()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
-    manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    from export.onnx_export import file_sha256
+    from export.ort import read_manifest, verify_files
+
+    manifest = read_manifest(onnx_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -77,6 +80,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, modules: list[str] 
             config.clear_flag(trt.BuilderFlag.TF32)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
+        verify_files(onnx_dir, entry, key)
         if not parser.parse_from_file(str(onnx_dir / entry["file"])):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise RuntimeError(f"{key}: TensorRT could not parse {entry['file']}: {errors}")
@@ -96,7 +100,8 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, modules: list[str] 
         (out_dir / f"{key}.engine").write_bytes(bytes(serialized))
         # "profile": the ranges this engine was built for (overrides included): what TrtModule enforces.
         built["modules"][key] = {**entry, "profile": {d: list(r) for d, r in profile.items()},
-                                 "engine": f"{key}.engine", "profile_shapes": used}
+                                 "engine": f"{key}.engine", "profile_shapes": used,
+                                 "files_sha256": {f"{key}.engine": file_sha256(out_dir / f"{key}.engine")}}
     cache_path.write_bytes(bytes(cache.serialize()))
     (out_dir / "manifest.json").write_text(json.dumps(built, indent=2) + "\n")
     return built
@@ -112,7 +117,7 @@ class TrtModule:
                  fingerprint: str | None = None):
         import torch
 
-        from export.ort import ManifestMismatch, check_entry, read_manifest
+        from export.ort import ManifestMismatch, check_entry, read_manifest, verify_files
 
         trt = require_tensorrt()
         directory = Path(directory)
@@ -127,6 +132,7 @@ class TrtModule:
             raise ManifestMismatch(f"{key}: engine built with TensorRT {manifest.get('tensorrt_version')}, this is "
                                    f"{trt.__version__}; engines are not portable across versions: rebuild")
         check_entry(self.entry, key, expect, dtype, shapes, fingerprint)
+        verify_files(directory, self.entry, key)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self._runtime.deserialize_cuda_engine((directory / self.entry["engine"]).read_bytes())
         if self.engine is None:

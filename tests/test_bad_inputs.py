@@ -2,9 +2,9 @@
 CASES by scripts/bad_inputs_table.py; a test below keeps it up to date).
 
 Each case builds its bad input in a temporary folder and calls the engine, the front ends, the checkpoint
-loader, the export tools or the CLI. API cases assert the error type, that the message names the input and
-says what is wrong, and that no request reached the engine (its loop never started). CLI cases assert exit
-code 2, exactly one line on stderr and no traceback.
+loader, the export tools or the two CLIs (`python -m runtime`, `python -m export`). API cases assert the error
+type, that the message names the input and says what is wrong, and that no request reached the engine (its loop
+never started). CLI cases assert exit code 2, exactly one line on stderr naming the input, and no traceback.
 """
 
 from __future__ import annotations
@@ -26,19 +26,20 @@ from tests import bad_input_files as files
 @dataclass(frozen=True)
 class Case:
     id: str
-    area: str  # audio | image | video | text | options | checkpoint | export | cli
+    area: str  # audio | image | video | text | options | checkpoint | export | cli | export-cli
     what: str  # the bad input, in words (a row of the docs table)
-    error: type  # the exception type raised (CLI cases: the one behind the exit code 2)
+    error: type  # the exception type raised (CLI cases: the one behind the exit code 2; SystemExit: a usage error)
     names: str  # text the message must contain: the input's name (index, file, field, row)
     says: str  # regex the message must match: what is wrong with it
     run: Callable  # run(ctx): raises for API cases; returns argv for CLI cases
 
 
 class Ctx:
-    """What cases build on: a tiny checkpoint, an engine on it, a temporary folder."""
+    """What cases build on: a tiny checkpoint, an engine on it, a temporary folder, and for export cases two
+    exports of the tiny preset's code predictor (seeds 0 and 1)."""
 
-    def __init__(self, engine, checkpoint: Path, tmp: Path):
-        self.engine, self.checkpoint, self.tmp = engine, checkpoint, tmp
+    def __init__(self, engine, checkpoint: Path, tmp: Path, exports=None):
+        self.engine, self.checkpoint, self.tmp, self.exports = engine, checkpoint, tmp, exports
 
     def copy_checkpoint(self) -> Path:
         target = self.tmp / "checkpoint-copy"
@@ -253,7 +254,59 @@ def _damaged(ctx, damage):
     return path
 
 
-CASES: list[Case] = AUDIO + IMAGE + VIDEO + TEXT + OPTIONS + CHECKPOINT + CLI
+def _export_cli(*argv):
+    return lambda ctx: ["--preset", "tiny", "--modules", "code_predictor", "--out", str(ctx.tmp / "export"),
+                        *argv]
+
+
+def _open_export(ctx, damage: Callable[[Path, Path], None], **kwargs):
+    """Copy the seed-0 export, damage it (given the seed-1 export too), open its code_predictor graph."""
+    from export.ort import OrtModule
+
+    first, other = ctx.exports
+    target = ctx.tmp / "export-copy"
+    shutil.copytree(first, target)
+    damage(target, other)
+    return OrtModule(target, "code_predictor", **kwargs)
+
+
+def _swap(*names):
+    return lambda target, other: [shutil.copyfile(other / n, target / n) for n in names]
+
+
+def _bf16_against_fp32(ctx):
+    from export.ort import OrtModule
+    from runtime.weights import init_random
+
+    model = init_random("tiny", "cpu", torch.bfloat16, seed=0)
+    OrtModule(ctx.exports[0], "code_predictor", expect=model.talker.code_predictor, dtype=torch.bfloat16)
+
+
+EXPORT = [
+    Case("export-data-swapped", "export", "another export's .onnx.data swapped in", ValueError,
+         "code_predictor.onnx.data", "sha256 differs", lambda ctx: _open_export(ctx, _swap("code_predictor.onnx.data"))),
+    Case("export-interrupted", "export", "graph files of an interrupted re-export beside the old manifest",
+         ValueError, "code_predictor.onnx", "not the file this manifest was written with",
+         lambda ctx: _open_export(ctx, _swap("code_predictor.onnx", "code_predictor.onnx.data"))),
+    Case("export-missing-file", "export", "a listed .onnx.data deleted", ValueError, "code_predictor.onnx.data",
+         "missing", lambda ctx: _open_export(ctx, lambda t, o: (t / "code_predictor.onnx.data").unlink())),
+    Case("export-manifest-corrupt", "export", "manifest.json that is not JSON", ValueError, "manifest.json",
+         "damaged", lambda ctx: _open_export(ctx, lambda t, o: (t / "manifest.json").write_text("{\"modules\": "))),
+    Case("export-dtype", "export", "a bfloat16 engine given a float32 export", ValueError, "bfloat16",
+         "exported in float32, the runtime runs torch.bfloat16", _bf16_against_fp32),
+    Case("export-profile-min-gt-max", "export-cli", "--profile batch=4:2:1 (min > max)", SystemExit,
+         "batch=4:2:1", "MIN <= OPT <= MAX", _export_cli("--profile", "batch=4:2:1")),
+    Case("export-profile-bogus-dim", "export-cli", "--profile bogus=1:1:2 (no module has it)", ValueError, "bogus",
+         "no exported module has a dynamic dim", _export_cli("--profile", "bogus=1:1:2")),
+    Case("export-profile-zero-frames", "export-cli", "--profile frames=0:0:0", SystemExit, "frames=0:0:0",
+         "1 <= MIN", _export_cli("--modules", "code2wav", "--profile", "frames=0:0:0")),
+    Case("export-audio-frames-0", "export-cli", "--shapes audio_frames=0", SystemExit, "audio_frames=0",
+         "sizes >= 1", _export_cli("--modules", "audio_encoder", "--shapes", "audio_frames=0")),
+    Case("export-profile-not-numbers", "export-cli", "--profile batch=1:x:4", SystemExit, "batch=1:x:4",
+         "MIN:OPT:MAX", _export_cli("--profile", "batch=1:x:4")),
+]
+
+CASES: list[Case] = AUDIO + IMAGE + VIDEO + TEXT + OPTIONS + CHECKPOINT + CLI + EXPORT
 
 
 @pytest.fixture(scope="module")
@@ -273,10 +326,11 @@ def engine(checkpoint):
 def test_enough_cases_in_every_area():
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
     areas = {c.area for c in CASES}
-    assert {"audio", "image", "video", "text", "options", "checkpoint", "cli"} <= areas, areas
+    assert {"audio", "image", "video", "text", "options", "checkpoint", "cli", "export", "export-cli"} <= areas, areas
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.area not in ("cli", "export")], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in CASES if c.area not in ("cli", "export", "export-cli")],
+                         ids=lambda c: c.id)
 def test_bad_input_api(case, engine, checkpoint, tmp_path):
     pytest.importorskip("soundfile")
     if case.area == "video":
@@ -292,6 +346,81 @@ def test_bad_input_api(case, engine, checkpoint, tmp_path):
     assert time.perf_counter() - start < 60, f"{case.id}: the error came only after {time.perf_counter() - start} s"
 
 
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """The tiny preset's code predictor exported twice, from seeds 0 and 1 (~20 s each)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript", reason="onnxscript not installed (torch.onnx dynamo exporter)")
+    from export.onnx_export import export_all
+    from runtime.weights import init_random
+
+    out = []
+    for seed in (0, 1):
+        folder = tmp_path_factory.mktemp(f"export{seed}")
+        export_all(init_random("tiny", "cpu", torch.float32, seed=seed).eval(), ["code_predictor"], folder,
+                   checkpoint=f"preset:tiny:seed={seed}")
+        out.append(folder)
+    return out
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.area == "export"], ids=lambda c: c.id)
+def test_bad_input_export(case, exports, tmp_path):
+    from export.ort import OrtModule
+
+    with pytest.raises(case.error) as raised:
+        case.run(Ctx(None, None, tmp_path, exports))
+    message = str(raised.value)
+    assert case.names in message and _search(case.says, message), f"{case.id}: {message}"
+    OrtModule(exports[0], "code_predictor")  # the intact export still opens
+
+
+def test_interrupted_reexport(exports, tmp_path, monkeypatch):
+    """A re-export that dies inside a module leaves the previous export whole and usable; one that dies after
+    renaming its files but before the manifest is refused by file name, never run with the wrong weights."""
+    import export.onnx_export as onnx_export
+    from export.ort import ManifestMismatch, OrtModule
+    from runtime.weights import init_random
+
+    target = tmp_path / "export"
+    shutil.copytree(exports[0], target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    old_model = init_random("tiny", "cpu", torch.float32, seed=0).eval()
+    new_model = init_random("tiny", "cpu", torch.float32, seed=1).eval()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C mid-export raises
+
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_export, "export_graph", crash)
+        with pytest.raises(KeyboardInterrupt):
+            onnx_export.export_all(new_model, ["code_predictor"], target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before, "files and manifest untouched, no staging"
+    OrtModule(target, "code_predictor", expect=old_model.talker.code_predictor)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_export, "_write_manifest", crash)
+        with pytest.raises(KeyboardInterrupt):
+            onnx_export.export_all(new_model, ["code_predictor"], target)
+    assert (target / "manifest.json").read_bytes() == before["manifest.json"]
+    with pytest.raises(ManifestMismatch, match="code_predictor.onnx.* not the file this manifest was written with"):
+        OrtModule(target, "code_predictor", expect=old_model.talker.code_predictor)
+    onnx_export.export_all(new_model, ["code_predictor"], target)  # a finished re-export is usable again
+    OrtModule(target, "code_predictor", expect=new_model.talker.code_predictor)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.area == "export-cli"], ids=lambda c: c.id)
+def test_bad_input_export_cli(case, tmp_path, capsys):
+    from export.__main__ import main
+
+    argv = case.run(Ctx(None, None, tmp_path))
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, f"{case.id}: exit {code}, stderr {err!r}"
+    assert case.names in lines[0] and _search(case.says, lines[0]), f"{case.id}: {lines[0]!r}"
+    assert not (tmp_path / "export" / "manifest.json").exists(), "refused before anything was exported"
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.area == "cli"], ids=lambda c: c.id)
 def test_bad_input_cli(case, checkpoint, tmp_path, capsys):
     from runtime.__main__ import main
@@ -304,6 +433,17 @@ def test_bad_input_cli(case, checkpoint, tmp_path, capsys):
     assert code == 2, f"{case.id}: exit code {code}, stderr {err!r}"
     assert len(lines) == 1 and "Traceback" not in err, f"{case.id}: stderr is not one line: {err!r}"
     assert case.names in lines[0] and _search(case.says, lines[0]), f"{case.id}: {lines[0]!r}"
+
+
+def test_engine_serves_after_bad_inputs(engine, tmp_path):
+    """Runs after the API cases (file order): none of them left the engine unable to serve."""
+    for case in AUDIO[:3] + TEXT[:3]:
+        with pytest.raises(case.error):
+            case.run(Ctx(engine, None, tmp_path))
+    result = engine.generate("hi", audio=_tone(), sample_rate=16000, max_new_tokens=3, return_audio=False)
+    assert result.sequences.shape[1] > 3
+    stream = engine.stream(text="hi", max_new_tokens=2, return_audio=False)
+    assert sum(1 for _ in stream) >= 1
 
 
 def test_cli_debug_shows_the_traceback(checkpoint, tmp_path, capsys):
