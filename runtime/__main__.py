@@ -185,8 +185,15 @@ def _one_line(err: BaseException) -> str:
     return f"error: {text}"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr with exit code 2, like every other error here (`--help` shows usage)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
+    parser = _Parser(prog="python -m runtime", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
