@@ -94,6 +94,8 @@ AUDIO = [
          gen(text="hi", audio=np.zeros((800, 2), np.float32), sample_rate=16000)),
     Case("audio-complex", "audio", "complex waveform", ValueError, "audio 0", "real float",
          gen(text="hi", audio=np.ones(800, np.complex64), sample_rate=16000)),
+    Case("audio-int16", "audio", "int16 PCM samples (raw scale, not [-1, 1])", ValueError, "audio 0",
+         "integer dtype torch.int16.*32768", gen(text="hi", audio=np.zeros(800, np.int16), sample_rate=16000)),
     Case("audio-empty", "audio", "zero-length waveform", ValueError, "audio 0", "empty",
          gen(text="hi", audio=np.zeros(0, np.float32), sample_rate=16000)),
     Case("audio-corrupt-file", "audio", "random bytes named .wav", ValueError, "noise.wav", "could not decode",

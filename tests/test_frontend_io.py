@@ -204,3 +204,34 @@ def test_meminfo_is_read():
 
     free = available_bytes("cpu")
     assert free is None or free > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Raw inputs that are fine
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from runtime.engine import OmniEngine
+    from runtime.tiny import write_tiny_checkpoint
+
+    return OmniEngine.from_pretrained(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
+
+
+def test_bare_video_array_is_one_video(engine, rng):
+    clip = rng.integers(0, 256, (4, 64, 96, 3), dtype=np.uint8)
+    bare, listed = engine.prepare("hi", videos=clip), engine.prepare("hi", videos=[clip])
+    assert torch.equal(bare.input_ids, listed.input_ids)
+    assert torch.equal(bare.inputs.pixel_values_videos, listed.inputs.pixel_values_videos)
+    two = engine.prepare("hi", videos=np.stack([clip, clip]))  # [N, T, H, W, 3]: N videos
+    assert two.inputs.video_grid_thw.shape[0] == 2
+
+
+def test_sample_rate_forms_accepted(engine, rng):
+    pytest.importorskip("soxr")
+    wave = (0.1 * rng.standard_normal(8000)).astype(np.float32)
+    want = engine.prepare("hi", audio=wave, sample_rate=16000)
+    for rate in (np.int64(16000), 16000.0):
+        got = engine.prepare("hi", audio=wave, sample_rate=rate)
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.inputs.input_features,
+                                                                         want.inputs.input_features)

@@ -62,8 +62,12 @@ def load_waveform(audio, sample_rate, what: str) -> torch.Tensor:
         waveform = torch.as_tensor(np.asarray(audio) if not isinstance(audio, torch.Tensor) else audio)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{what}: expected a file path or a 1-D float waveform, got {type(audio).__name__}") from exc
-    if waveform.is_complex() or waveform.dtype == torch.bool or not (waveform.is_floating_point()
-                                                                      or waveform.dtype in INT_DTYPES):
+    if waveform.dtype in INT_DTYPES:
+        # Integer PCM would be fed at its raw scale (x32768 for int16): the log-mel features would be shifted and
+        # the answer quietly wrong. Say how to convert instead of guessing the convention.
+        raise ValueError(f"{what}: expected real float samples in [-1, 1], got integer dtype {waveform.dtype}; "
+                         "convert first (int16 PCM: samples / 32768)")
+    if waveform.is_complex() or not waveform.is_floating_point():
         raise ValueError(f"{what}: expected real float samples, got dtype {waveform.dtype}")
     if waveform.dim() != 1:
         raise ValueError(f"{what}: audio waveform must be 1-D (mono samples), got shape {tuple(waveform.shape)}")
