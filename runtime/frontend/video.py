@@ -57,13 +57,37 @@ def sample_frame_indices(total_num_frames: int, video_fps: float, fps: float = 1
     return np.arange(0, total_num_frames, step).astype(np.int64)[:num_frames]
 
 
-def _decode_frames(container, path: str) -> tuple[list[np.ndarray], float]:
-    stream = container.streams.video[0]
-    rate = stream.average_rate or stream.guessed_rate
-    if not rate:
-        raise ValueError(f"video file {path}: the video stream states no frame rate")
-    frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    return frames, float(rate)
+def _frame_count(path: str, av) -> int:
+    """Frames in the first video stream: its header count (what transformers' PyAV reader uses), else counted by
+    decoding (some containers do not state it)."""
+    with av.open(path) as container:
+        stated = container.streams.video[0].frames
+        if stated:
+            return int(stated)
+        return sum(1 for _ in container.decode(container.streams.video[0]))
+
+
+def _decode_frames(path: str, av, fps: float, min_frames: int, max_frames: int, temporal_patch_size: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """-> (sampled frames [N, H, W, 3] uint8, their indices). Only the sampled frames are converted and kept, so a
+    long clip never sits in memory whole."""
+    total = _frame_count(path, av)
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate:
+            raise ValueError(f"video file {path}: the video stream states no frame rate")
+        indices = sample_frame_indices(total, float(rate), fps, min_frames, max_frames, temporal_patch_size)
+        wanted, frames = set(indices.tolist()), []
+        for i, frame in enumerate(container.decode(stream)):
+            if i > indices[-1]:
+                break
+            if i in wanted:
+                frames.append(frame.to_ndarray(format="rgb24"))
+    if len(frames) != len(indices):
+        raise ValueError(f"video file {path}: states {total} frames but only {i + 1 if total else 0} could be "
+                         "decoded (truncated?)")
+    return np.stack(frames), indices
 
 
 def _decode_audio(path: str) -> np.ndarray | None:
@@ -102,13 +126,10 @@ def load_video(path: str | os.PathLike, fps: float = 1.0, min_frames: int = MIN_
         with av.open(path) as container:
             if not container.streams.video:
                 raise ValueError(f"video file {path}: no video stream")
-            frames, video_fps = _decode_frames(container, path)
+        frames, indices = _decode_frames(path, av, fps, min_frames, max_frames, temporal_patch_size)
         track = _decode_audio(path) if with_audio else None
     except av.FFmpegError as exc:
         raise ValueError(f"could not decode video file {path}: {exc}") from exc
-    if not frames:
-        raise ValueError(f"video file {path}: no frames could be decoded")
     if with_audio and (track is None or track.size == 0):
         raise ValueError(f"video file {path} has no audio track, but use_audio_in_video=True asks for it")
-    indices = sample_frame_indices(len(frames), video_fps, fps, min_frames, max_frames, temporal_patch_size)
-    return VideoClip(np.stack([frames[i] for i in indices]), fps, indices, track)
+    return VideoClip(frames, fps, indices, track)
