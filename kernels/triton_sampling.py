@@ -93,3 +93,6 @@ def sample(logits: torch.Tensor, history: torch.Tensor, params: SamplingTensors,
            steps: torch.Tensor, stage: int, suppress: torch.Tensor | None = None) -> torch.Tensor:
     """kernels.sampling.sample_ref's contract, with the draw fused into one Triton kernel."""
     return sample_draw(filter_logits_ref(logits, history, params, suppress), seeds, steps, params, stage)
+
+
+TRITON_OPS = {"sample": sample}  # runtime/dispatch.py registers these for the triton backend

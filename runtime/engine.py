@@ -33,7 +33,8 @@ from runtime.frontend import vision as vision_frontend
 from runtime.frontend.prompt import DEFAULT_SYSTEM_PROMPT, tokenize_chat_text
 from runtime.models.omni import OmniModel, build_model
 from runtime.models.thinker import MultimodalInputs
-from runtime.options import GenerationOptions, Request, SchedulerConfig
+from runtime.options import GenerationOptions, Request, SchedulerConfig, resolve_sampling, sampling_options
+from runtime.sampling import StageSampling
 
 AudioInput = str | os.PathLike | torch.Tensor | np.ndarray
 # Exported backends (export/ort.py) the scheduler runs: the modules it calls as they are (encoders, code
@@ -85,6 +86,7 @@ class OmniEngine:
         self._closed = False
         self._serving_lock = threading.RLock()  # two first requests from two threads build one scheduler
         self.backends: dict[str, object] = {}  # module -> exported backend plugged in (export/ort.py)
+        self.sampling = StageSampling()  # per-stage sampling defaults: the checkpoint's generation_config.json
 
     # ------------------------------------------------------------------ construction
 
@@ -135,7 +137,9 @@ class OmniEngine:
             from runtime.frontend.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_dir(name)
-        return cls(config, model, tokenizer, device, dtype, scheduler, kernels)
+        engine = cls(config, model, tokenizer, device, dtype, scheduler, kernels)
+        engine.sampling = StageSampling.from_checkpoint(name)
+        return engine
 
     # ------------------------------------------------------------------ inputs
 
@@ -233,27 +237,32 @@ class OmniEngine:
                  pixel_values_videos=None, video_grid_thw=None, video_second_per_grid=None,
                  use_audio_in_video: bool = False, video_fps: float = 1.0, system: str | None = DEFAULT_SYSTEM_PROMPT,
                  speaker: str | None = None, max_new_tokens: int = 128, talker_max_new_tokens: int = 1024,
-                 do_sample: bool = False, return_audio: bool | None = None) -> GenerateResult:
+                 return_audio: bool | None = None, **sampling) -> GenerateResult:
         """Generate text (and speech when `return_audio`, default: whenever the checkpoint can speak).
 
         Give either raw inputs (a conversation as `messages`, or text / audio / images / videos; see `prepare`)
         or processor tensors (input_ids and friends).
-        Greedy decoding (`do_sample=False`) is the supported mode. Runs as the engine runs every request: one
-        session per prompt row in the scheduler, all to completion (runtime/batch.py assembles the result).
+        Runs as the engine runs every request: one session per prompt row in the scheduler, all to completion
+        (runtime/batch.py assembles the result).
+        sampling: keywords as transformers names them (runtime.options.SAMPLING_KEYWORDS): `do_sample`,
+        `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty` for the thinker, the same with `talker_`
+        and `code_predictor_` for those stages, and `seed`; unset ones take the checkpoint's defaults
+        (`engine.sampling`, README "Sampling"). Each row of a batch draws with its own seed: seed + row.
         """
+        sampling = sampling_options(self.sampling, **sampling)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         prompt = self._prompt(text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
                               feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                               video_grid_thw, video_second_per_grid, use_audio_in_video, video_fps, system,
-                              do_sample, messages=messages)
+                              messages=messages)
         timings["preprocess"] = time.perf_counter() - start
 
         from runtime.batch import assemble, check_prompt, row_result, split_rows
         from runtime.streaming import consume_together
 
         options = GenerationOptions(max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens,
-                                    speaker=speaker, return_audio=return_audio)
+                                    speaker=speaker, return_audio=return_audio, **sampling)
         self._refuse_unsupported_backends("generate()")
         check_prompt(prompt.input_ids, prompt.attention_mask, max_new_tokens,
                      self.config.thinker.text.max_position_embeddings)
@@ -263,7 +272,9 @@ class OmniEngine:
         start = time.perf_counter()
         with dispatch.active(self.kernels):  # splitting a batch runs the audio encoder here, on this thread
             rows = split_rows(prompt, self.model.thinker)
-        streams = [self.submit(replace(request, prompt=row), started=start) for row in rows]
+        seed = request.options.seed
+        streams = [self.submit(Request(row, replace(request.options, seed=(seed + i) % 2 ** 63)), started=start)
+                   for i, row in enumerate(rows)]
         events = consume_together(streams)
         total = time.perf_counter() - start
         want_audio, eos = request.options.return_audio, self.config.im_end_token_id
@@ -297,25 +308,25 @@ class OmniEngine:
                pixel_values_videos=None, video_grid_thw=None, video_second_per_grid=None,
                use_audio_in_video: bool = False, video_fps: float = 1.0, system: str | None = DEFAULT_SYSTEM_PROMPT,
                speaker: str | None = None, max_new_tokens: int = 128, talker_max_new_tokens: int = 1024,
-               do_sample: bool = False, return_audio: bool | None = None, audio_format: str = "float32",
-               chunk_frames: int = 1):
+               return_audio: bool | None = None, audio_format: str = "float32", chunk_frames: int = 1, **sampling):
         """Like `generate`, but returns a `Stream` of TextDelta and AudioChunk events as they are ready
         (runtime/streaming.py: iterate it, or `async for` it); `stream.timings` holds the request's timing
         record. One request (batch 1). audio_format: "float32" or "pcm16" samples; chunk_frames: codec frames
         per AudioChunk (80 ms each). Options are checked as runtime.options.GenerationOptions; input errors are
-        raised here, before any model work. Safe from any thread: the engine loop runs the request."""
+        raised here, before any model work. Safe from any thread: the engine loop runs the request. sampling: as
+        in `generate`; with a seed, a stream gives what `generate` gives for that request."""
         from runtime.streaming import StreamTimings
 
         started = time.perf_counter()
         options = GenerationOptions(max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens,
                                     speaker=speaker, return_audio=return_audio, audio_format=audio_format,
-                                    chunk_frames=chunk_frames)
+                                    chunk_frames=chunk_frames, **sampling_options(self.sampling, **sampling))
         self._check_speaker(options.speaker)
         self._refuse_unsupported_backends("stream()")
         prompt = self._prompt(text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
                               feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                               video_grid_thw, video_second_per_grid, use_audio_in_video, video_fps, system,
-                              do_sample, messages=messages)
+                              messages=messages)
         request = self._request(prompt, options)
         return self.submit(request, StreamTimings(preprocess=time.perf_counter() - started), started)
 
@@ -323,6 +334,7 @@ class OmniEngine:
         """A checked prompt (on the device) and its options resolved against this checkpoint: return_audio a
         bool, the speaker a lower-case voice name."""
         want_audio = self._want_audio(options.return_audio, prompt, options.speaker, options.max_new_tokens)
+        options = resolve_sampling(options, self.sampling)
         return Request(prompt, replace(options, speaker=(options.speaker or "ethan").lower(), return_audio=want_audio))
 
     # ------------------------------------------------------------------ serving
@@ -397,9 +409,7 @@ class OmniEngine:
 
     def _prompt(self, text, audio, sample_rate, images, videos, input_ids, attention_mask, input_features,
                 feature_attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                video_second_per_grid, use_audio_in_video, video_fps, system, do_sample, messages=None) -> Prompt:
-        if do_sample:
-            raise NotImplementedError("do_sample=True is not supported yet; use greedy decoding (do_sample=False)")
+                video_second_per_grid, use_audio_in_video, video_fps, system, messages=None) -> Prompt:
         if input_ids is None:
             prompt = self.prepare(text, audio, sample_rate, images, videos, video_fps, system, use_audio_in_video,
                                   messages=messages)

@@ -8,9 +8,17 @@ model work, with a message naming the field; both are frozen, so nothing changes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+
+import secrets
+
+from runtime.sampling import SamplingParams, StageSampling, code_predictor_for
 
 AUDIO_FORMATS = ("float32", "pcm16")
+SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+STAGE_PREFIXES = {"thinker": "", "talker": "talker_", "code_predictor": "code_predictor_"}
+# generate / stream keywords, as transformers names them: do_sample, talker_top_k, code_predictor_top_p, ...
+SAMPLING_KEYWORDS = tuple(prefix + name for prefix in STAGE_PREFIXES.values() for name in SAMPLING_FIELDS) + ("seed",)
 
 
 def _check_int(owner: str, name: str, value, minimum: int) -> None:
@@ -80,6 +88,10 @@ class GenerationOptions:
     return_audio: speak the answer; None = whenever the checkpoint can.
     audio_format: samples of AudioChunk, "float32" in [-1, 1] or "pcm16" (stream only).
     chunk_frames: codec frames (80 ms each) per AudioChunk (stream only).
+    thinker, talker, code_predictor: how each stage picks its tokens (runtime.sampling.SamplingParams); None =
+      the checkpoint's generation_config.json, else the released defaults (the engine resolves them).
+    seed: the request's random seed (0 <= seed < 2**63); its sampled output depends on nothing else (not on the
+      sessions beside it, nor on generate vs stream). None = a fresh seed drawn per request.
     """
 
     max_new_tokens: int = 128
@@ -88,6 +100,10 @@ class GenerationOptions:
     return_audio: bool | None = None
     audio_format: str = "float32"
     chunk_frames: int = 1
+    thinker: SamplingParams | None = None
+    talker: SamplingParams | None = None
+    code_predictor: SamplingParams | None = None
+    seed: int | None = None
 
     def __post_init__(self):
         _check_int("GenerationOptions", "max_new_tokens", self.max_new_tokens, 1)
@@ -99,6 +115,51 @@ class GenerationOptions:
         if self.audio_format not in AUDIO_FORMATS:
             raise ValueError(f"GenerationOptions.audio_format must be one of {', '.join(AUDIO_FORMATS)}, "
                              f"got {self.audio_format!r}")
+        for stage in STAGE_PREFIXES:
+            value = getattr(self, stage)
+            if value is not None and not isinstance(value, SamplingParams):
+                raise TypeError(f"GenerationOptions.{stage} must be a runtime.sampling.SamplingParams or None, "
+                                f"got {value!r}")
+        if self.seed is not None:
+            _check_int("GenerationOptions", "seed", self.seed, 0)
+            if self.seed >= 2 ** 63:
+                raise ValueError(f"GenerationOptions.seed must be < 2**63, got {self.seed}")
+
+
+def sampling_options(defaults: StageSampling, **keywords) -> dict:
+    """generate / stream sampling keywords (SAMPLING_KEYWORDS: `temperature`, `talker_top_k`,
+    `code_predictor_do_sample`, ..., `seed`) -> GenerationOptions fields (thinker, talker, code_predictor, seed):
+    each stage's keywords override its `defaults`; a stage given none keeps None (the engine's defaults). The code
+    predictor follows `talker_do_sample` when it is given and `code_predictor_do_sample` is not, as transformers
+    does. Unknown keywords are a TypeError naming them."""
+    unknown = sorted(set(keywords) - set(SAMPLING_KEYWORDS))
+    if unknown:
+        raise TypeError(f"unknown keyword argument(s) {', '.join(unknown)}; sampling keywords: "
+                        f"{', '.join(SAMPLING_KEYWORDS)}")
+    out = {"seed": keywords.get("seed")}
+    for stage, prefix in STAGE_PREFIXES.items():
+        given = {name: keywords[prefix + name] for name in SAMPLING_FIELDS if keywords.get(prefix + name) is not None}
+        if stage == "code_predictor" and "do_sample" not in given and keywords.get("talker_do_sample") is not None:
+            given["do_sample"] = bool(keywords["talker_do_sample"])
+        if not given:
+            out[stage] = None
+            continue
+        try:
+            out[stage] = replace(getattr(defaults, stage), **given)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{prefix or 'thinker '}sampling: {error}") from error
+    return out
+
+
+def resolve_sampling(options: GenerationOptions, defaults: StageSampling) -> GenerationOptions:
+    """Every stage's SamplingParams set (a stage left None takes `defaults`; a code predictor left None follows
+    a given talker's do_sample) and a seed: the given one, else a fresh one from the OS's generator."""
+    talker = options.talker or defaults.talker
+    code_predictor = options.code_predictor or (code_predictor_for(talker) if options.talker is not None
+                                                else defaults.code_predictor)
+    seed = options.seed if options.seed is not None else secrets.randbits(63)
+    return replace(options, thinker=options.thinker or defaults.thinker, talker=talker,
+                   code_predictor=code_predictor, seed=seed)
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ code-0 suppress mask, the talker's CUDA stream, and one step function per stage:
 
     thinker_prefill   one prefill chunk of one slot, front-padded to a static bucket
     talker_prefill    the same for the talker's prompt
-    thinker_decode    one token for a batch of slots -> logits
-    talker_decode     one talker input per slot -> (logits, hidden)
-    code_predictor    one whole frame (codebooks 1..G−1) per row
+    thinker_decode    one token for a batch of slots -> the next tokens, sampled
+    talker_decode     one talker input per slot -> (code 0, sampled with the control ids suppressed, hidden)
+    code_predictor    one whole frame (codebooks 1..G−1) per row, each code sampled
     code2wav          one frame's samples per slot, after each slot's first frame
+    code2wav_first    a slot's first frame (its transposed convs trim their left edge: fewer samples)
 
 Each step function has static shapes and no host reads, so it is what a CUDA graph captures (`capture_plan`
 lists every stage at every bucket; runtime/graphs.py captures exactly that list and replays it) and, on the
@@ -16,6 +17,11 @@ CPU or with graphs off, what runs eagerly. The host-level methods (`thinker_deco
 `code_predictor_frame`, `code2wav_frame`; the prefills in runtime/prefill.py) check limits on the host, pad,
 and run a step through its graph or eagerly (`run`): the scheduler (policy, runtime/scheduler.py) and the
 talker's tick (runtime/speech.py) call only those.
+
+Sampling lives inside the steps (runtime/sampling.py SlotSampling per stage: parameters, seeds, step counters
+and repetition-penalty histories per slot, set on admission by `admit`), so a graph replay samples every row
+with its own request's parameters. The host learns the tokens through `read_back`, the tick's one blocking
+device-to-host read; host ints go to the device through `indices` (pinned, non-blocking on a GPU).
 
 Shapes: B = rows of one batched step, C = a prefill bucket, H = hidden size, G = code groups, V = vocab.
 """
@@ -34,7 +40,10 @@ from runtime.kv_cache import StaticKVCache
 from runtime.models.code2wav import Code2WavSlots
 from runtime.models.decoder import DeepStack
 from runtime.models.talker import code0_suppress_mask
-from runtime.options import SchedulerConfig
+from kernels.sampling import STAGE_CODE_PREDICTOR, STAGE_TALKER, STAGE_THINKER
+from runtime.options import GenerationOptions, SchedulerConfig
+from runtime.sampling import SlotSampling
+from runtime.transfers import HostTransfers
 
 TALKER_PROMPT_EXTRA = 9  # assistant positions the talker prompt adds after the user part (MODEL_SPEC §8.3)
 
@@ -43,9 +52,14 @@ TALKER_PROMPT_EXTRA = 9  # assistant positions the talker prompt adds after the 
 BATCHED = {
     "thinker_decode": ((0, 1, 0), (0, 0, -1)),
     "talker_decode": ((0, 1, 0), (0, 0, -1)),
-    "code_predictor": ((0, 0), (0, 0)),
+    "code_predictor": ((0, 0, 0), (0, 0, -1)),
     "code2wav": ((0, 0), (0, -1)),
+    "code2wav_first": ((0, 0), (0, -1)),
 }
+
+
+# Stages that run on the talker's CUDA stream (their graphs replay there, in that stream's memory pool).
+TALKER_STAGES = ("talker_prefill", "talker_decode", "code_predictor", "code2wav", "code2wav_first")
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,7 @@ class ModelRunner:
         self.accept_layer = config.talker.accept_hidden_layer if self.speech else 0
         slots = options.max_sessions
         self.thinker_cache = StaticKVCache.for_decoder(text_cfg, slots, self.max_seq_len, self.dtype, self.device)
+        self.sampling = {"thinker": SlotSampling(slots, self.max_seq_len, STAGE_THINKER, self.device)}
         self.talker_cache = self.code2wav_slots = self.suppress = None
         self.talker_max_len = 0
         if self.speech:
@@ -88,9 +103,12 @@ class ModelRunner:
             self.suppress = code0_suppress_mask(model.talker.cfg, self.device)  # [V]
             self.suppress_for = model.talker.cfg.codec_eos_token_id
             self.code2wav_slots = Code2WavSlots(model.code2wav, slots, self.device, self.dtype)
+            self.sampling["talker"] = SlotSampling(slots, self.talker_max_len, STAGE_TALKER, self.device)
+            self.sampling["code_predictor"] = SlotSampling(slots, 0, STAGE_CODE_PREDICTOR, self.device)
         # Streams only where CUDA runs: the runner is also built on fake `cuda` tensors without a GPU.
         on_gpu = self.device.type == "cuda" and torch.cuda.is_available()
         self.talker_stream = torch.cuda.Stream(self.device) if self.speech and on_gpu else None
+        self.transfers = HostTransfers(self.device, on_gpu, self.talker_stream)
         steps = set(exported) & EXPORTED_STEPS
         self.exported = ExportedSteps(self, steps) if steps else None
         use_graphs = options.use_graphs
@@ -106,10 +124,12 @@ class ModelRunner:
         self.steps: dict[str, Callable] = {
             "thinker_prefill": self.thinker_prefill_step, "thinker_decode": self.thinker_decode_step,
             "talker_prefill": self.talker_prefill_step, "talker_decode": self.talker_decode_step,
-            "code_predictor": self.code_predictor_step, "code2wav": self.code2wav_step}
+            "code_predictor": self.code_predictor_step, "code2wav": self.code2wav_step,
+            "code2wav_first": self.code2wav_first_step}
         self.graphs = None
         if use_graphs:
-            self.graphs = GraphRunner(self.device, max_batch=slots)
+            talker_streams = {name: self.talker_stream for name in TALKER_STAGES} if self.speech else {}
+            self.graphs = GraphRunner(self.device, max_batch=slots, stage_streams=talker_streams)
             self.graphs.capture_all(self.capture_plan())
 
     # ------------------------------------------------------------------ slots
@@ -124,6 +144,15 @@ class ModelRunner:
                 self.talker_cache.reset(slot)
                 self.code2wav_slots.reset(slot)
 
+    def admit(self, slot: int, options: GenerationOptions, prompt_ids: torch.Tensor) -> None:
+        """A new request's sampling state in its slot (options resolved: every stage set, a seed); the thinker's
+        repetition-penalty history starts with the prompt ids [1, L], as transformers' input_ids do."""
+        self.sampling["thinker"].admit(slot, options.thinker, options.seed, prompt_ids)
+        if self.speech:
+            with self.on_talker_stream():
+                self.sampling["talker"].admit(slot, options.talker, options.seed)
+                self.sampling["code_predictor"].admit(slot, options.code_predictor, options.seed)
+
     def on_talker_stream(self):
         """The talker's CUDA stream as a context (nothing on the CPU)."""
         return torch.cuda.stream(self.talker_stream) if self.talker_stream is not None else nullcontext()
@@ -132,11 +161,12 @@ class ModelRunner:
         return self.indices(slots)
 
     def indices(self, values: list[int]) -> torch.Tensor:
-        """[n] int64 on the runner's device from host ints: on a GPU through pinned memory, copied without
-        blocking the host (a pageable host-to-device copy waits for the stream)."""
-        if self.device.type != "cuda" or not torch.cuda.is_available():
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-        return torch.tensor(values, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+        """[n] int64 on the runner's device from host ints (runtime/transfers.py: pinned, non-blocking)."""
+        return self.transfers.to_device(values)
+
+    def read_back(self, *tensors: torch.Tensor) -> list[list[int]]:
+        """The tick's one blocking device-to-host read: integer tensors -> their values, one list each."""
+        return self.transfers.read_back(*tensors)
 
     # ------------------------------------------------------------------ step functions (what graphs capture)
 
@@ -152,12 +182,12 @@ class ModelRunner:
         return out.hidden[:, -1], out.layer_outputs[self.accept_layer - 1]
 
     def thinker_decode_step(self, tokens, positions, slots) -> tuple[torch.Tensor]:
-        """tokens [B], positions [3, B, 1], slots [B] (−1 = padded row) -> (logits [B, V],)."""
+        """tokens [B], positions [3, B, 1], slots [B] (−1 = padded row) -> (next tokens [B],), sampled."""
         thinker = self.model.thinker
         view = self.thinker_cache.view(slots, 1, 1)
         hidden = thinker.model(thinker.model.embed_tokens(tokens[:, None]), positions, None, view).hidden
         view.commit()
-        return (thinker.lm_head(hidden[:, -1]),)
+        return (self.sampling["thinker"].sample(thinker.lm_head(hidden[:, -1]), slots),)
 
     def talker_prefill_step(self, embeds, positions, slots, num_valid) -> tuple[torch.Tensor, torch.Tensor]:
         """embeds [1, C, H], positions [3, 1, C], slots [1], num_valid [1] -> (logits [1, V], hidden [1, H])
@@ -168,26 +198,46 @@ class ModelRunner:
         return logits[:, -1], hidden[:, -1]
 
     def talker_decode_step(self, embeds, positions, slots) -> tuple[torch.Tensor, torch.Tensor]:
-        """embeds [B, 1, H], positions [3, B, 1], slots [B] -> (logits [B, V], hidden [B, H])."""
+        """embeds [B, 1, H], positions [3, B, 1], slots [B] -> (code 0 [B], hidden [B, H]): code 0 sampled with
+        the control ids suppressed (MODEL_SPEC §8.2)."""
         view = self.talker_cache.view(slots, 1, 1)
         logits, hidden = self.model.talker(embeds, positions, None, view)
         view.commit()
-        return logits[:, -1], hidden[:, -1]
+        return self.sampling["talker"].sample(logits[:, -1], slots, self.suppress), hidden[:, -1]
 
-    def code_predictor_step(self, hidden, code0) -> tuple[torch.Tensor]:
-        """hidden [B, H], code0 [B] -> (codes [B, G],): the code predictor's whole frame."""
-        return (self.model.talker.predict_frame(hidden, code0),)
+    def code_predictor_step(self, hidden, code0, slots) -> tuple[torch.Tensor]:
+        """hidden [B, H], code0 [B], slots [B] -> (codes [B, G],): the code predictor's whole frame. Code g of
+        frame k is drawn at step k * G + g (k: the talker's steps so far − 1), its history the frame's codes so
+        far (transformers' code-predictor generate starts its input_ids empty)."""
+        sampler, groups = self.sampling["code_predictor"], self.config.talker.num_code_groups
+        rows = sampler.rows(slots)
+        first_step = (self.sampling["talker"].steps[rows] - 1) * groups  # [B]
+        history = torch.full((slots.shape[0], groups - 1), -1, dtype=torch.long, device=slots.device)
+        drawn = []
+
+        def choose(logits):  # called once per codebook 1..G-1, in order
+            code = sampler.draw(logits, rows, history, first_step + len(drawn) + 1)
+            history[:, len(drawn)] = code
+            drawn.append(code)
+            return code
+
+        return (self.model.talker.predict_frame(hidden, code0, sample_fn=choose),)
 
     def code2wav_step(self, codes, slots) -> tuple[torch.Tensor]:
         """codes [B, G, 1], slots [B] -> (samples [B, 1, hop],) of slots past their first frame."""
         return (self.model.code2wav.decode_frame(codes, self.code2wav_slots.view(slots, first=False)),)
+
+    def code2wav_first_step(self, codes, slots) -> tuple[torch.Tensor]:
+        """codes [B, G, 1], slots [B] -> (samples [B, 1, num_samples(1)],) of slots on their first frame."""
+        return (self.model.code2wav.decode_frame(codes, self.code2wav_slots.view(slots, first=True)),)
 
     def capture_plan(self) -> list[StageSpec]:
         """Every stage the runner captures at every bucket, largest first (the smaller graphs reuse the larger
         ones' pool blocks): prefill chunks per prefill bucket, then each decode stage per batch bucket. The
         example inputs are all padded rows (slot −1): running them touches only the scratch slots."""
         prefill = ["thinker_prefill"] + (["talker_prefill"] if self.speech else [])
-        batched = ["thinker_decode"] + (["talker_decode", "code_predictor", "code2wav"] if self.speech else [])
+        batched = ["thinker_decode"] + (["talker_decode", "code_predictor", "code2wav", "code2wav_first"]
+                                        if self.speech else [])
         plan = [StageSpec(name, size, self.steps[name], self._example_inputs(name, size))
                 for size in reversed(self.prefill_buckets) for name in prefill]
         plan += [StageSpec(name, size, self.steps[name], self._example_inputs(name, size))
@@ -212,9 +262,9 @@ class ModelRunner:
             return torch.zeros(size, **index), positions, padded
         if name == "talker_decode":
             return torch.zeros(size, 1, talker_hidden, **kw), positions, padded
-        if name == "code2wav":
+        if name in ("code2wav", "code2wav_first"):
             return torch.zeros(size, cfg.code2wav.num_quantizers, 1, **index), padded
-        return torch.zeros(size, talker_hidden, **kw), torch.zeros(size, **index)  # code_predictor
+        return torch.zeros(size, talker_hidden, **kw), torch.zeros(size, **index), padded  # code_predictor
 
     def run(self, name: str, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """One stage: its graph's replay when captured, else the step function eagerly."""
@@ -225,41 +275,51 @@ class ModelRunner:
     # ------------------------------------------------------------------ host-level steps
 
     def thinker_decode(self, tokens, positions, slots: list[int], longest: int) -> torch.Tensor:
-        """tokens [B], positions [3, B, 1] -> logits [B, V]; `longest`: the longest row's length after it."""
+        """tokens [B], positions [3, B, 1] -> next tokens [B]; `longest`: the longest row's length after it."""
         check_room(self.thinker_cache, longest)
+        slot_ids = self.slot_ids(slots)
         if self.exported is not None and self.exported.thinker:
-            return self.exported.thinker_decode(tokens, positions, slots)
-        return self.run("thinker_decode", (tokens, positions, self.slot_ids(slots)))[0]
+            return self.sampling["thinker"].sample(self.exported.thinker_decode(tokens, positions, slots), slot_ids)
+        return self.run("thinker_decode", (tokens, positions, slot_ids))[0]
 
     def talker_decode(self, embeds, positions, slots: list[int], longest: int):
-        """embeds [B, 1, H], positions [3, B, 1] -> (logits [B, V], hidden [B, H])."""
+        """embeds [B, 1, H], positions [3, B, 1] -> (code 0 [B], hidden [B, H])."""
         check_room(self.talker_cache, longest)
+        self._check_suppress()
+        slot_ids = self.slot_ids(slots)
         if self.exported is not None and self.exported.talker:
-            return self.exported.talker_decode(embeds, positions, slots)
-        return self.run("talker_decode", (embeds, positions, self.slot_ids(slots)))
+            logits, hidden = self.exported.talker_decode(embeds, positions, slots)
+            return self.sampling["talker"].sample(logits, slot_ids, self.suppress), hidden
+        return self.run("talker_decode", (embeds, positions, slot_ids))
 
-    def code0(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] -> code 0 [B], greedy with the control ids suppressed (MODEL_SPEC §8.2)."""
+    def first_token(self, logits: torch.Tensor, slot: int) -> torch.Tensor:
+        """The prompt's last logits [1, V] -> the first generated token [1], sampled as the decode steps do."""
+        return self.sampling["thinker"].sample(logits, self.slot_ids([slot]))
+
+    def first_code0(self, logits: torch.Tensor, slot: int) -> torch.Tensor:
+        """The talker prompt's last logits [1, V] -> code 0 of the first frame [1] (control ids suppressed)."""
+        self._check_suppress()
+        return self.sampling["talker"].sample(logits, self.slot_ids([slot]), self.suppress)
+
+    def _check_suppress(self) -> None:
+        # the mask spares the talker's current EOS id; rewritten in place, as the captured steps read it
         talker_cfg = self.model.talker.cfg
-        if self.suppress_for != talker_cfg.codec_eos_token_id:  # the mask spares the talker's current EOS id
-            self.suppress = code0_suppress_mask(talker_cfg, self.device)
+        if self.suppress_for != talker_cfg.codec_eos_token_id:
+            self.suppress.copy_(code0_suppress_mask(talker_cfg, self.device))
             self.suppress_for = talker_cfg.codec_eos_token_id
-        return logits.masked_fill(self.suppress, float("-inf")).argmax(-1)
 
-    def code_predictor_frame(self, hidden, code0) -> torch.Tensor:
-        """hidden [B, H], code0 [B] -> codes [B, G]."""
-        return self.run("code_predictor", (hidden, code0))[0]
+    def code_predictor_frame(self, hidden, code0, slots: list[int]) -> torch.Tensor:
+        """hidden [B, H], code0 [B] -> codes [B, G] (code 0, then the code predictor's sampled codes)."""
+        return self.run("code_predictor", (hidden, code0, self.slot_ids(slots)))[0]
 
     def code2wav_frame(self, codes, slots: list[int], first: bool) -> torch.Tensor:
         """codes [B, G] of one new frame per slot -> samples [B, n] float32. A slot's first frame (`first`:
-        all rows are, else none) runs eagerly: its transposed convs still trim their left edge."""
+        all rows are, else none) has its own stage (code2wav_first): its transposed convs still trim their left
+        edge, so it makes fewer samples."""
         if self.exported is not None and self.exported.code2wav:
             return torch.stack(self.exported.code2wav_frame(codes, slots)).float()
         frame, slot_ids = codes[:, :, None], self.slot_ids(slots)  # [B, G, 1]
-        if first:
-            wav = self.model.code2wav.decode_frame(frame, self.code2wav_slots.view(slot_ids, first=True))
-        else:
-            wav = self.run("code2wav", (frame, slot_ids))[0]
+        wav = self.run("code2wav_first" if first else "code2wav", (frame, slot_ids))[0]
         return wav[:, 0].float()
 
 def prefill_buckets(prefill_chunk: int) -> list[int]:

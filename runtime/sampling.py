@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import torch
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -107,3 +109,60 @@ def _override(params: SamplingParams, config: dict, prefix: str) -> SamplingPara
         return replace(params, **given)
     except (TypeError, ValueError) as error:
         raise ValueError(f"generation_config: {prefix or 'thinker '}sampling parameters: {error}") from error
+
+
+class SlotSampling:
+    """One stage's sampling state per scheduler slot, on the device: what its captured decode step reads and
+    advances, so a graph replay samples every row with its own request's parameters, seed and history.
+
+    params: SamplingTensors [slots + 1] (set on admission); seeds, steps: [slots + 1] int64 (steps advanced by
+    `sample`); history: [slots + 1, history_len] int64 token ids for the repetition penalty, -1 = empty,
+    written by `sample` at `filled`. Row `slots` is the scratch row of padded rows (slot -1).
+    """
+
+    def __init__(self, slots: int, history_len: int, stage: int, device):
+        from kernels.sampling import SamplingTensors
+
+        self.stage, self.scratch = stage, slots
+        rows = slots + 1
+        index = dict(dtype=torch.long, device=device)
+        self.params = SamplingTensors.greedy(rows, device)
+        self.seeds, self.steps, self.filled = (torch.zeros(rows, **index) for _ in range(3))
+        self.history = torch.full((rows, max(history_len, 1)), -1, **index)
+
+    def admit(self, slot: int, params: SamplingParams, seed: int, prefix: torch.Tensor | None = None) -> None:
+        """A new request in `slot` (outside any graph): its parameters and seed, step 0, its history emptied
+        (then `prefix` [n] int64 on the device, the prompt for the thinker, as transformers' input_ids)."""
+        self.params.set_row(slot, params)
+        self.seeds[slot] = seed
+        self.steps[slot] = 0
+        self.history[slot].fill_(-1)
+        count = 0 if prefix is None else min(prefix.numel(), self.history.shape[1])
+        if count:
+            self.history[slot, :count].copy_(prefix.reshape(-1)[:count])
+        self.filled[slot] = count
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """[B] slot ids, -1 = padded -> [B] rows of the state (padded rows read and write the scratch row)."""
+        return torch.where(slots < 0, self.scratch, slots)
+
+    def draw(self, logits: torch.Tensor, rows: torch.Tensor, history: torch.Tensor, steps: torch.Tensor,
+             suppress: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V], rows [B], history [B, H], steps [B] -> [B] int64 tokens (the dispatched `sample` op)."""
+        from kernels.sampling import SamplingTensors
+        from runtime import dispatch
+
+        params = SamplingTensors(**{name: getattr(self.params, name)[rows] for name in SamplingTensors.DTYPES})
+        return dispatch.sample(logits, history, params, self.seeds[rows], steps, self.stage, suppress)
+
+    def sample(self, logits: torch.Tensor, slots: torch.Tensor, suppress: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V], slots [B] (-1 = padded) -> [B] tokens drawn at each row's step, which then advances;
+        each token joins its row's history. Graph-safe: gathers, a draw and in-place scatters only."""
+        rows = self.rows(slots)
+        steps = self.steps[rows]
+        tokens = self.draw(logits, rows, self.history[rows], steps, suppress)
+        filled = self.filled[rows]
+        self.history.index_put_((rows, filled.clamp(max=self.history.shape[1] - 1)), tokens)
+        self.filled.index_put_((rows,), filled + 1)
+        self.steps.index_put_((rows,), steps + 1)
+        return tokens

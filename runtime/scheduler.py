@@ -4,15 +4,17 @@ Each tick (`Scheduler.step`):
   1. admit waiting sessions into free slots (FIFO), each slot reset first (never trusted from its last user);
   2. one prefill chunk of the oldest session still prefilling (chunked, so a long prompt never stalls the
      others' audio for more than one chunk); its last chunk yields t1 and, with speech, the talker prefill;
-  3. one thinker decode step for every session still generating text (one batch), launched now, its tokens
-     taken at the end of the tick;
-  4. on the talker's stream (GPU), overlapping the thinker step: the frames of every session whose talker
-     has fresh logits (runtime/speech.py), then one talker step for every session whose next input is ready;
-  5. the thinker's tokens of step 3; sessions with nothing left finish.
+  3. one thinker decode step for every session still generating text (one batch), launched now; it samples
+     the next tokens on the device;
+  4. on the talker's stream (GPU), overlapping the thinker step: the frames of every session whose code 0
+     was read back (runtime/speech.py), then one talker step (sampling code 0) for every session whose next
+     input is ready;
+  5. one read-back, the tick's only blocking device-to-host read: the thinker's tokens of step 3 and the
+     talker's new code 0s (`ModelRunner.read_back`); sessions with nothing left finish.
 
 A batched step that raises is retried row by row: only the sessions that fail alone fail (state "failed",
-the error kept for their stream), the others go on. With greedy decoding each session's tokens, codes and
-audio equal what it gives alone, whatever runs beside it. The model work is the runner's (runtime/runner.py),
+the error kept for their stream), the others go on. Sampling draws from (the request's seed, the stage, the
+step), so each session's tokens, codes and audio equal what it gives alone, whatever runs beside it. The model work is the runner's (runtime/runner.py),
 the per-request rules the session's (runtime/session.py).
 """
 
@@ -108,21 +110,21 @@ class Scheduler:
             session = self.waiting.popleft()
             session.slot, session.state = self.free_slots.pop(0), "prefill"
             self.runner.reset_slot(session.slot)
+            self.runner.admit(session.slot, session.options, session.request.prompt.input_ids)
             self.live.append(session)
         prefilling = [s for s in self.live if s.state == "prefill"]
         if prefilling:
             self._guarded([prefilling[0]], self._prefill_chunk)
-        # The thinker step is launched first and its tokens taken last: on a GPU the talker's work runs on its
-        # own stream meanwhile, so the two decoders overlap (the host reads each one's result only when needed).
+        # The thinker step is launched first and its tokens read last: on a GPU the talker's work runs on its
+        # own stream meanwhile, so the two decoders overlap; the host then reads both in one read-back.
         thinking = [s for s in self.live if s.state == "decode" and not s.thinker.done]
         decoded = self._guarded(thinking, self._thinker_decode)
         with self.runner.on_talker_stream():
-            self._guarded([s for s in self.live if s.talker is not None and s.talker.logits is not None],
+            self._guarded([s for s in self.live if s.talker is not None and s.talker.code0_value is not None],
                           lambda sessions: speech.frames(self.runner, sessions))
             self._guarded([s for s in self.live if s.talker is not None and s.talker.codes is not None
                            and s.text_ready()], lambda sessions: speech.talker_decode(self.runner, sessions))
-        if decoded:
-            self._take_tokens([s for s, _ in decoded], torch.cat([logits for _, logits in decoded]))
+        self._read_back([(s, token) for s, token in decoded if not s.finished])
         for session in list(self.live):
             if session.done:
                 self._guarded([session], lambda one: one[0].finish())  # the tokenizer's last text may fail
@@ -162,7 +164,8 @@ class Scheduler:
         th.positions = th.prompt.positions[:, :, -1:]
         th.prompt = None
         session.state = "decode"
-        self._take_tokens([session], logits)
+        token = runner.first_token(logits, session.slot)  # [1]
+        self._take_tokens([session], [token], runner.read_back(token)[0])
         if session.speaks and not th.done and not session.finished:  # t1 is fed next: the talker can start now
             if runner.talker_stream is not None:  # it reads the thinker prefill's states
                 runner.talker_stream.wait_stream(torch.cuda.current_stream(runner.device))
@@ -173,14 +176,26 @@ class Scheduler:
         tokens = torch.cat([s.thinker.next_token for s in sessions])  # [B]
         positions = torch.cat([s.thinker.positions + 1 for s in sessions], dim=1)  # [3, B, 1]
         longest = max(s.thinker.prompt_len + len(s.thinker.tokens) for s in sessions)
-        logits = self.runner.thinker_decode(tokens, positions, [s.slot for s in sessions], longest)
+        chosen = self.runner.thinker_decode(tokens, positions, [s.slot for s in sessions], longest)  # [B]
         for i, session in enumerate(sessions):
             session.thinker.positions = positions[:, i:i + 1]
-        return list(logits[:, None])  # [1, V] per session; tokens are taken after the talker's work is launched
+        return list(chosen[:, None])  # [1] per session, read after the talker's work is launched
 
-    def _take_tokens(self, sessions: list[Session], logits: torch.Tensor) -> None:
-        """Greedy next token of each session from logits [B, V]."""
-        chosen = logits.argmax(-1)  # [B]
-        for i, (session, token) in enumerate(zip(sessions, chosen.tolist())):
+    def _read_back(self, decoded: list[tuple[Session, torch.Tensor]]) -> None:
+        """The tick's one blocking read: the thinker tokens just sampled ([1] per session in `decoded`) and every
+        talker code 0 sampled but not read yet; then the text deltas and stop rules that need them."""
+        talkers = [s for s in self.live if s.talker is not None and s.talker.code0 is not None
+                   and s.talker.code0_value is None and not s.finished]
+        tokens = torch.cat([token for _, token in decoded]) if decoded else None
+        code0 = torch.cat([s.talker.code0 for s in talkers]) if talkers else None
+        values = self.runner.read_back(*(t for t in (tokens, code0) if t is not None)) if decoded or talkers else []
+        if decoded:
+            self._take_tokens([s for s, _ in decoded], [t for _, t in decoded], values.pop(0))
+        for session, value in zip(talkers, values.pop(0) if talkers else []):
+            session.talker.code0_value = value
+
+    def _take_tokens(self, sessions: list[Session], tokens: list[torch.Tensor], values: list[int]) -> None:
+        """Each session's next token: [1] on the device (fed at its next decode step) and its value on the host."""
+        for session, token, value in zip(sessions, tokens, values):
             # per session (its detokenizer may fail), and not for one cancelled since its row was computed
-            self._guarded([session], lambda one: one[0].take_token(token, chosen[i:i + 1]))
+            self._guarded([session], lambda one: one[0].take_token(value, token))

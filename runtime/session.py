@@ -45,8 +45,9 @@ class TalkerProgress:
     positions: torch.Tensor  # [3, 1, 1] position of the last fed input
     tts_eos: torch.Tensor  # [H] projected tts_eos
     tts_pad: torch.Tensor  # [H] projected tts_pad
-    logits: torch.Tensor | None = None  # [1, V] fresh logits: code 0 of the next frame not taken yet
-    hidden: torch.Tensor | None = None  # [1, H] the final-norm state that produced `logits`
+    code0: torch.Tensor | None = None  # [1] code 0 of the next frame, sampled, its frame not made yet
+    hidden: torch.Tensor | None = None  # [1, H] the final-norm state that produced `code0`
+    code0_value: int | None = None  # `code0` on the host (the tick's read-back), None until read
     codes: torch.Tensor | None = None  # [1, G] the last frame, waiting for its text to be fed back
     frame: int = 0  # frames produced
     waiting: list = field(default_factory=list)  # frames decoded, not sent yet: [G] each
@@ -144,7 +145,7 @@ class Session:
         tk = self.talker
         if tk.waiting:
             self._send_audio()
-        tk.done, tk.codes, tk.logits, tk.hidden = True, None, None, None
+        tk.done, tk.codes, tk.code0, tk.code0_value, tk.hidden = True, None, None, None, None
 
     def _send_audio(self) -> None:
         """One AudioChunk of the decoded frames not sent yet."""

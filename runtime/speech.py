@@ -1,12 +1,13 @@
 """The talker's side of a scheduler tick (MODEL_SPEC §8-11): a session's talker prompt and prefill, its frames
 (code 0 -> code predictor -> Code2Wav) and the talker decode step that follows each frame.
 
-Frame loop of one session (greedy, as transformers' `generate(..., talker_do_sample=False,
-talker_repetition_penalty=1.0)`):
-    prefill the talker prompt -> logits of its last position -> code 0 (control ids suppressed)
+Frame loop of one session (as transformers' `generate`, sampled with the request's talker and code-predictor
+parameters inside the runner's steps; greedy = `talker_do_sample=False, talker_repetition_penalty=1.0`):
+    prefill the talker prompt -> logits of its last position -> code 0 (control ids suppressed, sampled)
     per frame k: the code predictor fills codebooks 1..G-1 from (talker hidden, code 0); Code2Wav decodes the
                  frame's final samples from the session's streaming state
                  next talker input = frame_input(codes_k, text of frame k) -> one talker step -> code 0
+    code 0 reaches the host with the tick's one read-back (runtime/scheduler.py), for the stop rule.
     stop at codec EOS or at the last allowed step (runtime/session.py holds the rules).
 
 Shapes: B = sessions in one batched step, P = talker prompt length, G = num_code_groups, H = hidden size.
@@ -56,7 +57,7 @@ def _talker_view(config):
 
 def start_talker(runner, session: Session) -> None:
     """The talker prompt of a session whose thinker prefill has just given t1 (MODEL_SPEC §8.3: it needs only
-    the prompt's states and t1), prefilled into the session's talker slot: fresh logits for code 0."""
+    the prompt's states and t1), prefilled into the session's talker slot: code 0 of the first frame."""
     model, cfg = runner.model, runner.config
     prompt, th = session.request.prompt, session.thinker
     embeds = torch.cat([e for e, _ in th.states], dim=1)  # [1, L, Ht]
@@ -76,21 +77,21 @@ def start_talker(runner, session: Session) -> None:
     tts_eos, tts_pad = model.talker.project_text(embed_tokens(special))
     logits, hidden = talker_prefill(runner, talker_prompt.inputs_embeds, positions, session.slot)
     session.talker = TalkerProgress(talker_prompt.inputs_embeds.shape[1], positions[:, :, -1:], tts_eos, tts_pad,
-                                    logits, hidden)
+                                    runner.first_code0(logits, session.slot), hidden)
 
 
 def frames(runner, sessions: list[Session]) -> None:
-    """Code 0 from each session's fresh logits; for those whose speech goes on, the code predictor's frame
-    (one batch) and Code2Wav (sessions on their first frame in one batch, the others in another). The model
+    """Sessions whose code 0 was read back: for those whose speech goes on, the code predictor's frame (one
+    batch) and Code2Wav (sessions on their first frame in one batch, the others in another). The model
     work comes first and the sessions change only after it all succeeded, so a failed batch can be retried
     row by row (Code2Wav's conv states are the exception: they update in place, layer by layer)."""
-    code0 = runner.code0(torch.cat([s.talker.logits for s in sessions]))  # [B]
-    going = [i for i, (s, code) in enumerate(zip(sessions, code0.tolist())) if not s.speech_ends(code)]
+    going = [i for i, s in enumerate(sessions) if not s.speech_ends(s.talker.code0_value)]
     codes = samples = None
     if going:
         tick = time.perf_counter()
         hidden = torch.cat([sessions[i].talker.hidden for i in going])  # [B', H]
-        codes = runner.code_predictor_frame(hidden, code0[runner.indices(going)])  # [B', G]
+        code0 = torch.cat([sessions[i].talker.code0 for i in going])  # [B']
+        codes = runner.code_predictor_frame(hidden, code0, [sessions[i].slot for i in going])  # [B', G]
         predictor_s = time.perf_counter() - tick
         samples, spent = [None] * len(going), [0.0] * len(going)
         for first in (True, False):
@@ -102,7 +103,7 @@ def frames(runner, sessions: list[Session]) -> None:
                 for j, r in enumerate(rows):
                     samples[r], spent[r] = wav[j], elapsed
     for i, session in enumerate(sessions):
-        session.talker.logits = None
+        session.talker.code0 = session.talker.code0_value = None
         if i not in going:
             session.end_speech()
     for row, i in enumerate(going):
@@ -112,21 +113,20 @@ def frames(runner, sessions: list[Session]) -> None:
 
 
 def talker_decode(runner, sessions: list[Session]) -> None:
-    """One talker step for every session whose last frame and its text are ready: fresh logits for code 0."""
+    """One talker step for every session whose last frame and its text are ready: code 0 of its next frame."""
     model = runner.model
-    texts = []
-    for session in sessions:
-        text = session.frame_text()
-        if isinstance(text, int):  # a fed text token: its thinker embedding, projected
-            token = runner.indices([text])
-            text = model.talker.project_text(model.thinker.model.embed_tokens(token))
-        texts.append(text)
+    texts = [session.frame_text() for session in sessions]
+    fed = [i for i, text in enumerate(texts) if isinstance(text, int)]
+    if fed:  # fed text tokens: their thinker embeddings (one host-to-device copy), each projected on its own row
+        embedded = model.thinker.model.embed_tokens(runner.indices([texts[i] for i in fed]))  # [n, Ht]
+        for row, i in enumerate(fed):
+            texts[i] = model.talker.project_text(embedded[row:row + 1])
     embeds = torch.cat([model.talker.frame_input(s.talker.codes, text)
                         for s, text in zip(sessions, texts)])  # [B, 1, H]
     positions = torch.cat([s.talker.positions + 1 for s in sessions], dim=1)  # [3, B, 1]
     longest = max(s.talker.prompt_len + s.talker.frame for s in sessions)
-    logits, hidden = runner.talker_decode(embeds, positions, [s.slot for s in sessions], longest)
+    code0, hidden = runner.talker_decode(embeds, positions, [s.slot for s in sessions], longest)
     for i, session in enumerate(sessions):
         tk = session.talker
         tk.positions, tk.codes = positions[:, i:i + 1], None
-        tk.logits, tk.hidden = logits[i:i + 1], hidden[i:i + 1]
+        tk.code0, tk.code0_value, tk.hidden = code0[i:i + 1], None, hidden[i:i + 1]
