@@ -173,14 +173,19 @@ def render(messages: list[dict], chat_template: str | None, add_generation_promp
         return build_chat(messages, system=None, add_generation_prompt=add_generation_prompt, **template_kwargs)
     import jinja2
 
-    if not any(isinstance(m["content"], str) and m["content"].strip() or isinstance(m["content"], list) and any(
-            p["type"] != "text" or p["text"].strip() for p in m["content"]) for m in messages if m["role"] != "system"):
+    if not any(_has_content(m["content"]) for m in messages if m["role"] != "system"):
         raise ValueError("empty prompt: no text and no media in the conversation")
     try:
         return _compile(chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                               **template_kwargs)
     except jinja2.TemplateError as exc:
         raise ValueError(f"the checkpoint's chat_template failed on these messages: {exc}") from exc
+
+
+def _has_content(content) -> bool:
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(part["type"] != "text" or part["text"].strip() for part in content)
 
 
 def conversation(messages, chat_template: str | None, system: str | None = None,
