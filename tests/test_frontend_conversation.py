@@ -157,3 +157,42 @@ def test_cli_messages_file(checkpoint, tmp_path, rng, capsys):
                  "--out", str(out), "--max-new-tokens", "3", "--talker-max-new-tokens", "5"]) == 0
     assert "text:" in capsys.readouterr().out
     assert soundfile.info(out).format == "FLAC"
+
+
+def test_template_features_render_as_transformers_renders_them(checkpoint):
+    """A template using what Hub templates use (namespace, loop controls, loop.last, tojson with non-ASCII,
+    raise_exception, whitespace control, trim_blocks/lstrip_blocks) renders as transformers renders it."""
+    from transformers import AutoTokenizer
+
+    from runtime.frontend.conversation import render
+
+    template = (
+        "{%- set ns = namespace(users=0) %}\n"
+        "{%- for m in messages %}\n"
+        "    {%- if m.role == 'user' %}{% set ns.users = ns.users + 1 %}{% endif %}\n"
+        "<|im_start|>{{ m.role }}\n"
+        "    {%- if m.content is string %}\n{{ m.content }}\n"
+        "    {%- else %}\n"
+        "        {%- for p in m.content %}\n"
+        "            {%- if p.type == 'text' %}{{ p.text }}{% elif 'image' in p %}<|vision_start|><|image_pad|>"
+        "<|vision_end|>{% elif p.type == 'audio' %}<|audio_start|><|audio_pad|><|audio_end|>{% endif %}\n"
+        "            {%- if p.type == 'stop' %}{% break %}{% endif %}\n"
+        "        {%- endfor %}\n"
+        "    {%- endif %}\n"
+        "<|im_end|>{{ '\\n' if not loop.last else '' }}\n"
+        "{%- endfor %}\n"
+        "{%- if ns.users == 0 %}{{ raise_exception('no user turn') }}{% endif %}\n"
+        "{{- '\\n<|im_start|>assistant\\n' if add_generation_prompt }}"
+        "{{- {'meta': 'café ☕'} | tojson if messages | length > 2 }}")
+    hf = AutoTokenizer.from_pretrained(str(checkpoint))
+    messages = [{"role": "system", "content": "Rules: be brief."},
+                {"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Hi?"},
+                                             {"type": "audio", "audio": "q.wav"}]},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Ünïcödé and more"}]
+    for turns in (messages, messages[1:2]):
+        for gen in (True, False):
+            want = hf.apply_chat_template(turns, chat_template=template, tokenize=False, add_generation_prompt=gen)
+            assert render(turns, template, add_generation_prompt=gen) == want
+    with pytest.raises(ValueError, match="chat_template failed.*no user turn"):
+        render([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}], template)
