@@ -1,9 +1,8 @@
 """Kernels, host syncs, host copies and weight bytes per stage at the released 30B-A3B shapes, on the CPU.
 
-What cannot be timed without a GPU can be counted: each stage the runtime captures (ModelRunner.capture_plan),
-plus Code2Wav's first frame (eager today), runs once on the
-meta device in bf16 with the chosen kernels under runtime/graph_audit.py's StepAudit (its docstring has the
-counting rules). The table and bench/results/launches.json give, per stage: kernel launches, host syncs, H2D and
+What cannot be timed without a GPU can be counted: each stage the runtime captures (ModelRunner.capture_plan,
+Code2Wav's first frame `code2wav_first` among them) runs once on the meta device in bf16 with the chosen
+kernels under runtime/graph_audit.py's StepAudit (its docstring has the counting rules). The table and bench/results/launches.json give, per stage: kernel launches, host syncs, H2D and
 D2H copies, the weight bytes it reads, and two floors — the bytes at nominal HBM bandwidth of an H100 SXM and an
 H200, and the launches at 1.5 µs per dependent graph node — then the totals of a steady-state tick and of the
 first-packet path.
@@ -69,8 +68,6 @@ def measure(kernels: str, slots: int) -> list[dict]:
             report, _ = model.audit(spec.fn, spec.example_inputs, strict=False)
             unit = "tokens" if "prefill" in spec.name else "rows"
             rows.append(_row(f"{spec.name}[{spec.size}]", report, f"captured; {spec.size} {unit}"))
-        rows.append(_row("code2wav_first[1]", _code2wav_first(model, runner),
-                         "eager today: a session's first frame trims the transposed convs' left edge"))
 
     rows.append(_total("steady-state tick (1 session)", rows,
                        ["thinker_decode[1]", "talker_decode[1]", "code_predictor[1]", "code2wav[1]"],
@@ -82,18 +79,6 @@ def measure(kernels: str, slots: int) -> list[dict]:
                        "host from the clip lengths, and a boolean mask selects its valid tokens: it cannot run on "
                        "meta tensors) and the talker prompt build between the stages"))
     return rows
-
-
-def _code2wav_first(model, runner):
-    quantizers = runner.config.code2wav.num_quantizers
-    codes = torch.zeros(1, quantizers, 1, dtype=torch.long, device=runner.device)
-    slots = torch.zeros(1, dtype=torch.long, device=runner.device)
-
-    def first_frame(codes, slots):
-        return (model.model.code2wav.decode_frame(codes, runner.code2wav_slots.view(slots, first=True)),)
-
-    report, _ = model.audit(first_frame, (codes, slots), strict=False)
-    return report
 
 
 def print_table(rows: list[dict]) -> None:

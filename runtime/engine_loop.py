@@ -212,6 +212,7 @@ class EngineLoop:
     def _deliver(self) -> None:
         """Each session's new events into its queue; a finished session's queue ends (with its error)."""
         for session_id, (session, queue) in list(self._queues.items()):
+            session.deliver_audio()  # packets whose samples reached the host during the tick (never waits)
             if session.events:
                 events = []
                 while session.events:

@@ -4,15 +4,25 @@ replayed, so a decode step costs one launch instead of hundreds (at batch 1 the 
 
 - Persistent input buffers per captured step; a batch of n sessions runs in the smallest bucket >= n, the
   extra rows padded with slot −1 (they write only the caches' scratch slot and their outputs are dropped).
-- All graphs share one memory pool and are captured largest bucket first, so the smaller ones reuse its
-  blocks (`capture_all`, run when the runner is built: capture is warm-up work, never on a request's path).
+- One memory pool per replay stream. The thinker's graphs replay on the main stream, the talker's (talker
+  prefill and decode, the code predictor's frame, Code2Wav's frames) on the talker stream, and the two run
+  concurrently. Graphs that share a pool reuse each other's intermediate blocks, which is safe only for graphs
+  that never run at the same time: graphs on one stream are serialised by it, graphs on two streams are not
+  (a shared pool would be silent memory corruption). So each stream gets its own pool
+  (`torch.cuda.graph_pool_handle()`), and its graphs are captured on that stream (a side stream for the
+  main one when it is the default stream, which cannot capture) so their blocks belong to it. Within a pool
+  graphs are captured largest bucket first, so the smaller ones reuse its blocks (`capture_all`, run when
+  the runner is built: capture is warm-up work, never on a request's path).
+- A stage replays on its own stream whoever calls it: from another stream, its stream first waits for the
+  caller's (the inputs), and the caller's waits for it after (the outputs); both are events, no host sync.
 - Nothing inside a step syncs with the host: slot lengths, write positions and expert routing stay on the
   device. That needs graph-safe implementations of the ops whose torch references read values back to the
   host (GRAPH_UNSAFE_REFERENCES); the runner refuses to capture with those selected, naming them.
 
 Captured stages: thinker decode, talker decode, the code predictor's whole frame (its G−1 sequential steps
-in one graph), Code2Wav's frame decode from per-slot streaming states (after a session's first frame,
-which trims the transposed convs' left edge and runs eagerly), and thinker prefill chunks: one graph per
+in one graph), Code2Wav's frame decode from per-slot streaming states (`code2wav`, after a session's first
+frame) and Code2Wav's first frame (`code2wav_first`: it trims the transposed convs' left edge, so it makes fewer
+samples), and thinker prefill chunks: one graph per
 chunk bucket (runtime/runner.py prefill_buckets), the chunk front-padded to it (padded tokens write only
 the scratch slot; DeepStack additions come in dense), and talker prefill chunks the same way. The encoders,
 the embedding merge and the talker prompt's construction run eagerly.
@@ -77,13 +87,30 @@ class GraphRunner:
     """Captured stages of one model runner (runtime/runner.py): `capture_all` captures the runner's capture plan,
     `replay` runs one stage from its persistent buffers and returns copies of the real rows' outputs."""
 
-    def __init__(self, device: torch.device, max_batch: int):
-        if device.type != "cuda" or not torch.cuda.is_available():
+    def __init__(self, device: torch.device, max_batch: int, stage_streams: dict | None = None, cuda=torch.cuda):
+        """stage_streams: stage name -> the stream its graph replays on (the talker's stages: the talker stream);
+        the others replay on the stream current here (the main stream). cuda: torch.cuda, or a stand-in with
+        the same functions (tests/test_graphs.py records on the CPU what is captured where)."""
+        if device.type != "cuda" or not cuda.is_available():
             raise RuntimeError(f"CUDA graphs need a CUDA device, the engine runs on {device}: "
                                "use SchedulerConfig(use_graphs=False)")
-        self.device, self.buckets = device, batch_buckets(max_batch)
-        self.pool = torch.cuda.graph_pool_handle()
+        self.cuda, self.device, self.buckets = cuda, device, batch_buckets(max_batch)
+        self.main_stream = cuda.current_stream(device)
+        self.stage_streams = dict(stage_streams or {})
+        self.pools: dict = {}  # replay stream -> (its pool handle, the stream its graphs are captured on)
         self.graphs: dict[tuple[str, int], _Captured] = {}
+
+    def stream_of(self, name: str):
+        return self.stage_streams.get(name, self.main_stream)
+
+    def pool_of(self, stream) -> tuple:
+        """(pool handle, capture stream) of a replay stream, made at its first capture."""
+        if stream not in self.pools:
+            capture_on = stream
+            if stream == self.cuda.default_stream(self.device):  # the legacy default stream cannot capture
+                capture_on = self.cuda.Stream(self.device)
+            self.pools[stream] = (self.cuda.graph_pool_handle(), capture_on)
+        return self.pools[stream]
 
     def bucket(self, batch: int) -> int:
         for size in self.buckets:
@@ -98,21 +125,37 @@ class GraphRunner:
             self.capture(spec)
 
     def capture(self, spec) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.inference_mode():
+        """Warm up and capture one stage on its stream's capture stream, into its stream's pool."""
+        cuda, caller = self.cuda, self.cuda.current_stream(self.device)
+        pool, capture_on = self.pool_of(self.stream_of(spec.name))
+        capture_on.wait_stream(caller)  # the example inputs were made on the caller's stream
+        with cuda.stream(capture_on), torch.inference_mode():
             for _ in range(2):  # warm-up: lazy initialisation, Triton compilation, allocator growth
                 spec.fn(*spec.example_inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+        graph = cuda.CUDAGraph()
+        with cuda.graph(graph, pool=pool, stream=capture_on), torch.inference_mode():
             outputs = spec.fn(*spec.example_inputs)
+        caller.wait_stream(capture_on)
         self.graphs[(spec.name, spec.size)] = _Captured(graph, spec.example_inputs, tuple(outputs))
 
     def replay(self, name: str, inputs: tuple[torch.Tensor, ...], batch_dims: tuple[int, ...] | None = None,
                pad_values: tuple | None = None) -> tuple[torch.Tensor, ...]:
         """A prefill chunk (batch_dims None: inputs[0] is [1, C, H], already padded to its bucket C) or a batch
-        of B rows (the last input of every batched stage is [B]), padded here to its bucket with pad_values."""
+        of B rows (the last input of every batched stage is [B]), padded here to its bucket with pad_values.
+        Runs on the stage's stream (see the module docstring)."""
+        stream, caller = self.stream_of(name), self.cuda.current_stream(self.device)
+        if stream == caller:
+            return self._replay(name, inputs, batch_dims, pad_values)
+        stream.wait_stream(caller)
+        with self.cuda.stream(stream):
+            outputs = self._replay(name, inputs, batch_dims, pad_values)
+        caller.wait_stream(stream)
+        for out in outputs:  # made on the stage's stream, freed on the caller's
+            if out.is_cuda:
+                out.record_stream(caller)
+        return outputs
+
+    def _replay(self, name, inputs, batch_dims, pad_values) -> tuple[torch.Tensor, ...]:
         if batch_dims is None:
             captured = self.graphs[(name, inputs[0].shape[1])]
             for buffer, value in zip(captured.inputs, inputs):

@@ -43,6 +43,7 @@ from runtime.models.talker import code0_suppress_mask
 from kernels.sampling import STAGE_CODE_PREDICTOR, STAGE_TALKER, STAGE_THINKER
 from runtime.options import GenerationOptions, SchedulerConfig
 from runtime.sampling import SlotSampling
+from runtime.timing import StageTimer
 from runtime.transfers import HostTransfers
 
 TALKER_PROMPT_EXTRA = 9  # assistant positions the talker prompt adds after the user part (MODEL_SPEC §8.3)
@@ -108,6 +109,7 @@ class ModelRunner:
         # Streams only where CUDA runs: the runner is also built on fake `cuda` tensors without a GPU.
         on_gpu = self.device.type == "cuda" and torch.cuda.is_available()
         self.talker_stream = torch.cuda.Stream(self.device) if self.speech and on_gpu else None
+        self.timer = StageTimer(cuda_events=on_gpu)  # per-stage figures: CUDA events on a GPU (runtime/timing.py)
         self.transfers = HostTransfers(self.device, on_gpu, self.talker_stream)
         steps = set(exported) & EXPORTED_STEPS
         self.exported = ExportedSteps(self, steps) if steps else None

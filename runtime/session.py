@@ -24,7 +24,7 @@ import torch
 from runtime.frontend.tokenizer import StreamingDecoder
 from runtime.options import Request
 from runtime.prefill import PromptEmbedding
-from runtime.streaming import AudioChunk, StreamTimings, TextDelta, pcm16
+from runtime.streaming import AudioChunk, HostSamples, StreamTimings, TextDelta, pcm16
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Session:
         self.eos_token_id, self.codec_eos_token_id, self.sample_rate = eos_token_id, codec_eos_token_id, sample_rate
         self.slot: int | None = None
         self.events: deque = deque()
+        self.audio_pending: deque = deque()  # packets whose samples are on their way to the host (deliver_audio)
         self.state = "waiting"  # waiting -> prefill -> decode -> finished | failed | cancelled
         self.error: BaseException | None = None
         self.decoder = StreamingDecoder(tokenizer) if tokenizer is not None else None
@@ -128,18 +129,20 @@ class Session:
         """The frame stop rule: codec EOS as code 0, or the last allowed talker step (it emits no frame)."""
         return code0 == self.codec_eos_token_id or self.talker.frame == self.options.talker_max_new_tokens - 1
 
-    def add_frame(self, codes: torch.Tensor, samples: torch.Tensor, code_predictor_s: float, code2wav_s: float):
-        """One decoded frame: codes [G], its final samples [n]; a packet when `chunk_frames` are waiting."""
+    def add_frame(self, codes: torch.Tensor, samples: torch.Tensor, code_predictor_span, code2wav_span):
+        """One decoded frame: codes [G], its final samples [n], the spans (runtime/timing.py) of its code
+        predictor and Code2Wav stages; a packet when `chunk_frames` are waiting."""
         tk = self.talker
-        self.timings.code_predictor_per_frame.append(code_predictor_s)
-        self.timings.code2wav_per_frame.append(code2wav_s)
-        if self.timings.talker_first_frame is None:
-            self.timings.talker_first_frame = self.now()
+        self.timings.add_span("code_predictor_per_frame", code_predictor_span)
+        if tk.frame == 0:  # the first frame exists once its code predictor stage has completed
+            self.timings.add_span("talker_first_frame", code_predictor_span)
+        self.timings.add_span("code2wav_per_frame", code2wav_span)
         tk.waiting.append(codes)
         tk.samples.append(samples)
         tk.frame += 1
         if len(tk.waiting) == self.options.chunk_frames:
             self._send_audio()
+        self.deliver_audio()
 
     def end_speech(self) -> None:
         tk = self.talker
@@ -148,18 +151,31 @@ class Session:
         tk.done, tk.codes, tk.code0, tk.code0_value, tk.hidden = True, None, None, None, None
 
     def _send_audio(self) -> None:
-        """One AudioChunk of the decoded frames not sent yet."""
+        """One AudioChunk of the decoded frames not sent yet: its samples start their copy to the host (on the
+        talker's stream, where they were made) and the chunk is queued once they are there (`deliver_audio`)."""
         tk = self.talker
         samples = torch.cat(tk.samples)
-        now = self.now()
-        if self.timings.first_packet is None and samples.numel():
-            self.timings.first_packet = now
         out = pcm16(samples) if self.options.audio_format == "pcm16" else samples
         codes = torch.stack(tk.waiting, dim=-1)  # [G, n]
-        self.events.append(AudioChunk(out, self.sample_rate, tk.frame - 1, codes, tk.emitted, now))
+        self.audio_pending.append((HostSamples(out), codes, tk.frame - 1, tk.emitted))
         tk.emitted += samples.numel()
         self.timings.audio_seconds = tk.emitted / self.sample_rate
         tk.waiting, tk.samples = [], []
+        self.deliver_audio()
+
+    def deliver_audio(self, wait: bool = False) -> None:
+        """Queue, in order, the AudioChunks whose samples have reached the host, and read the timing spans that
+        have completed; with `wait`, all of them (the request's end). Without `wait` it never blocks: on a GPU
+        the tick's one blocking read (which waits for the talker's stream) completes them, and the engine loop
+        calls this before it hands a session's events over. On the CPU everything is there at once."""
+        self.timings.resolve(self.now, wait)
+        while self.audio_pending and (wait or self.audio_pending[0][0].ready()):
+            host, codes, frame, start = self.audio_pending.popleft()
+            samples = host.wait()
+            now = self.now()  # the samples are on the host now
+            if self.timings.first_packet is None and samples.numel():
+                self.timings.first_packet = now
+            self.events.append(AudioChunk(samples, self.sample_rate, frame, codes, start, now))
 
     # ------------------------------------------------------------------ end
 
@@ -171,6 +187,11 @@ class Session:
                 self.events.append(TextDelta(tail, [], self.now()))
 
     def release(self, state: str, error: BaseException | None = None) -> None:
+        if state == "finished":
+            self.deliver_audio(wait=True)
+        else:  # cancelled or failed: what is still on its way is dropped (a failed device may not answer)
+            self.audio_pending.clear()
+            self.timings.pending.clear()
         self.state, self.error = state, error
         self.slot = None
         self.timings.total = self.now()

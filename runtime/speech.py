@@ -15,8 +15,6 @@ Shapes: B = sessions in one batched step, P = talker prompt length, G = num_code
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from runtime.models.talker import TalkerPrompt
@@ -88,20 +86,20 @@ def frames(runner, sessions: list[Session]) -> None:
     going = [i for i, s in enumerate(sessions) if not s.speech_ends(s.talker.code0_value)]
     codes = samples = None
     if going:
-        tick = time.perf_counter()
+        predictor_span = runner.timer.start()  # GPU time on a GPU: CUDA events on this stream (runtime/timing.py)
         hidden = torch.cat([sessions[i].talker.hidden for i in going])  # [B', H]
         code0 = torch.cat([sessions[i].talker.code0 for i in going])  # [B']
         codes = runner.code_predictor_frame(hidden, code0, [sessions[i].slot for i in going])  # [B', G]
-        predictor_s = time.perf_counter() - tick
-        samples, spent = [None] * len(going), [0.0] * len(going)
+        predictor_span.stop()
+        samples, spans = [None] * len(going), [None] * len(going)
         for first in (True, False):
             rows = [r for r, i in enumerate(going) if (sessions[i].talker.frame == 0) == first]
             if rows:
-                tick = time.perf_counter()
+                span = runner.timer.start()
                 wav = runner.code2wav_frame(codes[rows], [sessions[going[r]].slot for r in rows], first)  # [B'', n]
-                elapsed = time.perf_counter() - tick
+                span.stop()
                 for j, r in enumerate(rows):
-                    samples[r], spent[r] = wav[j], elapsed
+                    samples[r], spans[r] = wav[j], span
     for i, session in enumerate(sessions):
         session.talker.code0 = session.talker.code0_value = None
         if i not in going:
@@ -109,7 +107,7 @@ def frames(runner, sessions: list[Session]) -> None:
     for row, i in enumerate(going):
         tk = sessions[i].talker
         tk.codes, tk.hidden = codes[row:row + 1], None
-        sessions[i].add_frame(codes[row], samples[row], predictor_s, spent[row])
+        sessions[i].add_frame(codes[row], samples[row], predictor_span, spans[row])
 
 
 def talker_decode(runner, sessions: list[Session]) -> None:

@@ -35,7 +35,7 @@ class TextDelta:
 
 @dataclass
 class AudioChunk:
-    samples: torch.Tensor  # [n] float32 in [-1, 1] at `sample_rate`, or int16 PCM with audio_format="pcm16"
+    samples: torch.Tensor  # [n] on the CPU: float32 in [-1, 1] at `sample_rate`, or int16 PCM (audio_format="pcm16")
     sample_rate: int
     frame: int  # index of the last codec frame these samples complete
     codes: torch.Tensor  # [G, frames in this chunk] int64: the codec codes decoded into these samples
@@ -45,21 +45,42 @@ class AudioChunk:
 
 @dataclass
 class StreamTimings:
-    """The paper's Table 2 rows for one request (seconds)."""
+    """The paper's Table 2 rows for one request (seconds). On a GPU the per-frame figures are GPU time between
+    CUDA events around each stage on its stream (runtime/timing.py); they arrive as spans and are read once
+    complete (`resolve`), so the lists fill in a tick or so behind the frames and are whole at the request's end."""
 
     preprocess: float = 0.0
-    thinker_first_token: float | None = None  # request start -> first text token
-    talker_first_frame: float | None = None  # request start -> first codec frame (code 0 .. G−1)
-    first_packet: float | None = None  # request start -> first audio samples out
+    thinker_first_token: float | None = None  # request start -> first text token (on the host)
+    talker_first_frame: float | None = None  # request start -> first codec frame (code 0 .. G−1) computed
+    first_packet: float | None = None  # request start -> first audio samples on the host
     code_predictor_per_frame: list[float] = field(default_factory=list)
     code2wav_per_frame: list[float] = field(default_factory=list)
     total: float = 0.0
     audio_seconds: float = 0.0
+    # (field name, span) not read yet, in the order they were recorded: a list field gets the span's seconds,
+    # a stamp field (talker_first_frame) the request's clock when the span is seen complete.
+    pending: deque = field(default_factory=deque, repr=False, compare=False)
 
     @property
     def rtf(self) -> float | None:
         """Generation real-time factor: wall time / seconds of audio produced."""
         return self.total / self.audio_seconds if self.audio_seconds else None
+
+    def add_span(self, name: str, span) -> None:
+        """A stage's span (runtime/timing.py) for the list `name`, or for the stamp `talker_first_frame`."""
+        self.pending.append((name, span))
+
+    def resolve(self, clock, wait: bool = False) -> None:
+        """Read the spans that have completed (all of them with `wait`, e.g. at the request's end); clock():
+        seconds since the request started, for stamps."""
+        while self.pending and (wait or self.pending[0][1].done()):
+            name, span = self.pending.popleft()
+            span.wait()
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value.append(span.seconds())
+            elif value is None:
+                setattr(self, name, clock())
 
 
 class StreamEnd:
@@ -250,6 +271,31 @@ class _AsyncEvents:
     def __del__(self):
         if not self._ended:
             self._stream._leave()
+
+
+class HostSamples:
+    """A packet's samples on their way to the host: on a GPU, copied without blocking into pinned memory on the
+    current stream (the talker's, where they were made), an event recorded after the copy; `ready()` asks the
+    event (never waits), `wait()` waits for it. On the CPU the samples are already there."""
+
+    def __init__(self, samples: torch.Tensor):
+        if samples.device.type != "cuda":
+            self.host, self.event, self._source = samples, None, None
+            return
+        self.host = torch.empty(samples.shape, dtype=samples.dtype, pin_memory=True)
+        self.host.copy_(samples, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        self._source = samples  # kept alive until the copy has completed
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        self._source = None
+        return self.host
 
 
 def pcm16(samples: torch.Tensor) -> torch.Tensor:

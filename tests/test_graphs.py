@@ -29,6 +29,128 @@ def test_runner_refuses_cpu():
         GraphRunner(torch.device("cpu"), max_batch=2)
 
 
+class _FakeStream:
+    """A CUDA stream stand-in: records the waits it is asked for."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(("wait", self.name, other.name))
+
+    def __repr__(self):
+        return self.name
+
+
+class _FakeCuda:
+    """torch.cuda as GraphRunner uses it, on the CPU: every capture's pool and stream and every replay's stream
+    are recorded; a replay re-runs its stage's function (the fake graph keeps it) into the captured outputs."""
+
+    def __init__(self):
+        self.log: list = []
+        self.main = _FakeStream("main", self.log)
+        self.current = self.main
+        self.made = 0
+
+    def is_available(self):
+        return True
+
+    def current_stream(self, device=None):
+        return self.current
+
+    def default_stream(self, device=None):
+        return self.main
+
+    def Stream(self, device=None):  # noqa: N802 - torch.cuda's name
+        self.made += 1
+        return _FakeStream(f"side{self.made}", self.log)
+
+    def graph_pool_handle(self):
+        self.made += 1
+        return f"pool{self.made}"
+
+    def stream(self, stream):
+        fake = self
+
+        class _On:
+            def __enter__(self):
+                self.before, fake.current = fake.current, stream
+
+            def __exit__(self, *exc):
+                fake.current = self.before
+
+        return _On()
+
+    def CUDAGraph(self):  # noqa: N802
+        return _FakeGraph(self)
+
+    def graph(self, graph, pool=None, stream=None):
+        fake = self
+
+        class _Capture:
+            def __enter__(self):
+                fake.log.append(("capture", pool, stream.name))
+                graph.capturing = True
+                self.before, fake.current = fake.current, stream
+
+            def __exit__(self, *exc):
+                fake.current = self.before
+
+        return _Capture()
+
+
+class _FakeGraph:
+    def __init__(self, cuda):
+        self.cuda, self.replay_fn = cuda, None
+
+    def replay(self):
+        self.cuda.log.append(("replay", self.cuda.current.name))
+        self.replay_fn()
+
+
+@torch.inference_mode()  # as the scheduler's tick runs
+def test_graphs_on_two_streams_never_share_a_pool():
+    """Thinker stages capture into the main stream's pool (on a side stream: the default stream cannot capture),
+    talker stages into the talker stream's own pool, on that stream; each replays on its own stream, and a replay
+    asked for from the other stream is ordered by waits both ways."""
+    from runtime.runner import TALKER_STAGES, StageSpec
+
+    cuda = _FakeCuda()
+    talker = _FakeStream("talker", cuda.log)
+    graphs = GraphRunner(torch.device("cuda"), max_batch=2, stage_streams={n: talker for n in TALKER_STAGES},
+                         cuda=cuda)
+    generator = torch.Generator().manual_seed(13)
+    weight = torch.randn(4, 4, generator=generator)
+
+    def step(x, slots):
+        return (x @ weight,)
+
+    plan = [StageSpec(name, size, step, (torch.zeros(size, 4), torch.full((size,), -1)))
+            for size in (2, 1) for name in ("thinker_decode", "talker_decode", "code2wav_first")]
+    with dispatch.using("triton"):
+        graphs.capture_all(plan)
+    captures = [entry for entry in cuda.log if entry[0] == "capture"]
+    main_pool, talker_pool = graphs.pools[cuda.main][0], graphs.pools[talker][0]
+    assert main_pool != talker_pool
+    for spec, (_, pool, stream) in zip(plan, captures):
+        on_talker = spec.name in TALKER_STAGES
+        assert pool == (talker_pool if on_talker else main_pool), spec
+        assert stream == ("talker" if on_talker else graphs.pools[cuda.main][1].name) != "main", spec
+    for captured, spec in zip(graphs.graphs.values(), plan):
+        captured.graph.replay_fn = lambda c=captured, fn=spec.fn: c.outputs[0].copy_(fn(*c.inputs)[0])
+
+    cuda.log.clear()
+    x = torch.randn(1, 4, generator=generator)
+    (out,) = graphs.replay("talker_decode", (x, torch.tensor([0])), (0, 0), (0, -1))  # asked from main
+    assert cuda.log == [("wait", "talker", "main"), ("replay", "talker"), ("wait", "main", "talker")]
+    assert rel_err(out, x @ weight) <= 1e-6
+    cuda.log.clear()
+    with cuda.stream(talker):  # already on its stream: no waits
+        graphs.replay("code2wav_first", (x, torch.tensor([1])), (0, 0), (0, -1))
+    graphs.replay("thinker_decode", (x, torch.tensor([1])), (0, 0), (0, -1))
+    assert cuda.log == [("replay", "talker"), ("replay", "main")]
+
+
 def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
     """What capture_all would capture (the runner's capture plan), run eagerly on the CPU: every stage at every
     bucket, its example inputs (all rows padded) fit its step function, which returns a tuple of tensors, and
@@ -39,7 +161,8 @@ def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
     plan = runner.capture_plan()
     assert [(spec.name, spec.size) for spec in plan] == (
         [(name, size) for size in (40, 32, 16) for name in ("thinker_prefill", "talker_prefill")]
-        + [(name, size) for size in (2, 1) for name in ("thinker_decode", "talker_decode", "code_predictor", "code2wav")])
+        + [(name, size) for size in (2, 1) for name in ("thinker_decode", "talker_decode", "code_predictor", "code2wav",
+                                                        "code2wav_first")])
     caches = (runner.thinker_cache, runner.talker_cache)
     before = [(c.keys[:, :-1].clone(), c.lengths.clone()) for c in caches]
     code2wav_before = [t[:-1].clone() for t in runner.code2wav_slots.state_tensors()]
@@ -69,7 +192,7 @@ def test_runner_builds_at_released_shapes_without_a_gpu():
     plan = runner.capture_plan()
     assert runner.talker_stream is None and runner.graphs is None and runner.static_prefill is False
     assert {spec.name for spec in plan} == {"thinker_prefill", "talker_prefill", "thinker_decode", "talker_decode",
-                                            "code_predictor", "code2wav"}
+                                            "code_predictor", "code2wav", "code2wav_first"}
     assert all(t.device.type == "meta" for spec in plan for t in spec.example_inputs)
     assert runner.thinker_cache.keys.device.type == "meta" and runner.thinker_cache.keys.dtype == torch.bfloat16
 

@@ -1,0 +1,169 @@
+"""Honest per-stage timers and packets on the host (runtime/timing.py, StreamTimings, HostSamples): spans are read
+only once complete, in order, without waiting unless asked; a packet is queued (and first_packet stamped) only once
+its samples are on the host. CPU tests use stand-in spans and copies; the CUDA-event versions need a GPU."""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import runtime.session as session_module
+from runtime.session import Session, TalkerProgress
+from runtime.streaming import AudioChunk, HostSamples, StreamTimings
+from runtime.timing import CpuSpan, StageTimer
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA events, pinned copies)")
+
+
+class _Span:
+    """A stand-in span whose completion the test decides."""
+
+    def __init__(self, seconds: float, done: bool = False):
+        self._seconds, self.finished, self.waited = seconds, done, False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def wait(self) -> None:
+        self.waited = self.finished = True
+
+    def seconds(self) -> float:
+        assert self.finished, "read before it completed"
+        return self._seconds
+
+
+def _stopped() -> CpuSpan:
+    span = CpuSpan()
+    span.stop()
+    return span
+
+
+def test_cpu_span_measures_the_work():
+    timer = StageTimer(cuda_events=False)
+    span = timer.start()
+    assert not span.done()
+    time.sleep(0.02)
+    span.stop()
+    assert span.done() and 0.015 <= span.seconds() < 1.0
+    assert isinstance(StageTimer.for_device("cpu").start(), CpuSpan)
+
+
+def test_timings_read_spans_in_order_once_complete():
+    timings = StreamTimings()
+    first, second, third = _Span(0.5), _Span(0.25), _Span(0.125)
+    timings.add_span("code_predictor_per_frame", first)
+    timings.add_span("talker_first_frame", first)
+    timings.add_span("code2wav_per_frame", second)
+    timings.add_span("code_predictor_per_frame", third)
+    clock = iter([1.5, 2.5, 3.5])
+    timings.resolve(lambda: next(clock))
+    assert timings.code_predictor_per_frame == [] and timings.talker_first_frame is None  # nothing done yet
+    third.finished = True  # done out of order: still waits for the earlier ones
+    timings.resolve(lambda: next(clock))
+    assert timings.code_predictor_per_frame == [] and timings.code2wav_per_frame == []
+    first.finished = True
+    timings.resolve(lambda: next(clock))
+    assert timings.code_predictor_per_frame == [0.5] and timings.talker_first_frame == 1.5
+    assert timings.code2wav_per_frame == [] and not second.waited  # never waited without `wait`
+    timings.resolve(lambda: next(clock), wait=True)
+    assert second.waited and timings.code2wav_per_frame == [0.25]
+    assert timings.code_predictor_per_frame == [0.5, 0.125] and not timings.pending
+
+
+class _SlowCopy:
+    """HostSamples whose copy completes when the test says so."""
+
+    made: list = []
+
+    def __init__(self, samples):
+        self.samples, self.arrived = samples.clone(), False
+        _SlowCopy.made.append(self)
+
+    def ready(self):
+        return self.arrived
+
+    def wait(self):
+        self.arrived = True
+        return self.samples
+
+
+def _speaking_session(chunk_frames: int, audio_format: str = "float32") -> Session:
+    options = SimpleNamespace(chunk_frames=chunk_frames, audio_format=audio_format, max_new_tokens=4,
+                              talker_max_new_tokens=9, return_audio=True)
+    request = SimpleNamespace(options=options, prompt=SimpleNamespace(input_ids=torch.zeros(1, 3, dtype=torch.long)))
+    session = Session(0, request, None, eos_token_id=1, codec_eos_token_id=2, sample_rate=24000)
+    zeros = torch.zeros(3, 1, 1, dtype=torch.long)
+    session.talker = TalkerProgress(5, zeros, torch.zeros(4), torch.zeros(4))
+    return session
+
+
+def test_a_packet_is_sent_once_its_samples_are_on_the_host(monkeypatch):
+    monkeypatch.setattr(session_module, "HostSamples", _SlowCopy)
+    _SlowCopy.made = []
+    session = _speaking_session(chunk_frames=2)
+    generator = torch.Generator().manual_seed(5)
+    frames = [torch.randn(7, generator=generator) for _ in range(5)]
+    codes = torch.arange(15).reshape(5, 3)
+    for k in range(4):
+        session.add_frame(codes[k], frames[k], _stopped(), _stopped())
+    assert len(_SlowCopy.made) == 2 and not session.events and session.timings.first_packet is None
+    _SlowCopy.made[1].arrived = True  # the second packet's copy is done, the first's not: order is kept
+    session.deliver_audio()
+    assert not session.events
+    _SlowCopy.made[0].arrived = True
+    session.deliver_audio()
+    chunks = list(session.events)
+    assert [type(c) for c in chunks] == [AudioChunk, AudioChunk]
+    assert session.timings.first_packet is not None and session.timings.first_packet == chunks[0].time
+    assert torch.equal(torch.cat([c.samples for c in chunks]), torch.cat(frames[:4]))
+    assert [c.start_sample for c in chunks] == [0, 14] and [c.frame for c in chunks] == [1, 3]
+    assert torch.equal(chunks[1].codes, codes[2:4].T)
+    session.add_frame(codes[4], frames[4], _stopped(), _stopped())
+    session.end_speech()  # the last, short packet: delivered by the finish, which waits for it
+    session.release("finished")
+    assert torch.equal(session.events[-1].samples, frames[4])
+    assert len(session.timings.code_predictor_per_frame) == len(session.timings.code2wav_per_frame) == 5
+
+
+def test_a_cancel_drops_packets_on_their_way(monkeypatch):
+    monkeypatch.setattr(session_module, "HostSamples", _SlowCopy)
+    session = _speaking_session(chunk_frames=1, audio_format="pcm16")
+    session.add_frame(torch.zeros(3, dtype=torch.long), torch.full((4,), 0.5), _stopped(), _stopped())
+    session.release("cancelled")
+    assert not session.events and not session.audio_pending and session.timings.first_packet is None
+
+
+def test_host_samples_on_the_cpu_are_the_samples():
+    samples = torch.randn(9, generator=torch.Generator().manual_seed(3))
+    copy = HostSamples(samples)
+    assert copy.ready() and copy.wait() is samples
+
+
+@needs_cuda
+def test_host_samples_arrive_in_pinned_memory_after_their_event():
+    samples = torch.randn(24000, generator=torch.Generator().manual_seed(3))
+    pcm = (samples.clamp(-1, 1) * 32767).round().to(torch.int16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(50_000_000)  # keep the stream busy: the copy is queued behind it, the host goes on
+        copy = HostSamples(pcm.cuda())
+        assert copy.host.is_pinned() and copy.host.device.type == "cpu"
+    host = copy.wait()
+    assert copy.ready() and host.dtype == torch.int16 and torch.equal(host, pcm)
+
+
+@needs_cuda
+def test_cuda_span_measures_gpu_time_not_launch_time():
+    timer = StageTimer.for_device("cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        before = timer.start()
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time, launched in microseconds
+        before.stop()
+        after = timer.start()  # a stage queued behind the sleep: its own time only
+        torch.ones(8, device="cuda").sum()
+        after.stop()
+    launched = time.perf_counter()
+    assert not before.done() or time.perf_counter() - launched > 0.005
+    assert before.seconds() > 0.002 and after.seconds() < before.seconds() / 5
