@@ -7,6 +7,7 @@ import torch
 from runtime import dispatch
 from runtime.engine import OmniEngine
 from runtime.graphs import GraphRunner, batch_buckets, check_graph_safe
+from runtime.streaming import AudioChunk
 from tests.oracle import build_oracle, rel_err
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture and replay)")
@@ -216,6 +217,13 @@ def _restore(cache, saved):
         tensor.copy_(value)
 
 
+def _side_state(runner) -> list[torch.Tensor]:
+    """State a step changes besides the KV caches: Code2Wav's streams and the per-slot sampling state (step
+    counters, histories)."""
+    sampling = [t for stage in runner.sampling.values() for t in vars(stage).values() if torch.is_tensor(t)]
+    return [*runner.code2wav_slots.state_tensors(), *sampling]
+
+
 @needs_cuda
 @torch.inference_mode()
 def test_replay_equals_eager_for_every_stage(gpu_engine):
@@ -224,6 +232,9 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
     runner = engine.scheduler.runner
     graphs = runner.graphs
     assert set(graphs.graphs) == {(spec.name, spec.size) for spec in runner.capture_plan()}
+    # one pool per replay stream: the thinker's (main) and the talker's never share blocks
+    assert set(graphs.pools) == {graphs.main_stream, runner.talker_stream}
+    assert len({pool for pool, _ in graphs.pools.values()}) == 2
     for captured in graphs.graphs.values():  # poison the outputs: every replay must write all of them
         for out in captured.outputs:
             if out.is_floating_point():
@@ -262,18 +273,22 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
         (runner.talker_cache, "talker_prefill", talker_chunk),
         (runner.thinker_cache, "thinker_decode", (tokens, positions, slots)),
         (runner.talker_cache, "talker_decode", (embeds, positions, slots)),
-        (None, "code_predictor", (hidden, code0)),
+        (None, "code_predictor", (hidden, code0, slots)),
         (None, "code2wav", (frame_codes, slots)),
+        (None, "code2wav_first", (frame_codes, slots)),
     ):
+        if name == "code2wav_first":  # fresh streams: the first frame trims the transposed convs' left edge
+            for slot in (0, 1, 2):
+                runner.code2wav_slots.reset(slot)
         eager = lambda: runner.steps[name](*inputs)  # noqa: E731 - the step function the graph captured
         graphed = lambda: runner.run(name, inputs)  # noqa: E731 - its graph's replay (3 rows in bucket 4)
-        c2w_saved = [t.clone() for t in runner.code2wav_slots.state_tensors()]
+        side_saved = [t.clone() for t in _side_state(runner)]
         saved = _snapshot(cache) if cache is not None else None
         want = eager()
         after_eager = _snapshot(cache) if cache is not None else None
         if cache is not None:
             _restore(cache, saved)
-        for tensor, value in zip(runner.code2wav_slots.state_tensors(), c2w_saved):
+        for tensor, value in zip(_side_state(runner), side_saved):
             tensor.copy_(value)
         got = graphed()
         for g, w in zip(got, want):
@@ -296,4 +311,12 @@ def test_stream_with_graphs_equals_offline(gpu_engine):
                         dict(max_sessions=2, use_graphs=True))
     request, offline = speech_request(gpu_engine, min_frames=2, max_new_tokens=7, talker_max_new_tokens=11)
     request = {k: v.cuda() if torch.is_tensor(v) else v for k, v in request.items()}
-    _check_alone(engine, request, offline, list(engine.stream(**request)))
+    stream = engine.stream(**request)
+    events = list(stream)
+    _check_alone(engine, request, offline, events)
+    audio = [e for e in events if isinstance(e, AudioChunk)]
+    assert all(chunk.samples.device.type == "cpu" for chunk in audio)  # copied to the host before being sent
+    timings, frames = stream.timings, offline.codes.shape[-1]
+    assert len(timings.code_predictor_per_frame) == len(timings.code2wav_per_frame) == frames
+    assert all(t > 0 for t in timings.code_predictor_per_frame + timings.code2wav_per_frame)  # CUDA-event spans
+    assert timings.thinker_first_token <= timings.first_packet and timings.talker_first_frame <= timings.first_packet
