@@ -409,8 +409,8 @@ class Code2WavSlots:
     [slots + 1, C, S] (the kernels' slot-id form), the transformer's keys/values in ring buffers
     [slots + 1, window, kv_heads, D] (a frame's keys go to slot frames % window; attention is over the valid
     entries, order does not matter once rotated), and the frames seen per slot on the device. Shapes never
-    change, so a frame step can be captured in a CUDA graph; a session's first frame runs eagerly (its
-    transposed convs still trim their left edge, so it makes fewer samples)."""
+    change, so a frame step can be captured in a CUDA graph; a session's first frame is a graph of its own
+    (`view(slots, first=True)`: its transposed convs still trim their left edge, so it makes fewer samples)."""
 
     def __init__(self, code2wav: "Code2Wav", num_slots: int, device, dtype):
         cfg = code2wav.cfg
