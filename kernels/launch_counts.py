@@ -76,6 +76,7 @@ def transpose_output_range(length: int, stride: int, trim: int, start: int | Non
 # Argument names of each op's schema, in order (tests/test_triton_ops_fake.py checks them against the ops).
 SCHEMA_ARGS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("x", "weight", "eps"),
+    "add_rms_norm": ("x", "residual", "weight", "eps"),
     "qk_norm_rope": ("q", "k", "q_norm_weight", "k_norm_weight", "eps", "cos", "sin"),
     "mrope_qk_norm_": ("q", "k", "q_norm_weight", "k_norm_weight", "eps", "positions", "inv_freq", "mrope_section"),
     "route_topk": ("router_logits", "top_k", "norm_topk_prob"),
@@ -117,6 +118,7 @@ def _conv_transpose1d(a: dict, update: bool) -> int:
 
 _COUNTERS: dict[str, Callable[[dict], int]] = {
     "rms_norm": lambda a: len(rms_norm_plan(a["x"].shape[0])),
+    "add_rms_norm": lambda a: len(rms_norm_plan(a["x"].shape[0])),  # one kernel: the add rides along
     "qk_norm_rope": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),
     "mrope_qk_norm_": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),
     "route_topk": lambda a: len(route_topk_plan(a["router_logits"].shape[0])),

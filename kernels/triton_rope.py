@@ -95,6 +95,73 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view(x.shape)
 
 
+# ---------------------------------------------------------------------------------- residual add + rms_norm
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr,
+    M, N, eps,
+    stride_xm, stride_xn, stride_rm, stride_rn, stride_w, stride_om, stride_on, stride_sm, stride_sn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+    r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
+    # the sum rounded to the residual stream's dtype first, as `x + residual` in torch; the norm reads that
+    total = (x.to(tl.float32) + r.to(tl.float32)).to(r_out_ptr.dtype.element_ty)
+    tl.store(r_out_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn, total, mask=mask)
+    total = total.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(total * total, 1) / N + eps)
+    normed = (total * rstd[:, None]).to(r_out_ptr.dtype.element_ty).to(tl.float32)  # cast before the weight
+    w = tl.load(w_ptr + offs_n * stride_w, mask=offs_n < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             (w[None, :] * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("omni_rt_triton::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: (M, N), any strides; weight: (N,). Returns new (normed, new_residual), each (M, N)."""
+    rows, width = x.shape
+    normed, new_residual = _add_rms_norm_outputs(x, residual, weight)
+    if not rms_norm_plan(rows):
+        return normed, new_residual
+    block_n = triton.next_power_of_2(width)
+    default = {"BLOCK_M": max(1, min(16, 2048 // block_n)), "num_warps": 4 if block_n <= 2048 else 8}
+    cfg = launch_config("rms_norm", f"M={rows},N={width}", x.dtype, default)  # the same tiling as rms_norm
+    _add_rms_norm_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
+        x, residual, weight, normed, new_residual, rows, width, eps,
+        *x.stride(), *residual.stride(), weight.stride(0), *normed.stride(), *new_residual.stride(),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, num_warps=cfg["num_warps"])
+    return normed, new_residual
+
+
+def _add_rms_norm_outputs(x, residual, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (normed, new_residual) in the dtypes kernels.norm.add_rms_norm_ref gives."""
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return (x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, sum_dtype)),
+            x.new_empty(x.shape, dtype=sum_dtype))
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    return _add_rms_norm_outputs(x, residual, weight)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: (..., N) float, the same shape; weight: (N,). Returns new (normed, new_residual) as
+    kernels.norm.add_rms_norm_ref: new_residual = x + residual rounded to its dtype, normed its RMSNorm."""
+    if x.shape != residual.shape:
+        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same shape")
+    width = x.shape[-1]
+    normed, new_residual = torch.ops.omni_rt_triton.add_rms_norm(x.reshape(-1, width), residual.reshape(-1, width),
+                                                                 weight, float(eps))
+    return normed.view(x.shape), new_residual.view(x.shape)
+
+
 # ------------------------------------------------------------------------------------- q/k norm + rotary
 @triton.jit
 def _norm_rope_heads(
@@ -300,6 +367,7 @@ def mrope_qk_norm_(q, k, q_norm_weight, k_norm_weight, eps: float, positions, in
 # runtime/dispatch.py registers these as the `triton` backend (dispatch op name -> public function).
 TRITON_OPS = {
     "rms_norm": rms_norm,
+    "add_rms_norm": add_rms_norm,
     "qk_norm_rope": qk_norm_rope,
     "mrope_qk_norm_": mrope_qk_norm_,
 }

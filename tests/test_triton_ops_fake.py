@@ -51,6 +51,7 @@ def small_cases(new, ids):
     slots = ids([2, -1])
     return {
         "rms_norm": [((new(5, 24), new(24), 1e-6), 1), ((new(0, 24), new(24), 1e-6), 0)],
+        "add_rms_norm": [((new(5, 24), new(5, 24), new(24), 1e-6), 1), ((new(0, 24), new(0, 24), new(24), 1e-6), 0)],
         "qk_norm_rope": [((q, k, w16, w16, 1e-6, new(3, 16), new(3, 16)), 1)],
         "mrope_qk_norm_": [((q, k, w16, w16, 1e-6, ids([[0, 1, 2]] * 3), new(8), section), 1),
                            ((q, k, w16, w16, 1e-6, ids([[5, 6, 7]]), new(8), None), 1)],
@@ -163,6 +164,8 @@ def _real_shape_calls(dtype=torch.bfloat16, device="cuda"):
     for tokens in (1, 8, 9, 512):  # both MoE paths and the boundary
         calls += [
             (triton_rope.rms_norm, (new(2, tokens, 2048), new(2048), 1e-6), [((2, tokens, 2048), dtype)]),
+            (triton_rope.add_rms_norm, (new(2, tokens, 2048), new(2, tokens, 2048), new(2048), 1e-6),
+             [((2, tokens, 2048), dtype)] * 2),
             (triton_moe.route_topk, (new(tokens, 128), 8, True), [((tokens, 8), dtype), ((tokens, 8), torch.int64)]),
             (triton_moe.moe_experts, (new(tokens, 2048), ids(tokens, 8), new(tokens, 8), new(128, 1536, 2048),
                                       new(128, 2048, 768)), [((tokens, 2048), dtype)]),
@@ -237,6 +240,7 @@ class OpRecorder(TorchDispatchMode):
 
 def test_a_dispatch_mode_sees_each_op_and_counts_its_launches(no_gpu_no_triton):
     expected = {"moe_experts": [2, 2, 4, 4], "decode_attention": [2] * 4, "rms_norm": [1] * 4,
+                "add_rms_norm": [1] * 4,
                 "route_topk": [1] * 4, "qk_norm_rope": [1] * 4, "mrope_qk_norm_": [1], "causal_conv1d": [1],
                 "causal_conv1d_update": [2], "causal_conv_transpose1d": [1], "causal_conv_transpose1d_update": [2]}
     with FakeTensorMode(allow_non_fake_inputs=False):

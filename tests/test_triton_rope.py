@@ -7,9 +7,9 @@ GPU: bf16 at the real thinker shapes and CUDA-graph replay."""
 import pytest
 import torch
 
-from kernels.norm import rms_norm_ref
+from kernels.norm import add_rms_norm_ref, rms_norm_ref
 from kernels.rope import mrope_qk_norm_ref_, qk_norm_rope_ref, rope_cos_sin_ref, rope_inv_freq
-from kernels.triton_rope import mrope_qk_norm_, qk_norm_rope, rms_norm
+from kernels.triton_rope import add_rms_norm, mrope_qk_norm_, qk_norm_rope, rms_norm
 from runtime import dispatch
 from tests.test_triton_attention import compile_for_sm90, compiles_without_gpu
 
@@ -56,6 +56,48 @@ def test_rms_norm_strided_input():
     x = torch.randn(6, 2 * 48, device=DEVICE)[:, ::2]
     w = _weight(48, torch.float32)
     assert rel_err(rms_norm(x, w, EPS), rms_norm_ref(x, w, EPS)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------- residual add + rms_norm
+@pytest.mark.parametrize("shape,dtype,weight_dtype", [
+    ((1, 24), torch.float32, torch.float32),
+    ((3, 5, 130), torch.float32, torch.float32),
+    ((7, 130), torch.float16, torch.float16),
+    ((17, 64), torch.float16, torch.float32),  # fp32 weight: normed promotes to fp32, the residual stays fp16
+])
+def test_add_rms_norm(shape, dtype, weight_dtype):
+    torch.manual_seed(7)
+    x, residual = torch.randn(shape, device=DEVICE).to(dtype), (3 * torch.randn(shape, device=DEVICE)).to(dtype)
+    w = _weight(shape[-1], weight_dtype)
+    normed, new_residual = add_rms_norm(x, residual, w, EPS)
+    want_normed, want_residual = add_rms_norm_ref(x, residual, w, EPS)
+    assert (normed.shape, normed.dtype) == (want_normed.shape, want_normed.dtype)
+    assert (new_residual.shape, new_residual.dtype) == (want_residual.shape, want_residual.dtype)
+    assert torch.equal(new_residual, want_residual)  # one rounded add: bit-exact
+    assert rel_err(normed, want_normed) <= (1e-5 if dtype == torch.float32 else 1e-3)
+
+
+def test_add_rms_norm_rounds_the_sum_before_the_norm():
+    """fp16: the norm must read x + residual rounded to fp16 (as the model adds), not the fp32 sum."""
+    torch.manual_seed(8)
+    x = (0.3 * torch.randn(4, 64, device=DEVICE)).half()
+    residual = (1000 + torch.randn(4, 64, device=DEVICE)).half()  # big: the rounding of the sum shows
+    w = _weight(64, torch.float32)
+    normed, _ = add_rms_norm(x, residual, w, EPS)
+    unrounded = rms_norm_ref(x.float() + residual.float(), w, EPS)
+    want, _ = add_rms_norm_ref(x, residual, w, EPS)
+    assert rel_err(normed, want) <= 1e-6 < rel_err(normed, unrounded)
+
+
+def test_add_rms_norm_strided_inputs_and_shape_check():
+    torch.manual_seed(9)
+    x = torch.randn(6, 2 * 48, device=DEVICE)[:, ::2]
+    residual = torch.randn(48, 6, device=DEVICE).t()
+    w = _weight(48, torch.float32)
+    got, want = add_rms_norm(x, residual, w, EPS), add_rms_norm_ref(x, residual, w, EPS)
+    assert rel_err(got[0], want[0]) <= 1e-5 and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="same shape"):
+        add_rms_norm(x, residual[:1], w, EPS)
 
 
 # ---------------------------------------------------------------------------------- qk_norm_rope (tables)
@@ -174,14 +216,15 @@ def test_registered_and_selectable():
 
 @torch.no_grad()
 def test_tiny_thinker_logits_through_triton(monkeypatch):
-    """The whole tiny thinker (TM-RoPE [2, 3, 3], D = 16) through the Triton qk_norm_rope and rms_norm."""
+    """The whole tiny thinker (TM-RoPE [2, 3, 3], D = 16) through the Triton qk_norm_rope, rms_norm and
+    add_rms_norm (every norm after the first one takes the running residual)."""
     from runtime.weights import init_random
 
     seed = int(torch.randint(0, 2**31, ()).item())
     model = init_random("tiny", DEVICE, torch.float32, seed=seed)  # compiled Triton (CUDA) takes device tensors
     input_ids = torch.randint(0, min(model.thinker.cfg.text.vocab_size, 64), (2, 7), device=DEVICE)
     want = model.thinker(input_ids).logits
-    calls = {"qk_norm_rope": 0, "rms_norm": 0}
+    calls = {"qk_norm_rope": 0, "rms_norm": 0, "add_rms_norm": 0}
     saved = dispatch.selected()
     dispatch.load_backend("triton")
     for op in calls:
@@ -195,7 +238,7 @@ def test_tiny_thinker_logits_through_triton(monkeypatch):
         got = model.thinker(input_ids).logits
     assert dispatch.selected() == saved
     num_layers = model.thinker.cfg.text.num_layers
-    assert calls == {"qk_norm_rope": num_layers, "rms_norm": 2 * num_layers + 1}, calls
+    assert calls == {"qk_norm_rope": num_layers, "rms_norm": 1, "add_rms_norm": 2 * num_layers}, calls
     assert rel_err(got, want) <= 1e-4
 
 
@@ -204,7 +247,7 @@ def test_tiny_thinker_logits_through_triton(monkeypatch):
 def test_compiles_for_sm90():
     out = compile_for_sm90("""
         from kernels.rope import rope_cos_sin_ref, rope_inv_freq
-        from kernels.triton_rope import mrope_qk_norm_, qk_norm_rope, rms_norm
+        from kernels.triton_rope import add_rms_norm, mrope_qk_norm_, qk_norm_rope, rms_norm
         inv_freq = rope_inv_freq(128, 1e6)
         for dtype in (torch.bfloat16, torch.float32):  # fp16 compiles as bf16 does
             w = torch.ones(128, dtype=dtype)

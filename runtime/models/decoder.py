@@ -55,9 +55,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, layer) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, mask, cache, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, L, H], the previous layer's MLP output (residual given) or the layer input (residual None).
+        Returns (mlp_out, residual): the layer's output is their sum, left for the next norm to add in its own
+        kernel (RMSNorm.add_and_norm) so that no residual add runs alone."""
+        hidden, residual = self.input_layernorm.add_and_norm(x, residual)
+        attn_out = self.self_attn(hidden, cos, sin, mask, cache, layer)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
+        return self.mlp(hidden), residual
 
 
 @dataclass
@@ -133,12 +138,15 @@ class Decoder(nn.Module):
             mask = causal_mask(length, past + length, inputs_embeds.device)
             if attention_mask is not None:
                 mask = mask & attention_mask[:, None, None, :].bool()
-        x = inputs_embeds
+        x, residual = inputs_embeds, None  # layer output = x + residual (residual None: x alone)
         outputs = [] if output_layers else None
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, index)
-            if outputs is not None:
-                outputs.append(x)
-            if deepstack is not None and index < deepstack.levels:
+            x, residual = layer(x, residual, cos, sin, mask, cache, index)
+            if deepstack is not None and index < deepstack.levels:  # the layer output itself is needed
+                x, residual = x + residual, None
+                if outputs is not None:
+                    outputs.append(x)
                 x = deepstack.add(x, index)
-        return DecoderOutput(self.norm(x), outputs)
+            elif outputs is not None:
+                outputs.append(x + residual)
+        return DecoderOutput(self.norm.add_and_norm(x, residual)[0], outputs)

@@ -23,6 +23,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, new_residual) with new_residual = x + residual in one fused op (dispatch.add_rms_norm);
+        residual None: x is the residual stream already, (norm(x), x)."""
+        if residual is None:
+            return self(x), x
+        return dispatch.add_rms_norm(x, residual, self.weight, self.eps)
+
 
 class FusedLinear(nn.Module):
     """Several linears over the same input run as one GEMM. The checkpoint stores them separately as
