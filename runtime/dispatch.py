@@ -34,6 +34,7 @@ from kernels import conv as _conv
 from kernels import moe as _moe
 from kernels import norm as _norm
 from kernels import rope as _rope
+from kernels import sampling as _sampling
 
 _IMPLS: dict[str, dict[str, Callable]] = {
     "rms_norm": {"torch": _norm.rms_norm_ref},
@@ -47,6 +48,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "route_topk": {"torch": _moe.route_topk_ref},
     "moe_experts": {"torch": _moe.moe_experts_ref},
     "causal_conv1d": {"torch": _conv.causal_conv1d_ref},
+    "sample": {"torch": _sampling.sample_ref},
     "causal_conv1d_update": {"torch": _conv.causal_conv1d_update_ref},
     "causal_conv_transpose1d": {"torch": _conv.causal_conv_transpose1d_ref},
     "causal_conv_transpose1d_update": {"torch": _conv.causal_conv_transpose1d_update_ref},
@@ -56,7 +58,8 @@ _IMPLS: dict[str, dict[str, Callable]] = {
 # `<BACKEND>_OPS` (op name -> function; kernels/ imports nothing from runtime/), which load_backend registers;
 # runtime/cuda_ops.py registers itself on import instead.
 _BACKEND_MODULES: dict[str, list[str]] = {
-    "triton": ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention"],
+    "triton": ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention",
+               "kernels.triton_sampling"],
     "cuda": ["runtime.cuda_ops"],
 }
 _loaded: set[str] = set()
@@ -201,3 +204,8 @@ def causal_conv_transpose1d(x, weight, bias, stride):
 
 def causal_conv_transpose1d_update(x_chunk, tail_state, weight, bias, stride, start, slot_ids=None):
     return _call("causal_conv_transpose1d_update")(x_chunk, tail_state, weight, bias, stride, start, slot_ids)
+
+
+def sample(logits, history, params, seeds, steps, stage, suppress=None):
+    """Filtered draw of one token per row (kernels/sampling.py `sample_ref`'s contract)."""
+    return _call("sample")(logits, history, params, seeds, steps, stage, suppress)
