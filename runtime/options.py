@@ -147,7 +147,7 @@ def sampling_options(defaults: StageSampling, **keywords) -> dict:
         try:
             out[stage] = replace(getattr(defaults, stage), **given)
         except (TypeError, ValueError) as error:
-            raise type(error)(f"{prefix or 'thinker '}sampling: {error}") from error
+            raise type(error)(f"{stage} sampling: {error}") from error
     return out
 
 

@@ -117,7 +117,8 @@ def pool(base):
     requests = []
     for maker in makers:
         for _ in range(8):  # a random talker sometimes stops at once: draw another prompt
-            request = dict(maker(base.config), max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS)
+            request = dict(maker(base.config), max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
+                           seed=SEED + len(requests))
             alone = Outcome(_within(HANG_S, list, base.stream(**request)))
             if alone.frames >= 2:
                 requests.append((request, alone))

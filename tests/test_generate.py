@@ -11,6 +11,7 @@ import torch
 
 from runtime.engine import OmniEngine
 from runtime.frontend.audio import audio_token_count
+from runtime.options import SAMPLING_KEYWORDS
 from runtime.streaming import AudioChunk, TextDelta, consume_together
 from tests.reference_generate import generate_with_states
 from tests.oracle import build_oracle, rel_err
@@ -24,6 +25,9 @@ THINKER_TOKENS, TALKER_TOKENS = 6, 12  # talker: at most 11 frames
 # results differ in summation order: measured <= 5e-7 relative on the oracle models (larger where activations
 # are large, e.g. the tiny demo checkpoint, tests/test_streaming.py); README "Offline generation".
 WAVEFORM_TOLERANCE = 1e-5
+# Greedy on every stage, as the transformers calls these tests compare with (`transformers_speech`); the code
+# predictor follows the talker's do_sample there and here.
+GREEDY = dict(do_sample=False, talker_do_sample=False, talker_repetition_penalty=1.0)
 
 
 # Fixed weights per variant: a random talker sometimes emits codec EOS at once for every prompt, which leaves no
@@ -112,7 +116,8 @@ def speech_request(engine, min_frames=3, attempts=8, make_request=audio_request,
 
 def transformers_speech(oracle, cfg, request, thinker_tokens=THINKER_TOKENS, talker_tokens=TALKER_TOKENS):
     """transformers' greedy omni generate: (sequences, codes [B, G, F], waveform(s))."""
-    tensors = {k: v for k, v in request.items() if k not in ("max_new_tokens", "talker_max_new_tokens", "speaker")}
+    ours_only = ("max_new_tokens", "talker_max_new_tokens", "speaker", *SAMPLING_KEYWORDS)
+    tensors = {k: v for k, v in request.items() if k not in ours_only}
     seen, handle = _capture_codes(oracle)
     try:
         sequences, wave = oracle.generate(
@@ -138,7 +143,7 @@ def _assert_same_speech(ours, sequences, codes, wave):
 def test_speech_generate_matches_transformers(pair):
     oracle, engine = pair
     request, ours = speech_request(engine, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
-                                   speaker="ethan")
+                                   speaker="ethan", **GREEDY)
     _assert_same_speech(ours, *transformers_speech(oracle, engine.config, request))
     assert ours.sample_rate == 24000
 
@@ -147,7 +152,7 @@ def test_speech_with_image_matches_transformers(pair):
     """An image in the prompt: the talker positions are TM-RoPE ids of the talker input ids (MODEL_SPEC §8.3)."""
     oracle, engine = pair
     request, ours = speech_request(engine, make_request=image_request, max_new_tokens=THINKER_TOKENS,
-                                   talker_max_new_tokens=TALKER_TOKENS)
+                                   talker_max_new_tokens=TALKER_TOKENS, **GREEDY)
     _assert_same_speech(ours, *transformers_speech(oracle, engine.config, request))
 
 
@@ -158,7 +163,7 @@ def test_speech_with_audio_and_image(pair):
     oracle, engine = pair
     cfg = engine.config
     request, ours = speech_request(engine, make_request=lambda c: image_request(c, with_audio=True),
-                                   max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS)
+                                   max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS, **GREEDY)
     with pytest.raises(AttributeError, match="audio_config"):
         transformers_speech(oracle, cfg, request)
     oracle.config.talker_config.audio_config = oracle.config.thinker_config.audio_config
@@ -199,7 +204,7 @@ def test_batched_speech_matches_transformers(pair):
     ends there (transformers returns it trimmed; we zero-pad it and give num_frames / num_samples)."""
     oracle, engine = pair
     cfg, talker = engine.config, engine.model.talker
-    generate = dict(max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS, return_audio=True)
+    generate = dict(max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS, return_audio=True, **GREEDY)
     for _ in range(6):
         request = _batch_request(cfg)
         stop = _early_stop(engine.generate(**request, **generate))
@@ -245,7 +250,7 @@ def test_generate_one_stream_and_four_concurrent_streams_match_transformers(pair
     cfg = engine.config
     makers = [audio_request, image_request, audio_request, image_request]
     requests = [speech_request(engine, min_frames=2, make_request=make, max_new_tokens=THINKER_TOKENS,
-                               talker_max_new_tokens=TALKER_TOKENS)[0] for make in makers]
+                               talker_max_new_tokens=TALKER_TOKENS, **GREEDY)[0] for make in makers]
     theirs = [transformers_speech(oracle, cfg, request) for request in requests]
     served = OmniEngine(cfg, engine.model, None, engine.device, engine.dtype, dict(max_sessions=4, prefill_chunk=16))
 
