@@ -25,6 +25,12 @@ from runtime.frontend.prompt import DEFAULT_SYSTEM_PROMPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_TEXT = "Listen to this clip and look at the picture. What do you hear and see?"
+DEMO_SEED = 20251201  # the demo samples with the checkpoint's defaults and this seed: the same output every run
+# CLI flag (dest) -> generate/stream keyword; unset flags keep the checkpoint's generation_config.json defaults
+SAMPLING_FLAGS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                  "repetition_penalty": "repetition_penalty", "talker_temperature": "talker_temperature",
+                  "talker_top_k": "talker_top_k", "talker_top_p": "talker_top_p", "talker_min_p": "talker_min_p",
+                  "talker_repetition_penalty": "talker_repetition_penalty", "seed": "seed"}
 
 
 def _demo_inputs() -> tuple[np.ndarray, int, np.ndarray]:
@@ -109,7 +115,20 @@ def demo(args) -> int:
     print(f"prompt: {DEMO_TEXT!r} + 1.5 s audio clip + 96x128 image")
     return _run(engine, args.out, out_format, text=DEMO_TEXT, audio=audio, sample_rate=rate, images=[image],
                 max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
-                speaker=args.speaker, return_audio=engine.model.has_audio_output)
+                speaker=args.speaker, return_audio=engine.model.has_audio_output, **_sampling(args))
+
+
+def _sampling(args) -> dict:
+    """The sampling flags given -> generate/stream keywords (with a sampling keyword set, `do_sample` follows:
+    --temperature 0.7 samples the thinker, which is greedy by default); --greedy: every stage greedy."""
+    if args.greedy:
+        return dict(do_sample=False, talker_do_sample=False, code_predictor_do_sample=False, seed=args.seed)
+    given = {keyword: getattr(args, flag) for flag, keyword in SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
+    if any(k in given for k in ("temperature", "top_k", "top_p", "min_p")):
+        given["do_sample"] = True
+    if any(k.startswith("talker_") and k != "talker_repetition_penalty" for k in given):
+        given["talker_do_sample"] = True
+    return given
 
 
 def _load_messages(path: str) -> list:
@@ -175,7 +194,7 @@ def generate(args) -> int:
     return _run(engine, args.out, out_format, **request, system=args.system, video_fps=args.video_fps,
                 use_audio_in_video=args.use_audio_in_video, max_new_tokens=args.max_new_tokens,
                 talker_max_new_tokens=args.talker_max_new_tokens, speaker=args.speaker,
-                return_audio=engine.model.has_audio_output and not args.no_audio)
+                return_audio=engine.model.has_audio_output and not args.no_audio, **_sampling(args))
 
 
 def _one_line(err: BaseException) -> str:
@@ -197,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, checkpoint_default, max_new_tokens, talker_max_new_tokens):
+    def common(p, checkpoint_default, max_new_tokens, talker_max_new_tokens, seed=None):
         p.add_argument("--checkpoint", default=checkpoint_default,
                        help="checkpoint directory or preset (tiny, qwen3-omni-30b-a3b); default: %(default)s")
         p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -212,10 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output audio format (default: from the --out suffix: .wav .flac .mp3 .opus/.ogg "
                             ".pcm/.raw)")
         p.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
+        sampling = p.add_argument_group("sampling (unset: the checkpoint's generation_config.json, else the "
+                                        "released defaults; README \"Sampling\")")
+        for stage, prefix in (("thinker", ""), ("talker", "talker-")):
+            sampling.add_argument(f"--{prefix}temperature", type=float, help=f"the {stage}'s temperature (samples it)")
+            sampling.add_argument(f"--{prefix}top-k", type=int, help=f"the {stage}'s top-k (0 = off; samples it)")
+            sampling.add_argument(f"--{prefix}top-p", type=float, help=f"the {stage}'s top-p (1 = off; samples it)")
+            sampling.add_argument(f"--{prefix}min-p", type=float, help=f"the {stage}'s min-p (0 = off; samples it)")
+            sampling.add_argument(f"--{prefix}repetition-penalty", type=float,
+                                  help=f"the {stage}'s repetition penalty (1 = off)")
+        sampling.add_argument("--seed", type=int, default=seed,
+                              help="random seed of the request (default: %(default)s; none = a fresh one per run)")
+        sampling.add_argument("--greedy", action="store_true", help="greedy decoding on every stage")
 
     p_demo = sub.add_parser("demo", help="speak a built-in prompt with the tiny default model")
     # the tiny model has random weights: short limits keep the demo quick on a CPU
-    common(p_demo, "tiny", 32, 64)
+    common(p_demo, "tiny", 32, 64, seed=DEMO_SEED)
     p_demo.add_argument("--out", default="demo.wav", help="output audio file (default: %(default)s)")
     p_demo.set_defaults(run=demo)
 

@@ -172,3 +172,32 @@ def test_a_steady_tick_reads_the_device_once(engine, monkeypatch):
     assert len(per_tick) >= 8, per_tick
     assert all(count == 1 for count in per_tick[:-1]) and per_tick[-1] <= 1, per_tick
     assert staged, "slot ids and fed text tokens went through the runner's staging"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_sampling_flags_become_keywords():
+    from runtime.__main__ import DEMO_SEED, _sampling, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--temperature", "0.7", "--talker-top-k", "5", "--talker-repetition-penalty",
+                              "1.2"])
+    assert _sampling(args) == dict(temperature=0.7, do_sample=True, talker_top_k=5, talker_do_sample=True,
+                                   talker_repetition_penalty=1.2, seed=DEMO_SEED)
+    assert _sampling(parser.parse_args(["generate", "--checkpoint", "x", "--text", "hi"])) == {}  # defaults, no seed
+    greedy = _sampling(parser.parse_args(["generate", "--checkpoint", "x", "--greedy", "--seed", "3"]))
+    assert greedy == dict(do_sample=False, talker_do_sample=False, code_predictor_do_sample=False, seed=3)
+
+
+def test_the_demo_is_reproducible(tmp_path, capsys):
+    """The demo samples the talker (the checkpoint's defaults) with a fixed seed: two runs write the same audio."""
+    import numpy as np
+
+    from runtime.__main__ import main
+    from runtime.frontend.audio import require_soundfile
+
+    soundfile = require_soundfile()
+    outs = [tmp_path / f"demo{i}.wav" for i in range(2)]
+    for out in outs:
+        assert main(["demo", "--out", str(out), "--max-new-tokens", "6", "--talker-max-new-tokens", "8"]) == 0
+    first, second = (soundfile.read(str(out))[0] for out in outs)
+    assert first.size > 0 and np.array_equal(first, second)
