@@ -152,6 +152,33 @@ def test_graphs_on_two_streams_never_share_a_pool():
     assert cuda.log == [("replay", "talker"), ("replay", "main")]
 
 
+def test_slot_reset_of_talker_state_runs_on_the_talker_stream(tmp_path, monkeypatch):
+    """Admission resets a slot: the talker's KV lengths and Code2Wav stream are written by the talker's graphs on
+    its stream, so their reset is issued on that stream too (after the previous user's talker work); the thinker's
+    cache on the main stream."""
+    from contextlib import contextmanager
+
+    from runtime.tiny import write_tiny_checkpoint
+
+    runner = OmniEngine.from_pretrained(write_tiny_checkpoint(tmp_path)).scheduler.runner
+    inside: list = []
+
+    @contextmanager
+    def on_talker_stream():
+        inside.append(True)
+        yield
+        inside.pop()
+
+    monkeypatch.setattr(runner, "on_talker_stream", on_talker_stream)
+    seen = {}
+    for name, state in (("thinker", runner.thinker_cache), ("talker", runner.talker_cache),
+                        ("code2wav", runner.code2wav_slots)):
+        monkeypatch.setattr(state, "reset", lambda slot, name=name, reset=state.reset: (
+            seen.__setitem__(name, bool(inside)), reset(slot)))
+    runner.reset_slot(1)
+    assert seen == {"thinker": False, "talker": True, "code2wav": True}
+
+
 def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
     """What capture_all would capture (the runner's capture plan), run eagerly on the CPU: every stage at every
     bucket, its example inputs (all rows padded) fit its step function, which returns a tuple of tensors, and
