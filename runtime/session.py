@@ -6,7 +6,8 @@ request (one definition each, for `generate` and `stream` alike):
   tts_eos for the generation's last token, tts_pad after it (MODEL_SPEC §8.3);
 - the frame stop rule: codec EOS as code 0, or the talker's last allowed step (which emits no frame, as
   transformers counts them: `talker_max_new_tokens` steps give at most `talker_max_new_tokens − 1` frames);
-- packets: every `chunk_frames` frames (and the rest at the end) become one AudioChunk (float32 or pcm16);
+- packets: every `chunk_frames` frames (and the rest at the end) become one AudioChunk (float32 or pcm16), sent
+  once its samples are on the host (copied without blocking, `deliver_audio`);
 - timings (runtime.streaming.StreamTimings).
 
 The scheduler (runtime/scheduler.py) decides when a session advances; the runner (runtime/runner.py) runs the
