@@ -105,9 +105,12 @@ def _capture_codes(oracle):
 def speech_request(engine, min_frames=3, attempts=8, make_request=audio_request, **kwargs):
     """Fresh random prompts (`make_request(config)`, default: audio) until our greedy speech runs at least
     `min_frames` frames (a random talker sometimes emits EOS at once, which would leave nothing to compare).
-    Returns (request kwargs, result)."""
-    for _ in range(attempts):
+    Returns (request kwargs, result). With a `seed`, each attempt takes the next one (one seed draws the same noise
+    for every prompt, which a random talker's near-equal distributions then follow alike)."""
+    for attempt in range(attempts):
         request = dict(make_request(engine.config), **kwargs)
+        if kwargs.get("seed") is not None:
+            request["seed"] = kwargs["seed"] + attempt
         result = engine.generate(**request, return_audio=True)
         if result.codes.shape[-1] >= min_frames:
             return request, result
