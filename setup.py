@@ -76,6 +76,7 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers", "soundfile", "soxr", "pillow", "tqdm"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "transformers==5.23.0", "onnx", "onnxruntime"]},
+    extras_require={"triton": ["triton"], "test": ["pytest", "transformers==5.23.0", "onnx", "onnxruntime"],
+                    "scale": ["ray[serve]==2.60.0"]},  # runtime/serve/scale.py (requirements-scale.txt)
     entry_points={"console_scripts": ["omni-rt=runtime.__main__:main"]},
 )

@@ -11,5 +11,6 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 echo "== installing pinned packages (requirements-test.txt)"
 .venv/bin/python -m pip install -q -r requirements-test.txt
+.venv/bin/python -m pip install -q -r requirements-scale.txt
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 .venv/bin/python -c "import torch, transformers, runtime; print('== torch', torch.__version__, '| transformers', transformers.__version__, '| omni-rt ready')"

@@ -12,6 +12,7 @@ Every error is an OpenAI-style error object; an unexpected exception is a 500 fo
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from fastapi import FastAPI, Request
@@ -59,8 +60,10 @@ def create_app(engine, config: ServeConfig | None = None) -> FastAPI:
         service = app.state.service
         slots = await asyncio.to_thread(service.slots)
         status = "shutting_down" if service.shutting_down else "ok"
-        return JSONResponse({"status": status, "model": config.model_name, "slots": slots,
-                             "max_queue": config.max_queue}, status_code=503 if service.shutting_down else 200)
+        body = {"status": status, "model": config.model_name, "slots": slots, "max_queue": config.max_queue}
+        if config.replica_id is not None:  # one of many (Ray Serve): which one answered, and its process
+            body["replica"] = {"id": config.replica_id, "pid": os.getpid()}
+        return JSONResponse(body, status_code=503 if service.shutting_down else 200)
 
     @app.get("/metrics")
     async def metrics():

@@ -3,6 +3,7 @@
 Prints the URL and then a ready line (`ready: http://HOST:PORT`) once the socket listens (with --port 0 the
 port the system picked). SIGINT / SIGTERM: new requests get 503, every open stream ends with a final error
 event (its slot freed), uvicorn drains the connections, the engine loop is closed; exit status 0.
+With --replicas N or --autoscale MIN:MAX the same app runs on N engines through Ray Serve (runtime/serve/scale.py).
 """
 
 from __future__ import annotations
@@ -28,29 +29,57 @@ def add_serve_parser(sub) -> None:
                    help="codec frames (80 ms) at most per answer unless the request's omni field says less")
     p.add_argument("--allow-local-files", action="store_true", help="accept local image paths in requests")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
+    scale = p.add_argument_group("more than one engine (Ray Serve: pip install omni-rt[scale]; runtime/serve/scale.py)")
+    scale.add_argument("--replicas", type=int, default=None, help="serve N engines through Ray Serve")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", default=None,
+                       help="Ray Serve autoscaling between MIN and MAX replicas on ongoing requests")
+    scale.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto': the local node's); "
+                       "default: start a local one")
+    scale.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (default: %(default)s)")
+    scale.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (default: %(default)s)")
+    scale.add_argument("--health-check-period-s", type=float, default=10.0,
+                       help="seconds between Serve's health checks of a replica's engine loop (default: %(default)s)")
     p.set_defaults(run=serve)
 
 
-def serve(args) -> int:
+def load_engine(options: dict):
+    """The engine `serve` runs, from the CLI's engine options, its caches built before the server says ready."""
     import torch
-    import uvicorn
 
     from runtime.engine import OmniEngine
     from runtime.options import SchedulerConfig
-    from runtime.serve.app import create_app
-    from runtime.serve.service import ServeConfig
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    start = time.perf_counter()
     engine = OmniEngine.from_pretrained(
-        args.checkpoint, device=args.device, dtype=dtypes[args.dtype], kernels=args.kernels,
-        scheduler=SchedulerConfig(max_sessions=args.max_sessions, max_seq_len=args.max_seq_len))
+        options["checkpoint"], device=options["device"], dtype=dtypes[options["dtype"]], kernels=options["kernels"],
+        scheduler=SchedulerConfig(max_sessions=options["max_sessions"], max_seq_len=options["max_seq_len"]))
     engine.scheduler  # noqa: B018 - build the caches (and capture graphs) before saying ready
+    return engine
+
+
+def serve_config(options: dict, replica_id: str | None = None):
+    from runtime.serve.service import ServeConfig
+
+    return ServeConfig(model_name=options["model_name"], max_queue=options["max_queue"],
+                       max_body_bytes=int(options["max_body_mb"] * 1024 * 1024),
+                       allow_local_files=options["allow_local_files"], default_max_tokens=options["max_tokens"],
+                       default_talker_max_new_tokens=options["talker_max_new_tokens"], replica_id=replica_id)
+
+
+def serve(args) -> int:
+    if args.replicas is not None or args.autoscale is not None:  # the Ray Serve way (ray is imported only here)
+        from runtime.serve.scale import serve_scaled
+
+        return serve_scaled(args)
+    import uvicorn
+
+    from runtime.serve.app import create_app
+
+    start = time.perf_counter()
+    engine = load_engine(vars(args))
     print(f"loaded {args.checkpoint} on {args.device} ({args.dtype}) in {time.perf_counter() - start:.2f} s",
           flush=True)
-    config = ServeConfig(model_name=args.model_name, max_queue=args.max_queue,
-                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), allow_local_files=args.allow_local_files,
-                         default_max_tokens=args.max_tokens, default_talker_max_new_tokens=args.talker_max_new_tokens)
+    config = serve_config(vars(args))
     app = create_app(engine, config)
     server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off",
                                     ws_max_size=config.max_body_bytes, timeout_graceful_shutdown=10))

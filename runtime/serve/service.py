@@ -25,6 +25,7 @@ class ServeConfig:
     default_max_tokens: int = 128
     default_talker_max_new_tokens: int = 1024
     retry_after_s: int = 1
+    replica_id: str | None = None  # set on a Ray Serve replica (runtime/serve/scale.py): named in /health
 
 
 class Job:
