@@ -77,9 +77,10 @@ def question(seed: int, text: str = "What do you hear?", rate: int = 22050) -> t
 
 def reference(engine, decoded: np.ndarray, rate: int, text: str = "What do you hear?", voice: str = "ethan",
               talker_frames: int = TALKER_FRAMES):
-    """engine.generate on the same request -> (token ids without the EOS, int16 samples)."""
+    """engine.generate on the same request, with the seed the served requests send (0) -> (token ids without the
+    EOS, int16 samples)."""
     result = engine.generate(text=text, audio=decoded, sample_rate=rate, max_new_tokens=MAX_TOKENS,
-                             talker_max_new_tokens=talker_frames, speaker=voice, return_audio=True)
+                             talker_max_new_tokens=talker_frames, speaker=voice, return_audio=True, seed=0)
     prompt_len = engine.prepare(text=text, audio=decoded, sample_rate=rate).input_ids.shape[1]
     tokens = result.sequences[0, prompt_len:].tolist()
     eos = engine.config.im_end_token_id
@@ -194,7 +195,8 @@ def test_every_output_format_decodes_to_the_same_speech(client):
     decoded = {}
     for fmt in ("wav", "flac", "pcm16", "mp3", "opus"):
         answer = client.chat.completions.create(model="omni-rt", messages=messages, modalities=["text", "audio"],
-                                                audio={"voice": "ethan", "format": fmt}, max_tokens=MAX_TOKENS)
+                                                audio={"voice": "ethan", "format": fmt}, max_tokens=MAX_TOKENS,
+                                                seed=0)  # the same sampled speech each time
         data = base64.b64decode(answer.choices[0].message.audio.data)
         if fmt == "pcm16":
             decoded[fmt] = np.frombuffer(data, dtype="<i2")

@@ -1,26 +1,27 @@
 """`request_options(body, engine, ...)`: the one place where a request's OpenAI fields (max_tokens, audio,
 modalities, temperature, top_p, seed) and omni-rt's extension field `omni` (talker options) become
-`engine.stream` keywords. A sampling field is passed on when `engine.stream` takes a keyword of that name;
-until then only its greedy value is accepted and any other is a 400 naming the field (decoding is greedy,
-README "Use"). `seed` is accepted either way: greedy decoding gives the same answer for every seed."""
+`engine.stream` keywords. The sampling fields become the engine's sampling keywords (runtime/options.py
+SAMPLING_KEYWORDS; README "Sampling"): `temperature` / `top_p` sample the thinker (temperature 0 is greedy), the
+`omni.talker_*` fields the talker; fields left out keep the checkpoint's defaults. `seed` makes a request
+reproducible: the same seed gives the same answer whatever else the server runs; none draws a fresh one."""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
+from runtime.options import SAMPLING_KEYWORDS
 from runtime.serve.errors import bad_request
 from runtime.serve.schemas import AUDIO_OUT_FORMATS
 
 DEFAULT_VOICE = "ethan"
-# OpenAI field (dotted) -> (engine.stream keyword, the value that means greedy decoding).
+# OpenAI field (dotted) -> (engine.stream keyword, the do_sample keyword it turns on, or None).
 SAMPLING_FIELDS = {
-    "temperature": ("temperature", (0, 0.0)),
-    "top_p": ("top_p", (1, 1.0)),
-    "omni.talker_temperature": ("talker_temperature", (0, 0.0)),
-    "omni.talker_top_p": ("talker_top_p", (1, 1.0)),
-    "omni.talker_top_k": ("talker_top_k", (0,)),
-    "omni.talker_repetition_penalty": ("talker_repetition_penalty", (1, 1.0)),
+    "temperature": ("temperature", "do_sample"),
+    "top_p": ("top_p", "do_sample"),
+    "omni.talker_temperature": ("talker_temperature", "talker_do_sample"),
+    "omni.talker_top_p": ("talker_top_p", "talker_do_sample"),
+    "omni.talker_top_k": ("talker_top_k", "talker_do_sample"),
+    "omni.talker_repetition_penalty": ("talker_repetition_penalty", None),
 }
 
 
@@ -44,20 +45,21 @@ def request_options(body: dict, engine, *, streaming: bool, default_max_tokens: 
                     default_talker_max_new_tokens: int = 1024) -> RequestOptions:
     """body: the request's fields as a dict in OpenAI names (chat: the validated request's model_dump();
     realtime: the session and response fields mapped to the same names)."""
-    accepted = set(inspect.signature(engine.stream).parameters)
     out = RequestOptions()
     kwargs = out.stream_kwargs
-    for name, (keyword, greedy) in SAMPLING_FIELDS.items():
+    for name, (keyword, samples) in SAMPLING_FIELDS.items():
         value = _get(body, name)
         if value is None:
             continue
-        if keyword in accepted:
-            kwargs[keyword] = value
-        elif value not in greedy:
-            raise bad_request(f"{name}={value!r} is not supported yet: decoding is greedy (use {greedy[0]} or omit it)",
-                              name, "unsupported_value")
-    if body.get("seed") is not None and "seed" in accepted:
-        kwargs["seed"] = body["seed"]
+        assert keyword in SAMPLING_KEYWORDS, keyword
+        kwargs[keyword] = value
+        if samples is not None:  # asking for a temperature or top-p asks for sampling (temperature 0: greedy)
+            kwargs[samples] = True
+    if body.get("seed") is not None:
+        seed = body["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise bad_request(f"seed must be an integer, got {seed!r}", "seed")
+        kwargs["seed"] = seed % 2 ** 63  # OpenAI seeds may be negative; ours are in [0, 2**63)
 
     if body.get("n") not in (None, 1):
         raise bad_request("n must be 1: one choice per request", "n", "unsupported_value")
