@@ -66,6 +66,7 @@ def replica_pids(cluster, want: int, timeout: float = 60.0, known: dict | None =
         assert time.monotonic() < deadline, f"only {seen} answered /health in {timeout} s"
         state = health(cluster)
         seen[state["replica"]["id"]] = state["replica"]["pid"]
+        time.sleep(0.02)
     return seen
 
 
@@ -139,6 +140,41 @@ class SSE:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+def test_deployment_options_follow_the_engine_slots():
+    from runtime.serve.scale import build_app, deployment_options, parse_autoscale
+
+    base = {"max_sessions": 8, "max_queue": 16, "cpus_per_replica": 1.0, "gpus_per_replica": 1.0, "replicas": 3,
+            "autoscale": None, "health_check_period_s": 10.0, "log_level": "warning"}
+    fixed = deployment_options(base)
+    assert fixed["num_replicas"] == 3 and fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert fixed["max_ongoing_requests"] == 2 * 8 + 16 and "autoscaling_config" not in fixed
+    scaled = deployment_options({**base, "autoscale": "2:6", "gpus_per_replica": 0.0})
+    assert "num_replicas" not in scaled and "num_gpus" not in scaled["ray_actor_options"]
+    assert scaled["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 6, "initial_replicas": 2,
+                                            "target_ongoing_requests": 6.0}
+    for bad in ("3", "4:2", "a:b", "0:0"):
+        with pytest.raises(ValueError, match="--autoscale"):
+            parse_autoscale(bad)
+    with pytest.raises(ValueError, match="unknown omni-rt option"):
+        build_app({"max_sesions": 8})
+
+
+def test_the_serve_run_config_file_is_valid_and_builds_the_app():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from runtime.serve.scale import build_app
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime/serve/serve_config.yaml")
+    with open(path) as f:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(f))
+    (application,) = config.applications
+    assert application.import_path == "runtime.serve.scale:build_app"
+    deployment = build_app(application.args)._bound_deployment
+    assert deployment.num_replicas == application.args["replicas"]
+    assert deployment.max_ongoing_requests == 2 * application.args["max_sessions"] + application.args["max_queue"]
+
 
 def test_health_names_the_replica_and_both_answer(cluster):
     pids = replica_pids(cluster, REPLICAS)

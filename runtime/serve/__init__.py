@@ -10,6 +10,7 @@
     metrics.py    Prometheus metrics (latency, RTF, per-stage histograms, outcomes, queue, slots)
     schemas.py    pydantic request shapes; errors.py  OpenAI-style error objects
     cli.py        uvicorn server with a ready line and a clean SIGINT/SIGTERM shutdown
+    scale.py      the same app on many engines through Ray Serve (--replicas / --autoscale; optional ray)
 
 Every request runs on the engine loop (runtime/engine_loop.py) like any `engine.stream`, so a served stream
 equals `engine.generate` on the same prompt; the HTTP side only moves events out as they come.

@@ -52,7 +52,7 @@ ENGINE_DEFAULTS = {"checkpoint": "tiny", "device": "cpu", "dtype": "float32", "k
 SERVER_DEFAULTS = {"model_name": "omni-rt", "max_queue": 16, "max_body_mb": 32.0, "max_tokens": 128,
                    "talker_max_new_tokens": 1024, "allow_local_files": False}
 SCALE_DEFAULTS = {"replicas": 1, "gpus_per_replica": 0.0, "cpus_per_replica": 1.0, "autoscale": None,
-                  "health_check_period_s": 10.0}
+                  "health_check_period_s": 10.0, "log_level": "warning"}
 
 
 class ReplicaHeader:
@@ -159,7 +159,8 @@ def deployment_options(options: dict) -> dict:
         resources["num_gpus"] = options["gpus_per_replica"]
     out = {"ray_actor_options": resources, "max_ongoing_requests": 2 * max_sessions + max_queue,
            "health_check_period_s": options["health_check_period_s"],
-           "health_check_timeout_s": HEALTH_TIMEOUT_S + 10, "graceful_shutdown_timeout_s": 10}
+           "health_check_timeout_s": HEALTH_TIMEOUT_S + 10, "graceful_shutdown_timeout_s": 10,
+           "logging_config": {"log_level": options["log_level"].upper()}}
     if options["autoscale"]:
         low, high = parse_autoscale(options["autoscale"])
         # Scale up while three quarters of the average replica's slots are busy: loading a replica takes
@@ -229,7 +230,8 @@ def serve_scaled(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": port})
+        serve.start(http_options={"host": args.host, "port": port},
+                    logging_config={"log_level": args.log_level.upper()})  # the proxy's access log: at info
         url = f"http://{args.host}:{port}"
         print(f"serving {args.model_name} ({args.checkpoint}) through Ray Serve at {url}: "
               f"{options['autoscale'] or replicas} replica(s), {args.gpus_per_replica:g} GPU(s) each", flush=True)
