@@ -25,7 +25,8 @@ def rms_norm_plan(rows: int) -> tuple[str, ...]:
 
 
 def qk_norm_rope_plan(tokens: int) -> tuple[str, ...]:
-    """qk_norm_rope and mrope_qk_norm_: one launch covers the q heads and the k heads."""
+    """qk_norm_rope, qk_norm_rope_cache_write and mrope_qk_norm_: one launch covers the q heads and the k heads
+    (and the k/v cache writes)."""
     return ("qk_norm_rope",) if tokens else ()
 
 
@@ -78,6 +79,8 @@ SCHEMA_ARGS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("x", "weight", "eps"),
     "add_rms_norm": ("x", "residual", "weight", "eps"),
     "qk_norm_rope": ("q", "k", "q_norm_weight", "k_norm_weight", "eps", "cos", "sin"),
+    "qk_norm_rope_cache_write": ("q", "k", "v", "q_norm_weight", "k_norm_weight", "eps", "cos", "sin", "k_cache",
+                                 "v_cache", "write_rows", "write_at"),
     "mrope_qk_norm_": ("q", "k", "q_norm_weight", "k_norm_weight", "eps", "positions", "inv_freq", "mrope_section"),
     "route_topk": ("router_logits", "top_k", "norm_topk_prob"),
     "moe_experts": ("hidden", "expert_ids", "expert_weights", "gate_up_proj", "down_proj"),
@@ -120,6 +123,7 @@ _COUNTERS: dict[str, Callable[[dict], int]] = {
     "rms_norm": lambda a: len(rms_norm_plan(a["x"].shape[0])),
     "add_rms_norm": lambda a: len(rms_norm_plan(a["x"].shape[0])),  # one kernel: the add rides along
     "qk_norm_rope": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),
+    "qk_norm_rope_cache_write": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),  # v and the cache writes ride along
     "mrope_qk_norm_": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),
     "route_topk": lambda a: len(route_topk_plan(a["router_logits"].shape[0])),
     "moe_experts": _moe_experts,

@@ -86,3 +86,17 @@ def mrope_qk_norm_ref_(q, k, q_norm_weight, k_norm_weight, eps: float, positions
     q.copy_(q_new[0])
     k.copy_(k_new[0])
     return q, k
+
+
+def qk_norm_rope_cache_write_ref(q, k, v, q_norm_weight, k_norm_weight, eps: float, cos, sin, k_cache, v_cache,
+                                 write_rows, write_at):
+    """q: (B, L, q_heads, D); k, v: (B, L, kv_heads, D) (strided views fine); norm weights: (D,); cos/sin:
+    (B, L, D); k_cache, v_cache: (num_slots, max_len, kv_heads, D), updated in place; write_rows, write_at:
+    (B, L) int64 on the device, the cache slot and position each new token is stored at.
+    Returns the new q as qk_norm_rope_ref; k after the same norm + rotary, and v as given, go straight into the
+    caches at [write_rows, write_at] (a static KV cache's write, runtime/kv_cache.py) instead of being returned.
+    """
+    q, k = qk_norm_rope_ref(q, k, q_norm_weight, k_norm_weight, eps, cos, sin)
+    k_cache.index_put_((write_rows, write_at), k)
+    v_cache.index_put_((write_rows, write_at), v)
+    return q

@@ -166,11 +166,12 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 @triton.jit
 def _norm_rope_heads(
     x_ptr, out_ptr, w_ptr, cos_lo, cos_hi, sin_lo, sin_hi,
-    pid_t, head0, H, D, HALF, eps,
+    pid_t, out_row, head0, H, D, HALF, eps,
     stride_xt, stride_xh, stride_xd, stride_ot, stride_oh, stride_od, stride_w,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, Y_DTYPE: tl.constexpr, ROPE_DTYPE: tl.constexpr,
 ):
-    """RMSNorm + rotate-half of heads head0 … head0+BLOCK_H−1 of token pid_t; cos/sin halves: [BLOCK_HALF]."""
+    """RMSNorm + rotate-half of heads head0 … head0+BLOCK_H−1 of token pid_t, stored at row out_row of out
+    (pid_t, or a cache position); cos/sin halves: [BLOCK_HALF]."""
     offs_h = head0 + tl.arange(0, BLOCK_H)
     offs_j = tl.arange(0, BLOCK_HALF)
     mask = (offs_h < H)[:, None] & (offs_j < HALF)[None, :]
@@ -190,7 +191,7 @@ def _norm_rope_heads(
         (-y_hi * sin_lo[None, :]).to(ROPE_DTYPE).to(tl.float32)
     out_hi = (y_hi * cos_hi[None, :]).to(ROPE_DTYPE).to(tl.float32) + \
         (y_lo * sin_hi[None, :]).to(ROPE_DTYPE).to(tl.float32)
-    o_lo_ptrs = out_ptr + pid_t * stride_ot + offs_h[:, None] * stride_oh + offs_j[None, :] * stride_od
+    o_lo_ptrs = out_ptr + out_row * stride_ot + offs_h[:, None] * stride_oh + offs_j[None, :] * stride_od
     out_ty = out_ptr.dtype.element_ty
     tl.store(o_lo_ptrs, out_lo.to(ROPE_DTYPE).to(out_ty), mask=mask)
     tl.store(o_lo_ptrs + HALF * stride_od, out_hi.to(ROPE_DTYPE).to(out_ty), mask=mask)
@@ -199,11 +200,15 @@ def _norm_rope_heads(
 @triton.jit
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, pos_ptr, inv_freq_ptr,
-    Hq, Hk, D, HALF, section_h, section_w, eps,
+    v_ptr, v_out_ptr, rows_ptr, at_ptr,
+    Hq, Hk, D, HALF, section_h, section_w, eps, L,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_qot, stride_qoh, stride_qod, stride_kot, stride_koh, stride_kod,
     stride_qw, stride_kw, stride_ct, stride_cd, stride_st, stride_sd, stride_pa, stride_pt, stride_f,
+    stride_vt, stride_vh, stride_vd, stride_ks, stride_vs, stride_von, stride_voh, stride_vod,
+    stride_rb, stride_rl, stride_ab, stride_al,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, COS_MODE: tl.constexpr, COS_DTYPE: tl.constexpr,
+    WRITE_KV: tl.constexpr,
     QY_DTYPE: tl.constexpr, KY_DTYPE: tl.constexpr, QROPE_DTYPE: tl.constexpr, KROPE_DTYPE: tl.constexpr,
     TWO_PI_HI: tl.constexpr, TWO_PI_LO: tl.constexpr, INV_TWO_PI: tl.constexpr,
 ):
@@ -233,12 +238,27 @@ def _qk_norm_rope_kernel(
     q_blocks = tl.cdiv(Hq, BLOCK_H)
     if pid_h < q_blocks:
         _norm_rope_heads(q_ptr, q_out_ptr, q_w_ptr, cos_lo, cos_hi, sin_lo, sin_hi,
-                         pid_t, pid_h * BLOCK_H, Hq, D, HALF, eps,
+                         pid_t, pid_t, pid_h * BLOCK_H, Hq, D, HALF, eps,
                          stride_qt, stride_qh, stride_qd, stride_qot, stride_qoh, stride_qod, stride_qw,
                          BLOCK_H, BLOCK_HALF, QY_DTYPE, QROPE_DTYPE)
+    elif WRITE_KV:  # k and v of token pid_t (= b·L + l) go to position at[b, l] of cache slot rows[b, l]
+        row = tl.load(rows_ptr + (pid_t // L) * stride_rb + (pid_t % L) * stride_rl)
+        at = tl.load(at_ptr + (pid_t // L) * stride_ab + (pid_t % L) * stride_al)
+        head0 = (pid_h - q_blocks) * BLOCK_H
+        _norm_rope_heads(k_ptr, k_out_ptr + row * stride_ks, k_w_ptr, cos_lo, cos_hi, sin_lo, sin_hi,
+                         pid_t, at, head0, Hk, D, HALF, eps,
+                         stride_kt, stride_kh, stride_kd, stride_kot, stride_koh, stride_kod, stride_kw,
+                         BLOCK_H, BLOCK_HALF, KY_DTYPE, KROPE_DTYPE)
+        offs_h = head0 + tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, 2 * BLOCK_HALF)  # = next power of two of D (D even)
+        mask = (offs_h < Hk)[:, None] & (offs_d < D)[None, :]
+        v = tl.load(v_ptr + pid_t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd,
+                    mask=mask, other=0.0)
+        tl.store(v_out_ptr + row * stride_vs + at * stride_von + offs_h[:, None] * stride_voh
+                 + offs_d[None, :] * stride_vod, v.to(v_out_ptr.dtype.element_ty), mask=mask)
     else:
         _norm_rope_heads(k_ptr, k_out_ptr, k_w_ptr, cos_lo, cos_hi, sin_lo, sin_hi,
-                         pid_t, (pid_h - q_blocks) * BLOCK_H, Hk, D, HALF, eps,
+                         pid_t, pid_t, (pid_h - q_blocks) * BLOCK_H, Hk, D, HALF, eps,
                          stride_kt, stride_kh, stride_kd, stride_kot, stride_koh, stride_kod, stride_kw,
                          BLOCK_H, BLOCK_HALF, KY_DTYPE, KROPE_DTYPE)
 
@@ -255,9 +275,10 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None) 
 
 
 def _launch(q, k, q_out, k_out, q_norm_weight, k_norm_weight, eps, cos_mode, cos, sin, positions, inv_freq,
-            section, cos_dtype):
+            section, cos_dtype, kv_write=None):
     """q, k, q_out, k_out: (T, H, D) views (out may alias in); cos/sin: (T, D) or None; positions: (axes, T)
-    or None. Fills q_out and k_out."""
+    or None. Fills q_out and k_out. kv_write: (v (T, Hk, D), k_cache, v_cache (slots, N, Hk, D), write_rows,
+    write_at (B, L) with B·L = T): k goes into k_cache (k_out unused) and v into v_cache at those slots/positions."""
     tokens, q_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     if not qk_norm_rope_plan(tokens):
@@ -279,13 +300,21 @@ def _launch(q, k, q_out, k_out, q_norm_weight, k_norm_weight, eps, cos_mode, cos
         pos_strides = (0, 0, 0)
     else:
         pos_strides = (*positions.stride(), inv_freq.stride(0))
+    if kv_write is None:  # the v / cache pointers are never read: pass q
+        v = v_out = rows = at = q
+        length, k_out_strides, kv_strides = 1, k_out.stride(), (0,) * 12
+    else:
+        v, k_out, v_out, rows, at = kv_write
+        length = rows.shape[1]
+        k_out_strides = k_out.stride()[1:]  # position, head, dim; the slot stride goes with the v strides
+        kv_strides = (*v.stride(), k_out.stride(0), *v_out.stride(), *rows.stride(), *at.stride())
     grid = (tokens, triton.cdiv(q_heads, block_h) + triton.cdiv(kv_heads, block_h))
     _qk_norm_rope_kernel[grid](
-        q, k, q_out, k_out, q_norm_weight, k_norm_weight, cos, sin, positions, inv_freq,
-        q_heads, kv_heads, head_dim, half, int(section[1]), int(section[2]), eps,
-        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
-        q_norm_weight.stride(0), k_norm_weight.stride(0), *cos_strides, *pos_strides,
-        BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half), COS_MODE=cos_mode,
+        q, k, q_out, k_out, q_norm_weight, k_norm_weight, cos, sin, positions, inv_freq, v, v_out, rows, at,
+        q_heads, kv_heads, head_dim, half, int(section[1]), int(section[2]), eps, length,
+        *q.stride(), *k.stride(), *q_out.stride(), *k_out_strides,
+        q_norm_weight.stride(0), k_norm_weight.stride(0), *cos_strides, *pos_strides, *kv_strides,
+        BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half), COS_MODE=cos_mode, WRITE_KV=kv_write is not None,
         COS_DTYPE=_TL_DTYPE[cos_dtype], QY_DTYPE=_TL_DTYPE[qy], KY_DTYPE=_TL_DTYPE[ky],
         QROPE_DTYPE=_TL_DTYPE[torch.promote_types(qy, cos_dtype)],
         KROPE_DTYPE=_TL_DTYPE[torch.promote_types(ky, cos_dtype)],
@@ -330,6 +359,49 @@ def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, eps: float, cos, sin):
     return q_out.view(q.shape), k_out.view(k.shape)
 
 
+@torch.library.custom_op("omni_rt_triton::qk_norm_rope_cache_write", mutates_args=("k_cache", "v_cache"))
+def _qk_norm_rope_cache_write_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weight: torch.Tensor,
+                                 k_norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                                 k_cache: torch.Tensor, v_cache: torch.Tensor, write_rows: torch.Tensor,
+                                 write_at: torch.Tensor) -> torch.Tensor:
+    """q: (T, Hq, D); k, v: (T, Hk, D); cos, sin: (T, D); k_cache, v_cache: (slots, N, Hk, D), updated in
+    place; write_rows, write_at: (B, L) with B·L = T; any strides. Returns the new contiguous q."""
+    q_out = torch.empty(q.shape, dtype=_qk_out_dtypes(q, k, q_norm_weight, k_norm_weight, cos)[0], device=q.device)
+    _launch(q, k, q_out, k_cache, q_norm_weight, k_norm_weight, eps, COS_FROM_TABLE, cos, sin, None, None, (0, 0, 0),
+            cos.dtype, kv_write=(v, k_cache, v_cache, write_rows, write_at))
+    return q_out
+
+
+@_qk_norm_rope_cache_write_op.register_fake
+def _(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, write_rows, write_at):
+    return q.new_empty(q.shape, dtype=_qk_out_dtypes(q, k, q_norm_weight, k_norm_weight, cos)[0])
+
+
+def qk_norm_rope_cache_write(q, k, v, q_norm_weight, k_norm_weight, eps: float, cos, sin, k_cache, v_cache,
+                             write_rows, write_at):
+    """q: (B, L, Hq, D); k, v: (B, L, Hk, D) (strided views fine); norm weights: (D,); cos/sin: (B, L, D);
+    k_cache, v_cache: (slots, N, Hk, D), updated in place; write_rows, write_at: (B, L) int64 on the device
+    (expanded views fine). Returns the new q as kernels.rope.qk_norm_rope_cache_write_ref; k after its norm +
+    rotary and v are stored at [write_rows, write_at] by the same kernel (one launch: no index_put_)."""
+    batch, length, q_heads, head_dim = q.shape
+    tokens = batch * length
+    q3 = q.reshape(tokens, q_heads, head_dim)  # views when they can be (a fused qkv output's q, k, v can)
+    k3 = k.reshape(tokens, k.shape[2], head_dim)
+    v3 = v.reshape(tokens, v.shape[2], head_dim)
+    _check_qk(q3, k3, None)
+    if v3.shape != k3.shape or k_cache.shape[2:] != k3.shape[1:] or v_cache.shape != k_cache.shape:
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}, and the caches {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)} its heads and head_dim")
+    if write_rows.shape != (batch, length) or write_at.shape != (batch, length):
+        raise ValueError(f"write_rows {tuple(write_rows.shape)} and write_at {tuple(write_at.shape)} must be "
+                         f"({batch}, {length})")
+    cos2 = cos.expand(batch, length, head_dim).reshape(tokens, head_dim)
+    sin2 = sin.expand(batch, length, head_dim).reshape(tokens, head_dim)
+    q_out = torch.ops.omni_rt_triton.qk_norm_rope_cache_write(q3, k3, v3, q_norm_weight, k_norm_weight, float(eps),
+                                                              cos2, sin2, k_cache, v_cache, write_rows, write_at)
+    return q_out.view(q.shape)
+
+
 @torch.library.custom_op("omni_rt_triton::mrope_qk_norm_", mutates_args=("q", "k"))
 def _mrope_qk_norm_op(q: torch.Tensor, k: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
                       eps: float, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -369,5 +441,6 @@ TRITON_OPS = {
     "rms_norm": rms_norm,
     "add_rms_norm": add_rms_norm,
     "qk_norm_rope": qk_norm_rope,
+    "qk_norm_rope_cache_write": qk_norm_rope_cache_write,
     "mrope_qk_norm_": mrope_qk_norm_,
 }

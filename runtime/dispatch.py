@@ -42,6 +42,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "rope_cos_sin": {"torch": _rope.rope_cos_sin_ref},
     "apply_rope": {"torch": _rope.apply_rope_ref},
     "qk_norm_rope": {"torch": _rope.qk_norm_rope_ref},
+    "qk_norm_rope_cache_write": {"torch": _rope.qk_norm_rope_cache_write_ref},
     "mrope_qk_norm_": {"torch": _rope.mrope_qk_norm_ref_},
     "attention": {"torch": _attention.attention_ref},
     "decode_attention": {"torch": _attention.decode_attention_ref},
@@ -167,6 +168,13 @@ def apply_rope(x, cos, sin):
 
 def qk_norm_rope(q, k, q_norm_weight, k_norm_weight, eps, cos, sin):
     return _call("qk_norm_rope")(q, k, q_norm_weight, k_norm_weight, eps, cos, sin)
+
+
+def qk_norm_rope_cache_write(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, write_rows,
+                             write_at):
+    """The new q after q/k-norm + rotary; k (normed, rotated) and v stored into the caches at [write_rows, write_at]."""
+    return _call("qk_norm_rope_cache_write")(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
+                                             write_rows, write_at)
 
 
 def mrope_qk_norm_(q, k, q_norm_weight, k_norm_weight, eps, positions, inv_freq, mrope_section):

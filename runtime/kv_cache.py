@@ -119,6 +119,20 @@ class StaticCacheView:
         cached length come from the slot lengths."""
         self.cache.keys[layer].index_put_((self.write_rows, self.write_at), k)
         self.cache.values[layer].index_put_((self.write_rows, self.write_at), v)
+        return self._attend_cached(layer, q, scale)
+
+    def norm_rope_attend(self, layer: int, q, k, v, q_norm_weight, k_norm_weight, eps: float, cos, sin,
+                         scale: float) -> torch.Tensor:
+        """`attend` from the raw projections: q: [B, L, q_heads, D]; k, v: [B, L, kv_heads, D] before q/k-norm
+        and rotary; cos/sin: [B, L, D]. The norm + rotary and the k/v write into the slots are one op
+        (dispatch.qk_norm_rope_cache_write), then the attention over the slots."""
+        q = dispatch.qk_norm_rope_cache_write(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin,
+                                              self.cache.keys[layer], self.cache.values[layer], self.write_rows,
+                                              self.write_at)
+        return self._attend_cached(layer, q, scale)
+
+    def _attend_cached(self, layer: int, q, scale: float) -> torch.Tensor:
+        """q: [B, L, q_heads, D] over the slots, whose keys/values already hold this forward's tokens."""
         if self.prefill_slot is not None:  # one session's chunk: plain causal attention over its prefix
             length = self.seq_len_host
             keys = self.cache.keys[layer][self.prefill_slot, :length][None]  # [1, S, kv_heads, D]

@@ -53,6 +53,8 @@ def small_cases(new, ids):
         "rms_norm": [((new(5, 24), new(24), 1e-6), 1), ((new(0, 24), new(24), 1e-6), 0)],
         "add_rms_norm": [((new(5, 24), new(5, 24), new(24), 1e-6), 1), ((new(0, 24), new(0, 24), new(24), 1e-6), 0)],
         "qk_norm_rope": [((q, k, w16, w16, 1e-6, new(3, 16), new(3, 16)), 1)],
+        "qk_norm_rope_cache_write": [((q, k, new(3, 2, 16), w16, w16, 1e-6, new(3, 16), new(3, 16), new(4, 5, 2, 16),
+                                       new(4, 5, 2, 16), ids([[1, 3, 0]]), ids([[2, 4, 0]])), 1)],
         "mrope_qk_norm_": [((q, k, w16, w16, 1e-6, ids([[0, 1, 2]] * 3), new(8), section), 1),
                            ((q, k, w16, w16, 1e-6, ids([[5, 6, 7]]), new(8), None), 1)],
         "route_topk": [((new(5, 8), 2, True), 1)],
@@ -92,6 +94,7 @@ def test_schemas_match_the_launch_counters():
     mutated = {name: [a.name for a in _op(name)._schema.arguments if a.alias_info and a.alias_info.is_write]
                for name in OPS}
     assert mutated == {**{name: [] for name in OPS}, "mrope_qk_norm_": ["q", "k"],
+                       "qk_norm_rope_cache_write": ["k_cache", "v_cache"],
                        "causal_conv1d_update": ["conv_state"], "causal_conv_transpose1d_update": ["tail_state"]}
 
 
@@ -176,6 +179,11 @@ def _real_shape_calls(dtype=torch.bfloat16, device="cuda"):
                                                  ids(8), ids(8), 128 ** -0.5), [((8, tokens, 32, 128), dtype)]),
         ]
     # a fused qkv output: q and k are strided views, updated in place (split, not qkv[:, :4096]: see the docstring)
+    q, k, v = new(1, 512, 40 * 128).split([4096, 512, 512], dim=-1)
+    calls.append((triton_rope.qk_norm_rope_cache_write,
+                  (q.view(1, 512, 32, 128), k.view(1, 512, 4, 128), v.view(1, 512, 4, 128), new(128), new(128), 1e-6,
+                   new(1, 512, 128), new(1, 512, 128), new(9, 8192, 4, 128), new(9, 8192, 4, 128), ids(1, 512),
+                   ids(1, 512)), [((1, 512, 32, 128), dtype)]))
     q, k, _ = new(512, 40 * 128).split([4096, 512, 512], dim=-1)
     q, k = q.view(512, 32, 128), k.view(512, 4, 128)
     calls.append((triton_rope.mrope_qk_norm_, (q, k, new(128), new(128), 1e-6, ids(3, 512),
@@ -240,7 +248,7 @@ class OpRecorder(TorchDispatchMode):
 
 def test_a_dispatch_mode_sees_each_op_and_counts_its_launches(no_gpu_no_triton):
     expected = {"moe_experts": [2, 2, 4, 4], "decode_attention": [2] * 4, "rms_norm": [1] * 4,
-                "add_rms_norm": [1] * 4,
+                "add_rms_norm": [1] * 4, "qk_norm_rope_cache_write": [1],
                 "route_topk": [1] * 4, "qk_norm_rope": [1] * 4, "mrope_qk_norm_": [1], "causal_conv1d": [1],
                 "causal_conv1d_update": [2], "causal_conv_transpose1d": [1], "causal_conv_transpose1d_update": [2]}
     with FakeTensorMode(allow_non_fake_inputs=False):

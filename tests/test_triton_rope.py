@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from kernels.norm import add_rms_norm_ref, rms_norm_ref
-from kernels.rope import mrope_qk_norm_ref_, qk_norm_rope_ref, rope_cos_sin_ref, rope_inv_freq
-from kernels.triton_rope import add_rms_norm, mrope_qk_norm_, qk_norm_rope, rms_norm
+from kernels.rope import (mrope_qk_norm_ref_, qk_norm_rope_cache_write_ref, qk_norm_rope_ref, rope_cos_sin_ref,
+                          rope_inv_freq)
+from kernels.triton_rope import add_rms_norm, mrope_qk_norm_, qk_norm_rope, qk_norm_rope_cache_write, rms_norm
 from runtime import dispatch
 from tests.test_triton_attention import compile_for_sm90, compiles_without_gpu
 
@@ -140,6 +141,62 @@ def test_qk_norm_rope_strided_views_of_fused_qkv():
     assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
 
 
+# -------------------------------------------------------------- qk_norm_rope with the k/v cache write fused
+def _cache_write_case(dtype, batch=2, length=3, q_heads=4, kv_heads=2, head_dim=16, slots=3, max_len=10):
+    """Strided q/k/v views of one fused qkv output, random caches, rows written at distinct positions (row 1 a
+    padded row: it writes the scratch slot, as runtime/kv_cache.py's StaticCacheView)."""
+    torch.manual_seed(11)
+    qkv = torch.randn(batch, length, (q_heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
+    q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(batch, length, q_heads, head_dim)
+    k, v = k.view(batch, length, kv_heads, head_dim), v.view(batch, length, kv_heads, head_dim)
+    cos, sin = rope_cos_sin_ref(_positions(batch * length).view(3, batch, length), rope_inv_freq(head_dim, 1e6),
+                                [2, 3, 3], dtype)
+    caches = [torch.randn(slots + 1, max_len, kv_heads, head_dim, device=DEVICE).to(dtype) for _ in range(2)]
+    rows = torch.tensor([1, slots], device=DEVICE)[:batch, None].expand(batch, length)  # an expanded view
+    start = torch.tensor([4, 0], device=DEVICE)[:batch, None]
+    at = start + torch.arange(length, device=DEVICE)
+    return (q, k, v, _weight(head_dim, dtype), _weight(head_dim, dtype), EPS, cos, sin), caches, rows, at
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_qk_norm_rope_cache_write(dtype):
+    args, (k_cache, v_cache), rows, at = _cache_write_case(dtype)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_q = qk_norm_rope_cache_write_ref(*args, want_k, want_v, rows, at)
+    got_q = qk_norm_rope_cache_write(*args, k_cache, v_cache, rows, at)
+    assert got_q.shape == want_q.shape and got_q.dtype == want_q.dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    assert rel_err(got_q, want_q) <= tol
+    assert rel_err(k_cache, want_k) <= tol
+    assert torch.equal(v_cache, want_v)  # a copy
+    untouched = torch.ones_like(k_cache, dtype=torch.bool)
+    untouched[rows, at] = False
+    assert torch.equal(k_cache[untouched], want_k[untouched])  # nothing else written
+    written_k = qk_norm_rope_ref(*args[:2], *args[3:])[1]
+    assert rel_err(k_cache[rows, at], written_k) <= tol
+
+
+def test_qk_norm_rope_cache_write_one_token_real_heads():
+    """Decode: one token per row, the thinker's 32/4 heads of 128, a row in the last cache position."""
+    args, (k_cache, v_cache), _, _ = _cache_write_case(torch.float32, batch=2, length=1, q_heads=32, kv_heads=4,
+                                                       head_dim=128, slots=2, max_len=5)
+    rows = torch.tensor([[0], [1]], device=DEVICE)
+    at = torch.tensor([[4], [0]], device=DEVICE)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_q = qk_norm_rope_cache_write_ref(*args, want_k, want_v, rows, at)
+    got_q = qk_norm_rope_cache_write(*args, k_cache, v_cache, rows, at)
+    assert rel_err(got_q, want_q) <= 1e-5 and rel_err(k_cache, want_k) <= 1e-5 and torch.equal(v_cache, want_v)
+
+
+def test_qk_norm_rope_cache_write_checks_shapes():
+    args, (k_cache, v_cache), rows, at = _cache_write_case(torch.float32)
+    with pytest.raises(ValueError, match="write_rows"):
+        qk_norm_rope_cache_write(*args, k_cache, v_cache, rows[:, :1], at)
+    with pytest.raises(ValueError, match="must match"):
+        qk_norm_rope_cache_write(*args, k_cache[..., :8], v_cache[..., :8], rows, at)
+
+
 # --------------------------------------------------------------------------- mrope_qk_norm_ (in place)
 @pytest.mark.parametrize("tokens,q_heads,kv_heads,head_dim,section,dtype", [
     (1, 3, 1, 16, [2, 3, 3], torch.float32),  # one token (decode), G = 3, the tiny thinker
@@ -247,7 +304,7 @@ def test_tiny_thinker_logits_through_triton(monkeypatch):
 def test_compiles_for_sm90():
     out = compile_for_sm90("""
         from kernels.rope import rope_cos_sin_ref, rope_inv_freq
-        from kernels.triton_rope import add_rms_norm, mrope_qk_norm_, qk_norm_rope, rms_norm
+        from kernels.triton_rope import add_rms_norm, mrope_qk_norm_, qk_norm_rope, qk_norm_rope_cache_write, rms_norm
         inv_freq = rope_inv_freq(128, 1e6)
         for dtype in (torch.bfloat16, torch.float32):  # fp16 compiles as bf16 does
             w = torch.ones(128, dtype=dtype)
@@ -258,8 +315,13 @@ def test_compiles_for_sm90():
             mrope_qk_norm_(q[0], k[0], w, w, 1e-6, torch.zeros(4), inv_freq, None)
             rms_norm(torch.randn(3, 2048).to(dtype), torch.ones(2048), 1e-6)
             rms_norm(torch.randn(3, 2048).to(dtype), torch.ones(2048, dtype=dtype), 1e-6)
+            add_rms_norm(torch.randn(3, 2048).to(dtype), torch.randn(3, 2048).to(dtype), torch.ones(2048, dtype=dtype),
+                         1e-6)
+            cache = torch.zeros(3, 16, 4, 128, dtype=dtype)
+            rows = torch.zeros(1, 4, dtype=torch.int64)
+            qk_norm_rope_cache_write(q, k, k, w, w, 1e-6, cos, sin, cache, cache.clone(), rows, rows + 1)
     """)
-    assert "_qk_norm_rope_kernel" in out and "_rms_norm_kernel" in out
+    assert "_qk_norm_rope_kernel" in out and "_rms_norm_kernel" in out and "_add_rms_norm_kernel" in out
 
 
 @needs_cuda
@@ -282,6 +344,20 @@ def test_real_shapes_bf16(tokens):
     x = torch.randn(tokens, 2048, device="cuda").bfloat16()
     w = _weight(2048, torch.bfloat16)
     assert rel_err(rms_norm(x, w, EPS), rms_norm_ref(x.float(), w.float(), EPS)) <= 1e-2
+    residual = torch.randn(tokens, 2048, device="cuda").bfloat16()
+    got_normed, got_residual = add_rms_norm(x, residual, w, EPS)
+    want_normed, want_residual = add_rms_norm_ref(x, residual, w, EPS)
+    assert torch.equal(got_residual, want_residual) and rel_err(got_normed, want_normed) <= 1e-2
+    k_cache = torch.zeros(3, tokens + 3, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    rows = torch.full((1, tokens), 2, device="cuda")
+    at = torch.arange(tokens, device="cuda")[None] + 3
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_q = qk_norm_rope_cache_write_ref(q[None], k[None], k[None], qw, kw, EPS, cos[None], sin[None], want_k, want_v,
+                                          rows, at)
+    got_q = qk_norm_rope_cache_write(q[None], k[None], k[None], qw, kw, EPS, cos[None], sin[None], k_cache, v_cache,
+                                     rows, at)
+    assert rel_err(got_q, want_q) <= 1e-2 and rel_err(k_cache, want_k) <= 1e-2 and torch.equal(v_cache, want_v)
 
 
 @needs_cuda

@@ -29,17 +29,23 @@ class DecoderAttention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: DynamicKVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: DynamicKVCache | StaticCacheView | None,
+                layer: int) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x)
         q = q.view(batch, length, self.num_heads, self.head_dim)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim)
-        q, k = dispatch.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
-        if cache is None:
-            out = dispatch.attention(q, k, v, mask, self.head_dim ** -0.5)
-        else:  # the cache stores the new k/v and attends over everything cached for the row
-            out = cache.attend(layer, q, k, v, mask, self.head_dim ** -0.5)  # [B, L, heads, D]
+        scale = self.head_dim ** -0.5
+        if isinstance(cache, StaticCacheView):  # q/k-norm + rotary and the k/v slot write in one op
+            out = cache.norm_rope_attend(layer, q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                         cos, sin, scale)
+        else:
+            q, k = dispatch.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
+            if cache is None:
+                out = dispatch.attention(q, k, v, mask, scale)
+            else:  # the cache stores the new k/v and attends over everything cached for the row
+                out = cache.attend(layer, q, k, v, mask, scale)  # [B, L, heads, D]
         return self.o_proj(out.reshape(batch, length, -1))
 
 
