@@ -49,6 +49,10 @@ def test_every_captured_stage_is_graph_safe_at_released_shapes(released):
             assert all(out.device.type == "meta" for out in outputs), spec.name
             assert report.ops.get("omni_rt_triton::moe_experts", 0) > 0 or spec.name in ("code_predictor", "code2wav",
                                                                                           "code2wav_first")
+            # the sampling runs inside the decode steps: one fused draw per token (G − 1 per code-predictor frame)
+            draws = {"thinker_decode": 1, "talker_decode": 1,
+                     "code_predictor": runner.config.talker.num_code_groups - 1}.get(spec.name, 0)
+            assert report.ops.get("omni_rt_triton::sample_draw", 0) == draws, (spec.name, report.ops)
 
 
 def test_decode_step_reads_the_routed_weights_once(released):
@@ -124,3 +128,16 @@ def test_launches_bench_writes_its_table_and_json(tmp_path, capsys):
     assert tick["h2d_copies"] == 0 and all(rows[p]["host_syncs"] == 0 for p in parts)
     assert rows["first packet (1 session)"]["weight_bytes"] > rows["thinker_prefill[256]"]["weight_bytes"] > 0
     assert "steady-state tick" in capsys.readouterr().out
+
+
+def test_the_torch_sampler_is_graph_safe_too(released):
+    """The sampler's torch twin (filters and Philox draw, kernels/sampling.py sample_ref) inside the decode steps:
+    no host sync, no host copy, so a graph may capture it when the fused draw is not selected."""
+    model, runner = released
+    choice = dict(dispatch.kernel_choice("triton"), sample="torch")
+    with dispatch.active(choice):
+        for name in ("thinker_decode", "talker_decode", "code_predictor"):
+            spec = _stage(runner, name, 8)
+            report, _ = model.audit(spec.fn, spec.example_inputs, strict=True)
+            assert not report.violations and report.host_syncs == report.h2d_copies == 0, name
+            assert "omni_rt_triton::sample_draw" not in report.ops and report.ops.get("aten::sort", 0) > 0, name
