@@ -6,6 +6,7 @@ final chunk carries under `omni.timings`), at concurrency 1 / 4 / 8.
     python bench/serve_latency.py                       # starts `python -m runtime serve` (tiny, CPU)
     python bench/serve_latency.py --checkpoint DIR --device cuda --dtype bfloat16
     python bench/serve_latency.py --url http://127.0.0.1:8000   # a server that is already running
+    python bench/serve_latency.py --ray [--replicas N] [--ray-url URL]   # also through Ray Serve (scale.py)
 
 `prepare_share` is the fraction of the client's wait the server spent before calling the engine. What the
 client waits for beyond the engine: HTTP and JSON parsing, base64 audio decoding, the audio features and
@@ -13,6 +14,11 @@ tokenisation of the prompt (done by the server before the engine's clock starts)
 loop, SSE framing and base64 of each packet. On a CPU only the ratios client / engine are reported (labelled
 CPU); absolute milliseconds only from a GPU. Each configuration runs after a warm-up request; `--repeats`
 rounds; medians over requests. Table on stdout, JSON under bench/results/ (bench/README.md).
+
+--ray also sends the same requests through Ray Serve (`python -m runtime serve --replicas N`, started here
+unless --ray-url names a running one) and adds `ray_*_over_single`: the client's median first token / first
+packet through Serve over the single-process server's at the same concurrency (the proxy hop and the replica's
+ASGI bridge; with N > 1 also the spread over engines), and the Serve path's own client / engine ratio.
 """
 
 from __future__ import annotations
@@ -114,12 +120,31 @@ def make_row(concurrency: int, results: list[dict], absolute: bool) -> dict:
     return row
 
 
+def ray_columns(single: list[dict], through_serve: list[dict], absolute: bool) -> dict:
+    """The Serve path against the single-process server at one concurrency (medians over requests)."""
+    def median(results, key):
+        values = [r[key] for r in results if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    out = {}
+    for what in ("first_token", "first_packet"):
+        ours, theirs = median(through_serve, f"client_{what}"), median(single, f"client_{what}")
+        out[f"ray_{what}_over_single"] = ours / theirs if ours and theirs else None
+    client, engine = median(through_serve, "client_first_packet"), median(through_serve, "engine_first_packet")
+    out["ray_first_packet_client_over_engine"] = client / engine if client and engine else None
+    if absolute:
+        out["ray_first_packet_client_ms"] = None if client is None else client * 1e3
+    return out
+
+
 def format_table(rows: list[dict], absolute: bool, title: str) -> str:
     cols = ["concurrency", "requests", "first_token_client_over_engine", "first_packet_client_over_engine",
             "first_packet_prepare_share"]
     if absolute:
         cols += ["first_token_client_ms", "first_token_engine_ms", "first_packet_client_ms", "first_packet_engine_ms",
                  "first_packet_overhead_ms"]
+    cols += [c for c in ("ray_first_token_over_single", "ray_first_packet_over_single",
+                         "ray_first_packet_client_over_engine", "ray_first_packet_client_ms") if c in rows[0]]
     cell = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols]
     lines = [title, "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
@@ -127,10 +152,10 @@ def format_table(rows: list[dict], absolute: bool, title: str) -> str:
     return "\n".join(lines)
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, *extra: str) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "runtime", "serve", "--port", "0", "--checkpoint", args.checkpoint,
                "--device", args.device, "--dtype", args.dtype, "--model-name", args.model_name,
-               "--max-sessions", str(max(args.concurrency)), "--max-queue", str(max(args.concurrency))]
+               "--max-sessions", str(max(args.concurrency)), "--max-queue", str(max(args.concurrency)), *extra]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         print(line, end="", file=sys.stderr)
@@ -152,24 +177,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--talker-max-new-tokens", type=int, default=16)
     parser.add_argument("--out", help="results folder (default: bench/results)")
+    parser.add_argument("--ray", action="store_true", help="also through Ray Serve (`serve --replicas N`)")
+    parser.add_argument("--ray-url", help="a running Ray Serve endpoint for --ray (default: start one)")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of the Serve endpoint --ray starts")
+    parser.add_argument("--gpus-per-replica", type=float, default=None,
+                        help="GPUs per replica --ray starts (default: 1 on cuda, else 0)")
     args = parser.parse_args(argv)
 
     absolute = args.device.startswith("cuda")
     process, url = (None, args.url) if args.url else start_server(args)
+    ray_process, ray_url = None, args.ray_url
+    if args.ray and ray_url is None:
+        gpus = args.gpus_per_replica if args.gpus_per_replica is not None else float(absolute)
+        ray_process, ray_url = start_server(args, "--replicas", str(args.replicas), "--gpus-per-replica", str(gpus))
     info = common.device_info(torch.device(args.device if absolute else "cpu"))
     info.update(checkpoint=args.checkpoint, server=url, label=None if absolute else CPU_LABEL)
+    if ray_url:
+        info.update(ray_server=ray_url, ray_replicas=None if args.ray_url else args.replicas)
     rows, path = [], None
     try:
         for concurrency in args.concurrency:
-            rows.append(make_row(concurrency, run_concurrency(url, concurrency, args.repeats, args), absolute))
+            single = run_concurrency(url, concurrency, args.repeats, args)
+            rows.append(make_row(concurrency, single, absolute))
+            if ray_url:
+                rows[-1].update(ray_columns(single, run_concurrency(ray_url, concurrency, args.repeats, args), absolute))
             path = common.write_results("serve_latency", info, {}, rows, args.out, smoke=not absolute, path=path,
                                         complete=False)
         path = common.write_results("serve_latency", info, {}, rows, args.out, smoke=not absolute, path=path,
                                     complete=True)
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(30)
+        for server in (process, ray_process):
+            if server is not None:
+                server.terminate()
+                server.wait(60)
     title = (f"serve latency, {info['device']}, {args.checkpoint}" + ("" if absolute else f" [{CPU_LABEL}]"))
     print(format_table(rows, absolute, title))
     print(f"results: {path}")

@@ -12,6 +12,8 @@ import base64
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -216,6 +218,23 @@ def test_realtime_through_serve_stays_on_one_replica(cluster):
             assert any(e["type"] == "response.text.delta" for e in events)
     finally:
         rt.ws.close()
+
+
+def test_serve_latency_bench_compares_serve_with_the_single_server(cluster, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "bench", "serve_latency.py"), "--ray-url", cluster.url,
+                           "--ray", "--device", "cpu", "--concurrency", "1,2", "--repeats", "1", "--max-tokens", "4",
+                           "--talker-max-new-tokens", "4", "--out", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CPU" in done.stdout and "ray_first_packet_over_single" in done.stdout
+    (path,) = tmp_path.glob("serve_latency-cpu-smoke-*.json")
+    result = json.loads(path.read_text())
+    assert result["complete"] and [row["concurrency"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["ray_first_token_over_single"] > 0 and row["ray_first_packet_over_single"] > 0
+        assert row["ray_first_packet_client_over_engine"] >= 1  # the client's clock starts first
+        assert "ray_first_packet_client_ms" not in row  # absolute numbers only from a GPU
 
 
 def test_beyond_the_cluster_capacity_is_the_single_servers_429(cluster):
