@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             single = run_concurrency(url, concurrency, args.repeats, args)
             rows.append(make_row(concurrency, single, absolute))
             if ray_url:
-                rows[-1].update(ray_columns(single, run_concurrency(ray_url, concurrency, args.repeats, args), absolute))
+                through_serve = run_concurrency(ray_url, concurrency, args.repeats, args)
+                rows[-1].update(ray_columns(single, through_serve, absolute))
             path = common.write_results("serve_latency", info, {}, rows, args.out, smoke=not absolute, path=path,
                                         complete=False)
         path = common.write_results("serve_latency", info, {}, rows, args.out, smoke=not absolute, path=path,

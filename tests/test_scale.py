@@ -178,6 +178,13 @@ def test_the_serve_run_config_file_is_valid_and_builds_the_app():
     assert deployment.max_ongoing_requests == 2 * application.args["max_sessions"] + application.args["max_queue"]
 
 
+def test_the_single_process_server_does_not_import_ray():
+    code = ("import sys, runtime.serve.app, runtime.serve.cli, runtime.__main__ as m; m.build_parser(); "
+            "assert not [name for name in sys.modules if name == 'ray' or name.startswith('ray.')]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_health_names_the_replica_and_both_answer(cluster):
     pids = replica_pids(cluster, REPLICAS)
     assert len(set(pids.values())) == REPLICAS and os.getpid() not in pids.values()
