@@ -62,3 +62,26 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         out[row, padding:] = attention_ref(q[row:row + 1, padding:], k, v, causal_mask(new - padding, length, q.device),
                                            scale)[0]
     return out
+
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+    """attention_ref's contract through torch.nn.functional.scaled_dot_product_attention, whose fused flash /
+    memory-efficient kernels run prefill chunks and the encoders' windows on a GPU (one fused kernel in place
+    of the reference's matmul, mask, softmax, matmul).
+
+    The mask goes in as an additive bias of finfo.min where attention_ref fills finfo.min: a row with every key
+    masked (front padding) then averages all keys as the reference does instead of coming out NaN, which the
+    next layer's keys would carry into the real rows. GQA heads are expanded (repeat_interleave) so that every
+    fused backend accepts the call.
+    """
+    groups = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, D)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return out.transpose(1, 2)

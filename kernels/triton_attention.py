@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention import attention_sdpa
 from kernels.launch_counts import decode_attention_plan
 from kernels.tuning import dot_precision, launch_config
 
@@ -178,7 +179,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return torch.ops.omni_rt_triton.decode_attention(q, k_cache, v_cache, slot_ids, lengths, float(scale))
 
 
-# runtime/dispatch.py registers these as the `triton` backend (dispatch op name -> public function).
+# runtime/dispatch.py registers these as the `triton` backend (dispatch op name -> public function). The dense
+# `attention` (prefill chunks, the audio / vision encoders) is torch's fused SDPA rather than a kernel of ours:
+# kernel_choice("triton") is what the GPU runs, and SDPA's flash / memory-efficient kernels are the fused ones.
 TRITON_OPS = {
     "decode_attention": decode_attention,
+    "attention": attention_sdpa,
 }
