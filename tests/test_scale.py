@@ -185,6 +185,30 @@ def test_the_single_process_server_does_not_import_ray():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_check_health_fails_while_the_engine_loop_is_wedged(engine, monkeypatch):
+    import asyncio
+    import threading
+    import types
+
+    from runtime.serve import scale
+
+    monkeypatch.setattr(scale, "HEALTH_TIMEOUT_S", 0.5)
+    replica = types.SimpleNamespace(engine=engine)
+    check = lambda: asyncio.run(scale.OmniReplica.check_health(replica))  # noqa: E731
+    list(engine.stream(text="Hello.", max_new_tokens=2, return_audio=False))  # the loop runs from here on
+    check()  # a loop between ticks answers at once
+    release = threading.Event()
+    wedge = threading.Thread(target=engine.loop.call, args=(lambda scheduler: release.wait(10),))
+    wedge.start()  # the loop thread now waits inside a command: it ticks no more, as if a step hung
+    try:
+        with pytest.raises(RuntimeError, match="did not answer"):
+            check()
+    finally:
+        release.set()
+        wedge.join(10)
+    check()
+
+
 def test_health_names_the_replica_and_both_answer(cluster):
     pids = replica_pids(cluster, REPLICAS)
     assert len(set(pids.values())) == REPLICAS and os.getpid() not in pids.values()
