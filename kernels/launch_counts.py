@@ -24,6 +24,11 @@ def rms_norm_plan(rows: int) -> tuple[str, ...]:
     return ("rms_norm",) if rows else ()
 
 
+def elementwise_plan(rows: int, cols: int, name: str) -> tuple[str, ...]:
+    """silu_mul and sigmoid_gate_add: one kernel over the (rows, cols) output."""
+    return (name,) if rows and cols else ()
+
+
 def qk_norm_rope_plan(tokens: int) -> tuple[str, ...]:
     """qk_norm_rope, qk_norm_rope_cache_write and mrope_qk_norm_: one launch covers the q heads and the k heads
     (and the k/v cache writes)."""
@@ -83,6 +88,8 @@ SCHEMA_ARGS: dict[str, tuple[str, ...]] = {
                                  "v_cache", "write_rows", "write_at"),
     "mrope_qk_norm_": ("q", "k", "q_norm_weight", "k_norm_weight", "eps", "positions", "inv_freq", "mrope_section"),
     "route_topk": ("router_logits", "top_k", "norm_topk_prob"),
+    "silu_mul": ("gate", "up"),
+    "sigmoid_gate_add": ("x", "gate_logit", "y"),
     "moe_experts": ("hidden", "expert_ids", "expert_weights", "gate_up_proj", "down_proj"),
     "decode_attention": ("q", "k_cache", "v_cache", "slot_ids", "lengths", "scale"),
     "causal_conv1d": ("x", "weight", "bias", "dilation", "groups"),
@@ -126,6 +133,8 @@ _COUNTERS: dict[str, Callable[[dict], int]] = {
     "qk_norm_rope_cache_write": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),  # v and the cache writes ride along
     "mrope_qk_norm_": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),
     "route_topk": lambda a: len(route_topk_plan(a["router_logits"].shape[0])),
+    "silu_mul": lambda a: len(elementwise_plan(*a["gate"].shape, "silu_mul")),
+    "sigmoid_gate_add": lambda a: len(elementwise_plan(*a["x"].shape, "sigmoid_gate_add")),
     "moe_experts": _moe_experts,
     "decode_attention": lambda a: len(decode_attention_plan(a["q"].shape[0], a["q"].shape[1])),
     "causal_conv1d": lambda a: _conv1d(a, update=False),

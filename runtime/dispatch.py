@@ -31,6 +31,7 @@ from typing import Callable, Mapping
 
 from kernels import attention as _attention
 from kernels import conv as _conv
+from kernels import mlp as _mlp
 from kernels import moe as _moe
 from kernels import norm as _norm
 from kernels import rope as _rope
@@ -48,6 +49,8 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "decode_attention": {"torch": _attention.decode_attention_ref},
     "route_topk": {"torch": _moe.route_topk_ref},
     "moe_experts": {"torch": _moe.moe_experts_ref},
+    "silu_mul": {"torch": _mlp.silu_mul_ref},
+    "sigmoid_gate_add": {"torch": _mlp.sigmoid_gate_add_ref},
     "causal_conv1d": {"torch": _conv.causal_conv1d_ref},
     "sample": {"torch": _sampling.sample_ref},
     "causal_conv1d_update": {"torch": _conv.causal_conv1d_update_ref},
@@ -60,7 +63,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
 # runtime/cuda_ops.py registers itself on import instead.
 _BACKEND_MODULES: dict[str, list[str]] = {
     "triton": ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention",
-               "kernels.triton_sampling"],
+               "kernels.triton_mlp", "kernels.triton_sampling"],
     "cuda": ["runtime.cuda_ops"],
 }
 _loaded: set[str] = set()
@@ -196,6 +199,16 @@ def route_topk(router_logits, top_k, norm_topk_prob):
 
 def moe_experts(hidden, expert_ids, expert_weights, gate_up_proj, down_proj):
     return _call("moe_experts")(hidden, expert_ids, expert_weights, gate_up_proj, down_proj)
+
+
+def silu_mul(gate, up):
+    """silu(gate) * up: the activation between a gated MLP's gate|up and down GEMMs."""
+    return _call("silu_mul")(gate, up)
+
+
+def sigmoid_gate_add(x, gate_logit, y):
+    """x + sigmoid(gate_logit) * y: the routed experts' sum plus the talker's gated shared expert."""
+    return _call("sigmoid_gate_add")(x, gate_logit, y)
 
 
 def causal_conv1d(x, weight, bias, dilation, groups):

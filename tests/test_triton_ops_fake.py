@@ -24,7 +24,7 @@ from kernels.launch_counts import LAUNCHES, NAMESPACE, SCHEMA_ARGS
 
 triton = pytest.importorskip("triton", reason="triton not installed")
 
-from kernels import triton_attention, triton_conv, triton_moe, triton_rope  # noqa: E402  (after the skip)
+from kernels import triton_attention, triton_conv, triton_mlp, triton_moe, triton_rope  # noqa: E402  (after the skip)
 
 OPS = tuple(SCHEMA_ARGS)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
@@ -58,6 +58,8 @@ def small_cases(new, ids):
         "mrope_qk_norm_": [((q, k, w16, w16, 1e-6, ids([[0, 1, 2]] * 3), new(8), section), 1),
                            ((q, k, w16, w16, 1e-6, ids([[5, 6, 7]]), new(8), None), 1)],
         "route_topk": [((new(5, 8), 2, True), 1)],
+        "silu_mul": [((new(3, 40), new(3, 40)), 1), ((new(0, 40), new(0, 40)), 0)],
+        "sigmoid_gate_add": [((new(3, 40), new(3, 1), new(3, 40)), 1)],
         "moe_experts": [((new(3, 16), ids([[0, 1], [3, 2], [1, -1]]), new(3, 2), new(4, 16, 16), new(4, 16, 8)), 2),
                         ((new(10, 16), ids([[i % 4, (i + 1) % 4] for i in range(10)]), new(10, 2), new(4, 16, 16),
                           new(4, 16, 8)), 4)],
@@ -189,7 +191,10 @@ def _real_shape_calls(dtype=torch.bfloat16, device="cuda"):
     calls.append((triton_rope.mrope_qk_norm_, (q, k, new(128), new(128), 1e-6, ids(3, 512),
                                                new(64, d=torch.float32), [24, 20, 20]),
                   [((512, 32, 128), dtype), ((512, 4, 128), dtype)]))
+    gate, up = new(8, 2 * 768).split(768, dim=-1)  # the talker's shared expert
     calls += [
+        (triton_mlp.silu_mul, (gate, up), [((8, 768), dtype)]),
+        (triton_mlp.sigmoid_gate_add, (new(8, 1024), new(8, 1), new(8, 1024)), [((8, 1024), dtype)]),
         (triton_conv.causal_conv1d, (new(4, 1024, 50), new(1536, 1024, 7), new(1536), 1, 1), [((4, 1536, 50), dtype)]),
         (triton_conv.causal_conv1d_update, (new(4, 1536, 2), new(8, 1536, 6), new(1536, 1, 7), new(1536), 1, 1536,
                                             ids(4)), [((4, 1536, 2), dtype)]),
@@ -249,6 +254,7 @@ class OpRecorder(TorchDispatchMode):
 def test_a_dispatch_mode_sees_each_op_and_counts_its_launches(no_gpu_no_triton):
     expected = {"moe_experts": [2, 2, 4, 4], "decode_attention": [2] * 4, "rms_norm": [1] * 4,
                 "add_rms_norm": [1] * 4, "qk_norm_rope_cache_write": [1],
+                "silu_mul": [1], "sigmoid_gate_add": [1],
                 "route_topk": [1] * 4, "qk_norm_rope": [1] * 4, "mrope_qk_norm_": [1], "causal_conv1d": [1],
                 "causal_conv1d_update": [2], "causal_conv_transpose1d": [1], "causal_conv_transpose1d_update": [2]}
     with FakeTensorMode(allow_non_fake_inputs=False):

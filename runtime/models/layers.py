@@ -56,7 +56,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(dispatch.silu_mul(gate, up))
 
 
 class MoEExperts(nn.Module):
@@ -91,5 +91,5 @@ class SparseMoeBlock(nn.Module):
         weights, ids = dispatch.route_topk(self.gate(tokens), self.top_k, self.norm_topk_prob)
         out = dispatch.moe_experts(tokens, ids, weights, self.experts.gate_up_proj, self.experts.down_proj)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
+            out = dispatch.sigmoid_gate_add(out, self.shared_expert_gate(tokens), self.shared_expert(tokens))
         return out.reshape(shape)
