@@ -201,3 +201,15 @@ def test_the_demo_is_reproducible(tmp_path, capsys):
         assert main(["demo", "--out", str(out), "--max-new-tokens", "6", "--talker-max-new-tokens", "8"]) == 0
     first, second = (soundfile.read(str(out))[0] for out in outs)
     assert first.size > 0 and np.array_equal(first, second)
+
+
+def test_batch_row_i_draws_with_seed_plus_i(engine):
+    """generate on a batch: row i is the request alone with seed + i (one seed per session)."""
+    ids = engine.prepare(PROMPT).input_ids
+    both = engine.generate(input_ids=torch.cat([ids, ids]), **SAMPLED, **LIMITS, seed=40)
+    for row in (0, 1):
+        alone = engine.generate(input_ids=ids, **SAMPLED, **LIMITS, seed=40 + row)
+        frames = int(alone.num_frames[0])
+        assert torch.equal(both.sequences[row, :alone.sequences.shape[1]], alone.sequences[0])
+        assert int(both.num_frames[row]) == frames and torch.equal(both.codes[row, :, :frames], alone.codes[0])
+    assert not torch.equal(both.codes[0], both.codes[1])
