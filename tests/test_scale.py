@@ -194,19 +194,24 @@ def test_check_health_fails_while_the_engine_loop_is_wedged(engine, monkeypatch)
 
     monkeypatch.setattr(scale, "HEALTH_TIMEOUT_S", 0.5)
     replica = types.SimpleNamespace(engine=engine)
-    check = lambda: asyncio.run(scale.OmniReplica.check_health(replica))  # noqa: E731
+    event_loop = asyncio.new_event_loop()  # long-lived, as a replica's (asyncio.run would wait for the wedge)
+    check = lambda: event_loop.run_until_complete(scale.OmniReplica.check_health(replica))  # noqa: E731
     list(engine.stream(text="Hello.", max_new_tokens=2, return_audio=False))  # the loop runs from here on
-    check()  # a loop between ticks answers at once
     release = threading.Event()
-    wedge = threading.Thread(target=engine.loop.call, args=(lambda scheduler: release.wait(10),))
-    wedge.start()  # the loop thread now waits inside a command: it ticks no more, as if a step hung
+    wedge = threading.Thread(target=engine.loop.call, args=(lambda scheduler: release.wait(30),))
     try:
+        check()  # a loop between ticks answers at once
+        wedge.start()  # the loop thread now waits inside a command: it ticks no more, as if a step hung
+        start = time.monotonic()
         with pytest.raises(RuntimeError, match="did not answer"):
             check()
-    finally:
+        assert time.monotonic() - start < 5
         release.set()
         wedge.join(10)
-    check()
+        check()
+    finally:
+        release.set()
+        event_loop.close()
 
 
 def test_health_names_the_replica_and_both_answer(cluster):
@@ -232,6 +237,15 @@ def test_eight_concurrent_streams_equal_generate_and_both_replicas_serve(engine,
         assert_same_speech(samples, ref)
     replicas = {replica for replica, *_ in results}
     assert len(replicas) == REPLICAS, f"one replica served all 8 requests: {replicas}"
+
+
+def test_serve_exports_its_own_metrics(cluster):
+    (line,) = [line for line in cluster.output if line.startswith("serve metrics: ")]
+    url, deadline = line.split()[-1], time.monotonic() + 60  # Ray's agents export every few seconds
+    while "ray_serve_num_http_requests" not in (text := httpx.get(url, timeout=30).text):
+        assert time.monotonic() < deadline, "no Serve request metrics on Ray's Prometheus endpoint in 60 s"
+        time.sleep(1)
+    assert 'deployment="OmniReplica"' in text
 
 
 def test_realtime_through_serve_stays_on_one_replica(cluster):

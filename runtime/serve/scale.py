@@ -148,7 +148,9 @@ class OmniReplica:
             raise RuntimeError(f"the engine loop did not answer in {HEALTH_TIMEOUT_S} s") from None
 
     def __del__(self):
-        self.engine.close()
+        engine = getattr(self, "engine", None)  # None when loading failed
+        if engine is not None:
+            engine.close()
 
 
 def deployment_options(options: dict) -> dict:
@@ -206,6 +208,14 @@ def start_ray(address: str | None, num_cpus: float | None = None):
     return ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
 
 
+def serve_metrics_url() -> str:
+    """This node's Prometheus endpoint of Ray (Serve's request, latency and replica metrics among them)."""
+    import ray
+
+    node = ray._private.worker.global_worker.node  # no public accessor for the export port in Ray 2.60
+    return f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+
+
 def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -214,13 +224,13 @@ def free_port(host: str) -> int:
 
 def serve_scaled(args) -> int:
     """`python -m runtime serve --replicas N | --autoscale MIN:MAX`: deploy, print the URL and a ready line,
-    run until SIGINT / SIGTERM, then take the application and (a cluster this started) Ray down."""
+    run until SIGINT / SIGTERM, then take the application down (and Serve and Ray, on a cluster this started).
+    On a joined cluster whose Serve already runs, Serve keeps its own HTTP host and port."""
     import ray
 
     options = {key: getattr(args, key) for key in (*ENGINE_DEFAULTS, *SERVER_DEFAULTS, *SCALE_DEFAULTS)}
     options["replicas"] = options["replicas"] or 1
-    if options["autoscale"]:
-        parse_autoscale(options["autoscale"])  # a bad value fails before Ray starts
+    # a bad --autoscale fails before Ray starts
     replicas = parse_autoscale(options["autoscale"])[1] if options["autoscale"] else options["replicas"]
     port = args.port or free_port(args.host)
     start = time.perf_counter()
@@ -237,12 +247,16 @@ def serve_scaled(args) -> int:
               f"{options['autoscale'] or replicas} replica(s), {args.gpus_per_replica:g} GPU(s) each", flush=True)
         serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
         print(f"deployed in {time.perf_counter() - start:.2f} s", flush=True)
+        print(f"serve metrics: {serve_metrics_url()}", flush=True)
         print(f"ready: {url}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:
         try:
-            serve.shutdown()
+            if args.ray_address:  # a cluster this joined: take down only this application
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
         finally:
             ray.shutdown()
     print("stopped", flush=True)
