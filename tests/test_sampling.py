@@ -355,3 +355,30 @@ def test_triton_draw_compiles_for_sm90():
                         torch.zeros(4, dtype=torch.int64), SamplingTensors.greedy(4), STAGE_TALKER)
     """)
     assert "compiled 2 launches of ['_gumbel_argmax_kernel']" in out, out
+
+
+def test_slot_sampling_state_per_slot():
+    """SlotSampling (what the runner's steps read): admission sets a slot's parameters, seed, step 0 and history
+    (the prompt as its prefix); `sample` draws each row as sample_ref with that row's own state, then advances
+    its step and appends the token; padded rows (slot -1) touch only the scratch row."""
+    from runtime.sampling import SlotSampling
+
+    torch.manual_seed(0)
+    state = SlotSampling(slots=3, history_len=6, stage=STAGE_TALKER, device="cpu")
+    talker = SamplingParams(do_sample=True, temperature=0.9, top_k=5, repetition_penalty=1.3)
+    state.admit(2, talker, seed=77, prefix=torch.tensor([[4, 9]]))
+    state.admit(0, SamplingParams(), seed=5)
+    assert state.history[2].tolist() == [4, 9, -1, -1, -1, -1] and state.filled.tolist() == [0, 0, 2, 0]
+    logits = torch.randn(3, 32)
+    slots = torch.tensor([2, -1, 0])
+    scratch_before = state.history[1].clone()
+    tokens = state.sample(logits, slots)
+    for row, slot, params, seed, history in ((0, 2, talker, 77, [[4, 9]]), (2, 0, SamplingParams(), 5, [[-1]])):
+        want = sample_ref(logits[row:row + 1], torch.tensor(history), SamplingTensors.from_params([params]),
+                          torch.tensor([seed]), torch.tensor([0]), STAGE_TALKER)
+        assert tokens[row] == want[0], (row, slot)
+    assert state.steps.tolist() == [1, 0, 1, 1] and state.filled.tolist() == [1, 0, 3, 1]
+    assert state.history[2, :3].tolist() == [4, 9, tokens[0].item()] and state.history[0, 0] == tokens[2]
+    assert torch.equal(state.history[1], scratch_before)  # slot 1 is nobody's: untouched
+    state.admit(2, talker, seed=77)  # a new request in slot 2: nothing of the last one is left
+    assert state.steps[2] == 0 and state.filled[2] == 0 and (state.history[2] == -1).all()
