@@ -117,16 +117,19 @@ def speech_request(engine, min_frames=3, attempts=8, make_request=audio_request,
     pytest.fail(f"the random talker stopped before {min_frames} frames in {attempts} fresh prompts")
 
 
-def transformers_speech(oracle, cfg, request, thinker_tokens=THINKER_TOKENS, talker_tokens=TALKER_TOKENS):
-    """transformers' greedy omni generate: (sequences, codes [B, G, F], waveform(s))."""
+def transformers_speech(oracle, cfg, request, thinker_tokens=THINKER_TOKENS, talker_tokens=TALKER_TOKENS,
+                        penalties=(1.0, 1.0)):
+    """transformers' greedy omni generate with (thinker, talker) repetition penalties: (sequences, codes [B, G, F],
+    waveform(s))."""
     ours_only = ("max_new_tokens", "talker_max_new_tokens", "speaker", *SAMPLING_KEYWORDS)
     tensors = {k: v for k, v in request.items() if k not in ours_only}
     seen, handle = _capture_codes(oracle)
     try:
         sequences, wave = oracle.generate(
             **tensors, return_audio=True, thinker_max_new_tokens=thinker_tokens, thinker_do_sample=False,
-            thinker_eos_token_id=cfg.im_end_token_id, talker_max_new_tokens=talker_tokens, talker_do_sample=False,
-            talker_repetition_penalty=1.0, speaker="Ethan")
+            thinker_eos_token_id=cfg.im_end_token_id, thinker_repetition_penalty=penalties[0],
+            talker_max_new_tokens=talker_tokens, talker_do_sample=False, talker_repetition_penalty=penalties[1],
+            speaker="Ethan")
     finally:
         handle.remove()
     return sequences, seen["codes"], wave
@@ -149,6 +152,18 @@ def test_speech_generate_matches_transformers(pair):
                                    speaker="ethan", **GREEDY)
     _assert_same_speech(ours, *transformers_speech(oracle, engine.config, request))
     assert ours.sample_rate == 24000
+
+
+def test_repetition_penalties_match_transformers(pair):
+    """Greedy with repetition penalties on both decoders: the thinker's history is the prompt and its tokens (as
+    transformers' input_ids), the talker's its own code 0s (transformers gives its talker no input_ids)."""
+    oracle, engine = pair
+    penalties = (1.6, 1.4)
+    request, ours = speech_request(engine, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
+                                   **dict(GREEDY, repetition_penalty=penalties[0], talker_repetition_penalty=penalties[1]))
+    _assert_same_speech(ours, *transformers_speech(oracle, engine.config, request, penalties=penalties))
+    plain = engine.generate(**dict(request, **GREEDY), return_audio=True)
+    assert not torch.equal(plain.codes, ours.codes) or not torch.equal(plain.sequences, ours.sequences)
 
 
 def test_speech_with_image_matches_transformers(pair):
