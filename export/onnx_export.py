@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 from export import wrappers
+from export.manifest import (FORMAT, MODULES, _require, file_sha256, read_manifest_file, source_module,  # noqa: F401
+                             weights_fingerprint)
 
 OPSET = 18  # the dynamo exporter's native opset: asking for another triggers a version conversion
-FORMAT = "omni-rt-export/2"
-MODULES = ("audio_encoder", "vision_encoder", "code_predictor", "code2wav", "code2wav_stream", "talker_step",
-           "thinker_step")
 # The encoders lay out chunks, windows and position taps on the host from the input size, so each size is its own
 # static graph (a bucket, one file each); the other modules have dynamic axes within a profile.
 BUCKET_KEYS = {"audio_encoder": "audio_frames", "vision_encoder": "vision_grid"}
@@ -62,18 +61,6 @@ def checkpoint_hash(directory: str | os.PathLike) -> str:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             digest.update(path.name.encode() + b"\0" + f.read(size))
-    return digest.hexdigest()
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """sha256 over every parameter's name, shape, dtype and its first and last 16 values: tells two weight
-    sets apart (another checkpoint, another random seed) without reading whole tensors."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(list(module.state_dict().items())):
-        flat = tensor.detach().reshape(-1)
-        sample = torch.cat((flat[:16], flat[-16:])).float().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -218,23 +205,6 @@ def build_specs(model, name: str, dtype: torch.dtype, shapes: dict | None = None
     raise ValueError(f"unknown module {name!r}; known: {', '.join(MODULES)}")
 
 
-def source_module(model, name: str) -> nn.Module:
-    """The runtime module whose weights the export of `name` carries (what its manifest fingerprints)."""
-    if name == "thinker_step":
-        return model.thinker.model
-    if name == "talker_step":
-        return _require(model.talker, name)
-    if name == "code_predictor":
-        return _require(model.talker, name).code_predictor
-    if name in ("code2wav", "code2wav_stream"):
-        return _require(model.code2wav, name)
-    if name == "audio_encoder":
-        return model.thinker.audio_tower
-    if name == "vision_encoder":
-        return model.thinker.visual
-    raise ValueError(f"unknown module {name!r}; known: {', '.join(MODULES)}")
-
-
 def _positions(axes: int | None, batch: int, length: int) -> torch.Tensor:
     """Example position ids, float32 as the runtime makes them: [3, B, L] (axes=3) or [B, L]."""
     ids = torch.arange(3, 3 + length, dtype=torch.float32).expand(batch, length)
@@ -246,12 +216,6 @@ def _as_buckets(value, kind=int) -> list:
     if kind is tuple:
         return [value] if value and isinstance(value[0], int) else list(value)
     return [value] if isinstance(value, int) else list(value)
-
-
-def _require(module, name):
-    if module is None:
-        raise ValueError(f"{name}: the checkpoint has no audio output (talker/code2wav absent)")
-    return module
 
 
 def _dynamic_shapes(spec: ExportSpec):
@@ -382,25 +346,6 @@ def export_module(model, name: str, out_dir: str | os.PathLike, dtype: torch.dty
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return entries
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_manifest_file(path: Path) -> dict:
-    """manifest.json -> dict; ValueError naming the path when it is not a JSON object with a "modules" map."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: export manifest is damaged ({exc}); re-export with `python -m export`") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("modules"), dict):
-        raise ValueError(f"{path}: export manifest is damaged (no 'modules' map); re-export with `python -m export`")
-    return manifest
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:

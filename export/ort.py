@@ -17,9 +17,9 @@ The backends (`Ort*` below) take and return what the runtime module does, so gen
     code2wav          code2wav.forward                dynamic batch / frames
     code2wav_stream   code2wav.decode_step            .first / .next chunk; dynamic batch / frames / past
 
-`apply_backends(model, {"thinker_step": "ort:DIR", ...})` is the hook `OmniEngine.from_pretrained(backends=...)`
-calls: it plugs each named backend into the model (the steps carry their KV state in the runtime's
-DynamicKVCache, as the PyTorch modules do).
+export/backends.py `apply_backends(model, {"thinker_step": "ort:DIR", ...})` plugs them into a model. The steps
+carry their KV state in a per-layer keys/values cache (the runtime's DynamicKVCache, duck-typed: this module
+imports nothing from runtime/).
 """
 
 from __future__ import annotations
@@ -31,109 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_export import FORMAT, MODULES, file_sha256, read_manifest_file, source_module, weights_fingerprint
-from runtime.kv_cache import DynamicKVCache
+from export.manifest import (ManifestMismatch, bind_dims, check_entry, module_entries, read_manifest, verify_files,
+                             weights_fingerprint)
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
-
-
-class ManifestMismatch(ValueError):
-    """An exported module that was built for other weights or other shapes than the ones at hand."""
-
-
-def read_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no export manifest (run `python -m export ... --out {directory}`)")
-    try:
-        manifest = read_manifest_file(path)
-    except ValueError as exc:
-        raise ManifestMismatch(str(exc)) from exc
-    if manifest.get("format") != FORMAT:
-        raise ManifestMismatch(f"{path}: export format {manifest.get('format')!r}, this omni-rt reads {FORMAT!r}; "
-                               "re-export with `python -m export`")
-    return manifest
-
-
-def module_entries(manifest: dict, name: str, directory="") -> dict[str, dict]:
-    """{manifest key: entry} of every graph exported for module `name` (several for a bucketed encoder)."""
-    entries = {key: entry for key, entry in manifest["modules"].items() if entry["module"] == name}
-    if not entries:
-        have = sorted({entry["module"] for entry in manifest["modules"].values()})
-        raise KeyError(f"{directory}: module {name!r} was not exported (have: {', '.join(have) or 'none'})")
-    return entries
-
-
-def check_entry(entry: dict, name: str, source: nn.Module | None, dtype: torch.dtype | None = None,
-                shapes: dict[str, list] | None = None, fingerprint: str | None = None) -> None:
-    """Refuse an exported module whose weights, dtype or static shapes differ from what the caller runs."""
-    # dtype first: the weights fingerprint covers the dtype too, so a bf16 engine beside an fp32 export would
-    # otherwise be told "other weights"
-    if dtype is not None and entry["dtype"] != str(dtype).replace("torch.", ""):
-        raise ManifestMismatch(f"{name}: exported in {entry['dtype']}, the runtime runs {dtype}; re-export with "
-                               f"--dtype {str(dtype).replace('torch.', '')} (or load the engine in {entry['dtype']})")
-    if source is not None or fingerprint is not None:
-        expected = fingerprint or weights_fingerprint(source)
-        if entry["weights_sha256"] != expected:
-            raise ManifestMismatch(
-                f"{name}: exported from other weights: manifest weights_sha256 {entry['weights_sha256']} "
-                f"(checkpoint {entry.get('checkpoint')}), loaded module has {expected}; re-export for this checkpoint")
-    for io in entry["inputs"]:
-        want = (shapes or {}).get(io["name"])
-        if want is None:
-            continue
-        for axis, (have, need) in enumerate(zip(io["shape"], want)):
-            if isinstance(have, int) and have != need or len(io["shape"]) != len(want):
-                raise ManifestMismatch(f"{name}: input {io['name']} was exported with shape {io['shape']}, "
-                                       f"the runtime needs {list(want)} (axis {axis}); re-export with --shapes")
-
-
-def verify_files(directory: str | Path, entry: dict, name: str) -> None:
-    """Recompute the sha256 of every file the manifest entry lists; ManifestMismatch naming the file that is
-    missing or differs (another export's .onnx.data, a graph from an interrupted re-export, a damaged copy)."""
-    hashes = entry.get("files_sha256")
-    if not isinstance(hashes, dict) or not hashes:
-        raise ManifestMismatch(f"{name}: the manifest in {directory} records no file hashes (an older export); "
-                               "re-export with `python -m export`")
-    for file, want in hashes.items():
-        path = Path(directory) / file
-        if not path.is_file():
-            raise ManifestMismatch(f"{name}: {path} is listed in the manifest but missing; re-export")
-        if file_sha256(path) != want:
-            raise ManifestMismatch(f"{name}: {path} is not the file this manifest was written with (sha256 differs:"
-                                   " another export's file, or an interrupted re-export); re-export this module")
-
-
-def bind_dims(entry: dict, name: str, shapes: list[tuple[int, ...]]) -> dict[str, int]:
-    """Check input shapes (in the entry's input order) against the manifest; return {dim name: size}.
-
-    Static dims must be equal; a dynamic dim must have one size wherever it appears and lie inside the
-    entry's profile [min, max]; a derived dim ("past+seq") must equal the sum of its parts."""
-    sizes: dict[str, int] = {}
-    derived = []
-    for io, shape in zip(entry["inputs"], shapes):
-        if len(shape) != len(io["shape"]):
-            raise ManifestMismatch(f"{name}: input {io['name']} has shape {list(shape)}, exported as {io['shape']}")
-        for axis, (dim, size) in enumerate(zip(io["shape"], shape)):
-            if isinstance(dim, int):
-                if dim != size:
-                    raise ManifestMismatch(f"{name}: input {io['name']} has shape {list(shape)}, exported as "
-                                           f"{io['shape']} (axis {axis} must be {dim})")
-            elif "+" in dim:
-                derived.append((io["name"], axis, dim, size))
-            elif sizes.setdefault(dim, size) != size:
-                raise ManifestMismatch(f"{name}: dim {dim!r} is {sizes[dim]} in one input and {size} in "
-                                       f"{io['name']} (axis {axis}); inputs {[io['name'] for io in entry['inputs']]}")
-    for dim, size in sizes.items():
-        low, _, high = entry.get("profile", {}).get(dim, (0, 0, size))
-        if not low <= size <= high:
-            raise ManifestMismatch(f"{name}: {dim} = {size} is outside the exported profile [{low}, {high}]; "
-                                   f"re-export with --profile {dim}=MIN:OPT:MAX")
-    for input_name, axis, dim, size in derived:
-        want = sum(sizes[part] for part in dim.split("+"))
-        if size != want:
-            raise ManifestMismatch(f"{name}: input {input_name} axis {axis} is {size}, must be {dim} = {want}")
-    return sizes
 
 
 def default_providers() -> list[str]:
@@ -194,9 +95,11 @@ class OrtModule:
 
 def _past(session: OrtModule, cache, batch: int, device) -> list[torch.Tensor]:
     """The cache's keys/values as past_* inputs; [B, 0, kv_heads, D] zeros for an empty (or no) cache."""
-    if cache is not None and not isinstance(cache, DynamicKVCache):
-        raise TypeError(f"{session.name}: the ort backend carries a DynamicKVCache (offline generate); "
-                        f"got {type(cache).__name__}")
+    if cache is not None and not (isinstance(getattr(cache, "keys", None), list)
+                                  and isinstance(getattr(cache, "values", None), list)):
+        # duck-typed (runtime.kv_cache.DynamicKVCache): this module imports nothing from runtime/
+        raise TypeError(f"{session.name}: the ort backend carries a per-layer keys/values cache "
+                        f"(runtime.kv_cache.DynamicKVCache); got {type(cache).__name__}")
     if cache is not None and cache.keys[0] is not None:
         return [t for kv in zip(cache.keys, cache.values) for t in kv]
     out = []
@@ -303,14 +206,17 @@ class OrtCode2WavStream:
     graphs (`.first` for a stream's first chunk, `.next` for the others)."""
 
     def __init__(self, directory, code2wav, dtype: torch.dtype | None = None, opener=OrtModule, **kw):
-        from export.wrappers import code2wav_state_layout
-
         module_entries(read_manifest(directory), "code2wav_stream", directory)  # a clear error when absent
         fingerprint = weights_fingerprint(code2wav)
         self.first, self.next = (opener(directory, f"code2wav_stream.{chunk}", dtype=dtype, fingerprint=fingerprint,
                                         **kw) for chunk in ("first", "next"))
         self.keep = int(self.next.entry["kv_keep"])
-        self.convs, self.tails = code2wav_state_layout(code2wav)
+        # the graphs' state inputs, in order: conv_<path> per causal conv, tail_<path> per transposed conv
+        # (export/wrappers.py state_name); matched to the stream state's module paths on the first call
+        names = [io["name"] for io in self.next.entry["inputs"]]
+        self.conv_names = [n[len("conv_"):] for n in names if n.startswith("conv_")]
+        self.tail_names = [n[len("tail_"):] for n in names if n.startswith("tail_")]
+        self.convs = self.tails = None
         self.empty = code2wav.code_embedding.weight.new_zeros  # what the PyTorch stream returns for 0 frames
 
     def __call__(self, codes: torch.Tensor, state) -> torch.Tensor:
@@ -321,6 +227,9 @@ class OrtCode2WavStream:
         frames = codes.shape[-1]
         if frames == 0:
             return self.empty(state.batch, 1, 0)
+        if self.convs is None:
+            self.convs = _paths(self.conv_names, state.conv, "conv")
+            self.tails = _paths(self.tail_names, state.tails, "tail")
         session = self.first if state.frames == 0 else self.next
         layers = len(state.keys)
         past = []
@@ -346,6 +255,18 @@ class OrtCode2WavStream:
         state.frames += frames
         state.samples += wav.shape[-1]
         return wav
+
+
+def _paths(names: list[str], states: dict, kind: str) -> list[str]:
+    """The stream state's module paths ("decoder.1.block.1") in the order of the graph's state inputs
+    ("decoder_1_block_1"). The state may hold more (a transposed conv with kernel = stride keeps an empty tail,
+    which the graph does not carry)."""
+    by_name = {path.replace(".", "_"): path for path in states}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise ManifestMismatch(f"code2wav_stream: the exported {kind} states {names} do not match this Code2Wav's "
+                               f"{sorted(by_name)}; re-export for this checkpoint")
+    return [by_name[name] for name in names]
 
 
 # ---------------------------------------------------------------------------------------------- encoders
@@ -406,46 +327,3 @@ class OrtVisionEncoder:
                                    f"{len(grids)} grids {grids}")
         embeds, *deepstack = self.buckets.get(grids[0], "grid")(pixel_values)
         return embeds, deepstack
-
-
-# ---------------------------------------------------------------------------------------------- plugging
-
-# module -> (backend, the runtime module it is built from, the attribute of that module it replaces)
-_PLUGS = {
-    "audio_encoder": (OrtAudioEncoder, lambda model: model.thinker.audio_tower, "forward"),
-    "vision_encoder": (OrtVisionEncoder, lambda model: model.thinker.visual, "forward"),
-    "thinker_step": (OrtThinkerStep, lambda model: model.thinker, "decode"),
-    "talker_step": (OrtTalkerStep, lambda model: model.talker, "forward"),
-    "code_predictor": (OrtCodePredictorStep, lambda model: model.talker.code_predictor, "forward"),
-    "code2wav": (OrtCode2Wav, lambda model: model.code2wav, "forward"),
-    "code2wav_stream": (OrtCode2WavStream, lambda model: model.code2wav, "decode_step"),
-}
-
-
-def apply_backends(model, backends: dict[str, str] | None, dtype: torch.dtype | None = None) -> dict[str, object]:
-    """Plug exported modules into an OmniModel. backends: module -> "torch" | "ort:DIR" (an ONNX export, run by
-    ONNX Runtime) | "trt:DIR" (TensorRT engines from `python -m export.trt`, see export/trt.py). Each backend
-    replaces its runtime module's method (table above) after its manifest was checked against the module's
-    weights and `dtype`. Returns the backends by module name."""
-    plugged: dict[str, object] = {}
-    for name, spec in (backends or {}).items():
-        if name not in _PLUGS:
-            raise ValueError(f"backends: unknown module {name!r}; known: {', '.join(MODULES)}")
-        kind, _, directory = spec.partition(":")
-        if kind == "torch":
-            continue
-        if kind not in ("ort", "trt") or not directory:
-            raise ValueError(f"backend for {name!r} must be 'torch', 'ort:DIR' or 'trt:DIR', got {spec!r}")
-        opener = OrtModule
-        if kind == "trt":
-            from export.trt import TrtModule, require_tensorrt
-
-            require_tensorrt()  # names what is missing before any manifest is read
-            opener = TrtModule
-        backend_class, target, method = _PLUGS[name]
-        source_module(model, name)  # a clear error when the checkpoint has no talker / code2wav
-        module = target(model)
-        backend = backend_class(directory, module, dtype=dtype, opener=opener)
-        setattr(module, method, backend)  # an instance attribute: calls go to the exported module from now on
-        plugged[name] = backend
-    return plugged

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from export.manifest import ManifestMismatch, bind_dims, check_entry, file_sha256, read_manifest, verify_files
+
 
 class TensorRTUnavailable(RuntimeError):
     """TensorRT engines cannot be built or run here; the message names what is missing."""
@@ -58,9 +60,6 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, modules: list[str] 
     computes what the fp32 module does)."""
     trt = require_tensorrt()
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
-    from export.onnx_export import file_sha256
-    from export.ort import read_manifest, verify_files
-
     manifest = read_manifest(onnx_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -117,8 +116,6 @@ class TrtModule:
                  fingerprint: str | None = None):
         import torch
 
-        from export.ort import ManifestMismatch, check_entry, read_manifest, verify_files
-
         trt = require_tensorrt()
         directory = Path(directory)
         manifest = read_manifest(directory)
@@ -152,8 +149,6 @@ class TrtModule:
 
     def __call__(self, *tensors):
         import torch
-
-        from export.ort import bind_dims
 
         if len(tensors) != len(self.input_names):
             raise ValueError(f"{self.name}: expected {len(self.input_names)} inputs "

@@ -20,8 +20,9 @@ import onnx  # noqa: E402
 
 from export.__main__ import parse_profile, parse_shapes  # noqa: E402
 from export.onnx_export import FORMAT, MODULES, export_all  # noqa: E402
+from export.backends import apply_backends  # noqa: E402
 from export.ort import (ManifestMismatch, OrtAudioEncoder, OrtCode2Wav, OrtCode2WavStream,  # noqa: E402
-                        OrtCodePredictorStep, OrtModule, OrtTalkerStep, OrtThinkerStep, OrtVisionEncoder, apply_backends, check_entry)
+                        OrtCodePredictorStep, OrtModule, OrtTalkerStep, OrtThinkerStep, OrtVisionEncoder, check_entry)
 from export.wrappers import moe_experts_gather  # noqa: E402
 from kernels.moe import moe_experts_ref, route_topk_ref  # noqa: E402
 from runtime.engine import SCHEDULED_BACKENDS, OmniEngine  # noqa: E402
