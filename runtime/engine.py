@@ -111,7 +111,7 @@ class OmniEngine:
         scheduler = SchedulerConfig.of(scheduler)  # bad options fail before any weights are read
         kernels = dispatch.kernel_choice(kernels) if kernels is not None else dispatch.selected()
         if backends:
-            from export.ort import apply_backends
+            from export.backends import apply_backends
 
             engine = cls.from_pretrained(path_or_preset, device, dtype, seed, scheduler=scheduler, kernels=kernels)
             engine.backends = apply_backends(engine.model, backends, dtype)
