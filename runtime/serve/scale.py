@@ -243,8 +243,9 @@ def serve_scaled(args) -> int:
         serve.start(http_options={"host": args.host, "port": port},
                     logging_config={"log_level": args.log_level.upper()})  # the proxy's access log: at info
         url = f"http://{args.host}:{port}"
-        print(f"serving {args.model_name} ({args.checkpoint}) through Ray Serve at {url}: "
-              f"{options['autoscale'] or replicas} replica(s), {args.gpus_per_replica:g} GPU(s) each", flush=True)
+        count = f"{options['autoscale']} (autoscaled)" if options["autoscale"] else str(replicas)
+        print(f"serving {args.model_name} ({args.checkpoint}) through Ray Serve at {url}: {count} replica(s), "
+              f"{args.gpus_per_replica:g} GPU(s) each", flush=True)
         serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
         print(f"deployed in {time.perf_counter() - start:.2f} s", flush=True)
         print(f"serve metrics: {serve_metrics_url()}", flush=True)
