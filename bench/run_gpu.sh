@@ -10,7 +10,7 @@
 # Stages (--dry-run prints each one's limit in seconds; T_<STAGE> overrides it, e.g. T_TESTS=200):
 #   env             environment.txt: nvidia-smi, nvcc, versions, commit, the pytest plugins found
 #   build           the CUDA extension (setup.py build_ext --inplace: CMake + nvcc); FAILS if CMake fails
-#   tests           the GPU tests (GPU_TESTS: test_csrc, test_kernels_model, test_triton_*), graph tests
+#   tests           the GPU tests (GPU_TESTS: test_csrc, test_kernels_model, test_timing, test_sampling, test_triton_*), graph tests
 #                   left to `graphs`; pytest-xdist workers, per-test timeout, JUnit XML -> $OUT/tests.xml
 #   kernels_decode  bench/kernels.py decode rows of moe_experts and decode_attention -> $OUT/results/*.json
 #   graphs          CUDA-graph replay vs eager: tests/test_graphs.py + every GPU test named *graph*
@@ -44,7 +44,7 @@ XDIST_WORKERS=${XDIST_WORKERS:-4}
 TEST_TIMEOUT=${TEST_TIMEOUT:-120}  # per test (pytest-timeout)
 # The tests that matter on a GPU: those that skip without CUDA and the Triton tests (compiled there, run
 # under the interpreter on a CPU). The CPU parity suite (transformers oracle) runs in CI, not here.
-GPU_TESTS=${GPU_TESTS:-"tests/test_csrc.py tests/test_kernels_model.py $(ls tests/test_triton_*.py 2>/dev/null | tr '\n' ' ')"}
+GPU_TESTS=${GPU_TESTS:-"tests/test_csrc.py tests/test_kernels_model.py tests/test_timing.py tests/test_sampling.py $(ls tests/test_triton_*.py 2>/dev/null | tr '\n' ' ')"}
 GRAPH_TESTS=${GRAPH_TESTS:-"tests/test_graphs.py"}
 KERNELS_DECODE_OPS=${KERNELS_DECODE_OPS:-moe_experts:decode,decode_attention}
 E2E_LAYERS=${E2E_LAYERS:-8}
