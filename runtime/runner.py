@@ -213,12 +213,13 @@ class ModelRunner:
         far (transformers' code-predictor generate starts its input_ids empty)."""
         sampler, groups = self.sampling["code_predictor"], self.config.talker.num_code_groups
         rows = sampler.rows(slots)
+        gathered = sampler.gather(rows)
         first_step = (self.sampling["talker"].steps[rows] - 1) * groups  # [B]
         history = torch.full((slots.shape[0], groups - 1), -1, dtype=torch.long, device=slots.device)
         drawn = []
 
         def choose(logits):  # called once per codebook 1..G-1, in order
-            code = sampler.draw(logits, rows, history, first_step + len(drawn) + 1)
+            code = sampler.draw(logits, gathered, history, first_step + len(drawn) + 1)
             history[:, len(drawn)] = code
             drawn.append(code)
             return code

@@ -146,21 +146,29 @@ class SlotSampling:
         """[B] slot ids, -1 = padded -> [B] rows of the state (padded rows read and write the scratch row)."""
         return torch.where(slots < 0, self.scratch, slots)
 
-    def draw(self, logits: torch.Tensor, rows: torch.Tensor, history: torch.Tensor, steps: torch.Tensor,
-             suppress: torch.Tensor | None = None) -> torch.Tensor:
-        """logits [B, V], rows [B], history [B, H], steps [B] -> [B] int64 tokens (the dispatched `sample` op)."""
+    def gather(self, rows: torch.Tensor):
+        """[B] rows -> (their SamplingTensors, their seeds [B]): what `draw` takes, gathered once for any number
+        of draws (the code predictor draws G − 1 times per frame)."""
         from kernels.sampling import SamplingTensors
-        from runtime import dispatch
 
         params = SamplingTensors(**{name: getattr(self.params, name)[rows] for name in SamplingTensors.DTYPES})
-        return dispatch.sample(logits, history, params, self.seeds[rows], steps, self.stage, suppress)
+        return params, self.seeds[rows]
+
+    def draw(self, logits: torch.Tensor, gathered, history: torch.Tensor, steps: torch.Tensor,
+             suppress: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V], gathered = gather(rows), history [B, H], steps [B] -> [B] int64 tokens (the dispatched
+        `sample` op)."""
+        from runtime import dispatch
+
+        params, seeds = gathered
+        return dispatch.sample(logits, history, params, seeds, steps, self.stage, suppress)
 
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, suppress: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V], slots [B] (-1 = padded) -> [B] tokens drawn at each row's step, which then advances;
         each token joins its row's history. Graph-safe: gathers, a draw and in-place scatters only."""
         rows = self.rows(slots)
         steps = self.steps[rows]
-        tokens = self.draw(logits, rows, self.history[rows], steps, suppress)
+        tokens = self.draw(logits, self.gather(rows), self.history[rows], steps, suppress)
         filled = self.filled[rows]
         self.history.index_put_((rows, filled.clamp(max=self.history.shape[1] - 1)), tokens)
         self.filled.index_put_((rows,), filled + 1)
