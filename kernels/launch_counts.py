@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from kernels.tuning import launch_config
+
 NAMESPACE = "omni_rt_triton"
 DECODE_MAX_TOKENS = 8  # moe_experts: up to this many tokens the pair-major decode path (no alignment) runs
 
@@ -48,8 +50,52 @@ def moe_experts_plan(num_tokens: int) -> tuple[str, ...]:
     return ("moe_align", "grouped_gate_up", "grouped_down", "combine_topk")
 
 
-def decode_attention_plan(batch: int, new_tokens: int) -> tuple[str, ...]:
-    return ("decode_attention_split", "decode_attention_merge") if batch and new_tokens else ()
+# decode_attention's launch parameters (bench/tune.py may override them per shape; kernels/triton_attention.py)
+DECODE_ATTENTION_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "min_programs": 264, "MAX_BLOCK_R": 64}
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def decode_attention_layout(batch: int, new_tokens: int, q_heads: int, kv_heads: int, head_dim: int, max_len: int,
+                            dtype, on_cpu: bool) -> dict:
+    """The launch parameters of one decode_attention call, from shapes only (never the lengths, which stay on the
+    device): the tuned or default config plus BLOCK_R (query rows per program), row_blocks, splits (key splits
+    per row block) and split_len. Splits: enough programs to fill the GPU for the longest possible row; on the
+    CPU interpreter (programs run one after another) one split. Meta and fake tensors count as a GPU's."""
+    groups = q_heads // kv_heads
+    default = {**DECODE_ATTENTION_CONFIG, "min_programs": 1} if on_cpu else DECODE_ATTENTION_CONFIG
+    cfg = launch_config("decode_attention", f"L={new_tokens},G={groups},D={head_dim}", dtype, default)
+    block_n = cfg["BLOCK_N"]
+    # Query rows per program: all L·G rows of a KV head share its K/V reads; capped (long chunks tile the rows).
+    block_r = max(16, min(cfg["MAX_BLOCK_R"], _next_power_of_2(new_tokens * groups)))
+    row_blocks = _cdiv(new_tokens * groups, block_r)
+    programs = batch * row_blocks * kv_heads
+    splits = max(1, min(_cdiv(max_len, block_n), _cdiv(cfg["min_programs"], programs)))
+    split_len = _cdiv(_cdiv(max_len, splits), block_n) * block_n
+    return dict(cfg, BLOCK_R=block_r, row_blocks=row_blocks, splits=_cdiv(max_len, split_len), split_len=split_len)
+
+
+def decode_attention_plan(batch: int, new_tokens: int, splits: int) -> tuple[str, ...]:
+    """One split: the split kernel normalises and writes the output itself (no merge pass)."""
+    if not batch or not new_tokens:
+        return ()
+    return ("decode_attention_split",) if splits == 1 else ("decode_attention_split", "decode_attention_merge")
+
+
+def _decode_attention(a: dict) -> int:
+    q, k_cache = a["q"], a["k_cache"]
+    batch, new, q_heads, head_dim = q.shape
+    if not batch or not new:
+        return 0
+    layout = decode_attention_layout(batch, new, q_heads, k_cache.shape[2], head_dim, k_cache.shape[1], q.dtype,
+                                     q.device.type == "cpu")
+    return len(decode_attention_plan(batch, new, layout["splits"]))
 
 
 def causal_conv1d_plan(batch: int, c_in: int, c_out: int, length: int, groups: int, state_len: int,
@@ -136,7 +182,7 @@ _COUNTERS: dict[str, Callable[[dict], int]] = {
     "silu_mul": lambda a: len(elementwise_plan(*a["gate"].shape, "silu_mul")),
     "sigmoid_gate_add": lambda a: len(elementwise_plan(*a["x"].shape, "sigmoid_gate_add")),
     "moe_experts": _moe_experts,
-    "decode_attention": lambda a: len(decode_attention_plan(a["q"].shape[0], a["q"].shape[1])),
+    "decode_attention": _decode_attention,
     "causal_conv1d": lambda a: _conv1d(a, update=False),
     "causal_conv1d_update": lambda a: _conv1d(a, update=True),
     "causal_conv_transpose1d": lambda a: _conv_transpose1d(a, update=False),

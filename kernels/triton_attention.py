@@ -4,9 +4,11 @@ kernels.attention.decode_attention_ref.
 Each program takes one batch row, one KV head and one split of the cache's positions: the L new queries of
 the q heads sharing that KV head (GQA: L·G query rows against one K/V stream, read once) run an online
 softmax over the split's keys (a long chunk's rows are tiled, MAX_BLOCK_R per program, and each tile stops at
-its last query's position); a second kernel merges the splits. The grid is sized from the cache shape,
-not from the lengths (which stay on the device): programs past a row's length exit at once, so a step is
-one fixed launch pair, safe inside a CUDA graph.
+its last query's position); a second kernel merges the splits, unless there is one split, when the split
+kernel normalises and writes the output itself. The grid and the split count are sized from the shapes
+(kernels/launch_counts.py decode_attention_layout), never from the lengths (which stay on the device):
+programs past a row's length exit at once, so a step is one fixed launch or launch pair, safe inside a CUDA
+graph.
 
 Each public function validates its arguments, reshapes (views where it can) and calls its `torch.library` op
 `omni_rt_triton::<name>`, which launches the kernels; the op's fake implementation only allocates outputs
@@ -23,24 +25,25 @@ import triton
 import triton.language as tl
 
 from kernels.attention import attention_sdpa
-from kernels.launch_counts import decode_attention_plan
-from kernels.tuning import dot_precision, launch_config
-
-DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "min_programs": 264, "MAX_BLOCK_R": 64}
+from kernels.launch_counts import DECODE_ATTENTION_CONFIG as DEFAULT_CONFIG  # noqa: F401  (bench/tune.py)
+from kernels.launch_counts import decode_attention_layout, decode_attention_plan
+from kernels.tuning import dot_precision
 TUNE_SPACE = {"decode_attention": {"BLOCK_N": [16, 32, 64, 128], "num_warps": [2, 4, 8],
                                    "min_programs": [132, 264, 528, 1056], "MAX_BLOCK_R": [16, 32, 64, 128]}}
 
 
 @triton.jit
 def _decode_attention_split(
-    q_ptr, k_ptr, v_ptr, slot_ptr, length_ptr, acc_ptr, max_ptr, sum_ptr,
+    q_ptr, k_ptr, v_ptr, slot_ptr, length_ptr, acc_ptr, max_ptr, sum_ptr, out_ptr,
     L, G, D, split_len, scale,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_ks, stride_kn, stride_kh, stride_kd,
     stride_vs, stride_vn, stride_vh, stride_vd,
     stride_ab, stride_ah, stride_as, stride_ar, stride_ad,
     stride_mb, stride_mh, stride_ms, stride_mr,
+    stride_ob, stride_ol, stride_oh, stride_od,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     row_blocks = tl.cdiv(L * G, BLOCK_R)
     pid_b, pid_r = tl.program_id(0) // row_blocks, tl.program_id(0) % row_blocks
@@ -84,11 +87,18 @@ def _decode_attention_split(
         # probabilities rounded to the value dtype before the product, as the reference's probs.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    tl.store(acc_ptr + pid_b * stride_ab + pid_h * stride_ah + pid_s * stride_as + offs_r[:, None] * stride_ar
-             + offs_d[None, :] * stride_ad, acc, mask=row_valid[:, None] & (offs_d[None, :] < D))
-    stats = pid_b * stride_mb + pid_h * stride_mh + pid_s * stride_ms + offs_r * stride_mr
-    tl.store(max_ptr + stats, m_i, mask=row_valid)
-    tl.store(sum_ptr + stats, l_i, mask=row_valid)
+    if DIRECT:  # one split: normalise here, as the merge would (a row that saw no key: zeros), and skip it
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out = tl.where(slot < 0, 0.0, out)
+        tl.store(out_ptr + pid_b * stride_ob + offs_l[:, None] * stride_ol + (pid_h * G + offs_g)[:, None] * stride_oh
+                 + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+                 mask=row_valid[:, None] & (offs_d[None, :] < D))
+    else:
+        tl.store(acc_ptr + pid_b * stride_ab + pid_h * stride_ah + pid_s * stride_as + offs_r[:, None] * stride_ar
+                 + offs_d[None, :] * stride_ad, acc, mask=row_valid[:, None] & (offs_d[None, :] < D))
+        stats = pid_b * stride_mb + pid_h * stride_mh + pid_s * stride_ms + offs_r * stride_mr
+        tl.store(max_ptr + stats, m_i, mask=row_valid)
+        tl.store(sum_ptr + stats, l_i, mask=row_valid)
 
 
 @triton.jit
@@ -137,33 +147,28 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     kv_heads, max_len = k_cache.shape[2], k_cache.shape[1]
     groups = q_heads // kv_heads
     out = torch.empty_like(q)
-    if not decode_attention_plan(batch, new):
+    if not batch or not new:
         return out
-    # The CPU interpreter runs programs one after another: splitting the keys there only adds programs.
-    default = DEFAULT_CONFIG if q.is_cuda else {**DEFAULT_CONFIG, "min_programs": 1}
-    cfg = launch_config("decode_attention", f"L={new},G={groups},D={head_dim}", q.dtype, default)
-    block_n = cfg["BLOCK_N"]
-    # Query rows per program: all L·G rows of a KV head share its K/V reads; capped (long chunks tile the rows).
-    block_r = max(16, min(cfg["MAX_BLOCK_R"], triton.next_power_of_2(new * groups)))
-    row_blocks = triton.cdiv(new * groups, block_r)
+    cfg = decode_attention_layout(batch, new, q_heads, kv_heads, head_dim, max_len, q.dtype, q.device.type == "cpu")
+    block_r, row_blocks, splits = cfg["BLOCK_R"], cfg["row_blocks"], cfg["splits"]
+    direct = decode_attention_plan(batch, new, splits) == ("decode_attention_split",)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # Splits from the cache shape (static): enough programs to fill the GPU for the longest possible row.
-    programs = batch * row_blocks * kv_heads
-    splits = max(1, min(triton.cdiv(max_len, block_n), triton.cdiv(cfg["min_programs"], programs)))
-    split_len = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
-    splits = triton.cdiv(max_len, split_len)
-    acc = torch.empty(batch, kv_heads, splits, new * groups, head_dim, dtype=torch.float32, device=q.device)
-    row_max = torch.empty(batch, kv_heads, splits, new * groups, dtype=torch.float32, device=q.device)
+    # partials only when a merge follows (torch.empty launches nothing either way)
+    acc_shape = (batch, kv_heads, splits, new * groups) if not direct else (1, 1, 1, 1)
+    acc = torch.empty(*acc_shape, head_dim, dtype=torch.float32, device=q.device)
+    row_max = torch.empty(*acc_shape, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
     _decode_attention_split[(batch * row_blocks, kv_heads, splits)](
-        q, k_cache, v_cache, slot_ids, lengths, acc, row_max, row_sum,
-        new, groups, head_dim, split_len, scale,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *acc.stride(), *row_max.stride(),
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"])
-    _decode_attention_merge[(batch * row_blocks, kv_heads)](
-        acc, row_max, row_sum, slot_ids, out, new, groups, head_dim, splits,
-        *acc.stride(), *row_max.stride(), *out.stride(),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=cfg["num_warps"])
+        q, k_cache, v_cache, slot_ids, lengths, acc, row_max, row_sum, out,
+        new, groups, head_dim, cfg["split_len"], scale,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *acc.stride(), *row_max.stride(), *out.stride(),
+        BLOCK_R=block_r, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), DIRECT=direct,
+        num_warps=cfg["num_warps"])
+    if not direct:
+        _decode_attention_merge[(batch * row_blocks, kv_heads)](
+            acc, row_max, row_sum, slot_ids, out, new, groups, head_dim, splits,
+            *acc.stride(), *row_max.stride(), *out.stride(),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=cfg["num_warps"])
     return out
 
 

@@ -146,14 +146,21 @@ def test_strided_queries_from_a_fused_projection():
     {"BLOCK_N": 64, "num_warps": 4, "min_programs": 264, "MAX_BLOCK_R": 64},  # the GPU default (CPU: one split)
 ])
 def test_split_counts(monkeypatch, config):
-    import kernels.triton_attention as triton_attention
+    """Both paths: one split (the split kernel writes the output, one launch) and several (split + merge)."""
+    import kernels.launch_counts as launch_counts
+    from kernels.launch_counts import LAUNCHES
 
-    monkeypatch.setattr(triton_attention, "launch_config", lambda op, key, dtype, default: dict(config))
+    monkeypatch.setattr(launch_counts, "launch_config", lambda op, key, dtype, default: dict(config))
     q, k_cache, v_cache, slot_ids, lengths = _case(3, 9, 4, 2, 32, 97, torch.float32, [1, 0, -1], [97, 17, 9])
     got = decode_attention(q, k_cache, v_cache, slot_ids, lengths, 0.2)
     want = decode_attention_ref(q, k_cache, v_cache, slot_ids, lengths, 0.2)
     assert rel_err(got[:2], want[:2]) <= 1e-5
     assert not got[2].any()
+    splits = launch_counts.decode_attention_layout(3, 9, 4, 2, 32, 97, q.dtype, on_cpu=True)["splits"]
+    if config["min_programs"] in (1, 10_000):  # the two paths are both covered
+        assert (splits == 1) == (config["min_programs"] == 1)
+    launches = LAUNCHES["omni_rt_triton::decode_attention"]((q, k_cache, v_cache, slot_ids, lengths, 0.2), {})
+    assert launches == (1 if splits == 1 else 2)
 
 
 def test_registered():
@@ -172,6 +179,12 @@ def test_compiles_for_sm90():
                 q = torch.randn(2, new, q_heads, 128).to(dtype)
                 k_cache = torch.randn(3, 300, 2 if q_heads == 2 else 4, 128).to(dtype)
                 decode_attention(q, k_cache, k_cache, torch.tensor([0, -1]), torch.tensor([5, 300]), 0.1)
+        # the GPU's split count (the CPU interpreter's is one split: the merge kernel would not be compiled)
+        import kernels.launch_counts as launch_counts
+        launch_counts.launch_config = lambda op, key, dtype, default: dict(default, min_programs=264)
+        q = torch.randn(1, 1, 32, 128).bfloat16()
+        k_cache = torch.randn(2, 300, 4, 128).bfloat16()
+        decode_attention(q, k_cache, k_cache, torch.tensor([1]), torch.tensor([300]), 0.1)
     """)
     assert "_decode_attention_split" in out and "_decode_attention_merge" in out
 
