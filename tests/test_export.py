@@ -306,6 +306,10 @@ def test_vision_encoder_buckets_match_torch(model, exported):
             assert_close(g, w, f"vision encoder {grid} output {i}")
 
 
+# Greedy on every stage (the talker samples by default): both engines must choose the same tokens.
+GREEDY = dict(do_sample=False, talker_do_sample=False, talker_repetition_penalty=1.0)
+
+
 def test_whole_pipeline_with_every_scheduled_module_in_onnx_runtime(engine, checkpoint, exported, request_,
                                                                      monkeypatch):
     """generate() and stream() on a text + audio + image prompt, greedy, with every module the engine runs
@@ -314,7 +318,7 @@ def test_whole_pipeline_with_every_scheduled_module_in_onnx_runtime(engine, chec
     waveform within fp32 tolerance."""
     out, _ = exported
     want = engine.generate(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
-                           return_audio=True)
+                           return_audio=True, **GREEDY)
     prompt_len = request_["input_ids"].shape[1]
     assert want.sequences.shape[1] - prompt_len >= 4 and want.codes.shape[-1] >= 4, (
         "the seeded prompt no longer gives enough text and speech to compare: pick another SEED")
@@ -330,7 +334,7 @@ def test_whole_pipeline_with_every_scheduled_module_in_onnx_runtime(engine, chec
 
     monkeypatch.setattr(OrtModule, "__call__", counted)
     got = ort_engine.generate(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
-                              return_audio=True)
+                              return_audio=True, **GREEDY)
     frames = want.codes.shape[-1]
     groups = engine.model.talker.code_predictor.num_code_groups
     # one prefill (the prompt fits one chunk) and one step per fed token; the talker's prefill and one step
@@ -343,8 +347,8 @@ def test_whole_pipeline_with_every_scheduled_module_in_onnx_runtime(engine, chec
     assert got.waveform.shape == want.waveform.shape
     assert_close(got.waveform, want.waveform, "waveform")
     # two streams side by side: each session's steps see only its own slot
-    streams = [ort_engine.stream(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS)
-               for _ in range(2)]
+    streams = [ort_engine.stream(**request_, max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS,
+                                 **GREEDY) for _ in range(2)]
     for events in consume_together(streams):
         chunks = [e for e in events if hasattr(e, "codes")]
         assert torch.equal(torch.cat([chunk.codes for chunk in chunks], dim=-1), want.codes[0])
