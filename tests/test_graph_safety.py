@@ -141,3 +141,16 @@ def test_the_torch_sampler_is_graph_safe_too(released):
             report, _ = model.audit(spec.fn, spec.example_inputs, strict=True)
             assert not report.violations and report.host_syncs == report.h2d_copies == 0, name
             assert "omni_rt_triton::sample_draw" not in report.ops and report.ops.get("aten::sort", 0) > 0, name
+
+
+def test_performance_doc_is_rendered_from_the_committed_counts():
+    """docs/performance.md is bench/performance_doc.py's rendering of bench/results/launches.json (regenerate
+    both after a change: `python bench/launches.py && python bench/performance_doc.py`)."""
+    import json
+
+    from bench import performance_doc
+
+    launches = json.loads(performance_doc.RESULTS.read_text())
+    assert performance_doc.DOC.read_text() == performance_doc.render(launches)
+    stages = {row["stage"] for row in launches["rows"]}
+    assert set(performance_doc.TARGETS) <= stages  # every target names a stage the bench counts
