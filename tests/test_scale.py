@@ -26,11 +26,14 @@ openai = pytest.importorskip("openai", reason="needs the openai client (requirem
 httpx = pytest.importorskip("httpx2", reason="needs httpx2 (installed with openai)")
 pytest.importorskip("soundfile", reason="needs soundfile (requirements.txt)")
 
+from runtime.serve.scale import REPLICA_HEADER  # noqa: E402
 from tests.serve_client import Realtime, Server, health  # noqa: E402
 from tests.test_serve import (  # noqa: E402 - the single server's tests' requests, references and tolerance
     LONG_TALK, MAX_TOKENS, TALKER_FRAMES, assert_same_speech, question, reference)
 
-REPLICAS, MAX_SESSIONS, MAX_QUEUE = 2, 4, 2
+# A replica admits MAX_SESSIONS + MAX_QUEUE = 8 requests: eight concurrent streams never see a 429, however the
+# router spreads them while its view of the replicas' load catches up with a burst.
+REPLICAS, MAX_SESSIONS, MAX_QUEUE = 2, 4, 4
 SERVER_ARGS = ["--replicas", str(REPLICAS), "--max-sessions", str(MAX_SESSIONS), "--max-queue", str(MAX_QUEUE),
                "--max-seq-len", "2048", "--max-tokens", str(MAX_TOKENS), "--talker-max-new-tokens", str(TALKER_FRAMES),
                "--health-check-period-s", "2"]
@@ -249,8 +252,10 @@ def test_serve_exports_its_own_metrics(cluster):
 
 
 def test_realtime_through_serve_stays_on_one_replica(cluster):
+    pids = replica_pids(cluster, REPLICAS)  # first: an open connection makes the router prefer the other replica
     rt = Realtime(cluster)
     try:
+        assert rt.ws.response.headers[REPLICA_HEADER] in pids
         for turn in ("Hello.", "And then?"):  # the second response sees the first: the history is on one replica
             rt.send("session.update", session={"modalities": ["text"], "max_response_output_tokens": 4})
             rt.until("session.updated")

@@ -56,17 +56,17 @@ SCALE_DEFAULTS = {"replicas": 1, "gpus_per_replica": 0.0, "cpus_per_replica": 1.
 
 
 class ReplicaHeader:
-    """ASGI middleware of a replica's app: every HTTP response names the replica that made it."""
+    """ASGI middleware of a replica's app: every HTTP response and WebSocket handshake names the replica."""
 
     def __init__(self, app, replica_id: str):
         self.app, self.header = app, (REPLICA_HEADER.encode(), replica_id.encode())
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
 
         async def send_with_header(message):
-            if message["type"] == "http.response.start":
+            if message["type"] in ("http.response.start", "websocket.accept"):
                 message = {**message, "headers": [*message.get("headers", []), self.header]}
             await send(message)
 
