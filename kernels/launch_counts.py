@@ -134,6 +134,7 @@ SCHEMA_ARGS: dict[str, tuple[str, ...]] = {
                                  "v_cache", "write_rows", "write_at"),
     "mrope_qk_norm_": ("q", "k", "q_norm_weight", "k_norm_weight", "eps", "positions", "inv_freq", "mrope_section"),
     "route_topk": ("router_logits", "top_k", "norm_topk_prob"),
+    "router_topk": ("hidden", "gate_weight", "top_k", "norm_topk_prob"),
     "silu_mul": ("gate", "up"),
     "sigmoid_gate_add": ("x", "gate_logit", "y"),
     "moe_experts": ("hidden", "expert_ids", "expert_weights", "gate_up_proj", "down_proj"),
@@ -179,6 +180,7 @@ _COUNTERS: dict[str, Callable[[dict], int]] = {
     "qk_norm_rope_cache_write": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),  # v and the cache writes ride along
     "mrope_qk_norm_": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),
     "route_topk": lambda a: len(route_topk_plan(a["router_logits"].shape[0])),
+    "router_topk": lambda a: len(route_topk_plan(a["hidden"].shape[0])),  # the router GEMM inside
     "silu_mul": lambda a: len(elementwise_plan(*a["gate"].shape, "silu_mul")),
     "sigmoid_gate_add": lambda a: len(elementwise_plan(*a["x"].shape, "sigmoid_gate_add")),
     "moe_experts": _moe_experts,

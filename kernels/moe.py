@@ -20,6 +20,13 @@ def route_topk_ref(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool
     return weights.to(router_logits.dtype), ids
 
 
+def router_topk_ref(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, norm_topk_prob: bool):
+    """hidden: (T, H); gate_weight: (E, H), the router linear (no bias), hidden's dtype. Returns (weights (T, K)
+    in hidden's dtype, ids (T, K) int64): route_topk_ref of the router logits F.linear(hidden, gate_weight),
+    which are rounded to the model dtype as the model's eager path rounds them."""
+    return route_topk_ref(F.linear(hidden, gate_weight), top_k, norm_topk_prob)
+
+
 def moe_experts_ref(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                     gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
     """hidden: (T, H); expert_ids, expert_weights: (T, K); gate_up_proj: (E, 2I, H) gate rows then up rows;

@@ -52,18 +52,13 @@ TUNE_SPACE = {
 
 # --------------------------------------------------------------------------------------------- routing
 @triton.jit
-def _route_topk_kernel(
-    logits_ptr, weights_ptr, ids_ptr,
-    T, E,
-    stride_lt, stride_le, stride_wt, stride_wk, stride_it, stride_ik,
-    TOP_K: tl.constexpr, NORM_TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+def _softmax_topk_store(
+    x, offs_t, offs_e, t_valid, e_valid, weights_ptr, ids_ptr,
+    stride_wt, stride_wk, stride_it, stride_ik,
+    TOP_K: tl.constexpr, NORM_TOPK: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_e = tl.arange(0, BLOCK_E)
-    t_valid = offs_t < T
-    e_valid = offs_e < E
-    x = tl.load(logits_ptr + offs_t[:, None] * stride_lt + offs_e[None, :] * stride_le,
-                mask=t_valid[:, None] & e_valid[None, :], other=float("-inf")).to(tl.float32)
+    """x: [BLOCK_T, BLOCK_E] fp32 router logits (−inf in lanes past E). Stores each valid row's K weights and
+    expert ids: softmax in fp32, K rounds of argmax, the optional renormalisation."""
     x = tl.where(t_valid[:, None], x, 0.0)  # rows past T: finite, never stored
     x_max = tl.max(x, 1)
     p = tl.exp(x - x_max[:, None])
@@ -88,6 +83,23 @@ def _route_topk_kernel(
                  (best / denom).to(weights_ptr.dtype.element_ty), mask=t_valid)
         tl.store(ids_ptr + offs_t * stride_it + k * stride_ik, pick.to(tl.int64), mask=t_valid)
         remaining = tl.where(offs_e[None, :] == pick[:, None], -1.0, remaining)
+
+
+@triton.jit
+def _route_topk_kernel(
+    logits_ptr, weights_ptr, ids_ptr,
+    T, E,
+    stride_lt, stride_le, stride_wt, stride_wk, stride_it, stride_ik,
+    TOP_K: tl.constexpr, NORM_TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    t_valid = offs_t < T
+    e_valid = offs_e < E
+    x = tl.load(logits_ptr + offs_t[:, None] * stride_lt + offs_e[None, :] * stride_le,
+                mask=t_valid[:, None] & e_valid[None, :], other=float("-inf")).to(tl.float32)
+    _softmax_topk_store(x, offs_t, offs_e, t_valid, e_valid, weights_ptr, ids_ptr,
+                        stride_wt, stride_wk, stride_it, stride_ik, TOP_K, NORM_TOPK, BLOCK_T)
 
 
 @torch.library.custom_op("omni_rt_triton::route_topk", mutates_args=())

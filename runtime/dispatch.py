@@ -48,6 +48,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "attention": {"torch": _attention.attention_ref},
     "decode_attention": {"torch": _attention.decode_attention_ref},
     "route_topk": {"torch": _moe.route_topk_ref},
+    "router_topk": {"torch": _moe.router_topk_ref},
     "moe_experts": {"torch": _moe.moe_experts_ref},
     "silu_mul": {"torch": _mlp.silu_mul_ref},
     "sigmoid_gate_add": {"torch": _mlp.sigmoid_gate_add_ref},
@@ -63,7 +64,8 @@ _IMPLS: dict[str, dict[str, Callable]] = {
 # runtime/cuda_ops.py registers itself on import instead.
 _BACKEND_MODULES: dict[str, list[str]] = {
     "triton": ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention",
-               "kernels.triton_mlp", "kernels.triton_sampling"],
+               "kernels.triton_mlp", "kernels.triton_sampling",
+               "kernels.triton_router"],
     "cuda": ["runtime.cuda_ops"],
 }
 _loaded: set[str] = set()
@@ -195,6 +197,11 @@ def decode_attention(q, k_cache, v_cache, slot_ids, lengths, scale):
 
 def route_topk(router_logits, top_k, norm_topk_prob):
     return _call("route_topk")(router_logits, top_k, norm_topk_prob)
+
+
+def router_topk(hidden, gate_weight, top_k, norm_topk_prob):
+    """route_topk of the router logits F.linear(hidden, gate_weight), the router GEMM fused in."""
+    return _call("router_topk")(hidden, gate_weight, top_k, norm_topk_prob)
 
 
 def moe_experts(hidden, expert_ids, expert_weights, gate_up_proj, down_proj):

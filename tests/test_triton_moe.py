@@ -7,8 +7,9 @@ CUDA-graph replay with poisoned outputs."""
 import pytest
 import torch
 
-from kernels.moe import moe_align_max_padded, moe_align_ref, moe_experts_ref, route_topk_ref
+from kernels.moe import moe_align_max_padded, moe_align_ref, moe_experts_ref, route_topk_ref, router_topk_ref
 from kernels.triton_moe import DECODE_MAX_TOKENS, PREFILL_CONFIG, moe_align, moe_experts, route_topk
+from kernels.triton_router import router_topk
 from runtime import dispatch
 from tests.test_triton_attention import compile_for_sm90, compiles_without_gpu
 
@@ -73,6 +74,37 @@ def test_route_topk(lead, num_experts, top_k, norm, dtype):
     assert torch.equal(ids, want_ids)
     if weights.numel():
         assert rel_err(weights, want_weights) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("lead,num_experts,hidden_size,top_k,norm,dtype", [
+    ((1,), 128, 2048, 8, True, torch.float32),  # the thinker's router at decode
+    ((17,), 61, 96, 4, True, torch.float32),  # odd prime experts, a token block + 1
+    ((3, 5), 128, 1024, 6, False, torch.float32),  # the talker's router shape, (B, L, H)
+    ((9,), 16, 80, 2, True, torch.float16),  # fp16: H past a BLOCK_K, 16 experts
+    ((0,), 8, 32, 2, True, torch.float32),  # no tokens
+])
+def test_router_topk_fuses_the_router_linear(lead, num_experts, hidden_size, top_k, norm, dtype):
+    gen = torch.Generator().manual_seed(num_experts * 7 + hidden_size)
+    hidden = torch.randn(*lead, hidden_size, generator=gen).to(DEVICE, dtype)
+    gate_weight = (3 * torch.randn(num_experts, hidden_size, generator=gen) / hidden_size ** 0.5).to(DEVICE, dtype)
+    weights, ids = router_topk(hidden, gate_weight, top_k, norm)
+    want_weights, want_ids = router_topk_ref(hidden, gate_weight, top_k, norm)
+    assert ids.dtype == torch.int64 and weights.dtype == dtype and weights.shape == (*lead, top_k)
+    if not weights.numel():
+        return
+    logits = torch.nn.functional.linear(hidden, gate_weight).float().sort(-1, descending=True).values
+    margin = 1e-4 if dtype == torch.float32 else 1e-2  # several ulps of the logits
+    assert (logits[..., top_k - 1] - logits[..., top_k]).min() > margin  # the case has no near tie at K
+    assert torch.equal(ids, want_ids)
+    assert rel_err(weights, want_weights) <= (1e-5 if dtype == torch.float32 else 1e-3)
+
+
+def test_router_topk_checks_and_dispatch():
+    with pytest.raises(ValueError, match="share H"):
+        router_topk(torch.randn(2, 8, device=DEVICE), torch.randn(4, 6, device=DEVICE), 2, True)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        router_topk(torch.randn(2, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE), 5, True)
+    assert dispatch.kernel_choice("triton")["router_topk"] == "triton"
 
 
 def test_route_topk_refuses_top_k_above_experts():
@@ -206,15 +238,17 @@ def test_registered_and_selectable():
 def test_compiles_for_sm90():
     out = compile_for_sm90("""
         from kernels.triton_moe import moe_experts, route_topk
+        from kernels.triton_router import router_topk
         for dtype in (torch.bfloat16, torch.float32):  # fp16 compiles as bf16 does
             logits = torch.randn(9, 128).to(dtype)
             weights, ids = route_topk(logits, 8, True)
+            router_topk(torch.randn(9, 2048).to(dtype), torch.randn(128, 2048).to(dtype), 8, True)
             gate_up, down = torch.randn(128, 2 * 768, 2048).to(dtype), torch.randn(128, 2048, 768).to(dtype)
             ids = torch.stack([torch.randperm(128)[:8] for _ in range(9)])
             for tokens in (1, 9):  # the decode and the prefill path
                 moe_experts(torch.randn(tokens, 2048).to(dtype), ids[:tokens], weights[:tokens], gate_up, down)
     """)
-    for kernel in ("_route_topk_kernel", "_moe_align_kernel", "_decode_gate_up_kernel", "_decode_down_combine_kernel",
+    for kernel in ("_route_topk_kernel", "_router_topk_kernel", "_moe_align_kernel", "_decode_gate_up_kernel", "_decode_down_combine_kernel",
                    "_grouped_gate_up_kernel", "_grouped_down_kernel", "_combine_topk_kernel"):
         assert kernel in out, kernel
 

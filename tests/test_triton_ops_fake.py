@@ -24,7 +24,8 @@ from kernels.launch_counts import LAUNCHES, NAMESPACE, SCHEMA_ARGS
 
 triton = pytest.importorskip("triton", reason="triton not installed")
 
-from kernels import triton_attention, triton_conv, triton_mlp, triton_moe, triton_rope  # noqa: E402  (after the skip)
+from kernels import (triton_attention, triton_conv, triton_mlp, triton_moe, triton_rope,  # noqa: E402  (after the skip)
+                     triton_router)
 
 OPS = tuple(SCHEMA_ARGS)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
@@ -58,6 +59,7 @@ def small_cases(new, ids):
         "mrope_qk_norm_": [((q, k, w16, w16, 1e-6, ids([[0, 1, 2]] * 3), new(8), section), 1),
                            ((q, k, w16, w16, 1e-6, ids([[5, 6, 7]]), new(8), None), 1)],
         "route_topk": [((new(5, 8), 2, True), 1)],
+        "router_topk": [((new(5, 24), new(8, 24), 2, True), 1), ((new(0, 24), new(8, 24), 2, True), 0)],
         "silu_mul": [((new(3, 40), new(3, 40)), 1), ((new(0, 40), new(0, 40)), 0)],
         "sigmoid_gate_add": [((new(3, 40), new(3, 1), new(3, 40)), 1)],
         "moe_experts": [((new(3, 16), ids([[0, 1], [3, 2], [1, -1]]), new(3, 2), new(4, 16, 16), new(4, 16, 8)), 2),
@@ -172,6 +174,8 @@ def _real_shape_calls(dtype=torch.bfloat16, device="cuda"):
             (triton_rope.add_rms_norm, (new(2, tokens, 2048), new(2, tokens, 2048), new(2048), 1e-6),
              [((2, tokens, 2048), dtype)] * 2),
             (triton_moe.route_topk, (new(tokens, 128), 8, True), [((tokens, 8), dtype), ((tokens, 8), torch.int64)]),
+            (triton_router.router_topk, (new(tokens, 2048), new(128, 2048), 8, True),
+             [((tokens, 8), dtype), ((tokens, 8), torch.int64)]),
             (triton_moe.moe_experts, (new(tokens, 2048), ids(tokens, 8), new(tokens, 8), new(128, 1536, 2048),
                                       new(128, 2048, 768)), [((tokens, 2048), dtype)]),
             (triton_rope.qk_norm_rope, (new(1, tokens, 32, 128), new(1, tokens, 4, 128), new(128), new(128), 1e-6,
@@ -256,7 +260,7 @@ def test_a_dispatch_mode_sees_each_op_and_counts_its_launches(no_gpu_no_triton):
     expected = {"moe_experts": [2, 2, 4, 4], "decode_attention": [2, 2, 2, 1], "rms_norm": [1] * 4,
                 "add_rms_norm": [1] * 4, "qk_norm_rope_cache_write": [1],
                 "silu_mul": [1], "sigmoid_gate_add": [1],
-                "route_topk": [1] * 4, "qk_norm_rope": [1] * 4, "mrope_qk_norm_": [1], "causal_conv1d": [1],
+                "route_topk": [1] * 4, "router_topk": [1] * 4, "qk_norm_rope": [1] * 4, "mrope_qk_norm_": [1], "causal_conv1d": [1],
                 "causal_conv1d_update": [2], "causal_conv_transpose1d": [1], "causal_conv_transpose1d_update": [2]}
     with FakeTensorMode(allow_non_fake_inputs=False):
         calls = _real_shape_calls()

@@ -88,7 +88,7 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # [T, H]
-        weights, ids = dispatch.route_topk(self.gate(tokens), self.top_k, self.norm_topk_prob)
+        weights, ids = dispatch.router_topk(tokens, self.gate.weight, self.top_k, self.norm_topk_prob)
         out = dispatch.moe_experts(tokens, ids, weights, self.experts.gate_up_proj, self.experts.down_proj)
         if self.shared_expert is not None:
             out = dispatch.sigmoid_gate_add(out, self.shared_expert_gate(tokens), self.shared_expert(tokens))
