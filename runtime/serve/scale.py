@@ -13,7 +13,9 @@ metrics are those of `python -m runtime serve`; nothing here re-implements a rou
   the same 429. Serve's own limit per replica (`max_ongoing_requests`) leaves `max_sessions` more for what
   holds no slot (realtime connections between responses, /health, /metrics), so Serve never queues a request
   that a replica could admit or refuse; nothing is bounded in the proxy (its bound counts a burst's requests
-  before they are assigned, and refuses some that the replicas had room for).
+  before they are assigned, and refuses some that the replicas had room for). The router's view of the load
+  lags a burst a little, so a nearly full replica can refuse a request another had room for: clients retry a
+  429 after Retry-After, as with one server.
 - Streams: an SSE response and a WebSocket are one ASGI call on one replica, passed through message by message;
   the realtime conversation stays on its replica for the whole connection.
 - Faults: Serve restarts a replica whose process died or whose `check_health` failed (it asks the engine loop
