@@ -48,13 +48,10 @@ PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "runtime.serve.scale.proxy_middlewares"
 HEALTH_TIMEOUT_S = 20.0
 
-# The engine and server options of `python -m runtime serve` a replica is built from, with their defaults.
-ENGINE_DEFAULTS = {"checkpoint": "tiny", "device": "cpu", "dtype": "float32", "kernels": None,
-                   "max_sessions": 8, "max_seq_len": 4096}
-SERVER_DEFAULTS = {"model_name": "omni-rt", "max_queue": 16, "max_body_mb": 32.0, "max_tokens": 128,
-                   "talker_max_new_tokens": 1024, "allow_local_files": False}
-SCALE_DEFAULTS = {"replicas": 1, "gpus_per_replica": 0.0, "cpus_per_replica": 1.0, "autoscale": None,
-                  "health_check_period_s": 10.0, "log_level": "warning"}
+# The `python -m runtime serve` options (their defaults are the CLI's) a replica and its deployment are built from.
+ENGINE_OPTIONS = ("checkpoint", "device", "dtype", "kernels", "max_sessions", "max_seq_len")
+SERVER_OPTIONS = ("model_name", "max_queue", "max_body_mb", "max_tokens", "talker_max_new_tokens", "allow_local_files")
+SCALE_OPTIONS = ("replicas", "gpus_per_replica", "cpus_per_replica", "autoscale", "health_check_period_s", "log_level")
 
 
 class ReplicaHeader:
@@ -186,14 +183,26 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return low, high
 
 
+def cli_options(args: dict | None = None) -> dict:
+    """`args` over the CLI's defaults for every option the application uses; an unknown one is an error."""
+    from runtime.__main__ import build_parser
+
+    defaults = vars(build_parser().parse_args(["serve"]))
+    known = (*ENGINE_OPTIONS, *SERVER_OPTIONS, *SCALE_OPTIONS)
+    unknown = set(args or {}) - set(known)
+    if unknown:
+        raise ValueError(f"unknown omni-rt option(s) {sorted(unknown)}; known: {', '.join(known)}")
+    options = {key: defaults[key] for key in known}
+    options.update(args or {})
+    options["replicas"] = options["replicas"] or 1
+    return options
+
+
 def build_app(args: dict):
     """The Serve application (also `serve run`'s import path, with `args` from the config file)."""
-    unknown = set(args) - set(ENGINE_DEFAULTS) - set(SERVER_DEFAULTS) - set(SCALE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown omni-rt option(s) {sorted(unknown)}")
-    options = {**ENGINE_DEFAULTS, **SERVER_DEFAULTS, **SCALE_DEFAULTS, **args}
-    engine_options = {key: options[key] for key in ENGINE_DEFAULTS}
-    server_options = {key: options[key] for key in SERVER_DEFAULTS}
+    options = cli_options(args)
+    engine_options = {key: options[key] for key in ENGINE_OPTIONS}
+    server_options = {key: options[key] for key in SERVER_OPTIONS}
     deployment = serve.deployment(OmniReplica, name="OmniReplica").options(**deployment_options(options))
     return deployment.bind(engine_options, server_options)
 
@@ -230,8 +239,7 @@ def serve_scaled(args) -> int:
     On a joined cluster whose Serve already runs, Serve keeps its own HTTP host and port."""
     import ray
 
-    options = {key: getattr(args, key) for key in (*ENGINE_DEFAULTS, *SERVER_DEFAULTS, *SCALE_DEFAULTS)}
-    options["replicas"] = options["replicas"] or 1
+    options = cli_options({key: getattr(args, key) for key in (*ENGINE_OPTIONS, *SERVER_OPTIONS, *SCALE_OPTIONS)})
     # a bad --autoscale fails before Ray starts
     replicas = parse_autoscale(options["autoscale"])[1] if options["autoscale"] else options["replicas"]
     port = args.port or free_port(args.host)
