@@ -189,7 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     ray_process, ray_url = None, args.ray_url
     if args.ray and ray_url is None:
         gpus = args.gpus_per_replica if args.gpus_per_replica is not None else float(absolute)
-        ray_process, ray_url = start_server(args, "--replicas", str(args.replicas), "--gpus-per-replica", str(gpus))
+        try:
+            ray_process, ray_url = start_server(args, "--replicas", str(args.replicas), "--gpus-per-replica", str(gpus))
+        except BaseException:
+            if process is not None:  # the single server started above: not left running
+                process.terminate()
+                process.wait(30)
+            raise
     info = common.device_info(torch.device(args.device if absolute else "cpu"))
     info.update(checkpoint=args.checkpoint, server=url, label=None if absolute else CPU_LABEL)
     if ray_url:
