@@ -34,7 +34,8 @@ from tests.oracle import rel_err  # noqa: E402
 from tests.serve_client import ROOT, Realtime, Server, health, metric, wait_idle, wav_b64  # noqa: E402
 
 MAX_TOKENS, TALKER_FRAMES, MAX_SEQ_LEN, MAX_SESSIONS, MAX_QUEUE = 10, 12, 2048, 8, 4
-LONG_TALK = {"talker_max_new_tokens": 1500}  # 2 minutes of speech: only a cancel ends it within a test
+# 2 minutes of speech, greedy (a sampled random talker soon draws its end token): only a cancel ends it in a test
+LONG_TALK = {"talker_max_new_tokens": 1500, "talker_temperature": 0, "talker_repetition_penalty": 1.0}
 BODY_LIMIT_MB = 1
 WAVE_TOL = 5e-4
 SERVER_ARGS = ["--max-sessions", str(MAX_SESSIONS), "--max-queue", str(MAX_QUEUE), "--max-seq-len", str(MAX_SEQ_LEN),
