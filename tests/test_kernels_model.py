@@ -13,7 +13,7 @@ from runtime import dispatch
 from runtime.engine import OmniEngine
 from runtime.models.code2wav import Code2WavSlots
 from tests.oracle import build_oracle, rel_err
-from tests.test_generate import image_request, speech_request
+from tests.test_generate import GREEDY, image_request, speech_request
 
 TOL = 1e-4
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,7 +85,7 @@ def test_code2wav_full_and_streamed_through_triton(engine):
 def test_scheduler_session_through_triton(engine):
     from tests.test_scheduler import _check_alone, _sharing
 
-    request, offline = speech_request(engine, min_frames=2, max_new_tokens=4, talker_max_new_tokens=4)
+    request, offline = speech_request(engine, min_frames=2, max_new_tokens=4, talker_max_new_tokens=4, **GREEDY)
     with dispatch.using("triton"):
         events = list(_sharing(engine, max_sessions=2, prefill_chunk=16, static_prefill=True).stream(**request))
     _check_alone(engine, request, offline, events)
