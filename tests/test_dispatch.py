@@ -1,6 +1,7 @@
 """runtime/dispatch.py: backends load from what their modules list (kernels/ never imports runtime/), and the
 kernel choice is per context (a ContextVar), resolved and checked by kernel_choice."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import torch
 from runtime import dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
-TRITON_MODULES = ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention"]
+# Every module the triton backend loads (kernels/ grows: the list is dispatch's own, not a copy of it).
+TRITON_MODULES = [name for name in dispatch._BACKEND_MODULES["triton"] if importlib.util.find_spec(name) is not None]
 
 
 def _run(script: str) -> subprocess.CompletedProcess:
