@@ -19,11 +19,17 @@ TOL = 1e-4  # fp32, relative, for anything that went through a decoder
 EXACT = 1e-6  # prompt and frame inputs: a few linears and sums
 
 
+# Fixed weights and prompts: a drawn random talker sometimes emits codec EOS at its first step, and transformers'
+# generate then fails inside its own code (torch.stack of no frames) before anything can be compared.
+ORACLE_SEEDS = {"pow2": 20261211, "odd": 20261212}
+PROMPT_SEED = 7
+
+
 @pytest.fixture(scope="module", params=["pow2", "odd"])
 def pair(request, tmp_path_factory):
     """(transformers' whole model, our talker with the same weights, our config)."""
     path = tmp_path_factory.mktemp(request.param)
-    oracle = build_oracle(request.param, path, seed=int(torch.randint(0, 2**31, ()).item()))
+    oracle = build_oracle(request.param, path, seed=ORACLE_SEEDS[request.param])
     # transformers 5.23 never initialises the talker's routed experts (its _init_weights skips
     # Qwen3OmniMoeTalkerTextExperts: torch.empty), so the oracle's may hold leftover memory up to ~1e36 and turn
     # both sides' logits into NaN. Give them real random values and save again before we load.
@@ -216,7 +222,7 @@ def test_prompt_and_frames_match_transformers_generate(pair):
     """Talker prefill and per-frame inputs equal what transformers' omni generate feeds its talker (captured with
     a forward pre-hook), and our modules, chained greedily, reproduce its codes frame by frame."""
     oracle, ours, cfg = pair
-    rng = random.Random()
+    rng = random.Random(PROMPT_SEED)
     ids, frames = _chat_prompt(cfg, rng, with_audio=True, user_text=3)
     input_ids = torch.tensor([ids])
     frames_to_run = 4
