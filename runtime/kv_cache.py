@@ -146,3 +146,50 @@ class StaticCacheView:
         """Advance the rows' slots by the tokens this forward wrote (padded rows advance only scratch)."""
         self.cache.lengths.index_put_((self.rows,), self.new_lengths)
         self.cache.lengths[self.cache.scratch_slot] = 0
+
+
+class FrameKVCache:
+    """A cache for a short forward schedule known in advance, preallocated for one call (the code predictor's
+    frame: a prefill of 2 positions, then single steps, G positions in all). Each forward is a `step` view, a
+    StaticCacheView whose slots are the batch rows and whose write positions and lengths are slices of tensors
+    made once per call, so a step adds no index work of its own and no shape changes (CUDA graphs: the
+    buffers come from the graph's pool).
+
+    keys, values: [layers, B, max_len, kv_heads, head_dim], zeroed (masked-off keys are never garbage).
+    """
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.positions = torch.arange(max_len, device=device)  # [N]
+        self.rows = torch.arange(batch, device=device)  # [B]: row b is slot b
+        # lengths_after[p]: [B] tokens cached once position p is written, contiguous per p (the kernels read it)
+        self.lengths_after = (self.positions + 1)[:, None].expand(max_len, batch).contiguous()  # [N, B]
+
+    @classmethod
+    def for_decoder(cls, cfg, batch: int, max_len: int, dtype: torch.dtype, device) -> "FrameKVCache":
+        return cls(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+
+    def step(self, start: int, num_new: int) -> "StaticCacheView":
+        """The view of one forward writing positions start .. start + num_new − 1 of every row (host ints)."""
+        if start + num_new > self.max_len:
+            raise ValueError(f"positions up to {start + num_new} exceed this cache's {self.max_len}")
+        return _FrameStepView(self, start, num_new)
+
+
+class _FrameStepView(StaticCacheView):
+    """StaticCacheView over a FrameKVCache: every index tensor is a view of the cache's per-call tensors."""
+
+    def __init__(self, cache: FrameKVCache, start: int, num_new: int):  # not StaticCacheView's: no device lengths
+        batch = cache.rows.shape[0]
+        self.cache, self.num_new, self.seq_len_host, self.prefill_slot = cache, num_new, start + num_new, None
+        self.slot_ids = self.rows = cache.rows
+        self.new_lengths = cache.lengths_after[start + num_new - 1]  # [B]
+        self.write_rows = cache.rows[:, None].expand(batch, num_new)  # [B, L]
+        self.write_at = cache.positions[start:start + num_new][None].expand(batch, num_new)  # [B, L]
+
+    def commit(self) -> None:  # the next step's view already starts after these positions
+        pass

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import DecoderConfig, OmniConfig, TalkerConfig
-from runtime.kv_cache import DynamicKVCache
+from runtime.kv_cache import DynamicKVCache, FrameKVCache
 from runtime.models.decoder import Decoder
 
 SampleFn = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] -> codes [B] int64
@@ -89,6 +89,22 @@ class CodePredictor(nn.Module):
         hidden = self.model(inputs_embeds, position_ids, None, cache).hidden
         return self.lm_head[head_index](hidden)
 
+    def _last_hidden(self, inputs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, view) -> torch.Tensor:
+        """The decoder over a FrameKVCache step with precomputed cos/sin [B, L, D] (Decoder.forward's layer loop,
+        minus its per-call RoPE and mask). inputs: [B, L, H] -> [B, H] final-norm hidden of the last position."""
+        x, residual = inputs, None
+        for index, layer in enumerate(self.model.layers):
+            x, residual = layer(x, residual, cos, sin, None, view, index)
+        return self.model.norm.add_and_norm(x[:, -1], residual[:, -1])[0]
+
+    def _rope_table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, N] -> (cos, sin) [B, N, D]: kernels.rope.rope_cos_sin_ref's 1-D math (fp32 angles, then
+        the activation dtype) without its `inv_freq.to(device=...)`, which tests/test_sampling_engine.py's
+        host-traffic check counts as a device read on the CPU (this runs outside any module call)."""
+        angles = positions.float()[..., None] * self.model.inv_freq.float()  # [B, N, D/2]
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
     def embed_residuals(self, residual_codes: torch.Tensor) -> torch.Tensor:
         """residual_codes: [B, G-1] codes of codebooks 1..G-1 -> [B, G-1, H] their embeddings."""
         return torch.stack([table(residual_codes[:, i]) for i, table in enumerate(self.model.codec_embedding)], dim=1)
@@ -104,22 +120,27 @@ class CodePredictor(nn.Module):
         Returns residual codes [B, G-1] int64 (codebooks 1..G-1), and with return_logits also the logits each
         step sampled from, [B, G-1, Vc].
         """
-        batch = talker_hidden.shape[0]
-        device = talker_hidden.device
+        batch, groups = talker_hidden.shape[0], self.num_code_groups
+        device, dtype = talker_hidden.device, talker_hidden.dtype
         choose = sample_fn or (lambda logits: logits.argmax(-1))
-        cache = self.new_cache()
-        inputs = torch.stack((talker_hidden, code0_embed.to(talker_hidden.dtype)), dim=1)  # [B, 2, H]
-        positions = torch.arange(2, device=device).expand(batch, -1)  # [B, 2]
-        codes, all_logits = [], []
-        for step in range(self.num_code_groups - 1):
-            logits = self(inputs, positions, cache, step)[:, -1]  # [B, Vc]
+        # Made once per frame: the G-position cache, RoPE cos/sin of positions 0..G-1 (a static cache needs no
+        # mask); each step then slices them and attends with the fused decode attention.
+        cache = FrameKVCache.for_decoder(self.cfg, batch, groups, dtype, device)
+        cos, sin = self._rope_table(cache.positions.expand(batch, -1), dtype)  # [B, G, D] each
+        inputs = torch.stack((talker_hidden, code0_embed.to(dtype)), dim=1)  # [B, 2, H]
+        start, codes, all_logits = 0, [], []
+        for step in range(groups - 1):
+            length = inputs.shape[1]
+            hidden = self._last_hidden(inputs, cos[:, start:start + length], sin[:, start:start + length],
+                                       cache.step(start, length))
+            logits = self.lm_head[step](hidden)  # [B, Vc]
             code = choose(logits)  # [B]
             codes.append(code)
             if return_logits:
                 all_logits.append(logits)
-            if step < self.num_code_groups - 2:  # the last code is never fed back (§9)
+            start += length
+            if step < groups - 2:  # the last code is never fed back (§9)
                 inputs = self.model.codec_embedding[step](code)[:, None]  # [B, 1, H]
-                positions = torch.full((batch, 1), step + 2, dtype=torch.long, device=device)
         residual = torch.stack(codes, dim=1)  # [B, G-1]
         return (residual, torch.stack(all_logits, dim=1)) if return_logits else residual
 
