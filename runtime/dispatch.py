@@ -36,6 +36,7 @@ from kernels import moe as _moe
 from kernels import norm as _norm
 from kernels import rope as _rope
 from kernels import sampling as _sampling
+from kernels import snake as _snake
 
 _IMPLS: dict[str, dict[str, Callable]] = {
     "rms_norm": {"torch": _norm.rms_norm_ref},
@@ -52,6 +53,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "moe_experts": {"torch": _moe.moe_experts_ref},
     "silu_mul": {"torch": _mlp.silu_mul_ref},
     "sigmoid_gate_add": {"torch": _mlp.sigmoid_gate_add_ref},
+    "snake_beta": {"torch": _snake.snake_beta_ref},
     "causal_conv1d": {"torch": _conv.causal_conv1d_ref},
     "sample": {"torch": _sampling.sample_ref},
     "causal_conv1d_update": {"torch": _conv.causal_conv1d_update_ref},
@@ -64,7 +66,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
 # runtime/cuda_ops.py registers itself on import instead.
 _BACKEND_MODULES: dict[str, list[str]] = {
     "triton": ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention",
-               "kernels.triton_mlp", "kernels.triton_sampling",
+               "kernels.triton_mlp", "kernels.triton_sampling", "kernels.triton_snake",
                "kernels.triton_router"],
     "cuda": ["runtime.cuda_ops"],
 }
@@ -216,6 +218,11 @@ def silu_mul(gate, up):
 def sigmoid_gate_add(x, gate_logit, y):
     """x + sigmoid(gate_logit) * y: the routed experts' sum plus the talker's gated shared expert."""
     return _call("sigmoid_gate_add")(x, gate_logit, y)
+
+
+def snake_beta(x, alpha_exp, inv_beta):
+    """x + inv_beta·sin²(alpha_exp·x) per channel: Code2Wav's SnakeBeta with its constants folded at load."""
+    return _call("snake_beta")(x, alpha_exp, inv_beta)
 
 
 def causal_conv1d(x, weight, bias, dilation, groups):

@@ -234,6 +234,7 @@ def load_weights(module: nn.Module, checkpoint_dir: str, prefix: str = "", dtype
         bar.close()
     module.load_state_dict(state, strict=False, assign=True)
     _move_buffers(module, device)
+    refresh_folded(module)
 
 
 def _move_buffers(module: nn.Module, device: torch.device) -> None:
@@ -327,6 +328,7 @@ def init_random_(module: nn.Module, seed: int, device: str | torch.device | None
                     fan_in = getattr(owner, "fan_in", None) or param[0].numel()
                 std = 1.0 if id(param) in embeddings else fan_in ** -0.5
                 param.normal_(0.0, std, generator=generator)
+    refresh_folded(module)
     return module
 
 
@@ -389,6 +391,15 @@ def _rebuild_buffers(module: nn.Module) -> None:
         elif sub._non_persistent_buffers_set:
             raise NotImplementedError(f"{type(sub).__name__} has non-persistent buffers "
                                       f"{sorted(sub._non_persistent_buffers_set)} but no reset_buffers()")
+
+
+def refresh_folded(module: nn.Module) -> None:
+    """Recompute the buffers derived from parameters (e.g. SnakeBeta's e^α, 1/(e^β + ε)) by every submodule's
+    `fold_parameters()`: after the parameters have their values, never before (`_rebuild_buffers` runs on the
+    uninitialised memory `to_empty` leaves). Call it after changing such parameters by hand."""
+    for sub in module.modules():
+        if hasattr(sub, "fold_parameters"):
+            sub.fold_parameters()
 
 
 def _progress_bar(total: int, show: bool, desc: str):

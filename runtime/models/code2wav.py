@@ -133,18 +133,29 @@ class CausalTransConv1d(nn.Module):
 
 
 class SnakeBeta(nn.Module):
-    """x + sin²(e^α·x) / (e^β + 1e-9), α and β per channel in log space."""
+    """x + sin²(e^α·x) / (e^β + 1e-9), α and β per channel in log space. The constants e^α and
+    1/(e^β + 1e-9) depend only on the weights: `fold_parameters` computes them once (runtime/weights.py calls
+    it after loading or initialising), so a frame runs one fused kernel instead of nine."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.alpha = nn.Parameter(torch.zeros(channels))
         self.beta = nn.Parameter(torch.zeros(channels))
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        self.fold_parameters()
+
+    @torch.no_grad()
+    def fold_parameters(self) -> None:
+        """(Re)compute the non-persistent `alpha_exp`, `inv_beta` [C] from α, β in their dtype (transformers'
+        rounding); call it whenever α or β change. Not in the state dict: the checkpoint keeps α, β."""
+        self.register_buffer("alpha_exp", self.alpha.exp(), persistent=False)
+        self.register_buffer("inv_beta", 1.0 / (self.beta.exp() + SNAKE_EPS), persistent=False)
 
     def forward(self, x: torch.Tensor, state: Code2WavState | None = None) -> torch.Tensor:
         """x: [B, C, L] (pointwise in time: no streaming state)."""
-        alpha = torch.exp(self.alpha)[None, :, None]  # [1, C, 1]
-        beta = torch.exp(self.beta)[None, :, None]
-        return x + (1.0 / (beta + SNAKE_EPS)) * torch.sin(x * alpha).pow(2)
+        return dispatch.snake_beta(x, self.alpha_exp, self.inv_beta)
 
 
 class ConvNeXtBlock(nn.Module):
