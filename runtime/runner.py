@@ -215,11 +215,13 @@ class ModelRunner:
         rows = sampler.rows(slots)
         gathered = sampler.gather(rows)
         first_step = (self.sampling["talker"].steps[rows] - 1) * groups  # [B]
+        # every draw's step, made once per frame: row g (contiguous, as the draw kernel reads it) is codebook g+1's
+        steps = first_step[None] + torch.arange(1, groups, device=slots.device)[:, None]  # [G-1, B]
         history = torch.full((slots.shape[0], groups - 1), -1, dtype=torch.long, device=slots.device)
         drawn = []
 
         def choose(logits):  # called once per codebook 1..G-1, in order
-            code = sampler.draw(logits, gathered, history, first_step + len(drawn) + 1)
+            code = sampler.draw(logits, gathered, history, steps[len(drawn)])
             history[:, len(drawn)] = code
             drawn.append(code)
             return code
