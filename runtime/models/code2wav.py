@@ -173,7 +173,7 @@ class ConvNeXtBlock(nn.Module):
         """x: [B, C, L] → [B, C, L]."""
         h = self.dwconv(x, state).transpose(1, 2)  # [B, L, C]
         h = self.pwconv2(F.gelu(self.pwconv1(self.norm(h))))
-        return x + (self.gamma * h).transpose(1, 2)
+        return torch.addcmul(x, self.gamma[:, None], h.transpose(1, 2))  # x + γ·h in one kernel, not two
 
 
 class ResidualUnit(nn.Module):
@@ -214,6 +214,7 @@ class Code2WavAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.keep = cfg.sliding_window - 1  # past positions a query still sees
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qk_size = q_size + kv_size
         self.qkv_proj = FusedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], ["q_proj", "k_proj", "v_proj"],
                                     bias=False)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
@@ -221,23 +222,32 @@ class Code2WavAttention(nn.Module):
     def forward(self, x, cos, sin, mask, state: Code2WavState | None, layer: int) -> torch.Tensor:
         """x: [B, n, H]; cos/sin: [1 or B, n, D]; mask: [1 or B, 1, n, keys] bool."""
         batch, length, _ = x.shape
-        q, k, v = self.qkv_proj(x)
-        q = dispatch.apply_rope(q.view(batch, length, self.num_heads, self.head_dim), cos, sin)
-        k = dispatch.apply_rope(k.view(batch, length, self.num_kv_heads, self.head_dim), cos, sin)
+        # q|k as one slice of the fused projection: one rotary call for both (each is five kernels)
+        qk, v = F.linear(x, self.qkv_proj.weight).split([self.qk_size, self.qkv_proj.part_sizes[-1]], dim=-1)
+        qk = dispatch.apply_rope(qk.view(batch, length, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim)
-        if state is not None:
-            k, v = state.append_kv(layer, k, v, self.keep)  # [B, past + n, kv_heads, D]
-        out = dispatch.attention(q, k, v, mask, self.head_dim ** -0.5)  # [B, n, heads, D]
+        if isinstance(state, Code2WavSlotView):  # the pooled ring: one fused decode attention, no gather or mask
+            out = state.attend(layer, q, k, v, self.head_dim ** -0.5)
+        else:
+            if state is not None:
+                k, v = state.append_kv(layer, k, v, self.keep)  # [B, past + n, kv_heads, D]
+            out = dispatch.attention(q, k, v, mask, self.head_dim ** -0.5)  # [B, n, heads, D]
         return self.o_proj(out.reshape(batch, length, -1))
 
 
 class LayerScale(nn.Module):
+    """A per-channel scale on a residual branch, applied with the residual add: x + scale·h is one kernel
+    (addcmul). Folding it into the projection before would need a second, scaled copy of o_proj / down_proj
+    (the parameters stay the checkpoint's) for the same kernel count."""
+
     def __init__(self, dim: int, initial_scale: float):
         super().__init__()
         self.scale = nn.Parameter(torch.full((dim,), initial_scale))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * x
+    def add_to(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x + scale·h."""
+        return torch.addcmul(x, self.scale, h)
 
 
 class Code2WavTransformerLayer(nn.Module):
@@ -251,8 +261,8 @@ class Code2WavTransformerLayer(nn.Module):
         self.mlp_layer_scale = LayerScale(cfg.hidden_size, cfg.layer_scale_initial_scale)
 
     def forward(self, x, cos, sin, mask, state, layer) -> torch.Tensor:
-        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask, state, layer))
-        return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
+        x = self.self_attn_layer_scale.add_to(x, self.self_attn(self.input_layernorm(x), cos, sin, mask, state, layer))
+        return self.mlp_layer_scale.add_to(x, self.mlp(self.post_attention_layernorm(x)))
 
 
 class Code2WavTransformer(nn.Module):
@@ -470,21 +480,24 @@ class Code2WavSlotView:
         self.conv, self.tails = slots.conv, slots.tails
         self.consumed = _SameCount(0 if first else 1 << 30)
         self.now = slots.frames[self.rows]  # [B] index of the frame being decoded
+        self.ring_at = self.now % slots.window  # [B] its ring entry (every layer writes there)
+        # valid ring entries once this frame is written: always the prefix 0 … min(now, window − 1)
+        self.ring_len = (self.now + 1).clamp(max=slots.window)  # [B]
 
     def positions(self, length: int, device) -> torch.Tensor:
         return self.now[:, None]  # [B, 1]
 
-    def window_mask(self, length: int, window: int, device) -> torch.Tensor:
-        """[B, 1, 1, window]: ring entries holding frames now − window + 1 … now."""
-        return (torch.arange(window, device=device)[None] <= self.now[:, None])[:, None, None, :]
+    def window_mask(self, length: int, window: int, device) -> None:
+        """No mask: `attend` reads the valid prefix of each row's ring (`ring_len`)."""
+        return None
 
-    def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B, 1, kv_heads, D] of the new frame -> the rows' whole ring [B, window, kv_heads, D]."""
-        at = self.now % self.slots.window  # [B]
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [B, 1, heads, D], k, v [B, 1, kv_heads, D] of the new frame: writes k, v at the frame's ring entry and
+        returns the attention over the row's valid entries [B, 1, heads, D] (order is irrelevant once rotated)."""
         keys, values = self.slots.keys[layer], self.slots.values[layer]
-        keys.index_put_((self.rows, at), k[:, 0])
-        values.index_put_((self.rows, at), v[:, 0])
-        return keys[self.rows], values[self.rows]
+        keys.index_put_((self.rows, self.ring_at), k[:, 0])
+        values.index_put_((self.rows, self.ring_at), v[:, 0])
+        return dispatch.decode_attention(q, keys, values, self.rows, self.ring_len, scale)
 
     def advance(self) -> None:
         self.slots.frames.index_put_((self.rows,), self.now + 1)
