@@ -123,17 +123,27 @@ class CodePredictor(nn.Module):
         batch, groups = talker_hidden.shape[0], self.num_code_groups
         device, dtype = talker_hidden.device, talker_hidden.dtype
         choose = sample_fn or (lambda logits: logits.argmax(-1))
-        # Made once per frame: the G-position cache, RoPE cos/sin of positions 0..G-1 (a static cache needs no
-        # mask); each step then slices them and attends with the fused decode attention.
-        cache = FrameKVCache.for_decoder(self.cfg, batch, groups, dtype, device)
-        cos, sin = self._rope_table(cache.positions.expand(batch, -1), dtype)  # [B, G, D] each
+        # An exported backend plugged in as `forward` (export/backends.py) keeps its past in a DynamicKVCache and
+        # takes positions; the PyTorch path makes once per frame the G-position cache and RoPE cos/sin of
+        # positions 0..G-1 (a static cache needs no mask), and each step slices them and attends with the fused
+        # decode attention.
+        exported = "forward" in self.__dict__
+        if exported:
+            past = self.new_cache()
+        else:
+            cache = FrameKVCache.for_decoder(self.cfg, batch, groups, dtype, device)
+            cos, sin = self._rope_table(cache.positions.expand(batch, -1), dtype)  # [B, G, D] each
         inputs = torch.stack((talker_hidden, code0_embed.to(dtype)), dim=1)  # [B, 2, H]
         start, codes, all_logits = 0, [], []
         for step in range(groups - 1):
             length = inputs.shape[1]
-            hidden = self._last_hidden(inputs, cos[:, start:start + length], sin[:, start:start + length],
-                                       cache.step(start, length))
-            logits = self.lm_head[step](hidden)  # [B, Vc]
+            if exported:
+                positions = torch.arange(start, start + length, device=device).expand(batch, -1)
+                logits = self(inputs, positions, past, step)[:, -1]  # [B, Vc]
+            else:
+                hidden = self._last_hidden(inputs, cos[:, start:start + length], sin[:, start:start + length],
+                                           cache.step(start, length))
+                logits = self.lm_head[step](hidden)  # [B, Vc]
             code = choose(logits)  # [B]
             codes.append(code)
             if return_logits:
