@@ -27,7 +27,7 @@ def rms_norm_plan(rows: int) -> tuple[str, ...]:
 
 
 def elementwise_plan(rows: int, cols: int, name: str) -> tuple[str, ...]:
-    """silu_mul, sigmoid_gate_add and snake_beta: one kernel over the (rows, cols) output."""
+    """silu_mul, sigmoid_gate_add, snake_beta and apply_rope: one kernel over the (rows, cols) output."""
     return (name,) if rows and cols else ()
 
 
@@ -138,6 +138,7 @@ SCHEMA_ARGS: dict[str, tuple[str, ...]] = {
     "silu_mul": ("gate", "up"),
     "sigmoid_gate_add": ("x", "gate_logit", "y"),
     "snake_beta": ("x", "alpha_exp", "inv_beta"),
+    "apply_rope": ("x", "cos", "sin"),
     "moe_experts": ("hidden", "expert_ids", "expert_weights", "gate_up_proj", "down_proj"),
     "decode_attention": ("q", "k_cache", "v_cache", "slot_ids", "lengths", "scale"),
     "causal_conv1d": ("x", "weight", "bias", "dilation", "groups"),
@@ -185,6 +186,8 @@ _COUNTERS: dict[str, Callable[[dict], int]] = {
     "silu_mul": lambda a: len(elementwise_plan(*a["gate"].shape, "silu_mul")),
     "sigmoid_gate_add": lambda a: len(elementwise_plan(*a["x"].shape, "sigmoid_gate_add")),
     "snake_beta": lambda a: len(elementwise_plan(a["x"].shape[0] * a["x"].shape[1], a["x"].shape[2], "snake_beta")),
+    "apply_rope": lambda a: len(elementwise_plan(a["x"].shape[0] * a["x"].shape[1], a["x"].shape[2] * a["x"].shape[3],
+                                                 "apply_rope")),
     "moe_experts": _moe_experts,
     "decode_attention": _decode_attention,
     "causal_conv1d": lambda a: _conv1d(a, update=False),

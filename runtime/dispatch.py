@@ -66,7 +66,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
 # runtime/cuda_ops.py registers itself on import instead.
 _BACKEND_MODULES: dict[str, list[str]] = {
     "triton": ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention",
-               "kernels.triton_mlp", "kernels.triton_sampling", "kernels.triton_snake",
+               "kernels.triton_mlp", "kernels.triton_sampling", "kernels.triton_snake", "kernels.triton_apply_rope",
                "kernels.triton_router"],
     "cuda": ["runtime.cuda_ops"],
 }

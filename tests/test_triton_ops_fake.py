@@ -25,7 +25,7 @@ from kernels.launch_counts import LAUNCHES, NAMESPACE, SCHEMA_ARGS
 triton = pytest.importorskip("triton", reason="triton not installed")
 
 from kernels import (triton_attention, triton_conv, triton_mlp, triton_moe, triton_rope,  # noqa: E402  (after the skip)
-                     triton_router, triton_snake)
+                     triton_router, triton_snake, triton_apply_rope)
 
 OPS = tuple(SCHEMA_ARGS)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
@@ -63,6 +63,7 @@ def small_cases(new, ids):
         "silu_mul": [((new(3, 40), new(3, 40)), 1), ((new(0, 40), new(0, 40)), 0)],
         "sigmoid_gate_add": [((new(3, 40), new(3, 1), new(3, 40)), 1)],
         "snake_beta": [((new(2, 4, 5), new(4), new(4)), 1), ((new(2, 4, 0), new(4), new(4)), 0)],
+        "apply_rope": [((new(2, 3, 4, 16), new(2, 3, 16), new(2, 3, 16)), 1), ((new(2, 3, 4, 16), new(1, 3, 16), new(1, 3, 16)), 1)],
         "moe_experts": [((new(3, 16), ids([[0, 1], [3, 2], [1, -1]]), new(3, 2), new(4, 16, 16), new(4, 16, 8)), 2),
                         ((new(10, 16), ids([[i % 4, (i + 1) % 4] for i in range(10)]), new(10, 2), new(4, 16, 16),
                           new(4, 16, 8)), 4)],
@@ -201,6 +202,7 @@ def _real_shape_calls(dtype=torch.bfloat16, device="cuda"):
         (triton_mlp.silu_mul, (gate, up), [((8, 768), dtype)]),
         (triton_mlp.sigmoid_gate_add, (new(8, 1024), new(8, 1), new(8, 1024)), [((8, 1024), dtype)]),
         (triton_snake.snake_beta, (new(4, 768, 24), new(768), new(768)), [((4, 768, 24), dtype)]),
+        (triton_apply_rope.apply_rope, (new(4, 1, 32, 64), new(4, 1, 64), new(4, 1, 64)), [((4, 1, 32, 64), dtype)]),
         (triton_conv.causal_conv1d, (new(4, 1024, 50), new(1536, 1024, 7), new(1536), 1, 1), [((4, 1536, 50), dtype)]),
         (triton_conv.causal_conv1d_update, (new(4, 1536, 2), new(8, 1536, 6), new(1536, 1, 7), new(1536), 1, 1536,
                                             ids(4)), [((4, 1536, 2), dtype)]),
@@ -261,7 +263,7 @@ def test_a_dispatch_mode_sees_each_op_and_counts_its_launches(no_gpu_no_triton):
     # decode_attention at 512 tokens fills the GPU with query-row blocks: one key split, no merge kernel
     expected = {"moe_experts": [2, 2, 4, 4], "decode_attention": [2, 2, 2, 1], "rms_norm": [1] * 4,
                 "add_rms_norm": [1] * 4, "qk_norm_rope_cache_write": [1],
-                "silu_mul": [1], "sigmoid_gate_add": [1], "snake_beta": [1],
+                "silu_mul": [1], "sigmoid_gate_add": [1], "snake_beta": [1], "apply_rope": [1],
                 "route_topk": [1] * 4, "router_topk": [1] * 4, "qk_norm_rope": [1] * 4, "mrope_qk_norm_": [1], "causal_conv1d": [1],
                 "causal_conv1d_update": [2], "causal_conv_transpose1d": [1], "causal_conv_transpose1d_update": [2]}
     with FakeTensorMode(allow_non_fake_inputs=False):
