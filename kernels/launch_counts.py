@@ -31,6 +31,11 @@ def elementwise_plan(rows: int, cols: int, name: str) -> tuple[str, ...]:
     return (name,) if rows and cols else ()
 
 
+def norm_linear_plan(rows: int, cols: int, name: str) -> tuple[str, ...]:
+    """add_rms_norm_linear and add_rms_norm_swiglu: one kernel, the norm in its prologue (kernels/triton_linear.py)."""
+    return (name,) if rows and cols else ()
+
+
 def qk_norm_rope_plan(tokens: int) -> tuple[str, ...]:
     """qk_norm_rope, qk_norm_rope_cache_write and mrope_qk_norm_: one launch covers the q heads and the k heads
     (and the k/v cache writes)."""
@@ -129,6 +134,8 @@ def transpose_output_range(length: int, stride: int, trim: int, start: int | Non
 SCHEMA_ARGS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("x", "weight", "eps"),
     "add_rms_norm": ("x", "residual", "weight", "eps"),
+    "add_rms_norm_linear": ("x", "residual", "norm_weight", "eps", "weight"),
+    "add_rms_norm_swiglu": ("x", "residual", "norm_weight", "eps", "gate_up_weight"),
     "qk_norm_rope": ("q", "k", "q_norm_weight", "k_norm_weight", "eps", "cos", "sin"),
     "qk_norm_rope_cache_write": ("q", "k", "v", "q_norm_weight", "k_norm_weight", "eps", "cos", "sin", "k_cache",
                                  "v_cache", "write_rows", "write_at"),
@@ -178,6 +185,10 @@ def _conv_transpose1d(a: dict, update: bool) -> int:
 _COUNTERS: dict[str, Callable[[dict], int]] = {
     "rms_norm": lambda a: len(rms_norm_plan(a["x"].shape[0])),
     "add_rms_norm": lambda a: len(rms_norm_plan(a["x"].shape[0])),  # one kernel: the add rides along
+    "add_rms_norm_linear": lambda a: len(norm_linear_plan(a["x"].shape[0], a["weight"].shape[0],
+                                                          "add_rms_norm_linear")),
+    "add_rms_norm_swiglu": lambda a: len(norm_linear_plan(a["x"].shape[0], a["gate_up_weight"].shape[0] // 2,
+                                                          "add_rms_norm_swiglu")),
     "qk_norm_rope": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),
     "qk_norm_rope_cache_write": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),  # v and the cache writes ride along
     "mrope_qk_norm_": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),

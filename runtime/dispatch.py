@@ -41,6 +41,8 @@ from kernels import snake as _snake
 _IMPLS: dict[str, dict[str, Callable]] = {
     "rms_norm": {"torch": _norm.rms_norm_ref},
     "add_rms_norm": {"torch": _norm.add_rms_norm_ref},
+    "add_rms_norm_linear": {"torch": _norm.add_rms_norm_linear_ref},
+    "add_rms_norm_swiglu": {"torch": _norm.add_rms_norm_swiglu_ref},
     "rope_cos_sin": {"torch": _rope.rope_cos_sin_ref},
     "apply_rope": {"torch": _rope.apply_rope_ref},
     "qk_norm_rope": {"torch": _rope.qk_norm_rope_ref},
@@ -67,7 +69,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
 _BACKEND_MODULES: dict[str, list[str]] = {
     "triton": ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention",
                "kernels.triton_mlp", "kernels.triton_sampling", "kernels.triton_snake", "kernels.triton_apply_rope",
-               "kernels.triton_router"],
+               "kernels.triton_router", "kernels.triton_linear"],
     "cuda": ["runtime.cuda_ops"],
 }
 _loaded: set[str] = set()
@@ -163,6 +165,18 @@ def rms_norm(x, weight, eps):
 def add_rms_norm(x, residual, weight, eps):
     """(normed, new_residual): RMSNorm of x + residual, and that sum (the decoder's residual stream)."""
     return _call("add_rms_norm")(x, residual, weight, eps)
+
+
+def add_rms_norm_linear(x, residual, norm_weight, eps, weight):
+    """(F.linear(normed, weight), new_residual): add_rms_norm (rms_norm alone when residual is None, new_residual
+    then x) with the linear that reads the normed rows fused in."""
+    return _call("add_rms_norm_linear")(x, residual, norm_weight, eps, weight)
+
+
+def add_rms_norm_swiglu(x, residual, norm_weight, eps, gate_up_weight):
+    """(silu(gate)·up, new_residual): add_rms_norm_linear with a gate|up weight (2I, H), the SiLU·up product
+    fused after it: a dense GatedMLP up to its down projection."""
+    return _call("add_rms_norm_swiglu")(x, residual, norm_weight, eps, gate_up_weight)
 
 
 def rope_cos_sin(positions, inv_freq, mrope_section, dtype):

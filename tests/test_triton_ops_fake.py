@@ -25,7 +25,7 @@ from kernels.launch_counts import LAUNCHES, NAMESPACE, SCHEMA_ARGS
 triton = pytest.importorskip("triton", reason="triton not installed")
 
 from kernels import (triton_attention, triton_conv, triton_mlp, triton_moe, triton_rope,  # noqa: E402  (after the skip)
-                     triton_router, triton_snake, triton_apply_rope)
+                     triton_router, triton_snake, triton_apply_rope, triton_linear)
 
 OPS = tuple(SCHEMA_ARGS)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
@@ -53,6 +53,11 @@ def small_cases(new, ids):
     return {
         "rms_norm": [((new(5, 24), new(24), 1e-6), 1), ((new(0, 24), new(24), 1e-6), 0)],
         "add_rms_norm": [((new(5, 24), new(5, 24), new(24), 1e-6), 1), ((new(0, 24), new(0, 24), new(24), 1e-6), 0)],
+        "add_rms_norm_linear": [((new(5, 24), new(5, 24), new(24), 1e-6, new(7, 24)), 1),
+                                ((new(17, 24), None, new(24), 1e-6, new(7, 24)), 1),
+                                ((new(0, 24), new(0, 24), new(24), 1e-6, new(7, 24)), 0)],
+        "add_rms_norm_swiglu": [((new(5, 24), new(5, 24), new(24), 1e-6, new(14, 24)), 1),
+                                ((new(3, 24), None, new(24), 1e-6, new(14, 24)), 1)],
         "qk_norm_rope": [((q, k, w16, w16, 1e-6, new(3, 16), new(3, 16)), 1)],
         "qk_norm_rope_cache_write": [((q, k, new(3, 2, 16), w16, w16, 1e-6, new(3, 16), new(3, 16), new(4, 5, 2, 16),
                                        new(4, 5, 2, 16), ids([[1, 3, 0]]), ids([[2, 4, 0]])), 1)],
@@ -175,6 +180,9 @@ def _real_shape_calls(dtype=torch.bfloat16, device="cuda"):
             (triton_rope.rms_norm, (new(2, tokens, 2048), new(2048), 1e-6), [((2, tokens, 2048), dtype)]),
             (triton_rope.add_rms_norm, (new(2, tokens, 2048), new(2, tokens, 2048), new(2048), 1e-6),
              [((2, tokens, 2048), dtype)] * 2),
+            (triton_linear.add_rms_norm_linear, (new(1, tokens, 2048), new(1, tokens, 2048), new(2048), 1e-6,
+                                                 new(5120, 2048)),  # input_layernorm + q|k|v
+             [((1, tokens, 5120), dtype), ((1, tokens, 2048), dtype)]),
             (triton_moe.route_topk, (new(tokens, 128), 8, True), [((tokens, 8), dtype), ((tokens, 8), torch.int64)]),
             (triton_router.router_topk, (new(tokens, 2048), new(128, 2048), 8, True),
              [((tokens, 8), dtype), ((tokens, 8), torch.int64)]),
@@ -197,6 +205,9 @@ def _real_shape_calls(dtype=torch.bfloat16, device="cuda"):
     calls.append((triton_rope.mrope_qk_norm_, (q, k, new(128), new(128), 1e-6, ids(3, 512),
                                                new(64, d=torch.float32), [24, 20, 20]),
                   [((512, 32, 128), dtype), ((512, 4, 128), dtype)]))
+    # the code predictor's dense MLP (H 1024, I 3072), residual None as a first layer's
+    calls.append((triton_linear.add_rms_norm_swiglu, (new(8, 1, 1024), None, new(1024), 1e-6, new(6144, 1024)),
+                  [((8, 1, 3072), dtype), ((8, 1, 1024), dtype)]))
     gate, up = new(8, 2 * 768).split(768, dim=-1)  # the talker's shared expert
     calls += [
         (triton_mlp.silu_mul, (gate, up), [((8, 768), dtype)]),
@@ -262,7 +273,8 @@ class OpRecorder(TorchDispatchMode):
 def test_a_dispatch_mode_sees_each_op_and_counts_its_launches(no_gpu_no_triton):
     # decode_attention at 512 tokens fills the GPU with query-row blocks: one key split, no merge kernel
     expected = {"moe_experts": [2, 2, 4, 4], "decode_attention": [2, 2, 2, 1], "rms_norm": [1] * 4,
-                "add_rms_norm": [1] * 4, "qk_norm_rope_cache_write": [1],
+                "add_rms_norm": [1] * 4, "add_rms_norm_linear": [1] * 4, "add_rms_norm_swiglu": [1],
+                "qk_norm_rope_cache_write": [1],
                 "silu_mul": [1], "sigmoid_gate_add": [1], "snake_beta": [1], "apply_rope": [1],
                 "route_topk": [1] * 4, "router_topk": [1] * 4, "qk_norm_rope": [1] * 4, "mrope_qk_norm_": [1], "causal_conv1d": [1],
                 "causal_conv1d_update": [2], "causal_conv_transpose1d": [1], "causal_conv_transpose1d_update": [2]}

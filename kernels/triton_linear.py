@@ -1,0 +1,244 @@
+"""A decoder's pre-norm fused into the linear that reads it, in Triton: `add_rms_norm_linear` (residual add +
+RMSNorm + GEMM: input_layernorm + qkv_proj, the code predictor's final norm + lm_head) and
+`add_rms_norm_swiglu` (the same prologue, gate|up GEMM and silu(gate)·up epilogue: post_attention_layernorm +
+a dense GatedMLP up to its down_proj). Twins: kernels/norm.py. One launch each, where the torch path runs a
+norm kernel, a GEMM and (SwiGLU) an activation kernel.
+
+Each program owns a tile of BLOCK_M rows and BLOCK_N output columns. Pass 1 reads its rows once over K and
+accumulates their sum of squares (every column tile recomputes it: K·BLOCK_M reads, cheap next to the
+BLOCK_N·K weight tile); the programs of the first column tile (pid_n == 0) also store the new residual stream.
+Pass 2 re-reads the rows, normalises them on the fly and feeds them to tl.dot with fp32 accumulation; rows past
+M are masked, so any row count runs (tl.dot needs BLOCK_M >= 16). Every rounding of the twins is reproduced:
+x + residual rounded to the activation dtype, the normed rows cast before the norm weight, norm_weight · normed
+rounded (the GEMM's input), the GEMM output rounded, then silu rounded before the product; the GEMM's sum
+order is the one difference from torch's.
+
+Each public function validates its arguments, reshapes (views where it can) and calls its `torch.library` op
+`omni_rt_triton::<name>`; the op's fake implementation only allocates the outputs. When residual is None the
+new residual is a copy of x written by the kernel (an op's output may not alias its input). Kernels one call
+launches: kernels/launch_counts.py.
+
+Legend: M = rows (tokens), K = hidden_size (the normed width), N = output columns (I for the SwiGLU variant,
+whose weight holds 2I rows: gate then up).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.launch_counts import norm_linear_plan
+from kernels.tuning import dot_precision, launch_config
+
+DEFAULT_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4}
+TUNE_SPACE = {"add_rms_norm_linear": {"BLOCK_N": [32, 64, 128], "BLOCK_K": [64, 128, 256], "num_warps": [4, 8]},
+              "add_rms_norm_swiglu": {"BLOCK_N": [32, 64, 128], "BLOCK_K": [64, 128, 256], "num_warps": [4, 8]}}
+MAX_BLOCK_M = 64  # rows per program: up to M rounded to a power of two (at least tl.dot's 16)
+
+
+@triton.jit
+def _residual_tile(x_ptr, r_ptr, offs_m, offs_k, mask, stride_xm, stride_xk, stride_rm, stride_rk,
+                   HAS_RESIDUAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] of the new residual stream in fp32, x + residual rounded to x's dtype as torch adds."""
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_k[None, :] * stride_rk, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _row_rstd(x_ptr, r_ptr, s_ptr, offs_m, m_valid, K, eps, store_m,
+              stride_xm, stride_xk, stride_rm, stride_rk, stride_sm, stride_sk,
+              HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pass 1: 1/rms of each row [BLOCK_M] (fp32); stores the new residual of the rows where store_m [BLOCK_M]."""
+    offs_k = tl.arange(0, BLOCK_K)
+    squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = m_valid[:, None] & ((k0 + offs_k) < K)[None, :]
+        total = _residual_tile(x_ptr, r_ptr, offs_m, k0 + offs_k, mask, stride_xm, stride_xk, stride_rm, stride_rk,
+                               HAS_RESIDUAL)
+        tl.store(s_ptr + offs_m[:, None] * stride_sm + (k0 + offs_k)[None, :] * stride_sk,
+                 total.to(s_ptr.dtype.element_ty), mask=store_m[:, None] & mask)
+        squares += total * total
+    return tl.rsqrt(tl.sum(squares, 1) / K + eps)
+
+
+@triton.jit
+def _normed_tile(x_ptr, r_ptr, nw_ptr, rstd, offs_m, m_valid, k0, K, stride_xm, stride_xk, stride_rm, stride_rk,
+                 stride_nw, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pass 2: [BLOCK_M, BLOCK_K] of norm_weight · normed rows in the activation dtype (the GEMM's A operand)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_valid = offs_k < K
+    total = _residual_tile(x_ptr, r_ptr, offs_m, offs_k, m_valid[:, None] & k_valid[None, :],
+                           stride_xm, stride_xk, stride_rm, stride_rk, HAS_RESIDUAL)
+    act = x_ptr.dtype.element_ty
+    normed = (total * rstd[:, None]).to(act).to(tl.float32)  # cast before the weight, as rms_norm_ref
+    nw = tl.load(nw_ptr + offs_k * stride_nw, mask=k_valid, other=0.0).to(tl.float32)
+    return (nw[None, :] * normed).to(act)
+
+
+@triton.jit
+def _weight_tile(w_ptr, offs_n, n_valid, k0, K, stride_wn, stride_wk, BLOCK_K: tl.constexpr):
+    """[BLOCK_K, BLOCK_N] of weight (N, K) transposed: the GEMM's B operand."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                   mask=(offs_k < K)[:, None] & n_valid[None, :], other=0.0)
+
+
+@triton.jit
+def _add_rms_norm_linear_kernel(
+    x_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, s_ptr,
+    M, N, K, eps,
+    stride_xm, stride_xk, stride_rm, stride_rk, stride_nw, stride_wn, stride_wk, stride_om, stride_on,
+    stride_sm, stride_sk,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_valid, n_valid = offs_m < M, offs_n < N
+    store_m = m_valid & (offs_m * 0 + pid_n == 0)  # the first column tile writes the new residual
+    rstd = _row_rstd(x_ptr, r_ptr, s_ptr, offs_m, m_valid, K, eps, store_m, stride_xm, stride_xk, stride_rm,
+                     stride_rk, stride_sm, stride_sk, HAS_RESIDUAL, BLOCK_M, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = _normed_tile(x_ptr, r_ptr, nw_ptr, rstd, offs_m, m_valid, k0, K, stride_xm, stride_xk, stride_rm,
+                         stride_rk, stride_nw, HAS_RESIDUAL, BLOCK_K)
+        acc += tl.dot(a, _weight_tile(w_ptr, offs_n, n_valid, k0, K, stride_wn, stride_wk, BLOCK_K),
+                      input_precision=PRECISION)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=m_valid[:, None] & n_valid[None, :])
+
+
+@triton.jit
+def _add_rms_norm_swiglu_kernel(
+    x_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, s_ptr,
+    M, N, K, eps,
+    stride_xm, stride_xk, stride_rm, stride_rk, stride_nw, stride_wn, stride_wk, stride_om, stride_on,
+    stride_sm, stride_sk,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_valid, n_valid = offs_m < M, offs_n < N
+    store_m = m_valid & (offs_m * 0 + pid_n == 0)  # the first column tile writes the new residual
+    rstd = _row_rstd(x_ptr, r_ptr, s_ptr, offs_m, m_valid, K, eps, store_m, stride_xm, stride_xk, stride_rm,
+                     stride_rk, stride_sm, stride_sk, HAS_RESIDUAL, BLOCK_M, BLOCK_K)
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = _normed_tile(x_ptr, r_ptr, nw_ptr, rstd, offs_m, m_valid, k0, K, stride_xm, stride_xk, stride_rm,
+                         stride_rk, stride_nw, HAS_RESIDUAL, BLOCK_K)
+        acc_gate += tl.dot(a, _weight_tile(w_ptr, offs_n, n_valid, k0, K, stride_wn, stride_wk, BLOCK_K),
+                           input_precision=PRECISION)
+        acc_up += tl.dot(a, _weight_tile(w_ptr, N + offs_n, n_valid, k0, K, stride_wn, stride_wk, BLOCK_K),
+                         input_precision=PRECISION)
+    act = out_ptr.dtype.element_ty
+    gate = acc_gate.to(act).to(tl.float32)  # each GEMM output rounded, as the gate|up linear's
+    up = acc_up.to(act).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(act).to(tl.float32)  # F.silu rounds before the product
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, (silu * up).to(act),
+             mask=m_valid[:, None] & n_valid[None, :])
+
+
+def _launch(kernel, name: str, x, residual, norm_weight, eps, weight, out, new_residual) -> None:
+    rows, width = x.shape
+    cols = out.shape[1]
+    if not norm_linear_plan(rows, cols, name):
+        return
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
+    cfg = launch_config(name, f"M={block_m},N={cols},K={width}", x.dtype, DEFAULT_CONFIG)
+    residual_arg = residual if residual is not None else x  # never read without HAS_RESIDUAL
+    kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, cfg["BLOCK_N"]))](
+        x, residual_arg, norm_weight, weight, out, new_residual, rows, cols, width, eps,
+        *x.stride(), *residual_arg.stride(), norm_weight.stride(0), *weight.stride(), *out.stride(),
+        *new_residual.stride(),
+        HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"])
+
+
+@torch.library.custom_op("omni_rt_triton::add_rms_norm_linear", mutates_args=())
+def _add_rms_norm_linear_op(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                            weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: (M, K), any strides; norm_weight: (K,); weight: (N, K). Returns new (out (M, N),
+    new_residual (M, K))."""
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(_add_rms_norm_linear_kernel, "add_rms_norm_linear", x, residual, norm_weight, eps, weight, out,
+            new_residual)
+    return out, new_residual
+
+
+@_add_rms_norm_linear_op.register_fake
+def _(x, residual, norm_weight, eps, weight):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("omni_rt_triton::add_rms_norm_swiglu", mutates_args=())
+def _add_rms_norm_swiglu_op(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                            gate_up_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: (M, K), any strides; norm_weight: (K,); gate_up_weight: (2N, K). Returns new (out (M, N),
+    new_residual (M, K))."""
+    out = x.new_empty(x.shape[0], gate_up_weight.shape[0] // 2)
+    new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(_add_rms_norm_swiglu_kernel, "add_rms_norm_swiglu", x, residual, norm_weight, eps, gate_up_weight, out,
+            new_residual)
+    return out, new_residual
+
+
+@_add_rms_norm_swiglu_op.register_fake
+def _(x, residual, norm_weight, eps, gate_up_weight):
+    return x.new_empty(x.shape[0], gate_up_weight.shape[0] // 2), x.new_empty(x.shape)
+
+
+def _check(name: str, x, residual, norm_weight, weight) -> None:
+    width = x.shape[-1]
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"{name}: residual {tuple(residual.shape)} {residual.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    if norm_weight.shape != (width,) or weight.dim() != 2 or weight.shape[1] != width:
+        raise ValueError(f"{name}: norm_weight {tuple(norm_weight.shape)} must be ({width},) and weight "
+                         f"{tuple(weight.shape)} (N, {width})")
+    if not x.dtype == norm_weight.dtype == weight.dtype:  # the twin's F.linear needs one dtype as well
+        raise ValueError(f"{name}: x {x.dtype}, norm_weight {norm_weight.dtype} and weight {weight.dtype} must "
+                         f"share the dtype")
+
+
+def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                        weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.norm.add_rms_norm_linear_ref: x, residual (..., K) (residual None: x alone), norm_weight (K,),
+    weight (N, K), one dtype -> new (out (..., N), new_residual (..., K))."""
+    _check("add_rms_norm_linear", x, residual, norm_weight, weight)
+    width, lead = x.shape[-1], x.shape[:-1]
+    out, new_residual = torch.ops.omni_rt_triton.add_rms_norm_linear(
+        x.reshape(-1, width), None if residual is None else residual.reshape(-1, width), norm_weight, float(eps),
+        weight)
+    return out.view(*lead, weight.shape[0]), new_residual.view(x.shape)
+
+
+def add_rms_norm_swiglu(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                        gate_up_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.norm.add_rms_norm_swiglu_ref: x, residual (..., K) (residual None: x alone), norm_weight (K,),
+    gate_up_weight (2I, K) gate rows then up rows, one dtype -> new (silu(gate)·up (..., I), new_residual (..., K))."""
+    _check("add_rms_norm_swiglu", x, residual, norm_weight, gate_up_weight)
+    if gate_up_weight.shape[0] % 2:
+        raise ValueError(f"add_rms_norm_swiglu: gate_up_weight {tuple(gate_up_weight.shape)} must hold 2I rows")
+    width, lead = x.shape[-1], x.shape[:-1]
+    out, new_residual = torch.ops.omni_rt_triton.add_rms_norm_swiglu(
+        x.reshape(-1, width), None if residual is None else residual.reshape(-1, width), norm_weight, float(eps),
+        gate_up_weight)
+    return out.view(*lead, gate_up_weight.shape[0] // 2), new_residual.view(x.shape)
+
+
+# runtime/dispatch.py registers these as the `triton` backend (dispatch op name -> public function).
+TRITON_OPS = {
+    "add_rms_norm_linear": add_rms_norm_linear,
+    "add_rms_norm_swiglu": add_rms_norm_swiglu,
+}
