@@ -2,6 +2,9 @@
 
 import torch
 
+from kernels.launch_counts import DECODE_ATTENTION_COUNTERS
+from kernels.rope import qk_norm_rope_cache_write_ref
+
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """q: (batch, seq_q, q_heads, head_dim); k, v: (batch, seq_k, kv_heads, head_dim);
@@ -33,8 +36,15 @@ def causal_mask(seq_q: int, seq_k: int, device=None, window: int | None = None) 
     return allowed[None, None]
 
 
+def split_counters(device) -> torch.Tensor:
+    """Zeroed int32 counters for decode attention's in-kernel split merge (kernels/triton_attention.py), one
+    buffer per KV cache, made once with it: each call leaves them at zero again, so a captured step replays
+    from a clean state. Calls sharing a buffer must be ordered (one stream); the torch twins ignore it."""
+    return torch.zeros(DECODE_ATTENTION_COUNTERS, dtype=torch.int32, device=device)
+
+
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
-                         lengths: torch.Tensor, scale: float) -> torch.Tensor:
+                         lengths: torch.Tensor, scale: float, counters: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of a few new tokens per row over a static KV cache (decode, or a prefill chunk).
 
     q: (B, L, q_heads, head_dim), the L newest tokens of each row; their keys/values are already written.
@@ -45,6 +55,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     keys 0 … length − L + i (causal inside the chunk); softmax in fp32. GQA: q_heads % kv_heads == 0.
     A length below L front-pads the chunk: its first L − length queries sit before position 0, see no key
     and output zeros (a prefill chunk padded to a static bucket).
+    counters: unused here (the Triton kernel's split counters, split_counters).
     """
     batch, new, q_heads, head_dim = q.shape
     out = torch.zeros_like(q)
@@ -85,3 +96,21 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     return out.transpose(1, 2)
+
+
+def decode_norm_rope_attention_ref(q, k, v, q_norm_weight, k_norm_weight, eps: float, cos, sin, k_cache, v_cache,
+                                   write_rows, write_at, slot_ids, lengths, scale: float, counters=None):
+    """A decoder layer's attention from its raw projections over a static KV cache.
+
+    q: (B, L, q_heads, D); k, v: (B, L, kv_heads, D), before q/k-norm and rotary (strided views fine);
+    norm weights: (D,); cos/sin: (B, L, D); k_cache, v_cache: (num_slots, max_len, kv_heads, D), updated in
+    place; write_rows, write_at: (B, L) int64, where each new token's k/v go; slot_ids, lengths: (B,) int64 as
+    decode_attention_ref (lengths include the new tokens); counters: as decode_attention_ref.
+    Returns (B, L, q_heads, D) in the dtype of the normed, rotated q: qk_norm_rope_cache_write_ref, then
+    decode_attention_ref over the caches. The fused kernel (kernels/triton_norm_rope_attention.py) attends to the
+    new keys from registers, so it assumes what runtime/kv_cache.py's views guarantee: a real row's token l is
+    written at [slot_ids[b], lengths[b] − L + l] when that position is >= 0.
+    """
+    q = qk_norm_rope_cache_write_ref(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
+                                     write_rows, write_at)
+    return decode_attention_ref(q, k_cache, v_cache, slot_ids, lengths, scale)

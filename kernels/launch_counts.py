@@ -86,11 +86,37 @@ def decode_attention_layout(batch: int, new_tokens: int, q_heads: int, kv_heads:
     return dict(cfg, BLOCK_R=block_r, row_blocks=row_blocks, splits=_cdiv(max_len, split_len), split_len=split_len)
 
 
-def decode_attention_plan(batch: int, new_tokens: int, splits: int) -> tuple[str, ...]:
-    """One split: the split kernel normalises and writes the output itself (no merge pass)."""
+# How a decode-attention split program ends (its FINISH meta-parameter, kernels/triton_attention.py): one split
+# writes the output; several either merge in the last split to finish (a per-(row block, KV head) counter) or,
+# without counters, in a second kernel.
+FINISH_DIRECT, FINISH_LAST_SPLIT_MERGES, FINISH_MERGE_KERNEL = 0, 1, 2
+# Counters a cache holds for that merge (kernels.attention.split_counters): one per program of a split, i.e.
+# B · row_blocks · Hkv, and several splits only happen below min_programs such programs (at most 1056 in
+# bench/tune.py's space), so this covers every layout; a smaller buffer falls back to the merge kernel.
+DECODE_ATTENTION_COUNTERS = 2048
+# decode_norm_rope_attention: up to this many new tokens per row (decode, the code predictor's 2-token first
+# step, speculative chunks); every row block of split 0 normalises and rotates all of them in registers, so a
+# longer chunk (a prefill) takes qk_norm_rope_cache_write + decode_attention instead (runtime/kv_cache.py).
+FUSED_ATTENTION_MAX_NEW = 16
+
+
+def split_finish(batch: int, layout: dict, kv_heads: int, counters) -> int:
+    """The FINISH of one call: from the layout's splits and whether `counters` (a tensor or None; only its size is
+    read) has one counter per (batch row, row block, KV head)."""
+    if layout["splits"] == 1:
+        return FINISH_DIRECT
+    if counters is not None and counters.numel() >= batch * layout["row_blocks"] * kv_heads:
+        return FINISH_LAST_SPLIT_MERGES
+    return FINISH_MERGE_KERNEL
+
+
+def decode_attention_plan(batch: int, new_tokens: int, finish: int,
+                          first: str = "decode_attention_split") -> tuple[str, ...]:
+    """One launch (the split kernel, or `first`, the fused norm + rotary + attention kernel), plus the merge
+    kernel when several splits have no counters."""
     if not batch or not new_tokens:
         return ()
-    return ("decode_attention_split",) if splits == 1 else ("decode_attention_split", "decode_attention_merge")
+    return (first, "decode_attention_merge") if finish == FINISH_MERGE_KERNEL else (first,)
 
 
 def _decode_attention(a: dict) -> int:
@@ -100,7 +126,7 @@ def _decode_attention(a: dict) -> int:
         return 0
     layout = decode_attention_layout(batch, new, q_heads, k_cache.shape[2], head_dim, k_cache.shape[1], q.dtype,
                                      q.device.type == "cpu")
-    return len(decode_attention_plan(batch, new, layout["splits"]))
+    return len(decode_attention_plan(batch, new, split_finish(batch, layout, k_cache.shape[2], a.get("counters"))))
 
 
 def causal_conv1d_plan(batch: int, c_in: int, c_out: int, length: int, groups: int, state_len: int,
@@ -147,7 +173,7 @@ SCHEMA_ARGS: dict[str, tuple[str, ...]] = {
     "snake_beta": ("x", "alpha_exp", "inv_beta"),
     "apply_rope": ("x", "cos", "sin"),
     "moe_experts": ("hidden", "expert_ids", "expert_weights", "gate_up_proj", "down_proj"),
-    "decode_attention": ("q", "k_cache", "v_cache", "slot_ids", "lengths", "scale"),
+    "decode_attention": ("q", "k_cache", "v_cache", "slot_ids", "lengths", "scale", "counters"),
     "causal_conv1d": ("x", "weight", "bias", "dilation", "groups"),
     "causal_conv1d_update": ("x_chunk", "conv_state", "weight", "bias", "dilation", "groups", "slot_ids"),
     "causal_conv_transpose1d": ("x", "weight", "bias", "stride"),
@@ -218,5 +244,24 @@ def _counter(op: str) -> Callable[[tuple, dict], int]:
 # "omni_rt_triton::<op>" (what OpOverload.name() gives for the default overload) -> count(args, kwargs)
 LAUNCHES: dict[str, Callable[[tuple, dict], int]] = {f"{NAMESPACE}::{op}": _counter(op) for op in SCHEMA_ARGS}
 
-# kernels/triton_sampling.py (not in SCHEMA_ARGS: tests/test_triton_ops_fake.py's tables cover those ops)
-LAUNCHES[f"{NAMESPACE}::sample_draw"] = lambda args, kwargs=None: 1 if args[0].shape[0] else 0
+# kernels/triton_sampling.py (not in SCHEMA_ARGS: tests/test_triton_ops_fake.py's tables cover those ops;
+# tests/test_triton_sampling.py checks this schema and count)
+SAMPLE_ARGS = ("logits", "history", "suppress", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+               "do_sample", "seeds", "steps", "stage")
+SAMPLE_ROW_ARGS = SAMPLE_ARGS[3:11]  # (B,) tensors the op makes contiguous (a copy each when they are not)
+
+
+def sample_plan(batch: int) -> tuple[str, ...]:
+    """Filters and draw of every row in one kernel, one program per row, whatever the vocabulary."""
+    return ("sample",) if batch else ()
+
+
+def _sample(args: tuple, kwargs: dict | None = None) -> int:
+    a = dict(zip(SAMPLE_ARGS, args), **(kwargs or {}))
+    batch = a["logits"].shape[0]
+    copies = sum(not a[name].is_contiguous() for name in SAMPLE_ROW_ARGS)
+    copies += a.get("suppress") is not None and not a["suppress"].is_contiguous()
+    return len(sample_plan(batch)) + (copies if batch else 0)
+
+
+LAUNCHES[f"{NAMESPACE}::sample"] = _sample

@@ -207,8 +207,9 @@ def attention(q, k, v, mask, scale):
     return _call("attention")(q, k, v, mask, scale)
 
 
-def decode_attention(q, k_cache, v_cache, slot_ids, lengths, scale):
-    return _call("decode_attention")(q, k_cache, v_cache, slot_ids, lengths, scale)
+def decode_attention(q, k_cache, v_cache, slot_ids, lengths, scale, counters=None):
+    """counters: the cache's split counters (kernels.attention.split_counters) or None."""
+    return _call("decode_attention")(q, k_cache, v_cache, slot_ids, lengths, scale, counters)
 
 
 def route_topk(router_logits, top_k, norm_topk_prob):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention import causal_mask
+from kernels.attention import causal_mask, split_counters
 from runtime import dispatch
 
 
@@ -45,6 +45,8 @@ class StaticKVCache:
       batch rows (slot id −1) write there, so a padded row never touches a session's cache.
     lengths: [num_slots + 1] int64 on the device, tokens cached per slot (the device copy the kernels read;
       the scheduler keeps its own host count per session for limits and never reads this back).
+    split_counters: int32, zeros between calls: decode attention's split merge inside its one launch (kernels.
+      attention.split_counters); every layer's call uses them in turn, on the stage's one stream.
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -53,6 +55,7 @@ class StaticKVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(num_slots + 1, dtype=torch.long, device=device)
+        self.split_counters = split_counters(device)
         self.num_slots, self.max_len = num_slots, max_len
 
     @classmethod
@@ -140,7 +143,7 @@ class StaticCacheView:
             mask = causal_mask(self.num_new, length, q.device)
             return dispatch.attention(q, keys, values, mask, scale)
         return dispatch.decode_attention(q, self.cache.keys[layer], self.cache.values[layer], self.slot_ids,
-                                         self.new_lengths, scale)
+                                         self.new_lengths, scale, self.cache.split_counters)
 
     def commit(self) -> None:
         """Advance the rows' slots by the tokens this forward wrote (padded rows advance only scratch)."""
@@ -164,6 +167,9 @@ class FrameKVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        # no split counters: a cache made per call would zero them in every frame (one more kernel), and its few
+        # positions (G = 16 for the released code predictor) are one split of decode attention anyway
+        self.split_counters = None
         self.positions = torch.arange(max_len, device=device)  # [N]
         self.rows = torch.arange(batch, device=device)  # [B]: row b is slot b
         # lengths_after[p]: [B] tokens cached once position p is written, contiguous per p (the kernels read it)

@@ -145,22 +145,54 @@ def test_strided_queries_from_a_fused_projection():
     {"BLOCK_N": 32, "num_warps": 2, "min_programs": 8, "MAX_BLOCK_R": 16},  # query rows tiled: 3 row blocks
     {"BLOCK_N": 64, "num_warps": 4, "min_programs": 264, "MAX_BLOCK_R": 64},  # the GPU default (CPU: one split)
 ])
-def test_split_counts(monkeypatch, config):
-    """Both paths: one split (the split kernel writes the output, one launch) and several (split + merge)."""
+@pytest.mark.parametrize("with_counters", [False, True])
+def test_split_counts(monkeypatch, config, with_counters):
+    """All paths: one split (the split kernel writes the output, one launch), several with counters (the last
+    split to finish merges, one launch, counters back at zero) and several without (split + merge kernels)."""
     import kernels.launch_counts as launch_counts
+    from kernels.attention import split_counters
     from kernels.launch_counts import LAUNCHES
 
     monkeypatch.setattr(launch_counts, "launch_config", lambda op, key, dtype, default: dict(config))
+    torch.manual_seed(3)
     q, k_cache, v_cache, slot_ids, lengths = _case(3, 9, 4, 2, 32, 97, torch.float32, [1, 0, -1], [97, 17, 9])
-    got = decode_attention(q, k_cache, v_cache, slot_ids, lengths, 0.2)
+    counters = split_counters(DEVICE) if with_counters else None
+    got = decode_attention(q, k_cache, v_cache, slot_ids, lengths, 0.2, counters)
     want = decode_attention_ref(q, k_cache, v_cache, slot_ids, lengths, 0.2)
     assert rel_err(got[:2], want[:2]) <= 1e-5
     assert not got[2].any()
     splits = launch_counts.decode_attention_layout(3, 9, 4, 2, 32, 97, q.dtype, on_cpu=True)["splits"]
-    if config["min_programs"] in (1, 10_000):  # the two paths are both covered
+    if config["min_programs"] in (1, 10_000):  # the paths are all covered
         assert (splits == 1) == (config["min_programs"] == 1)
-    launches = LAUNCHES["omni_rt_triton::decode_attention"]((q, k_cache, v_cache, slot_ids, lengths, 0.2), {})
-    assert launches == (1 if splits == 1 else 2)
+    launches = LAUNCHES["omni_rt_triton::decode_attention"]((q, k_cache, v_cache, slot_ids, lengths, 0.2, counters),
+                                                            {})
+    assert launches == (1 if splits == 1 or with_counters else 2)
+    if with_counters:
+        assert not counters.any(), "the last split of each program group must reset its counter"
+
+
+def test_counters_too_small_fall_back_to_the_merge_kernel(monkeypatch):
+    """A counter buffer with fewer than B · row_blocks · Hkv entries is not used: two launches, same result,
+    the buffer untouched."""
+    import kernels.launch_counts as launch_counts
+    from kernels.launch_counts import LAUNCHES
+
+    config = {"BLOCK_N": 16, "num_warps": 2, "min_programs": 10_000, "MAX_BLOCK_R": 16}
+    monkeypatch.setattr(launch_counts, "launch_config", lambda op, key, dtype, default: dict(config))
+    torch.manual_seed(4)
+    q, k_cache, v_cache, slot_ids, lengths = _case(2, 1, 4, 2, 16, 50, torch.float32, [1, 3], [50, 20])
+    counters = torch.full((3,), 7, dtype=torch.int32, device=DEVICE)  # 2 rows x 2 KV heads need 4
+    args = (q, k_cache, v_cache, slot_ids, lengths, 0.3, counters)
+    assert LAUNCHES["omni_rt_triton::decode_attention"](args, {}) == 2
+    got = decode_attention(*args)
+    assert rel_err(got, decode_attention_ref(*args)) <= 1e-5
+    assert counters.tolist() == [7, 7, 7]
+
+
+def test_counters_must_be_int32():
+    q, k_cache, v_cache, slot_ids, lengths = _case(1, 1, 2, 2, 16, 8, torch.float32, [0], [3])
+    with pytest.raises(ValueError, match="int32"):
+        decode_attention(q, k_cache, v_cache, slot_ids, lengths, 0.3, torch.zeros(8, device=DEVICE))
 
 
 def test_registered():
@@ -179,14 +211,17 @@ def test_compiles_for_sm90():
                 q = torch.randn(2, new, q_heads, 128).to(dtype)
                 k_cache = torch.randn(3, 300, 2 if q_heads == 2 else 4, 128).to(dtype)
                 decode_attention(q, k_cache, k_cache, torch.tensor([0, -1]), torch.tensor([5, 300]), 0.1)
-        # the GPU's split count (the CPU interpreter's is one split: the merge kernel would not be compiled)
+        # the GPU's split count (the CPU interpreter's is one split): the merge kernel, and the in-kernel merge
         import kernels.launch_counts as launch_counts
+        from kernels.attention import split_counters
         launch_counts.launch_config = lambda op, key, dtype, default: dict(default, min_programs=264)
         q = torch.randn(1, 1, 32, 128).bfloat16()
         k_cache = torch.randn(2, 300, 4, 128).bfloat16()
-        decode_attention(q, k_cache, k_cache, torch.tensor([1]), torch.tensor([300]), 0.1)
+        for counters in (None, split_counters("cpu")):
+            decode_attention(q, k_cache, k_cache, torch.tensor([1]), torch.tensor([300]), 0.1, counters)
     """)
     assert "_decode_attention_split" in out and "_decode_attention_merge" in out
+    assert "compiled 9 launches" in out  # 6 one-split calls, split + merge, then one split merging in-kernel
 
 
 @needs_cuda

@@ -41,8 +41,8 @@ def _empty(*shape, device="cuda", dtype=torch.float32):
 
 # ------------------------------------------------------------------------------------------------ cases
 # name -> (public function, [(op args, expected Triton launches)]); built by a function of `new` (tensor
-# maker) and `ids` (int tensor maker).
-def small_cases(new, ids):
+# maker), `ids` (int tensor maker) and `counters` (zeroed int32 split counters of a given size).
+def small_cases(new, ids, counters):
     section = [2, 3, 3]
     q, k = new(3, 4, 16), new(3, 2, 16)
     w16 = new(16)
@@ -73,7 +73,9 @@ def small_cases(new, ids):
                         ((new(10, 16), ids([[i % 4, (i + 1) % 4] for i in range(10)]), new(10, 2), new(4, 16, 16),
                           new(4, 16, 8)), 4)],
         "decode_attention": [((new(2, 2, 4, 16), new(3, 20, 2, 16), new(3, 20, 2, 16), ids([1, -1]), ids([7, 3]),
-                               0.25), 1)],  # the CPU interpreter: one split, no merge
+                               0.25), 1),  # the CPU interpreter: one split, no merge
+                             ((new(2, 2, 4, 16), new(3, 20, 2, 16), new(3, 20, 2, 16), ids([1, -1]), ids([7, 3]),
+                               0.25, counters(64)), 1)],
         "causal_conv1d": [((x_dense, w_dense, new(6), 2, 2), 1), ((x_dw, w_dw, None, 1, 4), 1)],
         "causal_conv1d_update": [((x_dense, new(3, 4, 4), w_dense, new(6), 2, 2, slots), 2),
                                  ((x_dw, new(2, 4, 2), w_dw, None, 1, 4, None), 2),
@@ -94,7 +96,7 @@ def real_cases():
 
     def ids(values):
         return torch.tensor(values, dtype=torch.int64, device=DEVICE)
-    return small_cases(new, ids)
+    return small_cases(new, ids, lambda n: torch.zeros(n, dtype=torch.int32, device=DEVICE))
 
 
 def test_schemas_match_the_launch_counters():
@@ -104,7 +106,7 @@ def test_schemas_match_the_launch_counters():
         assert f"{NAMESPACE}::{name}" in LAUNCHES
     mutated = {name: [a.name for a in _op(name)._schema.arguments if a.alias_info and a.alias_info.is_write]
                for name in OPS}
-    assert mutated == {**{name: [] for name in OPS}, "mrope_qk_norm_": ["q", "k"],
+    assert mutated == {**{name: [] for name in OPS}, "mrope_qk_norm_": ["q", "k"], "decode_attention": ["counters"],
                        "qk_norm_rope_cache_write": ["k_cache", "v_cache"],
                        "causal_conv1d_update": ["conv_state"], "causal_conv_transpose1d_update": ["tail_state"]}
 
@@ -194,6 +196,10 @@ def _real_shape_calls(dtype=torch.bfloat16, device="cuda"):
             (triton_attention.decode_attention, (new(8, tokens, 32, 128), new(8, 8192, 4, 128), new(8, 8192, 4, 128),
                                                  ids(8), ids(8), 128 ** -0.5), [((8, tokens, 32, 128), dtype)]),
         ]
+    # thinker decode at batch 8 over the cache's split counters: several splits merged in the one launch
+    calls.append((triton_attention.decode_attention, (new(8, 1, 32, 128), new(9, 8192, 4, 128), new(9, 8192, 4, 128),
+                                                      ids(8), ids(8), 128 ** -0.5, new(2048, d=torch.int32)),
+                  [((8, 1, 32, 128), dtype)]))
     # a fused qkv output: q and k are strided views, updated in place (split, not qkv[:, :4096]: see the docstring)
     q, k, v = new(1, 512, 40 * 128).split([4096, 512, 512], dim=-1)
     calls.append((triton_rope.qk_norm_rope_cache_write,
@@ -271,8 +277,9 @@ class OpRecorder(TorchDispatchMode):
 
 
 def test_a_dispatch_mode_sees_each_op_and_counts_its_launches(no_gpu_no_triton):
-    # decode_attention at 512 tokens fills the GPU with query-row blocks: one key split, no merge kernel
-    expected = {"moe_experts": [2, 2, 4, 4], "decode_attention": [2, 2, 2, 1], "rms_norm": [1] * 4,
+    # decode_attention at 512 tokens fills the GPU with query-row blocks: one key split, no merge kernel; with
+    # counters the splits merge in-kernel
+    expected = {"moe_experts": [2, 2, 4, 4], "decode_attention": [2, 2, 2, 1, 1], "rms_norm": [1] * 4,
                 "add_rms_norm": [1] * 4, "add_rms_norm_linear": [1] * 4, "add_rms_norm_swiglu": [1],
                 "qk_norm_rope_cache_write": [1],
                 "silu_mul": [1], "sigmoid_gate_add": [1], "snake_beta": [1], "apply_rope": [1],
