@@ -49,10 +49,10 @@ def test_every_captured_stage_is_graph_safe_at_released_shapes(released):
             assert all(out.device.type == "meta" for out in outputs), spec.name
             assert report.ops.get("omni_rt_triton::moe_experts", 0) > 0 or spec.name in ("code_predictor", "code2wav",
                                                                                           "code2wav_first")
-            # the sampling runs inside the decode steps: one fused draw per token (G − 1 per code-predictor frame)
+            # the sampling runs inside the decode steps: one fused filter+draw per token (G − 1 per code-predictor frame)
             draws = {"thinker_decode": 1, "talker_decode": 1,
                      "code_predictor": runner.config.talker.num_code_groups - 1}.get(spec.name, 0)
-            assert report.ops.get("omni_rt_triton::sample_draw", 0) == draws, (spec.name, report.ops)
+            assert report.ops.get("omni_rt_triton::sample", 0) == draws, (spec.name, report.ops)
 
 
 def test_decode_step_reads_the_routed_weights_once(released):
@@ -140,7 +140,7 @@ def test_the_torch_sampler_is_graph_safe_too(released):
             spec = _stage(runner, name, 8)
             report, _ = model.audit(spec.fn, spec.example_inputs, strict=True)
             assert not report.violations and report.host_syncs == report.h2d_copies == 0, name
-            assert "omni_rt_triton::sample_draw" not in report.ops and report.ops.get("aten::sort", 0) > 0, name
+            assert "omni_rt_triton::sample" not in report.ops and report.ops.get("aten::sort", 0) > 0, name
 
 
 def test_performance_doc_is_rendered_from_the_committed_counts():
