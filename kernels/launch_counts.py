@@ -244,5 +244,24 @@ def _counter(op: str) -> Callable[[tuple, dict], int]:
 # "omni_rt_triton::<op>" (what OpOverload.name() gives for the default overload) -> count(args, kwargs)
 LAUNCHES: dict[str, Callable[[tuple, dict], int]] = {f"{NAMESPACE}::{op}": _counter(op) for op in SCHEMA_ARGS}
 
-# kernels/triton_sampling.py (not in SCHEMA_ARGS: tests/test_triton_ops_fake.py's tables cover those ops)
-LAUNCHES[f"{NAMESPACE}::sample_draw"] = lambda args, kwargs=None: 1 if args[0].shape[0] else 0
+# kernels/triton_sampling.py (not in SCHEMA_ARGS: tests/test_triton_ops_fake.py's tables cover those ops;
+# tests/test_triton_sampling.py checks this schema and count)
+SAMPLE_ARGS = ("logits", "history", "suppress", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+               "do_sample", "seeds", "steps", "stage")
+SAMPLE_ROW_ARGS = SAMPLE_ARGS[3:11]  # (B,) tensors the op makes contiguous (a copy each when they are not)
+
+
+def sample_plan(batch: int) -> tuple[str, ...]:
+    """Filters and draw of every row in one kernel, one program per row, whatever the vocabulary."""
+    return ("sample",) if batch else ()
+
+
+def _sample(args: tuple, kwargs: dict | None = None) -> int:
+    a = dict(zip(SAMPLE_ARGS, args), **(kwargs or {}))
+    batch = a["logits"].shape[0]
+    copies = sum(not a[name].is_contiguous() for name in SAMPLE_ROW_ARGS)
+    copies += a.get("suppress") is not None and not a["suppress"].is_contiguous()
+    return len(sample_plan(batch)) + (copies if batch else 0)
+
+
+LAUNCHES[f"{NAMESPACE}::sample"] = _sample
