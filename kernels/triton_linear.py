@@ -33,7 +33,10 @@ import triton.language as tl
 from kernels.launch_counts import norm_linear_plan
 from kernels.tuning import dot_precision, launch_config
 
-DEFAULT_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4}
+# At decode the weight read is the whole cost and the column tiles are the programs that stream it: 32 columns
+# give N/32 programs (64 for the code predictor's 2048-wide lm_head, 160 for the thinker's q|k|v) where 64 would
+# leave most of an H100's 132 SMs idle. bench/tune.py decides per shape on a GPU.
+DEFAULT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
 TUNE_SPACE = {"add_rms_norm_linear": {"BLOCK_N": [32, 64, 128], "BLOCK_K": [64, 128, 256], "num_warps": [4, 8]},
               "add_rms_norm_swiglu": {"BLOCK_N": [32, 64, 128], "BLOCK_K": [64, 128, 256], "num_warps": [4, 8]}}
 MAX_BLOCK_M = 64  # rows per program: up to M rounded to a power of two (at least tl.dot's 16)

@@ -1,7 +1,8 @@
 """Triton add_rms_norm_linear and add_rms_norm_swiglu (kernels/triton_linear.py) against their torch twins
 (kernels/norm.py): rows 1, 3, 17 and past a row tile, residual given and None, N and K not multiples of the
 blocks, strided rows (the code predictor's last position), fp32 and fp16 under the interpreter; the new
-residual exactly; argument checks; the dispatch choice. GPU: bf16 at the real shapes."""
+residual exactly; argument checks; the dispatch choice; both kernels compiled for sm_90 (no GPU needed). GPU: bf16
+at the real shapes."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from kernels.norm import add_rms_norm_linear_ref, add_rms_norm_swiglu_ref
 from kernels.triton_linear import DEFAULT_CONFIG, MAX_BLOCK_M, add_rms_norm_linear, add_rms_norm_swiglu
 from runtime import dispatch
+from tests.test_triton_attention import compile_for_sm90, compiles_without_gpu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16, real shapes)")
@@ -104,6 +106,19 @@ def test_the_triton_choice_runs_them():
     with dispatch.active(choice):
         got, _ = dispatch.add_rms_norm_swiglu(x, residual, norm_weight, 1e-6, weight)
     assert rel_err(got, add_rms_norm_swiglu_ref(x, residual, norm_weight, 1e-6, weight)[0]) <= 1e-5
+
+
+@compiles_without_gpu
+def test_compiles_for_sm90():
+    out = compile_for_sm90("""
+        from kernels.triton_linear import add_rms_norm_linear, add_rms_norm_swiglu
+        for dtype, rows in ((torch.bfloat16, 1), (torch.bfloat16, 256), (torch.float32, 1)):  # decode, prefill tiles
+            x = torch.randn(rows, 1024).to(dtype)
+            norm_weight, weight = torch.randn(1024).to(dtype), torch.randn(6144, 1024).to(dtype)
+            add_rms_norm_linear(x, x, norm_weight, 1e-6, weight)
+            add_rms_norm_swiglu(x, None, norm_weight, 1e-6, weight)
+    """)
+    assert "_add_rms_norm_linear_kernel" in out and "_add_rms_norm_swiglu_kernel" in out
 
 
 @needs_cuda

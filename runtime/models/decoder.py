@@ -29,10 +29,12 @@ class DecoderAttention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: DynamicKVCache | StaticCacheView | None,
+    def forward(self, qkv, cos, sin, mask, cache: DynamicKVCache | StaticCacheView | None,
                 layer: int) -> torch.Tensor:
-        batch, length, _ = x.shape
-        q, k, v = self.qkv_proj(x)
+        """qkv: [B, L, q_size + 2 kv_size], the output of qkv_proj, which DecoderLayer runs fused with the
+        input norm (RMSNorm.add_norm_linear). Returns o_proj's output [B, L, H]."""
+        batch, length, _ = qkv.shape
+        q, k, v = qkv.split(self.qkv_proj.part_sizes, dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim)
@@ -64,10 +66,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, cos, sin, mask, cache, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, L, H], the previous layer's MLP output (residual given) or the layer input (residual None).
         Returns (mlp_out, residual): the layer's output is their sum, left for the next norm to add in its own
-        kernel (RMSNorm.add_and_norm) so that no residual add runs alone."""
-        hidden, residual = self.input_layernorm.add_and_norm(x, residual)
-        attn_out = self.self_attn(hidden, cos, sin, mask, cache, layer)
-        hidden, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
+        kernel (RMSNorm.add_and_norm) so that no residual add runs alone. Each norm runs inside the op of the
+        linear that reads it (input norm + q|k|v; for a dense MLP post-attention norm + gate|up + SiLU·up)."""
+        qkv, residual = self.input_layernorm.add_norm_linear(x, residual, self.self_attn.qkv_proj.weight)
+        attn_out = self.self_attn(qkv, cos, sin, mask, cache, layer)
+        if isinstance(self.mlp, GatedMLP):  # dense: the norm, gate|up and SiLU·up in one op
+            return self.mlp.add_norm_forward(attn_out, residual, self.post_attention_layernorm)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)  # router and experts read it
         return self.mlp(hidden), residual
 
 

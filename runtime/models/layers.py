@@ -30,6 +30,12 @@ class RMSNorm(nn.Module):
             return self(x), x
         return dispatch.add_rms_norm(x, residual, self.weight, self.eps)
 
+    def add_norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None,
+                        weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F.linear(normed, weight), new_residual): add_and_norm with the linear that reads it in the same op
+        (dispatch.add_rms_norm_linear), so the normed rows never go through memory."""
+        return dispatch.add_rms_norm_linear(x, residual, self.weight, self.eps, weight)
+
 
 class FusedLinear(nn.Module):
     """Several linears over the same input run as one GEMM. The checkpoint stores them separately as
@@ -57,6 +63,13 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x)
         return self.down_proj(dispatch.silu_mul(gate, up))
+
+    def add_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                         norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), new_residual): the pre-norm, gate|up and SiLU·up in one op
+        (dispatch.add_rms_norm_swiglu), then down_proj."""
+        act, residual = dispatch.add_rms_norm_swiglu(x, residual, norm.weight, norm.eps, self.gate_up_proj.weight)
+        return self.down_proj(act), residual
 
 
 class MoEExperts(nn.Module):

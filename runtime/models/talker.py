@@ -89,13 +89,15 @@ class CodePredictor(nn.Module):
         hidden = self.model(inputs_embeds, position_ids, None, cache).hidden
         return self.lm_head[head_index](hidden)
 
-    def _last_hidden(self, inputs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, view) -> torch.Tensor:
+    def _last_logits(self, inputs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, view,
+                     head_index: int) -> torch.Tensor:
         """The decoder over a FrameKVCache step with precomputed cos/sin [B, L, D] (Decoder.forward's layer loop,
-        minus its per-call RoPE and mask). inputs: [B, L, H] -> [B, H] final-norm hidden of the last position."""
+        minus its per-call RoPE and mask), then lm_head[head_index] of the last position's final-norm hidden,
+        the norm fused into the head's GEMM. inputs: [B, L, H] -> logits [B, Vc]."""
         x, residual = inputs, None
         for index, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, cos, sin, None, view, index)
-        return self.model.norm.add_and_norm(x[:, -1], residual[:, -1])[0]
+        return self.model.norm.add_norm_linear(x[:, -1], residual[:, -1], self.lm_head[head_index].weight)[0]
 
     def _rope_table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, N] -> (cos, sin) [B, N, D]: kernels.rope.rope_cos_sin_ref's 1-D math (fp32 angles, then
@@ -141,9 +143,8 @@ class CodePredictor(nn.Module):
                 positions = torch.arange(start, start + length, device=device).expand(batch, -1)
                 logits = self(inputs, positions, past, step)[:, -1]  # [B, Vc]
             else:
-                hidden = self._last_hidden(inputs, cos[:, start:start + length], sin[:, start:start + length],
-                                           cache.step(start, length))
-                logits = self.lm_head[step](hidden)  # [B, Vc]
+                logits = self._last_logits(inputs, cos[:, start:start + length], sin[:, start:start + length],
+                                           cache.step(start, length), step)  # [B, Vc]
             code = choose(logits)  # [B]
             codes.append(code)
             if return_logits:
