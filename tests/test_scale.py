@@ -34,8 +34,14 @@ from tests.test_serve import (  # noqa: E402 - the single server's tests' reques
 # A replica admits MAX_SESSIONS + MAX_QUEUE = 8 requests: eight concurrent streams never see a 429, however the
 # router spreads them while its view of the replicas' load catches up with a burst.
 REPLICAS, MAX_SESSIONS, MAX_QUEUE = 2, 4, 4
+# Streams that outlast the test on a loaded machine: the 429 test opens 16 of them one by one through the router,
+# and test_serve's LONG_TALK (1500 frames within a 2048-position cache) could finish its first streams first.
+# 4096: the tiny talker's max_position_embeddings, which bounds its cache.
+MAX_SEQ_LEN = 4096
+ENDLESS_TALK = dict(LONG_TALK, talker_max_new_tokens=MAX_SEQ_LEN - 512)
 SERVER_ARGS = ["--replicas", str(REPLICAS), "--max-sessions", str(MAX_SESSIONS), "--max-queue", str(MAX_QUEUE),
-               "--max-seq-len", "2048", "--max-tokens", str(MAX_TOKENS), "--talker-max-new-tokens", str(TALKER_FRAMES),
+               "--max-seq-len", str(MAX_SEQ_LEN), "--max-tokens", str(MAX_TOKENS),
+               "--talker-max-new-tokens", str(TALKER_FRAMES),
                "--health-check-period-s", "2"]
 FAULT_DEADLINE_S = 10.0
 
@@ -293,7 +299,7 @@ def test_beyond_the_cluster_capacity_is_the_single_servers_429(cluster):
     streams = []
     try:
         for _ in range(capacity):  # one at a time: the router balances them, each replica gets its capacity
-            streams.append(SSE(cluster, messages, LONG_TALK))
+            streams.append(SSE(cluster, messages, ENDLESS_TALK))
             assert streams[-1].response.status_code == 200
         assert {s.replica for s in streams} == set(replica_pids(cluster, REPLICAS))
         refused = httpx.post(cluster.url + "/v1/chat/completions", timeout=30, json={
@@ -311,7 +317,7 @@ def test_beyond_the_cluster_capacity_is_the_single_servers_429(cluster):
 
 def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_event(engine, cluster, client):
     pids = replica_pids(cluster, REPLICAS)
-    victim = SSE(cluster, question(seed=50)[0], LONG_TALK)
+    victim = SSE(cluster, question(seed=50)[0], ENDLESS_TALK)
     others = []
     try:
         assert victim.response.status_code == 200 and victim.replica in pids
