@@ -33,10 +33,12 @@ import triton.language as tl
 from kernels.launch_counts import norm_linear_plan
 from kernels.tuning import dot_precision, launch_config
 
-# At decode the weight read is the whole cost and the column tiles are the programs that stream it: 32 columns
-# give N/32 programs (64 for the code predictor's 2048-wide lm_head, 160 for the thinker's q|k|v) where 64 would
-# leave most of an H100's 132 SMs idle. bench/tune.py decides per shape on a GPU.
-DEFAULT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
+# Up to 16 rows (a decode step) the weight read is the whole cost and the column tiles are the programs that
+# stream it: 32 columns give N/32 programs (64 for the code predictor's 2048-wide lm_head, 160 for the thinker's
+# q|k|v) where 64 would leave most of an H100's 132 SMs idle. More rows (a prefill chunk): every 64-row tile
+# re-reads the weight, so wider column tiles. bench/tune.py decides per shape on a GPU.
+DECODE_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
+PREFILL_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
 TUNE_SPACE = {"add_rms_norm_linear": {"BLOCK_N": [32, 64, 128], "BLOCK_K": [64, 128, 256], "num_warps": [4, 8]},
               "add_rms_norm_swiglu": {"BLOCK_N": [32, 64, 128], "BLOCK_K": [64, 128, 256], "num_warps": [4, 8]}}
 MAX_BLOCK_M = 64  # rows per program: up to M rounded to a power of two (at least tl.dot's 16)
@@ -59,15 +61,15 @@ def _row_rstd(x_ptr, r_ptr, s_ptr, offs_m, m_valid, K, eps, store_m,
               HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pass 1: 1/rms of each row [BLOCK_M] (fp32); stores the new residual of the rows where store_m [BLOCK_M]."""
     offs_k = tl.arange(0, BLOCK_K)
-    squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    sum_sq = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask = m_valid[:, None] & ((k0 + offs_k) < K)[None, :]
         total = _residual_tile(x_ptr, r_ptr, offs_m, k0 + offs_k, mask, stride_xm, stride_xk, stride_rm, stride_rk,
                                HAS_RESIDUAL)
         tl.store(s_ptr + offs_m[:, None] * stride_sm + (k0 + offs_k)[None, :] * stride_sk,
                  total.to(s_ptr.dtype.element_ty), mask=store_m[:, None] & mask)
-        squares += total * total
-    return tl.rsqrt(tl.sum(squares, 1) / K + eps)
+        sum_sq += tl.sum(total * total, 1)
+    return tl.rsqrt(sum_sq / K + eps)
 
 
 @triton.jit
@@ -157,7 +159,8 @@ def _launch(kernel, name: str, x, residual, norm_weight, eps, weight, out, new_r
     if not norm_linear_plan(rows, cols, name):
         return
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
-    cfg = launch_config(name, f"M={block_m},N={cols},K={width}", x.dtype, DEFAULT_CONFIG)
+    cfg = launch_config(name, f"M={block_m},N={cols},K={width}", x.dtype,
+                        DECODE_CONFIG if block_m == 16 else PREFILL_CONFIG)
     residual_arg = residual if residual is not None else x  # never read without HAS_RESIDUAL
     kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, cfg["BLOCK_N"]))](
         x, residual_arg, norm_weight, weight, out, new_residual, rows, cols, width, eps,

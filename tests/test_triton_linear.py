@@ -8,16 +8,19 @@ import pytest
 import torch
 
 from kernels.norm import add_rms_norm_linear_ref, add_rms_norm_swiglu_ref
-from kernels.triton_linear import DEFAULT_CONFIG, MAX_BLOCK_M, add_rms_norm_linear, add_rms_norm_swiglu
+from kernels.triton_linear import (DECODE_CONFIG, MAX_BLOCK_M, PREFILL_CONFIG, add_rms_norm_linear,
+                                   add_rms_norm_swiglu)
 from runtime import dispatch
 from tests.test_triton_attention import compile_for_sm90, compiles_without_gpu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16, real shapes)")
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-# K one past a K block plus a remainder, N past a column block: masked edges on both
-WIDTH = DEFAULT_CONFIG["BLOCK_K"] + 73
-COLS = DEFAULT_CONFIG["BLOCK_N"] + 6
+# K and N past whole blocks of both configs (masked edges), and several column tiles (the first writes the residual)
+BLOCK_K, BLOCK_N = max(DECODE_CONFIG["BLOCK_K"], PREFILL_CONFIG["BLOCK_K"]), max(DECODE_CONFIG["BLOCK_N"],
+                                                                                  PREFILL_CONFIG["BLOCK_N"])
+WIDTH = BLOCK_K + 73
+COLS = BLOCK_N + 6
 
 
 def rel_err(got, want):
