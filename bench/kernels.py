@@ -20,6 +20,8 @@ Ops and shapes (read from runtime/presets.py `qwen3-omni-30b-a3b`):
 - decode_attention: one new token per row over a static cache, lengths 1k/4k/8k, batch 1/4/8.
 - causal_conv1d_update / causal_conv_transpose1d_update: Code2Wav's per-frame (80 ms) streaming shapes.
 - rms_norm: thinker hidden (M, 2048).
+- add_rms_norm_linear: the thinker's residual add + input norm + q|k|v (H=2048 -> 5120) at the same M;
+  add_rms_norm_swiglu: the code predictor's norm + gate|up + SiLU·up (H=1024, I=3072) at M = 1, 4, 8.
 
 Each case has a phase: `decode` (one decode step: M <= 8 tokens; attention and the per-frame conv updates are
 decode by nature) or `prefill`; `--ops` / `--skip-ops` take `op` or `op:phase` items.
@@ -131,6 +133,8 @@ def _shapes(smoke: bool) -> dict:
                         section=thinker["rope_parameters"]["mrope_section"], eps=thinker["rms_norm_eps"]),
         "talker": dict(E=talker["num_experts"], K=talker["num_experts_per_tok"], H=talker["hidden_size"],
                        I=talker["moe_intermediate_size"]),
+        "code_predictor": dict(H=cfg["talker_config"]["code_predictor_config"]["hidden_size"],
+                               I=cfg["talker_config"]["code_predictor_config"]["intermediate_size"]),
         "code2wav": dict(hidden=c2w["hidden_size"], decoder_dim=c2w["decoder_dim"], rates=c2w["upsample_rates"],
                          ratios=c2w["upsampling_ratios"]),
         "thinker_m": [1, 4, 33] if smoke else [1, 4, 8, 256, 2048],
@@ -359,9 +363,29 @@ def rms_norm_cases(env: Env, shapes: dict) -> list[Case]:
     return cases
 
 
+def norm_linear_cases(env: Env, shapes: dict) -> list[Case]:
+    s, cp = shapes["thinker"], shapes["code_predictor"]
+    qkv = (s["q_heads"] + 2 * s["kv_heads"]) * s["D"]
+    plans = [("add_rms_norm_linear", "thinker q|k|v", s["H"], qkv, m) for m in shapes["thinker_m"]]
+    plans += [("add_rms_norm_swiglu", "code predictor gate|up", cp["H"], 2 * cp["I"], m) for m in (1, 4, 8)]
+    cases = []
+    for op, what, K, N, m in plans:
+        out_cols = N // 2 if op == "add_rms_norm_swiglu" else N
+
+        def make_set(i, K=K, N=N, m=m, out_cols=out_cols):
+            args = (env.randn(m, K), env.randn(m, K), env.randn(K, scale=0.1).add_(1), s["eps"],
+                    env.randn(N, K, scale=K ** -0.5))
+            moved = env.elem * (N * K + K + 3 * m * K + m * out_cols)  # weights; x, residual in, new residual; out
+            return args, moved, 2 * m * N * K
+
+        cases.append(Case(op, f"{what} M={m} K={K} N={N}", make_set, launch_bound=m <= 8, phase=_phase(m)))
+    return cases
+
+
 BUILDERS = {"moe_experts": moe_cases, "route_topk": route_cases, "qk_norm_rope": rope_cases,
             "decode_attention": attention_cases, "causal_conv1d_update": conv_cases,
-            "causal_conv_transpose1d_update": conv_cases, "rms_norm": rms_norm_cases}
+            "causal_conv_transpose1d_update": conv_cases, "rms_norm": rms_norm_cases,
+            "add_rms_norm_linear": norm_linear_cases, "add_rms_norm_swiglu": norm_linear_cases}
 
 
 PHASES = ("decode", "prefill")

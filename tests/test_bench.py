@@ -20,7 +20,7 @@ from bench import kernels as bench_kernels  # noqa: E402
 from bench import tune  # noqa: E402
 
 SMOKE_OPS = {"moe_experts", "route_topk", "qk_norm_rope", "decode_attention", "causal_conv1d_update",
-             "causal_conv_transpose1d_update", "rms_norm"}
+             "causal_conv_transpose1d_update", "rms_norm", "add_rms_norm_linear", "add_rms_norm_swiglu"}
 ROW_FIELDS = {"op", "case", "backend", "us", "mode", "bytes", "flops", "gbps", "tflops", "bw_frac", "flop_frac",
               "floor_us", "of_floor", "vs_ref", "err", "label"}
 
