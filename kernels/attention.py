@@ -108,8 +108,9 @@ def decode_norm_rope_attention_ref(q, k, v, q_norm_weight, k_norm_weight, eps: f
     decode_attention_ref (lengths include the new tokens); counters: as decode_attention_ref.
     Returns (B, L, q_heads, D) in the dtype of the normed, rotated q: qk_norm_rope_cache_write_ref, then
     decode_attention_ref over the caches. The fused kernel (kernels/triton_norm_rope_attention.py) attends to the
-    new keys from registers, so it assumes what runtime/kv_cache.py's views guarantee: a real row's token l is
-    written at [slot_ids[b], lengths[b] − L + l] when that position is >= 0.
+    new keys from registers, so it assumes what runtime/kv_cache.py's views guarantee: a row's tokens written to
+    its own slot (write_rows[b, l] == slot_ids[b]) are the last ones of the chunk and land at position
+    lengths[b] − L + l; the others (front padding) go elsewhere (the scratch slot).
     """
     q = qk_norm_rope_cache_write_ref(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
                                      write_rows, write_at)

@@ -119,14 +119,16 @@ def decode_attention_plan(batch: int, new_tokens: int, finish: int,
     return (first, "decode_attention_merge") if finish == FINISH_MERGE_KERNEL else (first,)
 
 
-def _decode_attention(a: dict) -> int:
+def _decode_attention(a: dict, first: str = "decode_attention_split") -> int:
+    """decode_attention, and decode_norm_rope_attention (first: its fused kernel; the same layout)."""
     q, k_cache = a["q"], a["k_cache"]
     batch, new, q_heads, head_dim = q.shape
     if not batch or not new:
         return 0
     layout = decode_attention_layout(batch, new, q_heads, k_cache.shape[2], head_dim, k_cache.shape[1], q.dtype,
                                      q.device.type == "cpu")
-    return len(decode_attention_plan(batch, new, split_finish(batch, layout, k_cache.shape[2], a.get("counters"))))
+    finish = split_finish(batch, layout, k_cache.shape[2], a.get("counters"))
+    return len(decode_attention_plan(batch, new, finish, first))
 
 
 def causal_conv1d_plan(batch: int, c_in: int, c_out: int, length: int, groups: int, state_len: int,
@@ -174,6 +176,8 @@ SCHEMA_ARGS: dict[str, tuple[str, ...]] = {
     "apply_rope": ("x", "cos", "sin"),
     "moe_experts": ("hidden", "expert_ids", "expert_weights", "gate_up_proj", "down_proj"),
     "decode_attention": ("q", "k_cache", "v_cache", "slot_ids", "lengths", "scale", "counters"),
+    "decode_norm_rope_attention": ("q", "k", "v", "q_norm_weight", "k_norm_weight", "eps", "cos", "sin", "k_cache",
+                                   "v_cache", "write_rows", "write_at", "slot_ids", "lengths", "scale", "counters"),
     "causal_conv1d": ("x", "weight", "bias", "dilation", "groups"),
     "causal_conv1d_update": ("x_chunk", "conv_state", "weight", "bias", "dilation", "groups", "slot_ids"),
     "causal_conv_transpose1d": ("x", "weight", "bias", "stride"),
@@ -227,6 +231,7 @@ _COUNTERS: dict[str, Callable[[dict], int]] = {
                                                  "apply_rope")),
     "moe_experts": _moe_experts,
     "decode_attention": _decode_attention,
+    "decode_norm_rope_attention": lambda a: _decode_attention(a, "decode_norm_rope_attention"),
     "causal_conv1d": lambda a: _conv1d(a, update=False),
     "causal_conv1d_update": lambda a: _conv1d(a, update=True),
     "causal_conv_transpose1d": lambda a: _conv_transpose1d(a, update=False),

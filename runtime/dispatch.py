@@ -50,6 +50,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "mrope_qk_norm_": {"torch": _rope.mrope_qk_norm_ref_},
     "attention": {"torch": _attention.attention_ref},
     "decode_attention": {"torch": _attention.decode_attention_ref},
+    "decode_norm_rope_attention": {"torch": _attention.decode_norm_rope_attention_ref},
     "route_topk": {"torch": _moe.route_topk_ref},
     "router_topk": {"torch": _moe.router_topk_ref},
     "moe_experts": {"torch": _moe.moe_experts_ref},
@@ -69,7 +70,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
 _BACKEND_MODULES: dict[str, list[str]] = {
     "triton": ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention",
                "kernels.triton_mlp", "kernels.triton_sampling", "kernels.triton_snake", "kernels.triton_apply_rope",
-               "kernels.triton_router", "kernels.triton_linear"],
+               "kernels.triton_router", "kernels.triton_linear", "kernels.triton_norm_rope_attention"],
     "cuda": ["runtime.cuda_ops"],
 }
 _loaded: set[str] = set()
@@ -210,6 +211,13 @@ def attention(q, k, v, mask, scale):
 def decode_attention(q, k_cache, v_cache, slot_ids, lengths, scale, counters=None):
     """counters: the cache's split counters (kernels.attention.split_counters) or None."""
     return _call("decode_attention")(q, k_cache, v_cache, slot_ids, lengths, scale, counters)
+
+
+def decode_norm_rope_attention(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, write_rows,
+                               write_at, slot_ids, lengths, scale, counters=None):
+    """qk_norm_rope_cache_write then decode_attention over the caches, as one op (few new tokens per row)."""
+    return _call("decode_norm_rope_attention")(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
+                                               write_rows, write_at, slot_ids, lengths, scale, counters)
 
 
 def route_topk(router_logits, top_k, norm_topk_prob):

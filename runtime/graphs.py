@@ -41,6 +41,7 @@ from runtime import dispatch
 # Ops whose torch reference syncs with the host (host loops over rows / experts): not capturable.
 GRAPH_UNSAFE_REFERENCES = {
     "decode_attention": "loops over batch rows on the host",
+    "decode_norm_rope_attention": "loops over batch rows on the host",
     "moe_experts": "reads expert token counts back to the host",
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels.attention import causal_mask, split_counters
+from kernels.launch_counts import FUSED_ATTENTION_MAX_NEW
 from runtime import dispatch
 
 
@@ -127,8 +128,15 @@ class StaticCacheView:
     def norm_rope_attend(self, layer: int, q, k, v, q_norm_weight, k_norm_weight, eps: float, cos, sin,
                          scale: float) -> torch.Tensor:
         """`attend` from the raw projections: q: [B, L, q_heads, D]; k, v: [B, L, kv_heads, D] before q/k-norm
-        and rotary; cos/sin: [B, L, D]. The norm + rotary and the k/v write into the slots are one op
+        and rotary; cos/sin: [B, L, D]. Up to FUSED_ATTENTION_MAX_NEW new tokens per row (decode steps, the code
+        predictor's frame) the norm + rotary, the k/v write into the slots and the attention are one op
+        (dispatch.decode_norm_rope_attention); a longer chunk (prefill) runs the norm + rotary + write as one op
         (dispatch.qk_norm_rope_cache_write), then the attention over the slots."""
+        if self.prefill_slot is None and self.num_new <= FUSED_ATTENTION_MAX_NEW:
+            return dispatch.decode_norm_rope_attention(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin,
+                                                       self.cache.keys[layer], self.cache.values[layer],
+                                                       self.write_rows, self.write_at, self.slot_ids,
+                                                       self.new_lengths, scale, self.cache.split_counters)
         q = dispatch.qk_norm_rope_cache_write(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin,
                                               self.cache.keys[layer], self.cache.values[layer], self.write_rows,
                                               self.write_at)

@@ -25,7 +25,7 @@ from kernels.launch_counts import LAUNCHES, NAMESPACE, SCHEMA_ARGS
 triton = pytest.importorskip("triton", reason="triton not installed")
 
 from kernels import (triton_attention, triton_conv, triton_mlp, triton_moe, triton_rope,  # noqa: E402  (after the skip)
-                     triton_router, triton_snake, triton_apply_rope, triton_linear)
+                     triton_router, triton_snake, triton_apply_rope, triton_linear, triton_norm_rope_attention)
 
 OPS = tuple(SCHEMA_ARGS)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
@@ -50,6 +50,10 @@ def small_cases(new, ids, counters):
     x_dw, w_dw = new(2, 4, 5), new(4, 1, 3)  # depthwise
     x_t, w_t = new(2, 4, 3), new(4, 3, 5)  # stride 2, k 5: trim 3
     slots = ids([2, -1])
+    # decode_norm_rope_attention: 2 rows (one padded) x 2 new tokens, 4 q / 2 kv heads of 16, 3 slots (2: scratch)
+    fused_attn = (new(2, 2, 4, 16), new(2, 2, 2, 16), new(2, 2, 2, 16), w16, w16, 1e-6, new(2, 2, 16), new(2, 2, 16),
+                  new(3, 20, 2, 16), new(3, 20, 2, 16), ids([[1, 1], [2, 2]]), ids([[5, 6], [0, 1]]), ids([1, -1]),
+                  ids([7, 2]))
     return {
         "rms_norm": [((new(5, 24), new(24), 1e-6), 1), ((new(0, 24), new(24), 1e-6), 0)],
         "add_rms_norm": [((new(5, 24), new(5, 24), new(24), 1e-6), 1), ((new(0, 24), new(0, 24), new(24), 1e-6), 0)],
@@ -76,6 +80,7 @@ def small_cases(new, ids, counters):
                                0.25), 1),  # the CPU interpreter: one split, no merge
                              ((new(2, 2, 4, 16), new(3, 20, 2, 16), new(3, 20, 2, 16), ids([1, -1]), ids([7, 3]),
                                0.25, counters(64)), 1)],
+        "decode_norm_rope_attention": [((*fused_attn, 0.25), 1), ((*fused_attn, 0.25, counters(64)), 1)],
         "causal_conv1d": [((x_dense, w_dense, new(6), 2, 2), 1), ((x_dw, w_dw, None, 1, 4), 1)],
         "causal_conv1d_update": [((x_dense, new(3, 4, 4), w_dense, new(6), 2, 2, slots), 2),
                                  ((x_dw, new(2, 4, 2), w_dw, None, 1, 4, None), 2),
@@ -107,6 +112,7 @@ def test_schemas_match_the_launch_counters():
     mutated = {name: [a.name for a in _op(name)._schema.arguments if a.alias_info and a.alias_info.is_write]
                for name in OPS}
     assert mutated == {**{name: [] for name in OPS}, "mrope_qk_norm_": ["q", "k"], "decode_attention": ["counters"],
+                       "decode_norm_rope_attention": ["k_cache", "v_cache", "counters"],
                        "qk_norm_rope_cache_write": ["k_cache", "v_cache"],
                        "causal_conv1d_update": ["conv_state"], "causal_conv_transpose1d_update": ["tail_state"]}
 
@@ -200,6 +206,12 @@ def _real_shape_calls(dtype=torch.bfloat16, device="cuda"):
     calls.append((triton_attention.decode_attention, (new(8, 1, 32, 128), new(9, 8192, 4, 128), new(9, 8192, 4, 128),
                                                       ids(8), ids(8), 128 ** -0.5, new(2048, d=torch.int32)),
                   [((8, 1, 32, 128), dtype)]))
+    # the same step from the raw q|k|v projection (views of one fused output), norm + rotary + cache write fused in
+    q, k, v = new(8, 1, 40 * 128).split([4096, 512, 512], dim=-1)
+    calls.append((triton_norm_rope_attention.decode_norm_rope_attention,
+                  (q.view(8, 1, 32, 128), k.view(8, 1, 4, 128), v.view(8, 1, 4, 128), new(128), new(128), 1e-6,
+                   new(8, 1, 128), new(8, 1, 128), new(9, 8192, 4, 128), new(9, 8192, 4, 128), ids(8, 1), ids(8, 1),
+                   ids(8), ids(8), 128 ** -0.5, new(2048, d=torch.int32)), [((8, 1, 32, 128), dtype)]))
     # a fused qkv output: q and k are strided views, updated in place (split, not qkv[:, :4096]: see the docstring)
     q, k, v = new(1, 512, 40 * 128).split([4096, 512, 512], dim=-1)
     calls.append((triton_rope.qk_norm_rope_cache_write,
@@ -281,7 +293,7 @@ def test_a_dispatch_mode_sees_each_op_and_counts_its_launches(no_gpu_no_triton):
     # counters the splits merge in-kernel
     expected = {"moe_experts": [2, 2, 4, 4], "decode_attention": [2, 2, 2, 1, 1], "rms_norm": [1] * 4,
                 "add_rms_norm": [1] * 4, "add_rms_norm_linear": [1] * 4, "add_rms_norm_swiglu": [1],
-                "qk_norm_rope_cache_write": [1],
+                "qk_norm_rope_cache_write": [1], "decode_norm_rope_attention": [1],
                 "silu_mul": [1], "sigmoid_gate_add": [1], "snake_beta": [1], "apply_rope": [1],
                 "route_topk": [1] * 4, "router_topk": [1] * 4, "qk_norm_rope": [1] * 4, "mrope_qk_norm_": [1], "causal_conv1d": [1],
                 "causal_conv1d_update": [2], "causal_conv_transpose1d": [1], "causal_conv_transpose1d_update": [2]}
