@@ -91,7 +91,8 @@ CASES = [  # batch, new, q_heads, kv_heads, head_dim, max_len, slots, lengths
 def test_matches_the_twin(layout, config, dtype, case):
     layout(config)
     batch, new, q_heads, kv_heads, head_dim, max_len, slots, lengths = case
-    args, caches, index = _case(batch, new, q_heads, kv_heads, head_dim, max_len, dtype, slots, lengths, seed=len(slots))
+    args, caches, index = _case(batch, new, q_heads, kv_heads, head_dim, max_len, dtype, slots, lengths,
+                                seed=len(slots))
     counters = split_counters(DEVICE)
     (got, k_got, v_got), (want, k_want, v_want) = _run_both(args, caches, index, head_dim ** -0.5, counters)
     assert got.dtype == want.dtype == dtype and got.shape == want.shape
@@ -155,7 +156,8 @@ def test_registered():
 
 def _view_inputs(gen, batch, new, dtype=torch.float32):
     q = torch.randn(batch, new, 4, 16, generator=gen).to(DEVICE)
-    k, v = torch.randn(batch, new, 2, 16, generator=gen).to(DEVICE), torch.randn(batch, new, 2, 16, generator=gen).to(DEVICE)
+    k = torch.randn(batch, new, 2, 16, generator=gen).to(DEVICE)
+    v = torch.randn(batch, new, 2, 16, generator=gen).to(DEVICE)
     w = (1 + 0.1 * torch.randn(16, generator=gen)).to(DEVICE)
     cos, sin = _rope(gen, batch, new, 16, dtype)
     return q, k, v, w, w, 1e-6, cos, sin
