@@ -12,7 +12,7 @@ does). Later passes re-read that row in tiles, from L1/L2: one tile for V <= 409
 talker 3072), a walk over 38 tiles for the thinker (151936). A filter costs passes only on rows that turn it on:
 - top-k: a search over the float values' order-preserving int keys for the k-th largest value (the largest
   key with count(keys >= it) >= k); ties with it stay, as TopKLogitsWarper's `scores < kth`. Each pass tests
-  NUM_PIVOTS keys at once: ~11 passes over the row instead of a bisection's ~32.
+  NUM_PIVOTS keys at once: ~8 passes over the row instead of a bisection's ~32 (sm_90: no spills).
 - top-p: the same search for the smallest value t whose probability mass over the values <= t exceeds
   1 - top_p, over the top-k survivors: transformers' "ascending sort, drop where cumsum <= 1 - top_p, the
   largest always kept" read as a threshold. The kept sets can differ from the sorted cumulative sum only where
@@ -43,7 +43,7 @@ from kernels.sampling import STEP_BITS, SamplingTensors
 SAMPLE_LAUNCHES = len(sample_plan(1))  # kernels one call of omni_rt_triton::sample launches (contiguous rows)
 MAX_BLOCK_V = 4096  # entries per tile: the code predictor's and the talker's rows stay one tile
 MAX_BLOCK_S = 1024  # entries per tile of the threshold searches on a GPU
-NUM_PIVOTS = 8  # keys tested per pass of a threshold search: ~11 passes instead of ~32 for a bisection
+NUM_PIVOTS = 16  # keys tested per pass of a threshold search: ~8 passes instead of ~32 for a bisection
 BLOCK_H = 256
 
 
@@ -83,7 +83,7 @@ def _row_max_min(row_ptr, V, BLOCK_V: tl.constexpr):
 @triton.jit
 def _kth_largest(row_ptr, V, k, lo, hi, BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr):
     """The k-th largest value: the largest key T with count(key >= T) >= k, given count(>= lo) >= k > count(>= hi)
-    (int64 keys). A NUM_PIVOTS-ary search: each pass over the row counts at every pivot (~32 / log2(9) passes)."""
+    (int64 keys). A search with NUM_PIVOTS pivots: each pass over the row counts at all of them."""
     while hi - lo > 1:
         pivots = _pivots(lo, hi, NUM_PIVOTS)  # [P]
         counts = tl.zeros((NUM_PIVOTS,), tl.int32)
@@ -187,7 +187,9 @@ def _sample_kernel(
         if top_p_on:
             cutoff = (1.0 - top_p).to(tl.float32)
             total = _exp_sum(row_ptr, V, row_max, threshold, BLOCK_V)
-            floor = _top_p_floor(row_ptr, V, row_max, threshold, total, cutoff, _float_key(row_min).to(tl.int64) - 1,
+            # below the top-k threshold the mass is 0: the search starts there (a narrower key range)
+            lowest = _float_key(tl.maximum(threshold, row_min)).to(tl.int64) - 1
+            floor = _top_p_floor(row_ptr, V, row_max, threshold, total, cutoff, lowest,
                                  _float_key(row_max).to(tl.int64), BLOCK_S, NUM_PIVOTS)
             threshold = tl.maximum(threshold, floor)
         if min_p_on:
