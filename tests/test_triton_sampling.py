@@ -24,6 +24,7 @@ from kernels.triton_sampling import SAMPLE_LAUNCHES, filter_logits, sample  # no
 
 THINKER_VOCAB = 151936  # the thinker's text vocabulary (the head is padded to 152064; either is one tile walk)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16, real shapes, graphs)")
 # ROW_PARAMS plus what it lacks: top-k alone, top-p alone at a tight cut, min-p alone, top-k = V, greedy + penalty
 EXTRA_PARAMS = [
     SamplingParams(do_sample=True, temperature=1.0, top_k=7, top_p=1.0),
@@ -187,6 +188,35 @@ def test_a_sampled_request_through_the_engine_is_the_twins():
     (want_tokens, want_codes), (got_tokens, got_codes) = outcomes
     assert want_codes.shape[-1] >= 2, "the tiny talker should speak a few frames"
     assert got_tokens == want_tokens and torch.equal(got_codes, want_codes)
+
+
+@needs_cuda
+@pytest.mark.parametrize("vocab", [2048, 3072, THINKER_VOCAB])
+def test_real_shapes_bf16_and_graph_replay(vocab):
+    """bf16 logits at the stages' vocabularies, 8 mixed rows: tokens equal sample_ref's on the GPU, eagerly and
+    from a captured CUDA graph replayed over fresh logits and steps (the output poisoned before each replay)."""
+    batch = 8
+    logits, history, params, seeds, steps = _inputs(batch, vocab, torch.bfloat16, seed=vocab, history_len=64)
+    logits, history, seeds, steps = _to("cuda", logits.contiguous(), history, seeds, steps)
+    params = SamplingTensors(*_to("cuda", *vars(params).values()))
+    suppress = talker_suppress(vocab)[0].cuda() if vocab == 3072 else None
+    want = sample_ref(logits, history, params, seeds, steps, STAGE_TALKER, suppress)
+    assert torch.equal(sample(logits, history, params, seeds, steps, STAGE_TALKER, suppress), want)
+    tokens = torch.full((batch,), -7, dtype=torch.int64, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        tokens.copy_(sample(logits, history, params, seeds, steps, STAGE_TALKER, suppress))  # warm-up / compile
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens.copy_(sample(logits, history, params, seeds, steps, STAGE_TALKER, suppress))
+    for replay in range(2):
+        logits.copy_(torch.randn_like(logits, dtype=torch.float32).mul_(3 + replay))
+        steps.add_(1)
+        tokens.fill_(-7)
+        graph.replay()
+        assert torch.equal(tokens, sample_ref(logits, history, params, seeds, steps, STAGE_TALKER, suppress))
 
 
 def test_compiles_for_sm90():
