@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import causal_mask
+from kernels.attention import causal_mask, split_counters
 from kernels.conv import transpose_output_length
 from kernels.rope import rope_inv_freq
 from runtime import dispatch
@@ -441,6 +441,9 @@ class Code2WavSlots:
         self.keys = [torch.zeros(kv, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.values = [torch.zeros(kv, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.frames = torch.zeros(rows, dtype=torch.long, device=device)
+        # decode attention's split merge in its one launch: the window (72 on the released config) is two key
+        # splits; the first-frame and later-frame graphs replay on one stream, so they can share the buffer
+        self.split_counters = split_counters(device)
         self.conv: dict[str, torch.Tensor] = {}
         self.tails: dict[str, torch.Tensor] = {}
         for name, module in code2wav.named_modules():
@@ -497,7 +500,7 @@ class Code2WavSlotView:
         keys, values = self.slots.keys[layer], self.slots.values[layer]
         keys.index_put_((self.rows, self.ring_at), k[:, 0])
         values.index_put_((self.rows, self.ring_at), v[:, 0])
-        return dispatch.decode_attention(q, keys, values, self.rows, self.ring_len, scale)
+        return dispatch.decode_attention(q, keys, values, self.rows, self.ring_len, scale, self.slots.split_counters)
 
     def advance(self) -> None:
         self.slots.frames.index_put_((self.rows,), self.now + 1)
