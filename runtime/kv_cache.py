@@ -166,7 +166,11 @@ class FrameKVCache:
     made once per call, so a step adds no index work of its own and no shape changes (CUDA graphs: the
     buffers come from the graph's pool).
 
-    keys, values: [layers, B, max_len, kv_heads, head_dim], zeroed (masked-off keys are never garbage).
+    keys, values: [layers, B, max_len, kv_heads, head_dim], zeroed (masked-off keys are never garbage). A cache
+    can serve call after call: each call's steps write positions 0, 1, ... again and attend only over what this
+    call wrote (lengths_after), so what an earlier call left behind is never read.
+    cos, sin: [B, max_len, head_dim], the owner's RoPE table of positions 0 .. max_len − 1 when it keeps one
+    (runtime/models/talker.py CodePredictor.frame_cache), else None.
     """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -182,6 +186,7 @@ class FrameKVCache:
         self.rows = torch.arange(batch, device=device)  # [B]: row b is slot b
         # lengths_after[p]: [B] tokens cached once position p is written, contiguous per p (the kernels read it)
         self.lengths_after = (self.positions + 1)[:, None].expand(max_len, batch).contiguous()  # [N, B]
+        self.cos = self.sin = None
 
     @classmethod
     def for_decoder(cls, cfg, batch: int, max_len: int, dtype: torch.dtype, device) -> "FrameKVCache":

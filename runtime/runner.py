@@ -36,7 +36,7 @@ import torch
 
 from runtime.exported import EXPORTED_STEPS, ExportedSteps
 from runtime.graphs import GraphRunner, batch_buckets, graphs_possible
-from runtime.kv_cache import StaticKVCache
+from runtime.kv_cache import FrameKVCache, StaticKVCache
 from runtime.models.code2wav import Code2WavSlots
 from runtime.models.decoder import DeepStack
 from runtime.models.talker import code0_suppress_mask
@@ -95,6 +95,7 @@ class ModelRunner:
         self.thinker_cache = StaticKVCache.for_decoder(text_cfg, slots, self.max_seq_len, self.dtype, self.device)
         self.sampling = {"thinker": SlotSampling(slots, self.max_seq_len, STAGE_THINKER, self.device)}
         self.talker_cache = self.code2wav_slots = self.suppress = None
+        self.frame_caches: dict[int, FrameKVCache] = {}
         self.talker_max_len = 0
         if self.speech:
             talker_cfg = config.talker.text
@@ -106,6 +107,11 @@ class ModelRunner:
             self.code2wav_slots = Code2WavSlots(model.code2wav, slots, self.device, self.dtype)
             self.sampling["talker"] = SlotSampling(slots, self.talker_max_len, STAGE_TALKER, self.device)
             self.sampling["code_predictor"] = SlotSampling(slots, 0, STAGE_CODE_PREDICTOR, self.device)
+            # one frame cache per batch bucket, outside any graph pool: a captured frame allocates nothing (an eager
+            # batch of another size makes its own)
+            predictor = model.talker.code_predictor
+            self.frame_caches = {size: predictor.frame_cache(size, self.dtype, self.device)
+                                 for size in batch_buckets(slots)}
         # Streams only where CUDA runs: the runner is also built on fake `cuda` tensors without a GPU.
         on_gpu = self.device.type == "cuda" and torch.cuda.is_available()
         self.talker_stream = torch.cuda.Stream(self.device) if self.speech and on_gpu else None
@@ -226,7 +232,8 @@ class ModelRunner:
             drawn.append(code)
             return code
 
-        return (self.model.talker.predict_frame(hidden, code0, sample_fn=choose),)
+        return (self.model.talker.predict_frame(hidden, code0, sample_fn=choose,
+                                                frame_cache=self.frame_caches.get(hidden.shape[0])),)
 
     def code2wav_step(self, codes, slots) -> tuple[torch.Tensor]:
         """codes [B, G, 1], slots [B] -> (samples [B, 1, hop],) of slots past their first frame."""

@@ -111,14 +111,25 @@ class CodePredictor(nn.Module):
         """residual_codes: [B, G-1] codes of codebooks 1..G-1 -> [B, G-1, H] their embeddings."""
         return torch.stack([table(residual_codes[:, i]) for i, table in enumerate(self.model.codec_embedding)], dim=1)
 
+    def frame_cache(self, batch: int, dtype: torch.dtype, device) -> FrameKVCache:
+        """The static cache of one frame's G positions per row, with the RoPE cos/sin of positions 0..G-1 [B, G, D]
+        (a static cache needs no mask). A runner keeps one per batch size and passes it to every frame (nothing
+        is allocated or recomputed per frame); predict_frame makes one per call otherwise."""
+        cache = FrameKVCache.for_decoder(self.cfg, batch, self.num_code_groups, dtype, device)
+        cos, sin = self._rope_table(cache.positions[None], dtype)  # [1, G, D]
+        cache.cos, cache.sin = cos.expand(batch, -1, -1).contiguous(), sin.expand(batch, -1, -1).contiguous()
+        return cache
+
     def predict_frame(self, talker_hidden: torch.Tensor, code0_embed: torch.Tensor, sample_fn: SampleFn | None = None,
-                      return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The whole per-frame loop on a fresh cache: one prefill of [talker_hidden, code0_embed] at positions 0, 1,
-        then G-2 single steps feeding back each new code.
+                      return_logits: bool = False, frame_cache: FrameKVCache | None = None
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The whole per-frame loop: one prefill of [talker_hidden, code0_embed] at positions 0, 1, then G-2
+        single steps feeding back each new code.
 
         talker_hidden: [B, H] the talker's final-norm hidden state at the position that produced code 0.
         code0_embed: [B, H] the *talker's* codec_embedding(code 0) (Talker.predict_frame looks it up).
         sample_fn: logits [B, Vc] -> codes [B] int64; None = greedy (argmax, first index on ties).
+        frame_cache: `frame_cache(B, dtype, device)`, reused from frame to frame; None = one made for this call.
         Returns residual codes [B, G-1] int64 (codebooks 1..G-1), and with return_logits also the logits each
         step sampled from, [B, G-1, Vc].
         """
@@ -126,15 +137,17 @@ class CodePredictor(nn.Module):
         device, dtype = talker_hidden.device, talker_hidden.dtype
         choose = sample_fn or (lambda logits: logits.argmax(-1))
         # An exported backend plugged in as `forward` (export/backends.py) keeps its past in a DynamicKVCache and
-        # takes positions; the PyTorch path makes once per frame the G-position cache and RoPE cos/sin of
-        # positions 0..G-1 (a static cache needs no mask), and each step slices them and attends with the fused
-        # decode attention.
+        # takes positions; the PyTorch path's steps slice the frame cache and its RoPE table and attend with the
+        # fused decode attention.
         exported = "forward" in self.__dict__
         if exported:
             past = self.new_cache()
         else:
-            cache = FrameKVCache.for_decoder(self.cfg, batch, groups, dtype, device)
-            cos, sin = self._rope_table(cache.positions.expand(batch, -1), dtype)  # [B, G, D] each
+            cache = frame_cache if frame_cache is not None else self.frame_cache(batch, dtype, device)
+            if cache.keys.shape[1] != batch or cache.keys.dtype != dtype:
+                raise ValueError(f"frame_cache holds {cache.keys.shape[1]} rows of {cache.keys.dtype}; this frame has "
+                                 f"{batch} rows of {dtype}")
+            cos, sin = cache.cos, cache.sin  # [B, G, D] each
         inputs = torch.stack((talker_hidden, code0_embed.to(dtype)), dim=1)  # [B, 2, H]
         start, codes, all_logits = 0, [], []
         for step in range(groups - 1):
@@ -373,12 +386,13 @@ class Talker(nn.Module):
         return self.codec_head(kept), hidden
 
     def predict_frame(self, talker_hidden: torch.Tensor, code0: torch.Tensor, sample_fn: SampleFn | None = None,
-                      return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                      return_logits: bool = False, frame_cache: FrameKVCache | None = None
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """talker_hidden: [B, H] final-norm hidden state that produced code0; code0: [B] int64 (talker vocab).
         Returns codes [B, G] (code0, then the code predictor's codebooks 1..G-1), and with return_logits the
-        predictor's per-step logits [B, G-1, Vc]. sample_fn as in CodePredictor.predict_frame (None = greedy)."""
+        predictor's per-step logits [B, G-1, Vc]. sample_fn and frame_cache as in CodePredictor.predict_frame."""
         out = self.code_predictor.predict_frame(talker_hidden, self.model.codec_embedding(code0), sample_fn,
-                                                return_logits)
+                                                return_logits, frame_cache)
         residual, logits = out if return_logits else (out, None)
         codes = torch.cat((code0[:, None], residual), dim=1)
         return (codes, logits) if return_logits else codes
