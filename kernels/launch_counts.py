@@ -252,7 +252,7 @@ LAUNCHES: dict[str, Callable[[tuple, dict], int]] = {f"{NAMESPACE}::{op}": _coun
 # kernels/triton_sampling.py (not in SCHEMA_ARGS: tests/test_triton_ops_fake.py's tables cover those ops;
 # tests/test_triton_sampling.py checks this schema and count)
 SAMPLE_ARGS = ("logits", "history", "suppress", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-               "do_sample", "seeds", "steps", "stage")
+               "do_sample", "seeds", "steps", "stage", "record_at")
 SAMPLE_ROW_ARGS = SAMPLE_ARGS[3:11]  # (B,) tensors the op makes contiguous (a copy each when they are not)
 
 

@@ -173,7 +173,8 @@ def filter_logits_ref(logits: torch.Tensor, history: torch.Tensor, params: Sampl
 
 
 def sample_ref(logits: torch.Tensor, history: torch.Tensor, params: SamplingTensors, seeds: torch.Tensor,
-               steps: torch.Tensor, stage: int, suppress: torch.Tensor | None = None) -> torch.Tensor:
+               steps: torch.Tensor, stage: int, suppress: torch.Tensor | None = None,
+               record_at: int | None = None) -> torch.Tensor:
     """logits: [B, V]; history: [B, H] int64, -1 = empty; params: SamplingTensors of B rows; seeds: [B] int64
     request seeds; steps: [B] int64 step index of each row in its stage; stage: STAGE_*; suppress: [V] bool
     or None -> [B] int64 tokens.
@@ -181,10 +182,14 @@ def sample_ref(logits: torch.Tensor, history: torch.Tensor, params: SamplingTens
     Sampled rows: Gumbel-max over the filtered logits, argmax(logits - log(-log(u))) with u from
     `philox_uniform(seeds, draw_offsets(steps, stage), V)`: an exact draw from softmax(filtered logits), one
     per row. Greedy rows: the argmax of the filtered logits (the first index on ties), the same path with the
-    noise set to zero.
+    noise set to zero. record_at: when given, each row's token is also written to history[:, record_at] (the code
+    predictor's history of the frame so far; the Triton kernel stores it itself, with no copy after it).
     """
     scores = filter_logits_ref(logits, history, params, suppress)
     uniforms = philox_uniform(seeds, draw_offsets(steps, stage), scores.shape[-1])
     gumbel = -torch.log(-torch.log(uniforms))
     noise = torch.where(_greedy_rows(params)[:, None], 0.0, gumbel)
-    return (scores + noise).argmax(dim=-1)
+    tokens = (scores + noise).argmax(dim=-1)
+    if record_at is not None:
+        history[:, record_at] = tokens
+    return tokens

@@ -137,7 +137,7 @@ def _sample_kernel(
     V, H,
     stride_lb, stride_lv, stride_hb, stride_hh,
     STAGE: tl.constexpr, STEP_MASK: tl.constexpr, STEP_SHIFT: tl.constexpr, HAS_SUPPRESS: tl.constexpr,
-    WRITE_SCORES: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+    RECORD_AT: tl.constexpr, WRITE_SCORES: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, NUM_PIVOTS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -224,10 +224,12 @@ def _sample_kernel(
             best_value = tl.where(better, tile_max, best_value)
             best_index = tl.where(better, tile_index, best_index)
     tl.store(tokens_ptr + pid_b, best_index.to(tl.int64))
+    if RECORD_AT >= 0:  # the penalty pass above has read this row's history: no other thread reads it after
+        tl.store(history_ptr + pid_b * stride_hb + RECORD_AT * stride_hh, best_index.to(tl.int64))
 
 
 def _launch(logits, history, suppress, temperature, top_k, top_p, min_p, repetition_penalty, do_sample, seeds,
-            steps, stage: int, write_scores: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            steps, stage: int, write_scores: bool, record_at: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     batch, vocab = logits.shape
     tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     scores = torch.empty(batch, vocab, dtype=torch.float32, device=logits.device)  # the per-row scratch
@@ -242,24 +244,27 @@ def _launch(logits, history, suppress, temperature, top_k, top_p, min_p, repetit
         logits, history, logits if suppress is None else suppress.contiguous(), *rows, scores, tokens,
         vocab, history.shape[1], *logits.stride(), *history.stride(),
         STAGE=stage, STEP_MASK=(1 << STEP_BITS) - 1, STEP_SHIFT=STEP_BITS, HAS_SUPPRESS=suppress is not None,
-        WRITE_SCORES=write_scores, BLOCK_V=block_v, BLOCK_S=block_s, NUM_PIVOTS=NUM_PIVOTS, BLOCK_H=BLOCK_H,
+        RECORD_AT=record_at, WRITE_SCORES=write_scores, BLOCK_V=block_v, BLOCK_S=block_s, NUM_PIVOTS=NUM_PIVOTS, BLOCK_H=BLOCK_H,
         num_warps=8 if block_v >= 2048 else 4)
     return tokens, scores
 
 
-@torch.library.custom_op("omni_rt_triton::sample", mutates_args=())
+@torch.library.custom_op("omni_rt_triton::sample", mutates_args=("history",))
 def _sample_op(logits: torch.Tensor, history: torch.Tensor, suppress: torch.Tensor | None, temperature: torch.Tensor,
                top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, repetition_penalty: torch.Tensor,
-               do_sample: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stage: int) -> torch.Tensor:
+               do_sample: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stage: int,
+               record_at: int = -1) -> torch.Tensor:
     """logits: (B, V) any float dtype and strides; history: (B, H) int64, -1 = empty, any strides; suppress: (V,)
     bool or None; temperature, min_p, repetition_penalty: (B,) float32; top_k, seeds, steps: (B,) int64; top_p:
-    (B,) float64; do_sample: (B,) bool. Returns (B,) int64 tokens."""
+    (B,) float64; do_sample: (B,) bool; record_at: a history column the tokens are also written to, -1 = none.
+    Returns (B,) int64 tokens."""
     return _launch(logits, history, suppress, temperature, top_k, top_p, min_p, repetition_penalty, do_sample, seeds,
-                   steps, stage, write_scores=False)[0]
+                   steps, stage, write_scores=False, record_at=record_at)[0]
 
 
 @_sample_op.register_fake
-def _(logits, history, suppress, temperature, top_k, top_p, min_p, repetition_penalty, do_sample, seeds, steps, stage):
+def _(logits, history, suppress, temperature, top_k, top_p, min_p, repetition_penalty, do_sample, seeds, steps, stage,
+      record_at=-1):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
@@ -269,13 +274,17 @@ def _check_stage(stage: int) -> None:
 
 
 def sample(logits: torch.Tensor, history: torch.Tensor, params: SamplingTensors, seeds: torch.Tensor,
-           steps: torch.Tensor, stage: int, suppress: torch.Tensor | None = None) -> torch.Tensor:
+           steps: torch.Tensor, stage: int, suppress: torch.Tensor | None = None,
+           record_at: int | None = None) -> torch.Tensor:
     """kernels.sampling.sample_ref's contract (logits [B, V], history [B, H] int64 with -1 = empty, params of B
-    rows, seeds and steps [B] int64, stage STAGE_*, suppress [V] bool or None -> [B] int64 tokens), one kernel."""
+    rows, seeds and steps [B] int64, stage STAGE_*, suppress [V] bool or None, record_at a history column or None
+    -> [B] int64 tokens), one kernel."""
     _check_stage(stage)
+    if record_at is not None and not 0 <= record_at < history.shape[1]:
+        raise ValueError(f"record_at {record_at} is not a column of history {tuple(history.shape)}")
     return torch.ops.omni_rt_triton.sample(logits, history, suppress, params.temperature, params.top_k, params.top_p,
                                            params.min_p, params.repetition_penalty, params.do_sample, seeds, steps,
-                                           stage)
+                                           stage, -1 if record_at is None else record_at)
 
 
 def filter_logits(logits: torch.Tensor, history: torch.Tensor, params: SamplingTensors,

@@ -264,6 +264,6 @@ def causal_conv_transpose1d_update(x_chunk, tail_state, weight, bias, stride, st
     return _call("causal_conv_transpose1d_update")(x_chunk, tail_state, weight, bias, stride, start, slot_ids)
 
 
-def sample(logits, history, params, seeds, steps, stage, suppress=None):
+def sample(logits, history, params, seeds, steps, stage, suppress=None, record_at=None):
     """Filtered draw of one token per row (kernels/sampling.py `sample_ref`'s contract)."""
-    return _call("sample")(logits, history, params, seeds, steps, stage, suppress)
+    return _call("sample")(logits, history, params, seeds, steps, stage, suppress, record_at)

@@ -226,9 +226,8 @@ class ModelRunner:
         history = torch.full((slots.shape[0], groups - 1), -1, dtype=torch.long, device=slots.device)
         drawn = []
 
-        def choose(logits):  # called once per codebook 1..G-1, in order
-            code = sampler.draw(logits, gathered, history, steps[len(drawn)])
-            history[:, len(drawn)] = code
+        def choose(logits):  # called once per codebook 1..G-1, in order; the draw records the code in history
+            code = sampler.draw(logits, gathered, history, steps[len(drawn)], record_at=len(drawn))
             drawn.append(code)
             return code
 

@@ -155,13 +155,13 @@ class SlotSampling:
         return params, self.seeds[rows]
 
     def draw(self, logits: torch.Tensor, gathered, history: torch.Tensor, steps: torch.Tensor,
-             suppress: torch.Tensor | None = None) -> torch.Tensor:
+             suppress: torch.Tensor | None = None, record_at: int | None = None) -> torch.Tensor:
         """logits [B, V], gathered = gather(rows), history [B, H], steps [B] -> [B] int64 tokens (the dispatched
-        `sample` op)."""
+        `sample` op), also written to history[:, record_at] when given."""
         from runtime import dispatch
 
         params, seeds = gathered
-        return dispatch.sample(logits, history, params, seeds, steps, self.stage, suppress)
+        return dispatch.sample(logits, history, params, seeds, steps, self.stage, suppress, record_at)
 
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, suppress: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V], slots [B] (-1 = padded) -> [B] tokens drawn at each row's step, which then advances;

@@ -65,6 +65,27 @@ def test_tokens_equal_the_twin(vocab, stage, dtype):
     assert not suppress[want].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_record_at_writes_the_tokens_into_history_as_the_twin(dtype):
+    """record_at: the kernel stores each row's token in its history column after reading the row's history for the
+    penalty (the code predictor's draws, no copy after the kernel); the other columns stay; the twin does the same."""
+    batch, vocab, column = len(MIXED_PARAMS), 2048, 5
+    logits, history, params, seeds, steps = _inputs(batch, vocab, dtype, seed=11, history_len=8)
+    want_history = history.clone()
+    want = sample_ref(logits, want_history, params, seeds, steps, STAGE_CODE_PREDICTOR, record_at=column)
+    untouched = sample_ref(logits, history.clone(), params, seeds, steps, STAGE_CODE_PREDICTOR)
+    assert torch.equal(want, untouched)  # the column is written after the draw: the tokens do not change
+    got_history = history.to(DEVICE)
+    got = sample(logits.to(DEVICE), got_history, SamplingTensors(*_to(DEVICE, *vars(params).values())),
+                 *_to(DEVICE, seeds, steps), STAGE_CODE_PREDICTOR, record_at=column)
+    assert torch.equal(got.cpu(), want) and torch.equal(got_history.cpu(), want_history)
+    assert torch.equal(want_history[:, column], want)
+    keep = [c for c in range(history.shape[1]) if c != column]
+    assert torch.equal(want_history[:, keep], history[:, keep])
+    with pytest.raises(ValueError, match="record_at 8 is not a column"):
+        sample(logits, history, params, seeds, steps, STAGE_CODE_PREDICTOR, record_at=8)
+
+
 @pytest.mark.parametrize("vocab", [1000, 2048, 3072])
 def test_filtered_rows_equal_the_twin(vocab):
     """Same finite set as filter_logits_ref, same values (both divide with round-to-nearest)."""
@@ -137,7 +158,8 @@ def test_schema_and_launch_count(monkeypatch):
     strided (B,) input."""
     schema = torch.ops.omni_rt_triton.sample.default._schema
     assert tuple(a.name for a in schema.arguments) == SAMPLE_ARGS
-    assert not any(a.alias_info for a in schema.arguments)
+    # history is written when record_at >= 0 (the code predictor's frame history); nothing else is
+    assert [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write] == ["history"]
     from kernels import triton_sampling
 
     launches = []
