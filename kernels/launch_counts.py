@@ -32,7 +32,8 @@ def elementwise_plan(rows: int, cols: int, name: str) -> tuple[str, ...]:
 
 
 def norm_linear_plan(rows: int, cols: int, name: str) -> tuple[str, ...]:
-    """add_rms_norm_linear and add_rms_norm_swiglu: one kernel, the norm in its prologue (kernels/triton_linear.py)."""
+    """add_rms_norm_linear and add_rms_norm_swiglu (the norm in the GEMM's prologue), linear_swiglu and
+    linear_gated_add (the shared expert's GEMMs with their epilogues): one kernel each (kernels/triton_linear.py)."""
     return (name,) if rows and cols else ()
 
 
@@ -164,6 +165,8 @@ SCHEMA_ARGS: dict[str, tuple[str, ...]] = {
     "add_rms_norm": ("x", "residual", "weight", "eps"),
     "add_rms_norm_linear": ("x", "residual", "norm_weight", "eps", "weight"),
     "add_rms_norm_swiglu": ("x", "residual", "norm_weight", "eps", "gate_up_weight"),
+    "linear_swiglu": ("x", "gate_up_weight"),
+    "linear_gated_add": ("act", "down_weight", "x", "gate_weight", "y"),
     "qk_norm_rope": ("q", "k", "q_norm_weight", "k_norm_weight", "eps", "cos", "sin"),
     "qk_norm_rope_cache_write": ("q", "k", "v", "q_norm_weight", "k_norm_weight", "eps", "cos", "sin", "k_cache",
                                  "v_cache", "write_rows", "write_at"),
@@ -219,6 +222,10 @@ _COUNTERS: dict[str, Callable[[dict], int]] = {
                                                           "add_rms_norm_linear")),
     "add_rms_norm_swiglu": lambda a: len(norm_linear_plan(a["x"].shape[0], a["gate_up_weight"].shape[0] // 2,
                                                           "add_rms_norm_swiglu")),
+    "linear_swiglu": lambda a: len(norm_linear_plan(a["x"].shape[0], a["gate_up_weight"].shape[0] // 2,
+                                                    "linear_swiglu")),
+    "linear_gated_add": lambda a: len(norm_linear_plan(a["act"].shape[0], a["down_weight"].shape[0],
+                                                       "linear_gated_add")),
     "qk_norm_rope": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),
     "qk_norm_rope_cache_write": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),  # v and the cache writes ride along
     "mrope_qk_norm_": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),

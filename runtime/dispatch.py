@@ -56,6 +56,8 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "moe_experts": {"torch": _moe.moe_experts_ref},
     "silu_mul": {"torch": _mlp.silu_mul_ref},
     "sigmoid_gate_add": {"torch": _mlp.sigmoid_gate_add_ref},
+    "linear_swiglu": {"torch": _mlp.linear_swiglu_ref},
+    "linear_gated_add": {"torch": _mlp.linear_gated_add_ref},
     "snake_beta": {"torch": _snake.snake_beta_ref},
     "causal_conv1d": {"torch": _conv.causal_conv1d_ref},
     "sample": {"torch": _sampling.sample_ref},
@@ -241,6 +243,17 @@ def silu_mul(gate, up):
 def sigmoid_gate_add(x, gate_logit, y):
     """x + sigmoid(gate_logit) * y: the routed experts' sum plus the talker's gated shared expert."""
     return _call("sigmoid_gate_add")(x, gate_logit, y)
+
+
+def linear_swiglu(x, gate_up_weight):
+    """silu(gate)·up of the gate|up linear (2I, H) of x: a GatedMLP up to its down projection, one op."""
+    return _call("linear_swiglu")(x, gate_up_weight)
+
+
+def linear_gated_add(act, down_weight, x, gate_weight, y):
+    """y + sigmoid(x·gate_weight) * (act @ down_weight^T): the talker's shared expert from its SiLU·up through the
+    down projection and its sigmoid gate, added to the routed experts' sum y, one op."""
+    return _call("linear_gated_add")(act, down_weight, x, gate_weight, y)
 
 
 def snake_beta(x, alpha_exp, inv_beta):

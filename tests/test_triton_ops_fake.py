@@ -62,6 +62,9 @@ def small_cases(new, ids, counters):
                                 ((new(0, 24), new(0, 24), new(24), 1e-6, new(7, 24)), 0)],
         "add_rms_norm_swiglu": [((new(5, 24), new(5, 24), new(24), 1e-6, new(14, 24)), 1),
                                 ((new(3, 24), None, new(24), 1e-6, new(14, 24)), 1)],
+        "linear_swiglu": [((new(5, 24), new(14, 24)), 1), ((new(0, 24), new(14, 24)), 0)],
+        "linear_gated_add": [((new(5, 7), new(24, 7), new(5, 20), new(1, 20), new(5, 24)), 1),
+                             ((new(0, 7), new(24, 7), new(0, 20), new(1, 20), new(0, 24)), 0)],
         "qk_norm_rope": [((q, k, w16, w16, 1e-6, new(3, 16), new(3, 16)), 1)],
         "qk_norm_rope_cache_write": [((q, k, new(3, 2, 16), w16, w16, 1e-6, new(3, 16), new(3, 16), new(4, 5, 2, 16),
                                        new(4, 5, 2, 16), ids([[1, 3, 0]]), ids([[2, 4, 0]])), 1)],
@@ -226,8 +229,11 @@ def _real_shape_calls(dtype=torch.bfloat16, device="cuda"):
     # the code predictor's dense MLP (H 1024, I 3072), residual None as a first layer's
     calls.append((triton_linear.add_rms_norm_swiglu, (new(8, 1, 1024), None, new(1024), 1e-6, new(6144, 1024)),
                   [((8, 1, 3072), dtype), ((8, 1, 1024), dtype)]))
-    gate, up = new(8, 2 * 768).split(768, dim=-1)  # the talker's shared expert
+    gate, up = new(8, 2 * 768).split(768, dim=-1)  # the talker's shared expert (H 1024, I 768)
     calls += [
+        (triton_linear.linear_swiglu, (new(8, 1, 1024), new(1536, 1024)), [((8, 1, 768), dtype)]),
+        (triton_linear.linear_gated_add, (new(8, 768), new(1024, 768), new(8, 1024), new(1, 1024), new(8, 1024)),
+         [((8, 1024), dtype)]),
         (triton_mlp.silu_mul, (gate, up), [((8, 768), dtype)]),
         (triton_mlp.sigmoid_gate_add, (new(8, 1024), new(8, 1), new(8, 1024)), [((8, 1024), dtype)]),
         (triton_snake.snake_beta, (new(4, 768, 24), new(768), new(768)), [((4, 768, 24), dtype)]),
@@ -293,6 +299,7 @@ def test_a_dispatch_mode_sees_each_op_and_counts_its_launches(no_gpu_no_triton):
     # counters the splits merge in-kernel
     expected = {"moe_experts": [2, 2, 4, 4], "decode_attention": [2, 2, 2, 1, 1], "rms_norm": [1] * 4,
                 "add_rms_norm": [1] * 4, "add_rms_norm_linear": [1] * 4, "add_rms_norm_swiglu": [1],
+                "linear_swiglu": [1], "linear_gated_add": [1],
                 "qk_norm_rope_cache_write": [1], "decode_norm_rope_attention": [1],
                 "silu_mul": [1], "sigmoid_gate_add": [1], "snake_beta": [1], "apply_rope": [1],
                 "route_topk": [1] * 4, "router_topk": [1] * 4, "qk_norm_rope": [1] * 4, "mrope_qk_norm_": [1], "causal_conv1d": [1],

@@ -71,6 +71,13 @@ class GatedMLP(nn.Module):
         act, residual = dispatch.add_rms_norm_swiglu(x, residual, norm.weight, norm.eps, self.gate_up_proj.weight)
         return self.down_proj(act), residual
 
+    def gated_add_forward(self, x: torch.Tensor, gate_weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + sigmoid(F.linear(x, gate_weight)) * self(x) (the talker's shared expert with its gate (1, H), added to
+        the routed experts' sum) in two ops: gate|up + SiLU·up (dispatch.linear_swiglu), then down_proj with the
+        gate and the sum in its epilogue (dispatch.linear_gated_add)."""
+        act = dispatch.linear_swiglu(x, self.gate_up_proj.weight)
+        return dispatch.linear_gated_add(act, self.down_proj.weight, x, gate_weight, y)
+
 
 class MoEExperts(nn.Module):
     """All experts stacked: gate_up_proj (E, 2I, H), down_proj (E, H, I). On disk each expert is
@@ -104,5 +111,5 @@ class SparseMoeBlock(nn.Module):
         weights, ids = dispatch.router_topk(tokens, self.gate.weight, self.top_k, self.norm_topk_prob)
         out = dispatch.moe_experts(tokens, ids, weights, self.experts.gate_up_proj, self.experts.down_proj)
         if self.shared_expert is not None:
-            out = dispatch.sigmoid_gate_add(out, self.shared_expert_gate(tokens), self.shared_expert(tokens))
+            out = self.shared_expert.gated_add_forward(tokens, self.shared_expert_gate.weight, out)
         return out.reshape(shape)
