@@ -7,11 +7,9 @@
   of pairs). Every output is sized for the worst case, so no shape depends on the routing: no host sync,
   safe inside a CUDA graph.
 - `moe_experts`, two paths chosen by the token count (a shape, never the data):
-  * decode (T ≤ DECODE_MAX_TOKENS): no alignment. Kernel 1 runs one program per (pair, block of I columns):
-    the gate and up rows of that pair's expert against its token, SiLU(gate)·up in the epilogue. Kernel 2 runs
-    one program per (token, block of H columns): for each of the token's K pairs the down rows of its expert
-    against the pair's activation, scaled by the router weight and summed in registers, so the down GEMM,
-    the router weights and the top-k combine are one launch and each weight byte is read once per pair.
+  * decode (T ≤ DECODE_MAX_TOKENS, kernels/triton_moe_decode.py): no alignment. Kernel 1: gate|up and
+    SiLU·up per (pair, block of I); kernel 2: down, router weight and top-k combine per (token, block of H,
+    group of EXPERTS_PER_PROGRAM pairs), the groups' fp32 partials merged by the last to arrive.
   * prefill: `moe_align`, then grouped GEMMs over the aligned blocks with tl.dot (every block holds rows of
     one expert): gate|up with SiLU·mul fused in the epilogue, written per sorted row; down with the router
     weight in the epilogue, written per pair; then a combine kernel sums each token's K pair rows in fp32
@@ -36,15 +34,15 @@ import triton.language as tl
 from kernels.launch_counts import DECODE_MAX_TOKENS  # noqa: F401  re-exported: tests size their cases by it
 from kernels.launch_counts import moe_experts_plan, route_topk_plan
 from kernels.moe import moe_align_max_padded
+from kernels.triton_moe_decode import DECODE_CONFIG, _silu_mul, launch_decode
 from kernels.tuning import dot_precision, launch_config
 
-DECODE_CONFIG = {"BLOCK_N_GATE_UP": 32, "BLOCK_K_GATE_UP": 128, "BLOCK_N_DOWN": 16, "BLOCK_K_DOWN": 128,
-                 "num_warps": 4}
 PREFILL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 ALIGN_CONFIG = {"BLOCK_P": 64, "num_warps": 4}
 TUNE_SPACE = {
     "moe_decode": {"BLOCK_N_GATE_UP": [8, 16, 32, 64], "BLOCK_K_GATE_UP": [64, 128, 256, 512],
-                   "BLOCK_N_DOWN": [8, 16, 32, 64], "BLOCK_K_DOWN": [64, 128, 256], "num_warps": [2, 4, 8]},
+                   "BLOCK_N_DOWN": [8, 16, 32, 64], "BLOCK_K_DOWN": [64, 128, 256],
+                   "EXPERTS_PER_PROGRAM": [1, 2, 4, 8], "num_warps": [2, 4, 8]},
     "moe_prefill": {"BLOCK_M": [16, 32, 64, 128], "BLOCK_N": [32, 64, 128], "BLOCK_K": [32, 64, 128],
                     "num_warps": [4, 8], "num_stages": [2, 3, 4]},
 }
@@ -198,77 +196,6 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, expert_ids, num_post_pad
 
 
-# -------------------------------------------------------------------------------------- decode (T ≤ 8)
-@triton.jit
-def _silu_mul(gate, up, ACT_DTYPE: tl.constexpr):
-    """SiLU(gate)·up with the reference's roundings: gate and up from a linear in the activation dtype, SiLU
-    rounded, the product rounded (fp32 in and out)."""
-    gate = gate.to(ACT_DTYPE).to(tl.float32)
-    up = up.to(ACT_DTYPE).to(tl.float32)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(ACT_DTYPE).to(tl.float32)
-    return (silu * up).to(ACT_DTYPE).to(tl.float32)
-
-
-@triton.jit
-def _decode_gate_up_kernel(
-    x_ptr, w_ptr, ids_ptr, act_ptr,
-    E, H, I, TOP_K,
-    stride_xt, stride_xh, stride_we, stride_wn, stride_wh, stride_ap, stride_ai,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pair, pid_n = tl.program_id(0), tl.program_id(1)
-    expert = tl.load(ids_ptr + pair)
-    if (expert >= 0) & (expert < E):
-        token = pair // TOP_K
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < I
-        acc_gate = tl.zeros([BLOCK_N], tl.float32)
-        acc_up = tl.zeros([BLOCK_N], tl.float32)
-        gate_rows = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn
-        up_rows = gate_rows + I * stride_wn
-        for k0 in range(0, H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_valid = offs_k < H
-            x = tl.load(x_ptr + token * stride_xt + offs_k * stride_xh, mask=k_valid, other=0.0).to(tl.float32)
-            mask = n_valid[:, None] & k_valid[None, :]
-            w_gate = tl.load(gate_rows + offs_k[None, :] * stride_wh, mask=mask, other=0.0).to(tl.float32)
-            w_up = tl.load(up_rows + offs_k[None, :] * stride_wh, mask=mask, other=0.0).to(tl.float32)
-            acc_gate += tl.sum(w_gate * x[None, :], 1)
-            acc_up += tl.sum(w_up * x[None, :], 1)
-        act = _silu_mul(acc_gate, acc_up, act_ptr.dtype.element_ty)
-        tl.store(act_ptr + pair * stride_ap + offs_n * stride_ai, act.to(act_ptr.dtype.element_ty), mask=n_valid)
-
-
-@triton.jit
-def _decode_down_combine_kernel(
-    act_ptr, w_ptr, ids_ptr, router_w_ptr, out_ptr,
-    E, H, I, TOP_K,
-    stride_ap, stride_ai, stride_we, stride_wh, stride_wi, stride_ot, stride_oh,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    token, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < H
-    act_dtype = out_ptr.dtype.element_ty
-    total = tl.zeros([BLOCK_N], tl.float32)
-    for k in range(0, TOP_K):
-        pair = token * TOP_K + k
-        expert = tl.load(ids_ptr + pair)
-        if (expert >= 0) & (expert < E):
-            acc = tl.zeros([BLOCK_N], tl.float32)
-            down_rows = w_ptr + expert * stride_we + offs_n[:, None] * stride_wh
-            for k0 in range(0, I, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_valid = offs_k < I
-                a = tl.load(act_ptr + pair * stride_ap + offs_k * stride_ai, mask=k_valid, other=0.0).to(tl.float32)
-                w = tl.load(down_rows + offs_k[None, :] * stride_wi, mask=n_valid[:, None] & k_valid[None, :],
-                            other=0.0).to(tl.float32)
-                acc += tl.sum(w * a[None, :], 1)
-            router_weight = tl.load(router_w_ptr + pair).to(tl.float32)
-            total += (acc.to(act_dtype).to(tl.float32) * router_weight).to(act_dtype).to(tl.float32)
-    tl.store(out_ptr + token * stride_ot + offs_n * stride_oh, total.to(act_dtype), mask=n_valid)
-
-
 # --------------------------------------------------------------------------------------------- prefill
 @triton.jit
 def _grouped_gate_up_kernel(
@@ -388,16 +315,8 @@ def _moe_experts_op(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weigh
     router_weights = expert_weights.reshape(-1).contiguous()
     shape_key = f"T={num_tokens},E={num_experts},K={top_k},H={hidden_size},I={inter}"
     if plan[0] == "decode_gate_up":
-        cfg = launch_config("moe_decode", shape_key, hidden.dtype, DECODE_CONFIG)
-        act = hidden.new_empty(num_pairs, inter)
-        _decode_gate_up_kernel[(num_pairs, triton.cdiv(inter, cfg["BLOCK_N_GATE_UP"]))](
-            hidden, gate_up_proj, ids, act, num_experts, hidden_size, inter, top_k,
-            *hidden.stride(), *gate_up_proj.stride(), *act.stride(),
-            BLOCK_N=cfg["BLOCK_N_GATE_UP"], BLOCK_K=cfg["BLOCK_K_GATE_UP"], num_warps=cfg["num_warps"])
-        _decode_down_combine_kernel[(num_tokens, triton.cdiv(hidden_size, cfg["BLOCK_N_DOWN"]))](
-            act, down_proj, ids, router_weights, out, num_experts, hidden_size, inter, top_k,
-            *act.stride(), *down_proj.stride(), *out.stride(),
-            BLOCK_N=cfg["BLOCK_N_DOWN"], BLOCK_K=cfg["BLOCK_K_DOWN"], num_warps=cfg["num_warps"])
+        launch_decode(hidden, ids, router_weights, gate_up_proj, down_proj, out,
+                      launch_config("moe_decode", shape_key, hidden.dtype, DECODE_CONFIG))
         return out
 
     cfg = launch_config("moe_prefill", shape_key, hidden.dtype, PREFILL_CONFIG)
@@ -434,6 +353,21 @@ def moe_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: 
     _check_moe_args(hidden, expert_ids, expert_weights, gate_up_proj, down_proj)
     return torch.ops.omni_rt_triton.moe_experts(hidden, expert_ids.contiguous(), expert_weights.contiguous(),
                                                 gate_up_proj, down_proj)
+
+
+def decode_split(experts_per_program: int):
+    """moe_experts's decode path with the down kernel's split forced to `experts_per_program` pairs per program
+    (K or more: one program per (token, block of H), the unsplit kernel), whatever the tuned table says: what
+    bench/kernels.py times side by side. Runs the launches directly, not through the torch.library op."""
+    def run(hidden, expert_ids, expert_weights, gate_up_proj, down_proj):
+        _check_moe_args(hidden, expert_ids, expert_weights, gate_up_proj, down_proj)
+        if not 0 < hidden.shape[0] <= DECODE_MAX_TOKENS:
+            raise ValueError(f"decode_split: 1 to {DECODE_MAX_TOKENS} tokens, got {hidden.shape[0]}")
+        out = torch.empty_like(hidden)
+        launch_decode(hidden, expert_ids.reshape(-1).contiguous(), expert_weights.reshape(-1).contiguous(),
+                      gate_up_proj, down_proj, out, {**DECODE_CONFIG, "EXPERTS_PER_PROGRAM": experts_per_program})
+        return out
+    return run
 
 
 # runtime/dispatch.py registers these as the `triton` backend (dispatch op name -> public function).

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kernels.moe import moe_align_max_padded, moe_align_ref, moe_experts_ref, route_topk_ref, router_topk_ref
-from kernels.triton_moe import DECODE_MAX_TOKENS, PREFILL_CONFIG, moe_align, moe_experts, route_topk
+from kernels.triton_moe import (DECODE_CONFIG, DECODE_MAX_TOKENS, PREFILL_CONFIG, decode_split, moe_align, moe_experts,
+                                route_topk)
 from kernels.triton_router import router_topk
 from runtime import dispatch
 from tests.test_triton_attention import compile_for_sm90, compiles_without_gpu
@@ -218,6 +219,59 @@ def test_moe_experts_refuses_mismatched_arguments():
         moe_experts(x.half(), ids, weights, gate_up, down)
 
 
+# ----------------------------------------------------- decode: the down + combine kernel split over expert groups
+def _decode_ids_with_repeats_and_padding(num_tokens, num_experts, top_k):
+    """Routed ids with an expert repeated inside a token, a dropped pair and, from 3 tokens, a padded token."""
+    ids = routed_ids(num_tokens, num_experts, top_k)
+    ids[0, 1] = ids[0, 0]  # the same expert twice for one token: two pairs, two contributions
+    ids[0, top_k - 1] = -1
+    if num_tokens >= 3:
+        ids[1] = -1  # a padded token: zeros out
+    return ids
+
+
+@pytest.mark.parametrize("num_tokens,experts_per_program,dtype", [  # K = 8; 3 per program: a short last group
+    (1, 2, torch.float32), (1, 3, torch.float32), (3, 1, torch.float32), (3, 2, torch.float32),
+    (DECODE_MAX_TOKENS, 2, torch.float32), (DECODE_MAX_TOKENS, 3, torch.float32),
+    (1, 2, torch.float16), (3, 3, torch.float16), (DECODE_MAX_TOKENS, 2, torch.float16),
+])
+def test_decode_split_over_expert_groups(num_tokens, experts_per_program, dtype):
+    torch.manual_seed(100 * num_tokens + 10 * experts_per_program + (dtype == torch.float16))  # the helpers draw
+    num_experts, top_k, hidden, inter = 16, 8, 40, 24  # H: two blocks of BLOCK_N_DOWN and a partial one
+    x = torch.randn(num_tokens, hidden, device=DEVICE).to(dtype)
+    gate_up, down = expert_weights_for(num_experts, hidden, inter, dtype)
+    ids = _decode_ids_with_repeats_and_padding(num_tokens, num_experts, top_k)
+    weights = router_weights(num_tokens, top_k, dtype)
+    got = decode_split(experts_per_program)(x, ids, weights, gate_up, down)
+    assert rel_err(got, reference(x, ids, weights, gate_up, down)) <= (1e-5 if dtype == torch.float32 else 1e-3)
+    if num_tokens >= 3:
+        assert torch.equal(got[1], torch.zeros_like(got[1]))
+    unsplit = decode_split(top_k)(x, ids, weights, gate_up, down)  # the one-program-per-token kernel
+    assert rel_err(got, unsplit) <= (1e-6 if dtype == torch.float32 else 1e-3)  # only the fp32 sum order differs
+
+
+def test_decode_default_is_the_split_and_calls_do_not_leak_counts():
+    """The op's decode path uses DECODE_CONFIG's split; its arrival counters are zeroed inside each call, so calls
+    one after another (recycled buffers holding the last call's counts) give the same output."""
+    assert DECODE_CONFIG["EXPERTS_PER_PROGRAM"] < 8
+    torch.manual_seed(7)
+    x = torch.randn(2, 40, device=DEVICE)
+    gate_up, down = expert_weights_for(16, 40, 24, torch.float32)
+    ids, weights = routed_ids(2, 16, 8), router_weights(2, 8, torch.float32)
+    first = moe_experts(x, ids, weights, gate_up, down)
+    assert torch.equal(first, decode_split(DECODE_CONFIG["EXPERTS_PER_PROGRAM"])(x, ids, weights, gate_up, down))
+    for _ in range(3):
+        assert torch.equal(moe_experts(x, ids, weights, gate_up, down), first)
+    assert rel_err(first, reference(x, ids, weights, gate_up, down)) <= 1e-5
+
+
+def test_decode_split_refuses_prefill_sizes():
+    gate_up, down = expert_weights_for(8, 16, 8, torch.float32)
+    x, ids, weights = torch.randn(9, 16), routed_ids(9, 8, 2), router_weights(9, 2, torch.float32)
+    with pytest.raises(ValueError, match="1 to 8 tokens"):
+        decode_split(2)(x, ids, weights, gate_up, down)
+
+
 def test_registered_and_selectable():
     saved = dispatch.selected()
     with dispatch.active({"route_topk": "triton", "moe_experts": "triton"}):
@@ -237,7 +291,7 @@ def test_registered_and_selectable():
 @compiles_without_gpu
 def test_compiles_for_sm90():
     out = compile_for_sm90("""
-        from kernels.triton_moe import moe_experts, route_topk
+        from kernels.triton_moe import decode_split, moe_experts, route_topk
         from kernels.triton_router import router_topk
         for dtype in (torch.bfloat16, torch.float32):  # fp16 compiles as bf16 does
             logits = torch.randn(9, 128).to(dtype)
@@ -245,8 +299,9 @@ def test_compiles_for_sm90():
             router_topk(torch.randn(9, 2048).to(dtype), torch.randn(128, 2048).to(dtype), 8, True)
             gate_up, down = torch.randn(128, 2 * 768, 2048).to(dtype), torch.randn(128, 2048, 768).to(dtype)
             ids = torch.stack([torch.randperm(128)[:8] for _ in range(9)])
-            for tokens in (1, 9):  # the decode and the prefill path
+            for tokens in (1, 9):  # the decode (split down kernel: in-kernel merge) and the prefill path
                 moe_experts(torch.randn(tokens, 2048).to(dtype), ids[:tokens], weights[:tokens], gate_up, down)
+            decode_split(8)(torch.randn(1, 2048).to(dtype), ids[:1], weights[:1], gate_up, down)  # unsplit
     """)
     for kernel in ("_route_topk_kernel", "_router_topk_kernel", "_moe_align_kernel", "_decode_gate_up_kernel", "_decode_down_combine_kernel",
                    "_grouped_gate_up_kernel", "_grouped_down_kernel", "_combine_topk_kernel"):
