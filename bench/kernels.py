@@ -13,7 +13,10 @@ Ops and shapes (read from runtime/presets.py `qwen3-omni-30b-a3b`):
   talker layer (E=128, K=6, H=1024, I=384) at M = 1, 4, 8, 256. Extra row `torch._grouped_mm` (where this
   torch has it): the same computation from grouped GEMMs (gather per expert, grouped gate_up, silu*up,
   grouped down, weighted combine). Bytes = weights of the distinct experts the drawn routing touches +
-  activations, averaged over the rotated input sets (each set has its own routing).
+  activations, averaged over the rotated input sets (each set has its own routing). Decode cases add the
+  Triton decode path with its down + combine kernel forced unsplit, `triton:down K experts/program` (one
+  program per token and block of H, as before issue 18), and split, `triton:down 2 experts/program` (K/2
+  programs, merged in-kernel): their µs ratio in one run is the split's gain.
 - route_topk: thinker router logits (M, 128), top-8.
 - qk_norm_rope (TM-RoPE + q/k RMSNorm): 32 q heads, 4 kv heads, D=128 at the same M; the CUDA fused
   `omni_rt::mrope_qk_norm_` (which also computes cos/sin from positions) as an extra row where built.
@@ -176,9 +179,22 @@ def moe_cases(env: Env, shapes: dict) -> list[Case]:
                         moe_bytes(m, unique, H, I, K, env.elem), moe_flops(m, H, I, K))
 
             extras = {"torch._grouped_mm": grouped_mm_moe} if hasattr(torch, "_grouped_mm") else {}
+            if m <= 8:  # the decode path's down + combine kernel, unsplit (the old one) and split, same run
+                extras[f"triton:down {K} experts/program"] = _moe_decode_split(K)
+                if K > 2:
+                    extras["triton:down 2 experts/program"] = _moe_decode_split(2)
             cases.append(Case("moe_experts", f"{model} M={m} E={E} K={K} H={H} I={I}", make_set,
                               launch_bound=m <= 8, phase=_phase(m), min_sets=4, extras=extras))
     return cases
+
+
+def _moe_decode_split(experts_per_program: int) -> Callable:
+    """kernels.triton_moe.decode_split, imported at the first call (only where Triton rows run)."""
+    def run(*args):
+        from kernels.triton_moe import decode_split
+
+        return decode_split(experts_per_program)(*args)
+    return run
 
 
 def _route(logits: torch.Tensor, top_k: int):

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from bench import common  # noqa: E402
 from bench import kernels as bench_kernels  # noqa: E402
 from bench import tune  # noqa: E402
+from kernels.moe import moe_experts_ref  # noqa: E402
 
 SMOKE_OPS = {"moe_experts", "route_topk", "qk_norm_rope", "decode_attention", "causal_conv1d_update",
              "causal_conv_transpose1d_update", "rms_norm", "add_rms_norm_linear", "add_rms_norm_swiglu"}
@@ -253,6 +254,29 @@ def test_case_selection_by_op_and_phase():
         bench_kernels.parse_selectors("moe")
     with pytest.raises(ValueError, match="unknown phase"):
         bench_kernels.parse_selectors("moe_experts:decoding")
+
+
+def test_moe_decode_cases_time_the_down_kernel_unsplit_and_split():
+    """At the real shapes each MoE decode case carries the Triton decode path with its down + combine kernel
+    forced unsplit (K experts per program) and split (2), so one GPU run gives their ratio; prefill has neither.
+    Both give the twin's result (a one-token thinker-like case under the interpreter on CPU)."""
+    env = bench_kernels.Env(torch.device("cpu"), torch.float32, smoke=False)
+    cases = bench_kernels.build_cases(env, bench_kernels.parse_selectors("moe_experts"))
+    for case in cases:
+        top_k = int(case.name.split("K=")[1].split()[0])
+        variants = {name for name in case.extras if name.startswith("triton:down")}
+        want = {f"triton:down {top_k} experts/program", "triton:down 2 experts/program"}
+        assert variants == (want if case.phase == "decode" else set()), case.name
+    assert {c.name.split()[0] for c in cases if c.phase == "decode"} == {"thinker", "talker"}
+    thinker = next(c for c in cases if c.phase == "decode" and c.name.startswith("thinker"))  # K = 8
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(1, 40, generator=gen)
+    gate_up, down = torch.randn(16, 48, 40, generator=gen) / 7, torch.randn(16, 40, 24, generator=gen) / 5
+    ids = torch.randperm(16, generator=gen)[:8].reshape(1, 8)
+    weights = torch.rand(1, 8, generator=gen).softmax(-1)
+    want = moe_experts_ref(hidden, ids, weights, gate_up, down)
+    for name in ("triton:down 8 experts/program", "triton:down 2 experts/program"):
+        assert common.rel_err(thinker.extras[name](hidden, ids, weights, gate_up, down), want) <= 1e-5, name
 
 
 def test_kernels_json_is_written_after_every_case(tmp_path, monkeypatch):
