@@ -48,7 +48,8 @@ def route_topk_plan(num_tokens: int) -> tuple[str, ...]:
 
 
 def moe_experts_plan(num_tokens: int) -> tuple[str, ...]:
-    """The path is chosen by the token count (a shape, never the data)."""
+    """The path is chosen by the token count (a shape, never the data). Decode is two kernels whatever the down
+    kernel's split over expert groups: the groups merge in-kernel (kernels/triton_moe_decode.py)."""
     if num_tokens == 0:
         return ()
     if num_tokens <= DECODE_MAX_TOKENS:
