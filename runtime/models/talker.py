@@ -107,10 +107,6 @@ class CodePredictor(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def embed_residuals(self, residual_codes: torch.Tensor) -> torch.Tensor:
-        """residual_codes: [B, G-1] codes of codebooks 1..G-1 -> [B, G-1, H] their embeddings."""
-        return torch.stack([table(residual_codes[:, i]) for i, table in enumerate(self.model.codec_embedding)], dim=1)
-
     def frame_cache(self, batch: int, dtype: torch.dtype, device) -> FrameKVCache:
         """The static cache of one frame's G positions per row, with the RoPE cos/sin of positions 0..G-1 [B, G, D]
         (a static cache needs no mask). A runner keeps one per batch size and passes it to every frame (nothing
@@ -221,9 +217,27 @@ class Talker(nn.Module):
         self.hidden_projection = ResizeMLP(cfg.thinker_hidden_size, text.intermediate_size, text.hidden_size)
         self.codec_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.code_predictor = CodePredictor(cfg.code_predictor, cfg.num_code_groups)
+        # the G codec embeddings stacked, for frame_input's one gather (derived from the parameters: fold_parameters)
+        self.register_buffer("codec_tables", torch.empty(0), persistent=False)  # [V + (G-1)·Vc, H]
+        self.register_buffer("codec_offsets", torch.empty(0, dtype=torch.long), persistent=False)  # [G]
+        self.fold_parameters()
 
     def new_cache(self) -> DynamicKVCache:
         return self.model.new_cache()
+
+    def fold_parameters(self) -> None:
+        """codec_tables: code 0's table (talker vocab) then the code predictor's G-1 tables stacked, and
+        codec_offsets [G] the first row of each, so frame_input embeds a frame's G codes with one gather. A copy of
+        the parameters (~69 MB in bf16 at the released shapes), rebuilt after every load (runtime/weights.py
+        refresh_folded)."""
+        tables = [self.model.codec_embedding.weight, *(e.weight for e in self.code_predictor.model.codec_embedding)]
+        self.codec_tables = torch.cat([table.detach() for table in tables])
+        starts = [0]
+        for table in tables[:-1]:
+            starts.append(starts[-1] + table.shape[0])
+        self.codec_offsets = torch.tensor(starts, dtype=torch.long, device=self.codec_tables.device)
+
+    reset_buffers = fold_parameters  # after `to_empty` (runtime/weights.py): rebuilt again once the weights load
 
     # ------------------------------------------------------------------ inputs
 
@@ -241,10 +255,9 @@ class Talker(nn.Module):
         codes: [B, G] int64, code 0 (talker vocab) then codebooks 1..G-1; text_embed: [B, H] from
         TalkerPrompt.text_for_frame. Returns [B, 1, H].
         """
-        code0 = self.model.codec_embedding(codes[:, 0])  # [B, H]
-        residual = self.code_predictor.embed_residuals(codes[:, 1:])  # [B, G-1, H]
-        # Summed in sequence order (code 0 first), as transformers does, so fp32 results match bit for bit.
-        summed = torch.cat((code0[:, None], residual), dim=1).sum(1)
+        embedded = F.embedding(codes + self.codec_offsets, self.codec_tables)  # [B, G, H], one gather
+        # Summed over the frame in sequence order (code 0 first), as transformers does: fp32 matches bit for bit.
+        summed = embedded.sum(1)
         return (summed + text_embed.to(summed.dtype))[:, None]
 
     def build_prompt(self, cfg: OmniConfig, input_ids: torch.Tensor, sequences: torch.Tensor,
