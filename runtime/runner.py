@@ -1,13 +1,14 @@
 """The model runner: the static state every session lives in, and the step functions that advance it.
 
-`ModelRunner` owns the per-slot state (the thinker's and the talker's StaticKVCache, Code2WavSlots), the
-code-0 suppress mask, the talker's CUDA stream, and one step function per stage:
+`ModelRunner` owns the per-slot state (the thinker's and the talker's StaticKVCache, Code2WavSlots, the talker's
+next-input state TalkerInputs), the code-0 suppress mask, the talker's CUDA stream, and one step function per stage:
 
     thinker_prefill   one prefill chunk of one slot, front-padded to a static bucket
     talker_prefill    the same for the talker's prompt
     thinker_decode    one token for a batch of slots -> the next tokens, sampled
-    talker_decode     one talker input per slot -> (code 0, sampled with the control ids suppressed, hidden)
-    code_predictor    one whole frame (codebooks 1..G−1) per row, each code sampled
+    talker_decode     one text token per slot -> its input (last frame + text, runtime/talker_inputs.py) -> (code 0,
+                      sampled with the control ids suppressed, hidden)
+    code_predictor    one whole frame (codebooks 1..G−1) per row, each code sampled, recorded per slot
     code2wav          one frame's samples per slot, after each slot's first frame
     code2wav_first    a slot's first frame (its transposed convs trim their left edge: fewer samples)
 
@@ -43,6 +44,7 @@ from runtime.models.talker import code0_suppress_mask
 from kernels.sampling import STAGE_CODE_PREDICTOR, STAGE_TALKER, STAGE_THINKER
 from runtime.options import GenerationOptions, SchedulerConfig
 from runtime.sampling import SlotSampling
+from runtime.talker_inputs import TalkerInputs
 from runtime.timing import StageTimer
 from runtime.transfers import HostTransfers
 
@@ -52,7 +54,7 @@ TALKER_PROMPT_EXTRA = 9  # assistant positions the talker prompt adds after the 
 # write only the scratch slot). Prefill stages take one slot and a chunk already padded to its bucket.
 BATCHED = {
     "thinker_decode": ((0, 1, 0), (0, 0, -1)),
-    "talker_decode": ((0, 1, 0), (0, 0, -1)),
+    "talker_decode": ((0, 0), (0, -1)),
     "code_predictor": ((0, 0, 0), (0, 0, -1)),
     "code2wav": ((0, 0), (0, -1)),
     "code2wav_first": ((0, 0), (0, -1)),
@@ -94,7 +96,7 @@ class ModelRunner:
         slots = options.max_sessions
         self.thinker_cache = StaticKVCache.for_decoder(text_cfg, slots, self.max_seq_len, self.dtype, self.device)
         self.sampling = {"thinker": SlotSampling(slots, self.max_seq_len, STAGE_THINKER, self.device)}
-        self.talker_cache = self.code2wav_slots = self.suppress = None
+        self.talker_cache = self.code2wav_slots = self.suppress = self.talker_inputs = None
         self.frame_caches: dict[int, FrameKVCache] = {}
         self.talker_max_len = 0
         if self.speech:
@@ -105,6 +107,7 @@ class ModelRunner:
             self.suppress = code0_suppress_mask(model.talker.cfg, self.device)  # [V]
             self.suppress_for = model.talker.cfg.codec_eos_token_id
             self.code2wav_slots = Code2WavSlots(model.code2wav, slots, self.device, self.dtype)
+            self.talker_inputs = TalkerInputs(slots, config.talker.num_code_groups, self.device)
             self.sampling["talker"] = SlotSampling(slots, self.talker_max_len, STAGE_TALKER, self.device)
             self.sampling["code_predictor"] = SlotSampling(slots, 0, STAGE_CODE_PREDICTOR, self.device)
             # one frame cache per batch bucket, outside any graph pool: a captured frame allocates nothing (an eager
@@ -205,13 +208,21 @@ class ModelRunner:
         view.commit()
         return logits[:, -1], hidden[:, -1]
 
-    def talker_decode_step(self, embeds, positions, slots) -> tuple[torch.Tensor, torch.Tensor]:
-        """embeds [B, 1, H], positions [3, B, 1], slots [B] -> (code 0 [B], hidden [B, H]): code 0 sampled with
-        the control ids suppressed (MODEL_SPEC §8.2)."""
+    def talker_decode_step(self, text_ids, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """text_ids [B] thinker ids, slots [B] -> (code 0 [B], hidden [B, H]): the input after each slot's last frame
+        built here (runtime/talker_inputs.py), one step, code 0 sampled with the control ids suppressed (§8.2)."""
+        embeds, positions = self.talker_input(text_ids, slots)
         view = self.talker_cache.view(slots, 1, 1)
         logits, hidden = self.model.talker(embeds, positions, None, view)
         view.commit()
-        return self.sampling["talker"].sample(logits[:, -1], slots, self.suppress), hidden[:, -1]
+        code0 = self.sampling["talker"].sample(logits[:, -1], slots, self.suppress)
+        self.talker_inputs.advance(slots, positions)  # last, as the cache's commit: a failed step changes nothing
+        return code0, hidden[:, -1]
+
+    def talker_input(self, text_ids, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """text_ids [B], slots [B] -> (embeds [B, 1, H], positions [3, B, 1]) of the slots' next talker step."""
+        model = self.model
+        return self.talker_inputs.build(model.talker, model.thinker.model.embed_tokens, text_ids, slots)
 
     def code_predictor_step(self, hidden, code0, slots) -> tuple[torch.Tensor]:
         """hidden [B, H], code0 [B], slots [B] -> (codes [B, G],): the code predictor's whole frame. Code g of
@@ -231,8 +242,10 @@ class ModelRunner:
             drawn.append(code)
             return code
 
-        return (self.model.talker.predict_frame(hidden, code0, sample_fn=choose,
-                                                frame_cache=self.frame_caches.get(hidden.shape[0])),)
+        codes = self.model.talker.predict_frame(hidden, code0, sample_fn=choose,
+                                                frame_cache=self.frame_caches.get(hidden.shape[0]))  # [B, G]
+        self.talker_inputs.record_codes(slots, codes)  # the next talker step's input reads them there
+        return (codes,)
 
     def code2wav_step(self, codes, slots) -> tuple[torch.Tensor]:
         """codes [B, G, 1], slots [B] -> (samples [B, 1, hop],) of slots past their first frame."""
@@ -271,8 +284,8 @@ class ModelRunner:
         positions = torch.zeros(3, size, 1, **index)
         if name == "thinker_decode":
             return torch.zeros(size, **index), positions, padded
-        if name == "talker_decode":
-            return torch.zeros(size, 1, talker_hidden, **kw), positions, padded
+        if name == "talker_decode":  # text ids, slots
+            return torch.zeros(size, **index), padded
         if name in ("code2wav", "code2wav_first"):
             return torch.zeros(size, cfg.code2wav.num_quantizers, 1, **index), padded
         return torch.zeros(size, talker_hidden, **kw), torch.zeros(size, **index), padded  # code_predictor
@@ -293,15 +306,20 @@ class ModelRunner:
             return self.sampling["thinker"].sample(self.exported.thinker_decode(tokens, positions, slots), slot_ids)
         return self.run("thinker_decode", (tokens, positions, slot_ids))[0]
 
-    def talker_decode(self, embeds, positions, slots: list[int], longest: int):
-        """embeds [B, 1, H], positions [3, B, 1] -> (code 0 [B], hidden [B, H])."""
+    def talker_decode(self, text_ids: list[int], slots: list[int], longest: int):
+        """The text token id of each slot's next talker input (thinker vocab) -> (code 0 [B], hidden [B, H]); the
+        input's frame codes and position are on the device already (runtime/talker_inputs.py)."""
         check_room(self.talker_cache, longest)
         self._check_suppress()
-        slot_ids = self.slot_ids(slots)
+        ids = self.indices([*slots, *text_ids])  # one host-to-device copy for both
+        slot_ids, text = ids[:len(slots)], ids[len(slots):]
         if self.exported is not None and self.exported.talker:
+            embeds, positions = self.talker_input(text, slot_ids)
             logits, hidden = self.exported.talker_decode(embeds, positions, slots)
-            return self.sampling["talker"].sample(logits, slot_ids, self.suppress), hidden
-        return self.run("talker_decode", (embeds, positions, slot_ids))
+            code0 = self.sampling["talker"].sample(logits, slot_ids, self.suppress)
+            self.talker_inputs.advance(slot_ids, positions)
+            return code0, hidden
+        return self.run("talker_decode", (text, slot_ids))
 
     def first_token(self, logits: torch.Tensor, slot: int) -> torch.Tensor:
         """The prompt's last logits [1, V] -> the first generated token [1], sampled as the decode steps do."""

@@ -42,14 +42,13 @@ class ThinkerProgress:
 
 @dataclass
 class TalkerProgress:
-    prompt_len: int  # talker prompt positions
-    positions: torch.Tensor  # [3, 1, 1] position of the last fed input
-    tts_eos: torch.Tensor  # [H] projected tts_eos
-    tts_pad: torch.Tensor  # [H] projected tts_pad
+    prompt_len: int  # talker prompt positions (the last fed input's position is on the device: TalkerInputs)
+    tts_eos_id: int  # thinker ids of the text after the generation's last token, then after that: the talker
+    tts_pad_id: int  # step projects them as it projects a fed token
     code0: torch.Tensor | None = None  # [1] code 0 of the next frame, sampled, its frame not made yet
     hidden: torch.Tensor | None = None  # [1, H] the final-norm state that produced `code0`
     code0_value: int | None = None  # `code0` on the host (the tick's read-back), None until read
-    codes: torch.Tensor | None = None  # [1, G] the last frame, waiting for its text to be fed back
+    codes: torch.Tensor | None = None  # [1, G] the last frame (also in TalkerInputs), waiting for its text
     frame: int = 0  # frames produced
     waiting: list = field(default_factory=list)  # frames decoded, not sent yet: [G] each
     samples: list = field(default_factory=list)  # their samples, [n] each
@@ -116,15 +115,14 @@ class Session:
         """The talker input after frame k needs t_{k+2}, or the thinker to have stopped."""
         return self.thinker.done or len(self.thinker.tokens) >= self.talker.frame + 1
 
-    def frame_text(self) -> int | torch.Tensor:
-        """The text of the talker input after frame k = frame − 1: the token id of t_{k+2} while that is a fed
-        token, else the projected tts_eos (for the generation's last token: EOS or the max-token cut) or
-        tts_pad (after it), [1, H]."""
+    def frame_text(self) -> int:
+        """The text of the talker input after frame k = frame − 1, as a thinker token id: t_{k+2} while that is a
+        fed token, else tts_eos (for the generation's last token: EOS or the max-token cut) or tts_pad (after it)."""
         th, tk = self.thinker, self.talker
         wanted, generated = tk.frame + 1, len(th.tokens)  # 1-based index of t_{k+2}
         if wanted < generated or (wanted == generated and not th.done):
             return th.tokens[wanted - 1]
-        return (tk.tts_eos if wanted == generated else tk.tts_pad)[None]
+        return tk.tts_eos_id if wanted == generated else tk.tts_pad_id
 
     def speech_ends(self, code0: int) -> bool:
         """The frame stop rule: codec EOS as code 0, or the last allowed talker step (it emits no frame)."""

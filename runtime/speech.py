@@ -6,7 +6,9 @@ parameters inside the runner's steps; greedy = `talker_do_sample=False, talker_r
     prefill the talker prompt -> logits of its last position -> code 0 (control ids suppressed, sampled)
     per frame k: the code predictor fills codebooks 1..G-1 from (talker hidden, code 0); Code2Wav decodes the
                  frame's final samples from the session's streaming state
-                 next talker input = frame_input(codes_k, text of frame k) -> one talker step -> code 0
+                 next talker input = frame_input(codes_k, text of frame k) -> one talker step -> code 0, the
+                 input built inside that step from per-slot device state (runtime/talker_inputs.py): the host
+                 gives only the text token id (a fed token, tts_eos or tts_pad)
     code 0 reaches the host with the tick's one read-back (runtime/scheduler.py), for the stop rule.
     stop at codec EOS or at the last allowed step (runtime/session.py holds the rules).
 
@@ -71,10 +73,9 @@ def start_talker(runner, session: Session) -> None:
     inputs = prompt.inputs
     positions = talker_position_ids(talker_prompt, cfg, inputs.image_grid_thw, inputs.video_grid_thw,
                                     inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video)
-    special = runner.indices([cfg.tts_eos_token_id, cfg.tts_pad_token_id])
-    tts_eos, tts_pad = model.talker.project_text(embed_tokens(special))
     logits, hidden = talker_prefill(runner, talker_prompt.inputs_embeds, positions, session.slot)
-    session.talker = TalkerProgress(talker_prompt.inputs_embeds.shape[1], positions[:, :, -1:], tts_eos, tts_pad,
+    runner.talker_inputs.start(session.slot, positions[:, :, -1])
+    session.talker = TalkerProgress(talker_prompt.inputs_embeds.shape[1], cfg.tts_eos_token_id, cfg.tts_pad_token_id,
                                     runner.first_code0(logits, session.slot), hidden)
 
 
@@ -111,20 +112,11 @@ def frames(runner, sessions: list[Session]) -> None:
 
 
 def talker_decode(runner, sessions: list[Session]) -> None:
-    """One talker step for every session whose last frame and its text are ready: code 0 of its next frame."""
-    model = runner.model
-    texts = [session.frame_text() for session in sessions]
-    fed = [i for i, text in enumerate(texts) if isinstance(text, int)]
-    if fed:  # fed text tokens: their thinker embeddings (one host-to-device copy), each projected on its own row
-        embedded = model.thinker.model.embed_tokens(runner.indices([texts[i] for i in fed]))  # [n, Ht]
-        for row, i in enumerate(fed):
-            texts[i] = model.talker.project_text(embedded[row:row + 1])
-    embeds = torch.cat([model.talker.frame_input(s.talker.codes, text)
-                        for s, text in zip(sessions, texts)])  # [B, 1, H]
-    positions = torch.cat([s.talker.positions + 1 for s in sessions], dim=1)  # [3, B, 1]
+    """One talker step for every session whose last frame and its text are ready: code 0 of its next frame. The
+    step builds each input from the slot's last frame and position (on the device) and its text token id."""
     longest = max(s.talker.prompt_len + s.talker.frame for s in sessions)
-    code0, hidden = runner.talker_decode(embeds, positions, [s.slot for s in sessions], longest)
+    code0, hidden = runner.talker_decode([s.frame_text() for s in sessions], [s.slot for s in sessions], longest)
     for i, session in enumerate(sessions):
         tk = session.talker
-        tk.positions, tk.codes = positions[:, i:i + 1], None
+        tk.codes = None
         tk.code0, tk.code0_value, tk.hidden = code0[i:i + 1], None, hidden[i:i + 1]

@@ -245,10 +245,10 @@ def _restore(cache, saved):
 
 
 def _side_state(runner) -> list[torch.Tensor]:
-    """State a step changes besides the KV caches: Code2Wav's streams and the per-slot sampling state (step
-    counters, histories)."""
+    """State a step changes besides the KV caches: Code2Wav's streams, the per-slot sampling state (step
+    counters, histories) and the talker's next-input state (frame codes, positions)."""
     sampling = [t for stage in runner.sampling.values() for t in vars(stage).values() if torch.is_tensor(t)]
-    return [*runner.code2wav_slots.state_tensors(), *sampling]
+    return [*runner.code2wav_slots.state_tensors(), *sampling, *runner.talker_inputs.state_tensors()]
 
 
 @needs_cuda
@@ -276,7 +276,10 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
         cache.values.normal_()
     tokens = torch.randint(11, 470, (3,), device=device)
     positions = torch.randint(0, 30, (3, 3, 1), device=device)
-    embeds = torch.randn(3, 1, cfg.talker.text.hidden_size, device=device)
+    text_ids = torch.randint(11, 470, (3,), device=device)  # the talker step embeds and projects them itself
+    groups, codebook = cfg.talker.num_code_groups, cfg.talker.code_predictor.vocab_size
+    runner.talker_inputs.codes[:3] = torch.randint(0, codebook, (3, groups), device=device)  # each slot's last frame
+    runner.talker_inputs.positions[:, :3] = torch.randint(0, 30, (3, 3), device=device)
     hidden = torch.randn(3, cfg.talker.text.hidden_size, device=device)
     code0 = torch.randint(0, 100, (3,), device=device)
     frame_codes = torch.randint(0, cfg.code2wav.codebook_size, (3, cfg.code2wav.num_quantizers, 1), device=device)
@@ -299,7 +302,7 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
         (runner.thinker_cache, "thinker_prefill", chunk),
         (runner.talker_cache, "talker_prefill", talker_chunk),
         (runner.thinker_cache, "thinker_decode", (tokens, positions, slots)),
-        (runner.talker_cache, "talker_decode", (embeds, positions, slots)),
+        (runner.talker_cache, "talker_decode", (text_ids, slots)),
         (None, "code_predictor", (hidden, code0, slots)),
         (None, "code2wav", (frame_codes, slots)),
         (None, "code2wav_first", (frame_codes, slots)),

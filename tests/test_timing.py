@@ -93,8 +93,7 @@ def _speaking_session(chunk_frames: int, audio_format: str = "float32") -> Sessi
                               talker_max_new_tokens=9, return_audio=True)
     request = SimpleNamespace(options=options, prompt=SimpleNamespace(input_ids=torch.zeros(1, 3, dtype=torch.long)))
     session = Session(0, request, None, eos_token_id=1, codec_eos_token_id=2, sample_rate=24000)
-    zeros = torch.zeros(3, 1, 1, dtype=torch.long)
-    session.talker = TalkerProgress(5, zeros, torch.zeros(4), torch.zeros(4))
+    session.talker = TalkerProgress(5, tts_eos_id=7, tts_pad_id=8)
     return session
 
 
