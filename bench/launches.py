@@ -5,7 +5,7 @@ Code2Wav's first frame `code2wav_first` among them) runs once on the meta device
 kernels under runtime/graph_audit.py's StepAudit (its docstring has the counting rules). The table and bench/results/launches.json give, per stage: kernel launches, host syncs, H2D and
 D2H copies, the weight bytes it reads, and two floors — the bytes at nominal HBM bandwidth of an H100 SXM and an
 H200, and the launches at 1.5 µs per dependent graph node — then the totals of a steady-state tick and of the
-first-packet path.
+first-packet path, and the eager host glue of the talker's step between the graphs (`talker_glue`).
 
     python bench/launches.py                        # Triton kernels (what the GPU runs), JSON to bench/results/
     python bench/launches.py --kernels torch --out /tmp/r
@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,11 +28,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # nothing launches on meta tenso
 
 import torch  # noqa: E402
 
-from runtime import dispatch  # noqa: E402
+from runtime import dispatch, speech  # noqa: E402
 from runtime.config import OmniConfig  # noqa: E402
 from runtime.graph_audit import meta_model  # noqa: E402
-from runtime.options import SchedulerConfig  # noqa: E402
+from runtime.options import GenerationOptions, Request, SchedulerConfig  # noqa: E402
 from runtime.runner import ModelRunner  # noqa: E402
+from runtime.session import Session, TalkerProgress  # noqa: E402
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # nominal (SXM): the floors are lower bounds
 NODE_SECONDS = 1.5e-6  # a dependent kernel in a replayed CUDA graph: ~1.5-2 µs each on Hopper
@@ -68,6 +70,10 @@ def measure(kernels: str, slots: int) -> list[dict]:
             report, _ = model.audit(spec.fn, spec.example_inputs, strict=False)
             unit = "tokens" if "prefill" in spec.name else "rows"
             rows.append(_row(f"{spec.name}[{spec.size}]", report, f"captured; {spec.size} {unit}"))
+        rows.append(_row("talker_decode glue (1 session)", talker_glue(model, runner),
+                         "eager, between the graphs: runtime/speech.py talker_decode of one steady session (a fed "
+                         "text token) minus its captured stage, whose replay counts as the copies it makes (each "
+                         "input into its graph buffer, each output out)"))
 
     rows.append(_total("steady-state tick (1 session)", rows,
                        ["thinker_decode[1]", "talker_decode[1]", "code_predictor[1]", "code2wav[1]"],
@@ -79,6 +85,30 @@ def measure(kernels: str, slots: int) -> list[dict]:
                        "host from the clip lengths, and a boolean mask selects its valid tokens: it cannot run on "
                        "meta tensors) and the talker prompt build between the stages"))
     return rows
+
+
+def talker_glue(model, runner):
+    """StepReport of what the talker's tick runs eagerly for one session past its first frame, outside the
+    talker_decode graph: runtime/speech.py talker_decode with runner.run standing in for the replay."""
+    cfg, meta = runner.config, dict(device=runner.device)
+    request = Request(SimpleNamespace(input_ids=torch.zeros(1, 40, dtype=torch.long)), GenerationOptions())
+    session = Session(0, request, None, cfg.im_end_token_id, cfg.talker.codec_eos_token_id, 24000)
+    session.slot, session.thinker.tokens = 0, [11, 12, 13, 14]  # the input after frame 0 carries t2, a fed token
+    session.talker = TalkerProgress(49, cfg.tts_eos_token_id, cfg.tts_pad_token_id, frame=1,
+                                    codes=torch.zeros(1, cfg.talker.num_code_groups, dtype=torch.long, **meta))
+    outputs = (torch.zeros(1, dtype=torch.long, **meta), torch.zeros(1, cfg.talker.text.hidden_size, dtype=runner.dtype, **meta))
+
+    def replay(name, inputs):  # runtime/graphs.py GraphRunner.replay at an exact bucket: no padding rows
+        for value in inputs:
+            torch.empty_like(value).copy_(value)
+        return tuple(out.clone() for out in outputs)
+
+    runner.run = replay
+    try:
+        report, _ = model.audit(lambda: speech.talker_decode(runner, [session]), (), strict=False)
+    finally:
+        del runner.run
+    return report
 
 
 def print_table(rows: list[dict]) -> None:

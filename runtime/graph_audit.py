@@ -46,7 +46,7 @@ aten = torch.ops.aten
 # Ops that only describe, alias or allocate memory: no kernel runs for them.
 NO_LAUNCH = {
     aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.t, aten.transpose, aten.permute,
-    aten.expand, aten.slice, aten.select, aten.unsqueeze, aten.squeeze, aten.as_strided, aten.detach,
+    aten.expand, aten.slice, aten.select, aten.unsqueeze, aten.squeeze, aten.as_strided, aten.detach, aten.detach_,
     aten.alias, aten.split, aten.split_with_sizes, aten.unbind, aten.narrow, aten.lift_fresh, aten.empty,
     aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided, aten.view_as_real,
     aten.view_as_complex, aten.unfold, aten.diagonal, aten.movedim, aten.numpy_T, aten.sym_size,
