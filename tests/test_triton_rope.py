@@ -273,15 +273,16 @@ def test_registered_and_selectable():
 
 @torch.no_grad()
 def test_tiny_thinker_logits_through_triton(monkeypatch):
-    """The whole tiny thinker (TM-RoPE [2, 3, 3], D = 16) through the Triton qk_norm_rope, rms_norm and
-    add_rms_norm (every norm after the first one takes the running residual)."""
+    """The whole tiny thinker (TM-RoPE [2, 3, 3], D = 16) through the Triton qk_norm_rope and the norms: each
+    layer's input norm inside its q|k|v GEMM (add_rms_norm_linear, the first without a residual), its
+    post-attention norm and the final norm as add_rms_norm (both take the running residual)."""
     from runtime.weights import init_random
 
     seed = int(torch.randint(0, 2**31, ()).item())
     model = init_random("tiny", DEVICE, torch.float32, seed=seed)  # compiled Triton (CUDA) takes device tensors
     input_ids = torch.randint(0, min(model.thinker.cfg.text.vocab_size, 64), (2, 7), device=DEVICE)
     want = model.thinker(input_ids).logits
-    calls = {"qk_norm_rope": 0, "rms_norm": 0, "add_rms_norm": 0}
+    calls = {"qk_norm_rope": 0, "rms_norm": 0, "add_rms_norm": 0, "add_rms_norm_linear": 0}
     saved = dispatch.selected()
     dispatch.load_backend("triton")
     for op in calls:
@@ -295,7 +296,8 @@ def test_tiny_thinker_logits_through_triton(monkeypatch):
         got = model.thinker(input_ids).logits
     assert dispatch.selected() == saved
     num_layers = model.thinker.cfg.text.num_layers
-    assert calls == {"qk_norm_rope": num_layers, "rms_norm": 1, "add_rms_norm": 2 * num_layers}, calls
+    assert calls == {"qk_norm_rope": num_layers, "rms_norm": 0, "add_rms_norm": num_layers + 1,
+                     "add_rms_norm_linear": num_layers}, calls
     assert rel_err(got, want) <= 1e-4
 
 
