@@ -234,6 +234,8 @@ class StepAudit(TorchDispatchMode):
                 tokens = inputs[0].numel() // inputs[0].shape[-1]
                 top_k = inputs[1].shape[-1]
                 nbytes = nbytes * min(tensor.shape[0], tokens * top_k) // tensor.shape[0]
+            elif name.startswith("aten::embedding") and tensor is inputs[0]:  # a lookup reads its rows only
+                nbytes = nbytes * min(tensor.shape[0], inputs[1].numel()) // tensor.shape[0]
             self.report.weight_bytes += nbytes
 
 

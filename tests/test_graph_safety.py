@@ -65,6 +65,16 @@ def test_decode_step_reads_the_routed_weights_once(released):
     assert 5e9 < report.weight_bytes < 8e9, report.weight_bytes
 
 
+def test_an_embedding_lookup_reads_its_rows_only(released):
+    """The talker step embeds one fed text token through the thinker's 152k-row table: the byte count is the rows
+    looked up, not the table (which would double the talker step's floor)."""
+    model, _ = released
+    table = model.model.thinker.model.embed_tokens
+    ids = torch.zeros(3, dtype=torch.long, device="meta")
+    report, _ = model.audit(table, (ids,))
+    assert report.weight_bytes == 3 * table.weight.shape[1] * table.weight.element_size()
+
+
 def test_a_cpu_built_rope_table_is_caught(released, monkeypatch):
     """The bug this test exists for: the TM-RoPE axis table built on the host and copied in every step."""
     import kernels.rope as rope
