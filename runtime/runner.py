@@ -117,7 +117,8 @@ class ModelRunner:
                                  for size in batch_buckets(slots)}
         # Streams only where CUDA runs: the runner is also built on fake `cuda` tensors without a GPU.
         on_gpu = self.device.type == "cuda" and torch.cuda.is_available()
-        self.talker_stream = torch.cuda.Stream(self.device) if self.speech and on_gpu else None
+        # the talker's stream outranks the thinker's: where both have kernels ready, the speech path's run first
+        self.talker_stream = torch.cuda.Stream(self.device, priority=-1) if self.speech and on_gpu else None
         self.timer = StageTimer(cuda_events=on_gpu)  # per-stage figures: CUDA events on a GPU (runtime/timing.py)
         self.transfers = HostTransfers(self.device, on_gpu, self.talker_stream)
         steps = set(exported) & EXPORTED_STEPS

@@ -116,19 +116,31 @@ class Scheduler:
         if prefilling:
             self._guarded([prefilling[0]], self._prefill_chunk)
         # The thinker step is launched first and its tokens read last: on a GPU the talker's work runs on its
-        # own stream meanwhile, so the two decoders overlap; the host then reads both in one read-back.
+        # own (higher-priority) stream meanwhile, so the two decoders overlap; the host then reads both in one
+        # read-back. A session's first audio frame goes ahead of the thinker step instead: the first packet
+        # waits for nothing the thinker does in this tick.
+        first_frame = any(s.talker is not None and s.talker.code0_value is not None and s.talker.frame == 0
+                          for s in self.live)
+        if first_frame:
+            self._talker_work()
         thinking = [s for s in self.live if s.state == "decode" and not s.thinker.done]
         decoded = self._guarded(thinking, self._thinker_decode)
-        with self.runner.on_talker_stream():
-            self._guarded([s for s in self.live if s.talker is not None and s.talker.code0_value is not None],
-                          lambda sessions: speech.frames(self.runner, sessions))
-            self._guarded([s for s in self.live if s.talker is not None and s.talker.codes is not None
-                           and s.text_ready()], lambda sessions: speech.talker_decode(self.runner, sessions))
+        if not first_frame:
+            self._talker_work()
         self._read_back([(s, token) for s, token in decoded if not s.finished])
         for session in list(self.live):
             if session.done:
                 self._guarded([session], lambda one: one[0].finish())  # the tokenizer's last text may fail
                 self._release(session, "finished")
+
+    def _talker_work(self) -> None:
+        """Launch the tick's talker side on its stream: the frames whose code 0 was read (code predictor, Code2Wav),
+        then the talker steps whose frame and text are ready."""
+        with self.runner.on_talker_stream():
+            self._guarded([s for s in self.live if s.talker is not None and s.talker.code0_value is not None],
+                          lambda sessions: speech.frames(self.runner, sessions))
+            self._guarded([s for s in self.live if s.talker is not None and s.talker.codes is not None
+                           and s.text_ready()], lambda sessions: speech.talker_decode(self.runner, sessions))
 
     def _guarded(self, sessions: list[Session], work) -> list[tuple[Session, object]]:
         """Run one batched piece of work (work(sessions) -> one result per session, or None). If it raises, run

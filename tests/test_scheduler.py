@@ -279,3 +279,39 @@ def test_static_cache_refuses_overflow():
     with pytest.raises(ValueError, match="9 tokens exceed this cache's 8 tokens per session"):
         cache.view(torch.tensor([0]), 1, 9)
     assert isinstance(DynamicKVCache(1).seq_len, int)
+
+
+def test_a_first_frame_is_launched_before_the_thinker_step(engine, monkeypatch):
+    """The tick that holds a session's first audio frame launches it (code predictor, Code2Wav) before the
+    thinker's decode step, so the first packet waits for nothing the thinker does then; later frames follow the
+    thinker step, which then overlaps them. The output is the same either way."""
+    from runtime import scheduler as scheduler_module
+
+    request, offline = speech_request(engine, min_frames=3, max_new_tokens=THINKER_TOKENS,
+                                      talker_max_new_tokens=TALKER_TOKENS, seed=2024)
+    order = []
+    frames, thinker_decode, step = (scheduler_module.speech.frames, Scheduler._thinker_decode, Scheduler.step)
+
+    def recorded_frames(runner, sessions):
+        order.append(("frames", min(s.talker.frame for s in sessions)))
+        return frames(runner, sessions)
+
+    monkeypatch.setattr(scheduler_module.speech, "frames", recorded_frames)
+    monkeypatch.setattr(Scheduler, "_thinker_decode", lambda self, sessions: order.append(("thinker", None))
+                        or thinker_decode(self, sessions))
+    monkeypatch.setattr(Scheduler, "step", lambda self: order.append(("tick", None)) or step(self))
+    got = _sharing(engine).generate(**request, return_audio=True)
+    assert torch.equal(got.codes, offline.codes) and torch.equal(got.sequences, offline.sequences)
+    ticks, current = [], None
+    for event in order:
+        if event[0] == "tick":
+            current = []
+            ticks.append(current)
+        else:
+            current.append(event)
+    first = next(t for t in ticks if ("frames", 0) in t)
+    later = [t for t in ticks if any(e[0] == "frames" and e[1] > 0 for e in t) and ("thinker", None) in t]
+    assert ("thinker", None) in first and first.index(("frames", 0)) < first.index(("thinker", None)), first
+    assert later, "no tick with a later frame beside a thinker step: lengthen the request"
+    for tick in later:
+        assert tick.index(("thinker", None)) < next(i for i, e in enumerate(tick) if e[0] == "frames"), tick
