@@ -110,6 +110,21 @@ def _store_rows(out, slot, out_ptr, pid_b, pid_h, offs_r, row_valid, offs_d, G, 
 
 
 @triton.jit
+def _query_block(slot_ptr, length_ptr, L, G, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's place: (batch row, query-row block, KV head, key split) from its ids, its query rows
+    r = l·G + g, and the row's slot and length (int32 like a split's start: the compiler wants one type for ends)."""
+    row_blocks = tl.cdiv(L * G, BLOCK_R)
+    pid_b, pid_r = tl.program_id(0) // row_blocks, tl.program_id(0) % row_blocks
+    pid_h, pid_s = tl.program_id(1), tl.program_id(2)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_r < L * G
+    slot = tl.load(slot_ptr + pid_b)
+    length = tl.load(length_ptr + pid_b).to(tl.int32)
+    return pid_b, pid_r, pid_h, pid_s, offs_r, offs_d, row_valid, offs_r // G, offs_r % G, slot, length
+
+
+@triton.jit
 def _finish_split(acc, m_i, l_i, slot, pid_b, pid_h, pid_s, S, offs_r, row_valid, offs_d, G, D,
                   acc_ptr, max_ptr, sum_ptr, counter_ptr, out_ptr,
                   stride_ab, stride_ah, stride_as, stride_ar, stride_ad,
@@ -154,15 +169,8 @@ def _decode_attention_split(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     FINISH: tl.constexpr,
 ):
-    row_blocks = tl.cdiv(L * G, BLOCK_R)
-    pid_b, pid_r = tl.program_id(0) // row_blocks, tl.program_id(0) % row_blocks
-    pid_h, pid_s = tl.program_id(1), tl.program_id(2)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # query row r = l·G + g
-    offs_d = tl.arange(0, BLOCK_D)
-    row_valid = offs_r < L * G
-    offs_l, offs_g = offs_r // G, offs_r % G
-    slot = tl.load(slot_ptr + pid_b)
-    length = tl.load(length_ptr + pid_b).to(tl.int32)  # int32 like start: the compiler wants one type for `end`
+    pid_b, pid_r, pid_h, pid_s, offs_r, offs_d, row_valid, offs_l, offs_g, slot, length = _query_block(
+        slot_ptr, length_ptr, L, G, BLOCK_R, BLOCK_D)
     start = pid_s * split_len
     last_l = tl.minimum(L - 1, ((pid_r + 1) * BLOCK_R - 1) // G)  # the block's last query sees keys < end
     end = tl.minimum(tl.minimum(start + split_len, length), length - L + last_l + 1)

@@ -31,8 +31,8 @@ import triton.language as tl
 
 from kernels.launch_counts import (FINISH_MERGE_KERNEL, FUSED_ATTENTION_MAX_NEW, decode_attention_layout,
                                    split_finish)
-from kernels.triton_attention import (_attend_cached_keys, _finish_split, _softmax_step, check_counters, launch_merge,
-                                      split_buffers)
+from kernels.triton_attention import (_attend_cached_keys, _finish_split, _query_block, _softmax_step, check_counters,
+                                      launch_merge, split_buffers)
 from kernels.tuning import dot_precision
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -84,15 +84,8 @@ def _decode_norm_rope_attention_kernel(
     PRECISION: tl.constexpr, FINISH: tl.constexpr,
     QY_DTYPE: tl.constexpr, KY_DTYPE: tl.constexpr, QROPE_DTYPE: tl.constexpr, KROPE_DTYPE: tl.constexpr,
 ):
-    row_blocks = tl.cdiv(L * G, BLOCK_R)
-    pid_b, pid_r = tl.program_id(0) // row_blocks, tl.program_id(0) % row_blocks
-    pid_h, pid_s = tl.program_id(1), tl.program_id(2)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # query row r = l·G + g
-    offs_d = tl.arange(0, BLOCK_D)
-    row_valid = offs_r < L * G
-    offs_l, offs_g = offs_r // G, offs_r % G
-    slot = tl.load(slot_ptr + pid_b)
-    length = tl.load(length_ptr + pid_b).to(tl.int32)  # int32 like start: the compiler wants one type for `end`
+    pid_b, pid_r, pid_h, pid_s, offs_r, offs_d, row_valid, offs_l, offs_g, slot, length = _query_block(
+        slot_ptr, length_ptr, L, G, BLOCK_R, BLOCK_D)
     # Tokens written to the row's own slot are its new keys, at length − L + j; the others are front padding of a
     # static chunk (written to scratch), whose positions still hold keys cached before this call.
     offs_j = tl.arange(0, BLOCK_L)
