@@ -61,8 +61,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)
-        return self.down_proj(dispatch.silu_mul(gate, up))
+        """gate|up and SiLU·up in one op (dispatch.linear_swiglu), then down_proj."""
+        return self.down_proj(dispatch.linear_swiglu(x, self.gate_up_proj.weight))
 
     def add_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None,
                          norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
