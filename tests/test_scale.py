@@ -35,7 +35,7 @@ from tests.test_serve import (  # noqa: E402 - the single server's tests' reques
 # router spreads them while its view of the replicas' load catches up with a burst.
 REPLICAS, MAX_SESSIONS, MAX_QUEUE = 2, 4, 4
 # Streams that outlast the test on a loaded machine: the 429 test opens 16 of them one by one through the router,
-# and test_serve's LONG_TALK (1500 frames within a 2048-position cache) could finish its first streams first.
+# and 1500 frames (test_serve's LONG_TALK, ~35 s of one stream alone here) could let its first streams finish first.
 # 4096: the tiny talker's max_position_embeddings, which bounds its cache.
 MAX_SEQ_LEN = 4096
 ENDLESS_TALK = dict(LONG_TALK, talker_max_new_tokens=MAX_SEQ_LEN - 512)
