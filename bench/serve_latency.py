@@ -15,6 +15,11 @@ loop, SSE framing and base64 of each packet. On a CPU only the ratios client / e
 CPU); absolute milliseconds only from a GPU. Each configuration runs after a warm-up request; `--repeats`
 rounds; medians over requests. Table on stdout, JSON under bench/results/ (bench/README.md).
 
+Every request carries a seed (`--seed` + its index in the round), so a run repeats the same work. A request
+that asked for speech and got no audio packet (the talker may draw end-of-speech as its first code) counts in
+`without_audio` and is named on stderr with its finish reason; it has no first packet, so it is left out of the
+first-packet medians, and a row where every request went without audio has none.
+
 --ray also sends the same requests through Ray Serve (`python -m runtime serve --replicas N`, started here
 unless --ray-url names a running one) and adds `ray_*_over_single`: the client's median first token / first
 packet through Serve over the single-process server's at the same concurrency (the proxy hop and the replica's
@@ -84,6 +89,9 @@ def timed_request(url: str, body: dict) -> dict:
             if chunk["choices"][0]["finish_reason"] is not None:
                 final = chunk
     timings = final["omni"]["timings"]
+    if client_audio is None:
+        print(f"no audio packet: seed {body.get('seed')}, finish_reason {final['choices'][0]['finish_reason']!r}, "
+              f"{final['usage']['completion_tokens']} tokens, engine timings {timings}", file=sys.stderr)
     return {"client_first_token": client_token, "client_first_packet": client_audio,
             "engine_first_token": timings["thinker_first_token"], "engine_first_packet": timings["first_packet"],
             "server_prepare": final["omni"]["server_prepare"], "engine_total": timings["total"],
@@ -91,9 +99,10 @@ def timed_request(url: str, body: dict) -> dict:
 
 
 def run_concurrency(url: str, concurrency: int, repeats: int, args) -> list[dict]:
-    bodies = [{"model": args.model_name, "messages": question(seed), "modalities": ["text", "audio"], "stream": True,
+    bodies = [{"model": args.model_name, "messages": question(index), "modalities": ["text", "audio"], "stream": True,
                "audio": {"voice": "ethan", "format": "pcm16"}, "max_tokens": args.max_tokens,
-               "omni": {"talker_max_new_tokens": args.talker_max_new_tokens}} for seed in range(concurrency)]
+               "seed": args.seed + index, "omni": {"talker_max_new_tokens": args.talker_max_new_tokens}}
+              for index in range(concurrency)]
     timed_request(url, bodies[0])  # warm-up
     results = []
     with ThreadPoolExecutor(concurrency) as pool:
@@ -107,7 +116,8 @@ def make_row(concurrency: int, results: list[dict], absolute: bool) -> dict:
         values = [r[key] for r in results if r[key] is not None]
         return statistics.median(values) if values else None
 
-    row = {"concurrency": concurrency, "requests": len(results), "tokens": median("tokens")}
+    row = {"concurrency": concurrency, "requests": len(results), "tokens": median("tokens"),
+           "without_audio": sum(r["client_first_packet"] is None for r in results)}
     for what in ("first_token", "first_packet"):
         client, engine = median(f"client_{what}"), median(f"engine_{what}")
         row[f"{what}_client_over_engine"] = client / engine if client and engine else None
@@ -126,7 +136,7 @@ def ray_columns(single: list[dict], through_serve: list[dict], absolute: bool) -
         values = [r[key] for r in results if r[key] is not None]
         return statistics.median(values) if values else None
 
-    out = {}
+    out = {"ray_without_audio": sum(r["client_first_packet"] is None for r in through_serve)}
     for what in ("first_token", "first_packet"):
         ours, theirs = median(through_serve, f"client_{what}"), median(single, f"client_{what}")
         out[f"ray_{what}_over_single"] = ours / theirs if ours and theirs else None
@@ -138,12 +148,12 @@ def ray_columns(single: list[dict], through_serve: list[dict], absolute: bool) -
 
 
 def format_table(rows: list[dict], absolute: bool, title: str) -> str:
-    cols = ["concurrency", "requests", "first_token_client_over_engine", "first_packet_client_over_engine",
+    cols = ["concurrency", "requests", "without_audio", "first_token_client_over_engine", "first_packet_client_over_engine",
             "first_packet_prepare_share"]
     if absolute:
         cols += ["first_token_client_ms", "first_token_engine_ms", "first_packet_client_ms", "first_packet_engine_ms",
                  "first_packet_overhead_ms"]
-    cols += [c for c in ("ray_first_token_over_single", "ray_first_packet_over_single",
+    cols += [c for c in ("ray_without_audio", "ray_first_token_over_single", "ray_first_packet_over_single",
                          "ray_first_packet_client_over_engine", "ray_first_packet_client_ms") if c in rows[0]]
     cell = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols]
@@ -176,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--talker-max-new-tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="request i of a round is sent with seed + i")
     parser.add_argument("--out", help="results folder (default: bench/results)")
     parser.add_argument("--ray", action="store_true", help="also through Ray Serve (`serve --replicas N`)")
     parser.add_argument("--ray-url", help="a running Ray Serve endpoint for --ray (default: start one)")

@@ -288,6 +288,7 @@ def test_serve_latency_bench_compares_serve_with_the_single_server(cluster, tmp_
     result = json.loads(path.read_text())
     assert result["complete"] and [row["concurrency"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
+        assert row["without_audio"] == row["ray_without_audio"] == 0, f"{row}\n{done.stdout}\n{done.stderr[-3000:]}"
         assert row["ray_first_token_over_single"] > 0 and row["ray_first_packet_over_single"] > 0
         assert row["ray_first_packet_client_over_engine"] >= 1  # the client's clock starts first
         assert "ray_first_packet_client_ms" not in row  # absolute numbers only from a GPU

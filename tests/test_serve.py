@@ -489,7 +489,22 @@ def test_serve_latency_bench_against_the_running_server(server, tmp_path):
     result = json.loads(path.read_text())
     assert result["complete"] and [row["concurrency"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
+        assert row["without_audio"] == 0, f"{row}\n{done.stdout}\n{done.stderr[-3000:]}"
         # The client's clock starts before the engine's and its events arrive after: never under 1.
         assert row["first_token_client_over_engine"] >= 1 and row["first_packet_client_over_engine"] >= 1
         assert 0 < row["first_packet_prepare_share"] < 1
         assert "first_packet_client_ms" not in row  # absolute numbers only from a GPU
+
+
+def test_serve_latency_rows_count_requests_without_audio():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from serve_latency import make_row
+
+    def result(packet):
+        return {"client_first_token": 0.2, "client_first_packet": packet, "engine_first_token": 0.1,
+                "engine_first_packet": None if packet is None else packet / 2, "server_prepare": 0.05, "tokens": 4}
+
+    row = make_row(3, [result(0.8), result(None), result(0.4)], absolute=False)
+    assert row["without_audio"] == 1 and row["first_packet_client_over_engine"] == pytest.approx(2.0)
+    silent = make_row(1, [result(None)], absolute=False)
+    assert silent["without_audio"] == 1 and silent["first_packet_client_over_engine"] is None
