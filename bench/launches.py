@@ -5,7 +5,7 @@ Code2Wav's first frame `code2wav_first` among them) runs once on the meta device
 kernels under runtime/graph_audit.py's StepAudit (its docstring has the counting rules). The table and bench/results/launches.json give, per stage: kernel launches, host syncs, H2D and
 D2H copies, the weight bytes it reads, and two floors — the bytes at nominal HBM bandwidth of an H100 SXM and an
 H200, and the launches at 1.5 µs per dependent graph node — then the totals of a steady-state tick and of the
-first-packet path, and the eager host glue of the talker's step between the graphs (`talker_glue`).
+first-packet path, and the eager host glue of one steady tick between its graphs (`tick_glue`).
 
     python bench/launches.py                        # Triton kernels (what the GPU runs), JSON to bench/results/
     python bench/launches.py --kernels torch --out /tmp/r
@@ -70,14 +70,15 @@ def measure(kernels: str, slots: int) -> list[dict]:
             report, _ = model.audit(spec.fn, spec.example_inputs, strict=False)
             unit = "tokens" if "prefill" in spec.name else "rows"
             rows.append(_row(f"{spec.name}[{spec.size}]", report, f"captured; {spec.size} {unit}"))
-        rows.append(_row("talker_decode glue (1 session)", talker_glue(model, runner),
-                         "eager, between the graphs: runtime/speech.py talker_decode of one steady session (a fed "
-                         "text token) minus its captured stage, whose replay counts as the copies it makes (each "
-                         "input into its graph buffer, each output out)"))
+        rows.append(_row("steady-state tick glue (1 session)", tick_glue(model, runner),
+                         "eager, between the graphs: one steady session's thinker step (runtime/scheduler.py), frame "
+                         "and talker step (runtime/speech.py: its packet assembled and sent) minus the captured "
+                         "stages, each replay counted as the copies it makes (each input into its graph buffer, "
+                         "each output out)"))
 
     rows.append(_total("steady-state tick (1 session)", rows,
                        ["thinker_decode[1]", "talker_decode[1]", "code_predictor[1]", "code2wav[1]"],
-                       "graph stages only; the host glue between them is not counted here"))
+                       "graph stages only; the eager glue between them is the 'steady-state tick glue' row"))
     rows.append(_total("first packet (1 session)", rows,
                        [f"thinker_prefill[{PROMPT_BUCKET}]", f"talker_prefill[{PROMPT_BUCKET}]",
                         "code_predictor[1]", "code2wav_first[1]"],
@@ -87,25 +88,46 @@ def measure(kernels: str, slots: int) -> list[dict]:
     return rows
 
 
-def talker_glue(model, runner):
-    """StepReport of what the talker's tick runs eagerly for one session past its first frame, outside the
-    talker_decode graph: runtime/speech.py talker_decode with runner.run standing in for the replay."""
+def tick_glue(model, runner):
+    """StepReport of what one steady tick runs eagerly for one session past its first frame, outside its graphs:
+    the scheduler's thinker step, runtime/speech.py's frame (code predictor, Code2Wav, the packet) and talker
+    step, with runner.run standing in for each replay: its inputs copied into graph buffers by runtime/graphs.py's
+    own copy_inputs, its outputs copied out, as GraphRunner.replay does at an exact bucket. The second of two
+    ticks is counted: the first uploads the batch's slot ids, which a steady batch then reuses."""
+    from runtime.graphs import copy_inputs
+    from runtime.runner import BATCHED
+    from runtime.scheduler import Scheduler
+
     cfg, meta = runner.config, dict(device=runner.device)
     request = Request(SimpleNamespace(input_ids=torch.zeros(1, 40, dtype=torch.long)), GenerationOptions())
     session = Session(0, request, None, cfg.im_end_token_id, cfg.talker.codec_eos_token_id, 24000)
-    session.slot, session.thinker.tokens = 0, [11, 12, 13, 14]  # the input after frame 0 carries t2, a fed token
-    session.talker = TalkerProgress(49, cfg.tts_eos_token_id, cfg.tts_pad_token_id, frame=1,
-                                    codes=torch.zeros(1, cfg.talker.num_code_groups, dtype=torch.long, **meta))
-    outputs = (torch.zeros(1, dtype=torch.long, **meta), torch.zeros(1, cfg.talker.text.hidden_size, dtype=runner.dtype, **meta))
+    session.slot, session.state, session.thinker.tokens = 0, "decode", [11, 12, 13, 14, 15, 16]
+    code2wav = runner.model.code2wav
+    hop = code2wav.num_samples(2) - code2wav.num_samples(1)  # a frame after the first: one hop
+    outputs = {"thinker_decode": lambda: (torch.empty(1, dtype=torch.long, **meta),),
+               "talker_decode": lambda: (torch.empty(1, dtype=torch.long, **meta),),
+               "code_predictor": lambda: (torch.empty(1, cfg.talker.num_code_groups, dtype=torch.long, **meta),),
+               "code2wav": lambda: (torch.empty(1, hop, dtype=torch.float32, **meta),)}
+    graphs = {}  # stage -> (its input buffers, what was last copied into them)
 
-    def replay(name, inputs):  # runtime/graphs.py GraphRunner.replay at an exact bucket: no padding rows
-        for value in inputs:
-            torch.empty_like(value).copy_(value)
-        return tuple(out.clone() for out in outputs)
+    def replay(name, inputs):
+        buffers, last = graphs.setdefault(name, ([torch.empty_like(v) for v in inputs], [None] * len(inputs)))
+        copy_inputs(buffers, inputs, *BATCHED[name], last)
+        return tuple(out.clone() for out in outputs[name]())
+
+    def tick(frame: int):
+        # frame k done, code 0 of frame k + 1 read back: the input after it carries a fed token
+        session.talker = TalkerProgress(49, cfg.tts_eos_token_id, cfg.tts_pad_token_id, frame=frame,
+                                        code0=torch.empty(1, dtype=torch.long, **meta), code0_value=5)
+        Scheduler._thinker_decode(SimpleNamespace(runner=runner), [session])
+        speech.frames(runner, [session])
+        speech.talker_decode(runner, [session])
 
     runner.run = replay
     try:
-        report, _ = model.audit(lambda: speech.talker_decode(runner, [session]), (), strict=False)
+        with torch.inference_mode():
+            tick(1)
+        report, _ = model.audit(lambda: tick(2), (), strict=False)
     finally:
         del runner.run
     return report

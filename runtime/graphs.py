@@ -3,7 +3,8 @@ replayed, so a decode step costs one launch instead of hundreds (at batch 1 the 
 ~1,500 kernels: launch overhead alone would exceed the 2.6 ms/token target).
 
 - Persistent input buffers per captured step; a batch of n sessions runs in the smallest bucket >= n, the
-  extra rows padded with slot −1 (they write only the caches' scratch slot and their outputs are dropped).
+  extra rows padded with slot −1 (they write only the caches' scratch slot and their outputs are dropped). An
+  input is not copied again when it is the constant tensor last copied there (a steady batch's slot ids).
 - One memory pool per replay stream. The thinker's graphs replay on the main stream, the talker's (talker
   prefill and decode, the code predictor's frame, Code2Wav's frames) on the talker stream, and the two run
   concurrently. Graphs that share a pool reuse each other's intermediate blocks, which is safe only for graphs
@@ -99,6 +100,7 @@ class GraphRunner:
         self.stage_streams = dict(stage_streams or {})
         self.pools: dict = {}  # replay stream -> (its pool handle, the stream its graphs are captured on)
         self.graphs: dict[tuple[str, int], _Captured] = {}
+        self.last_inputs: dict[tuple[str, int], list] = {}  # per graph: (constant tensor, batch) last copied in
 
     def stream_of(self, name: str):
         return self.stage_streams.get(name, self.main_stream)
@@ -163,11 +165,32 @@ class GraphRunner:
             captured.graph.replay()
             return tuple(out.clone() for out in captured.outputs)
         batch = inputs[-1].shape[0]
-        captured = self.graphs[(name, self.bucket(batch))]
-        for buffer, value, dim, pad in zip(captured.inputs, inputs, batch_dims, pad_values):
-            buffer.narrow(dim, 0, batch).copy_(value)
-            if buffer.shape[dim] > batch:
-                buffer.narrow(dim, batch, buffer.shape[dim] - batch).fill_(pad)
+        key = (name, self.bucket(batch))
+        captured = self.graphs[key]
+        last = self.last_inputs.setdefault(key, [None] * len(inputs))
+        copy_inputs(captured.inputs, inputs, batch_dims, pad_values, last)
         captured.graph.replay()
         # Copies: the next replay of this step overwrites the buffers, and a session may hold its rows longer.
         return tuple(out[:batch].clone() for out in captured.outputs)
+
+
+def mark_constant(tensor: torch.Tensor) -> torch.Tensor:
+    """Promise that `tensor` is never written again, so a replay whose buffer it was last copied into may skip the
+    copy (runner.slot_ids marks the slot ids it keeps). Inference tensors have no version counter to check it."""
+    tensor.omni_rt_constant = True
+    return tensor
+
+
+def copy_inputs(buffers, inputs, batch_dims, pad_values, last: list) -> None:
+    """A batch of B rows into a graph's input buffers: rows [0, B) of each buffer's batch dim, the rest padded.
+    `last` (one entry per input, kept by the caller per graph) skips an input that is the constant tensor
+    (`mark_constant`) last copied there, at the same B: the buffer holds it already (a steady batch's slot ids).
+    The reference held in `last` keeps that tensor alive, so its identity stays unique."""
+    batch = inputs[-1].shape[0]
+    for i, (buffer, value, dim, pad) in enumerate(zip(buffers, inputs, batch_dims, pad_values)):
+        if last[i] is not None and last[i][0] is value and last[i][1] == batch:
+            continue
+        buffer.narrow(dim, 0, batch).copy_(value)
+        if buffer.shape[dim] > batch:
+            buffer.narrow(dim, batch, buffer.shape[dim] - batch).fill_(pad)
+        last[i] = (value, batch) if getattr(value, "omni_rt_constant", False) else None

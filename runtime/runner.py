@@ -1,16 +1,21 @@
 """The model runner: the static state every session lives in, and the step functions that advance it.
 
-`ModelRunner` owns the per-slot state (the thinker's and the talker's StaticKVCache, Code2WavSlots, the talker's
-next-input state TalkerInputs), the code-0 suppress mask, the talker's CUDA stream, and one step function per stage:
+`ModelRunner` owns the per-slot state (the thinker's and the talker's StaticKVCache, Code2WavSlots, the decode
+steps' input state ThinkerInputs and TalkerInputs), the code-0 suppress mask, the talker's CUDA stream, and one
+step function per stage:
 
     thinker_prefill   one prefill chunk of one slot, front-padded to a static bucket
     talker_prefill    the same for the talker's prompt
-    thinker_decode    one token for a batch of slots -> the next tokens, sampled
-    talker_decode     one text token per slot -> its input (last frame + text, runtime/talker_inputs.py) -> (code 0,
-                      sampled with the control ids suppressed, hidden)
-    code_predictor    one whole frame (codebooks 1..G−1) per row, each code sampled, recorded per slot
-    code2wav          one frame's samples per slot, after each slot's first frame
+    thinker_decode    slot ids -> each slot's last token fed at its next position -> the next tokens, sampled
+    talker_decode     slot ids + one text token per slot -> its input (last frame + text) -> code 0, sampled with
+                      the control ids suppressed, recorded with its hidden state
+    code_predictor    slot ids -> one whole frame (codebooks 1..G−1) per slot from its code 0 and hidden state,
+                      each code sampled, the frame recorded per slot
+    code2wav          slot ids -> one frame's samples per slot (its recorded frame), after its first frame
     code2wav_first    a slot's first frame (its transposed convs trim their left edge: fewer samples)
+
+A frame passes from stage to stage on the device, by slot (runtime/decode_inputs.py): between the graphs the host
+uploads slot ids and text token ids and reads tokens back, nothing else.
 
 Each step function has static shapes and no host reads, so it is what a CUDA graph captures (`capture_plan`
 lists every stage at every bucket; runtime/graphs.py captures exactly that list and replays it) and, on the
@@ -29,6 +34,7 @@ Shapes: B = rows of one batched step, C = a prefill bucket, H = hidden size, G =
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -36,7 +42,7 @@ from typing import Callable
 import torch
 
 from runtime.exported import EXPORTED_STEPS, ExportedSteps
-from runtime.graphs import GraphRunner, batch_buckets, graphs_possible
+from runtime.graphs import GraphRunner, batch_buckets, graphs_possible, mark_constant
 from runtime.kv_cache import FrameKVCache, StaticKVCache
 from runtime.models.code2wav import Code2WavSlots
 from runtime.models.decoder import DeepStack
@@ -44,7 +50,7 @@ from runtime.models.talker import code0_suppress_mask
 from kernels.sampling import STAGE_CODE_PREDICTOR, STAGE_TALKER, STAGE_THINKER
 from runtime.options import GenerationOptions, SchedulerConfig
 from runtime.sampling import SlotSampling
-from runtime.talker_inputs import TalkerInputs
+from runtime.decode_inputs import ThinkerInputs, TalkerInputs
 from runtime.timing import StageTimer
 from runtime.transfers import HostTransfers
 
@@ -53,13 +59,17 @@ TALKER_PROMPT_EXTRA = 9  # assistant positions the talker prompt adds after the 
 # Batched stages: the batch dim of each input and the value that pads it up to a captured bucket (−1 slots
 # write only the scratch slot). Prefill stages take one slot and a chunk already padded to its bucket.
 BATCHED = {
-    "thinker_decode": ((0, 1, 0), (0, 0, -1)),
+    "thinker_decode": ((0,), (-1,)),
     "talker_decode": ((0, 0), (0, -1)),
-    "code_predictor": ((0, 0, 0), (0, 0, -1)),
-    "code2wav": ((0, 0), (0, -1)),
-    "code2wav_first": ((0, 0), (0, -1)),
+    "code_predictor": ((0,), (-1,)),
+    "code2wav": ((0,), (-1,)),
+    "code2wav_first": ((0,), (-1,)),
 }
 
+
+# Slot-id tensors kept (runner.slot_ids): far more than the few batches one tick uses, so one evicted was last
+# used many ticks ago, by work that has completed (each tick ends with a blocking read after both streams).
+SLOT_ID_CACHE = 256
 
 # Stages that run on the talker's CUDA stream (their graphs replay there, in that stream's memory pool).
 TALKER_STAGES = ("talker_prefill", "talker_decode", "code_predictor", "code2wav", "code2wav_first")
@@ -96,6 +106,7 @@ class ModelRunner:
         slots = options.max_sessions
         self.thinker_cache = StaticKVCache.for_decoder(text_cfg, slots, self.max_seq_len, self.dtype, self.device)
         self.sampling = {"thinker": SlotSampling(slots, self.max_seq_len, STAGE_THINKER, self.device)}
+        self.thinker_inputs = ThinkerInputs(slots, self.device)
         self.talker_cache = self.code2wav_slots = self.suppress = self.talker_inputs = None
         self.frame_caches: dict[int, FrameKVCache] = {}
         self.talker_max_len = 0
@@ -107,7 +118,8 @@ class ModelRunner:
             self.suppress = code0_suppress_mask(model.talker.cfg, self.device)  # [V]
             self.suppress_for = model.talker.cfg.codec_eos_token_id
             self.code2wav_slots = Code2WavSlots(model.code2wav, slots, self.device, self.dtype)
-            self.talker_inputs = TalkerInputs(slots, config.talker.num_code_groups, self.device)
+            self.talker_inputs = TalkerInputs(slots, config.talker.num_code_groups, talker_cfg.hidden_size,
+                                              self.dtype, self.device)
             self.sampling["talker"] = SlotSampling(slots, self.talker_max_len, STAGE_TALKER, self.device)
             self.sampling["code_predictor"] = SlotSampling(slots, 0, STAGE_CODE_PREDICTOR, self.device)
             # one frame cache per batch bucket, outside any graph pool: a captured frame allocates nothing (an eager
@@ -121,6 +133,7 @@ class ModelRunner:
         self.talker_stream = torch.cuda.Stream(self.device, priority=-1) if self.speech and on_gpu else None
         self.timer = StageTimer(cuda_events=on_gpu)  # per-stage figures: CUDA events on a GPU (runtime/timing.py)
         self.transfers = HostTransfers(self.device, on_gpu, self.talker_stream)
+        self._slot_ids: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         steps = set(exported) & EXPORTED_STEPS
         self.exported = ExportedSteps(self, steps) if steps else None
         use_graphs = options.use_graphs
@@ -170,7 +183,19 @@ class ModelRunner:
         return torch.cuda.stream(self.talker_stream) if self.talker_stream is not None else nullcontext()
 
     def slot_ids(self, slots: list[int]) -> torch.Tensor:
-        return self.indices(slots)
+        """[n] int64 slot ids on the device, kept per (stream, slots): a steady batch uploads its ids once, and a
+        graph replay finds them in its input buffer already (runtime/graphs.py copies only what changed). Per
+        stream, so no stream reads ids whose upload another stream has not finished. Never written in place
+        (runtime/graphs.py mark_constant)."""
+        key = (torch.cuda.current_stream(self.device).cuda_stream if self.transfers.on_gpu else None, tuple(slots))
+        ids = self._slot_ids.get(key)
+        if ids is None:
+            ids = self._slot_ids[key] = mark_constant(self.indices(slots))
+            if len(self._slot_ids) > SLOT_ID_CACHE:  # the oldest: unused for many ticks, whose work is done
+                self._slot_ids.popitem(last=False)
+        else:
+            self._slot_ids.move_to_end(key)
+        return ids
 
     def indices(self, values: list[int]) -> torch.Tensor:
         """[n] int64 on the runner's device from host ints (runtime/transfers.py: pinned, non-blocking)."""
@@ -193,13 +218,17 @@ class ModelRunner:
             return (out.hidden[:, -1],)
         return out.hidden[:, -1], out.layer_outputs[self.accept_layer - 1]
 
-    def thinker_decode_step(self, tokens, positions, slots) -> tuple[torch.Tensor]:
-        """tokens [B], positions [3, B, 1], slots [B] (−1 = padded row) -> (next tokens [B],), sampled."""
-        thinker = self.model.thinker
+    def thinker_decode_step(self, slots) -> tuple[torch.Tensor]:
+        """slots [B] (−1 = padded row) -> (next tokens [B],), sampled: each slot's last token fed at its next
+        position, both read from and written back to runtime/decode_inputs.py's ThinkerInputs."""
+        thinker, state = self.model.thinker, self.thinker_inputs
+        tokens, positions = state.build(slots)
         view = self.thinker_cache.view(slots, 1, 1)
         hidden = thinker.model(thinker.model.embed_tokens(tokens[:, None]), positions, None, view).hidden
         view.commit()
-        return (self.sampling["thinker"].sample(thinker.lm_head(hidden[:, -1]), slots),)
+        chosen = self.sampling["thinker"].sample(thinker.lm_head(hidden[:, -1]), slots)
+        state.advance(slots, positions, chosen)
+        return (chosen,)
 
     def talker_prefill_step(self, embeds, positions, slots, num_valid) -> tuple[torch.Tensor, torch.Tensor]:
         """embeds [1, C, H], positions [3, 1, C], slots [1], num_valid [1] -> (logits [1, V], hidden [1, H])
@@ -209,27 +238,31 @@ class ModelRunner:
         view.commit()
         return logits[:, -1], hidden[:, -1]
 
-    def talker_decode_step(self, text_ids, slots) -> tuple[torch.Tensor, torch.Tensor]:
-        """text_ids [B] thinker ids, slots [B] -> (code 0 [B], hidden [B, H]): the input after each slot's last frame
-        built here (runtime/talker_inputs.py), one step, code 0 sampled with the control ids suppressed (§8.2)."""
+    def talker_decode_step(self, text_ids, slots) -> tuple[torch.Tensor]:
+        """text_ids [B] thinker ids, slots [B] -> (code 0 [B],): the input after each slot's last frame built here
+        (runtime/decode_inputs.py), one step, code 0 sampled with the control ids suppressed (§8.2) and recorded
+        with its hidden state for the code predictor's step."""
         embeds, positions = self.talker_input(text_ids, slots)
         view = self.talker_cache.view(slots, 1, 1)
         logits, hidden = self.model.talker(embeds, positions, None, view)
         view.commit()
         code0 = self.sampling["talker"].sample(logits[:, -1], slots, self.suppress)
         self.talker_inputs.advance(slots, positions)  # last, as the cache's commit: a failed step changes nothing
-        return code0, hidden[:, -1]
+        self.talker_inputs.record_code0(slots, code0, hidden[:, -1])
+        return (code0,)
 
     def talker_input(self, text_ids, slots) -> tuple[torch.Tensor, torch.Tensor]:
         """text_ids [B], slots [B] -> (embeds [B, 1, H], positions [3, B, 1]) of the slots' next talker step."""
         model = self.model
         return self.talker_inputs.build(model.talker, model.thinker.model.embed_tokens, text_ids, slots)
 
-    def code_predictor_step(self, hidden, code0, slots) -> tuple[torch.Tensor]:
-        """hidden [B, H], code0 [B], slots [B] -> (codes [B, G],): the code predictor's whole frame. Code g of
+    def code_predictor_step(self, slots) -> tuple[torch.Tensor]:
+        """slots [B] -> (codes [B, G],): the code predictor's whole frame from each slot's code 0 and talker state
+        (recorded by the talker's step in runtime/decode_inputs.py's TalkerInputs). Code g of
         frame k is drawn at step k * G + g (k: the talker's steps so far − 1), its history the frame's codes so
         far (transformers' code-predictor generate starts its input_ids empty)."""
         sampler, groups = self.sampling["code_predictor"], self.config.talker.num_code_groups
+        hidden, code0 = self.talker_inputs.frame_inputs(slots)
         rows = sampler.rows(slots)
         gathered = sampler.gather(rows)
         first_step = (self.sampling["talker"].steps[rows] - 1) * groups  # [B]
@@ -248,13 +281,19 @@ class ModelRunner:
         self.talker_inputs.record_codes(slots, codes)  # the next talker step's input reads them there
         return (codes,)
 
-    def code2wav_step(self, codes, slots) -> tuple[torch.Tensor]:
-        """codes [B, G, 1], slots [B] -> (samples [B, 1, hop],) of slots past their first frame."""
-        return (self.model.code2wav.decode_frame(codes, self.code2wav_slots.view(slots, first=False)),)
+    def code2wav_step(self, slots) -> tuple[torch.Tensor]:
+        """slots [B] -> (samples [B, hop] float32,) of slots past their first frame: each slot's last frame
+        (recorded by the code predictor's step)."""
+        return self._code2wav(slots, first=False)
 
-    def code2wav_first_step(self, codes, slots) -> tuple[torch.Tensor]:
-        """codes [B, G, 1], slots [B] -> (samples [B, 1, num_samples(1)],) of slots on their first frame."""
-        return (self.model.code2wav.decode_frame(codes, self.code2wav_slots.view(slots, first=True)),)
+    def code2wav_first_step(self, slots) -> tuple[torch.Tensor]:
+        """slots [B] -> (samples [B, num_samples(1)] float32,) of slots on their first frame."""
+        return self._code2wav(slots, first=True)
+
+    def _code2wav(self, slots, first: bool) -> tuple[torch.Tensor]:
+        codes = self.talker_inputs.codes[slots][:, :, None]  # [B, G, 1]
+        wav = self.model.code2wav.decode_frame(codes, self.code2wav_slots.view(slots, first=first))  # [B, 1, n]
+        return (wav[:, 0].float(),)  # packets are float32 (or pcm16 from it), cast here rather than between graphs
 
     def capture_plan(self) -> list[StageSpec]:
         """Every stage the runner captures at every bucket, largest first (the smaller graphs reuse the larger
@@ -282,14 +321,9 @@ class ModelRunner:
         if name == "talker_prefill":
             return (torch.zeros(1, size, talker_hidden, **kw), torch.zeros(3, 1, size, **index), padded,
                     torch.full((1,), size, **index))
-        positions = torch.zeros(3, size, 1, **index)
-        if name == "thinker_decode":
-            return torch.zeros(size, **index), positions, padded
         if name == "talker_decode":  # text ids, slots
             return torch.zeros(size, **index), padded
-        if name in ("code2wav", "code2wav_first"):
-            return torch.zeros(size, cfg.code2wav.num_quantizers, 1, **index), padded
-        return torch.zeros(size, talker_hidden, **kw), torch.zeros(size, **index), padded  # code_predictor
+        return (padded,)  # the other decode stages read their inputs from runtime/decode_inputs.py by slot
 
     def run(self, name: str, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """One stage: its graph's replay when captured, else the step function eagerly."""
@@ -299,37 +333,49 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ host-level steps
 
-    def thinker_decode(self, tokens, positions, slots: list[int], longest: int) -> torch.Tensor:
-        """tokens [B], positions [3, B, 1] -> next tokens [B]; `longest`: the longest row's length after it."""
+    def thinker_decode(self, slots: list[int], longest: int) -> torch.Tensor:
+        """One step of each slot's last token (on the device: ThinkerInputs) -> next tokens [B]; `longest`: the
+        longest row's length after it."""
         check_room(self.thinker_cache, longest)
         slot_ids = self.slot_ids(slots)
         if self.exported is not None and self.exported.thinker:
-            return self.sampling["thinker"].sample(self.exported.thinker_decode(tokens, positions, slots), slot_ids)
-        return self.run("thinker_decode", (tokens, positions, slot_ids))[0]
+            tokens, positions = self.thinker_inputs.build(slot_ids)
+            chosen = self.sampling["thinker"].sample(self.exported.thinker_decode(tokens, positions, slots), slot_ids)
+            self.thinker_inputs.advance(slot_ids, positions, chosen)
+            return chosen
+        return self.run("thinker_decode", (slot_ids,))[0]
 
-    def talker_decode(self, text_ids: list[int], slots: list[int], longest: int):
-        """The text token id of each slot's next talker input (thinker vocab) -> (code 0 [B], hidden [B, H]); the
-        input's frame codes and position are on the device already (runtime/talker_inputs.py)."""
+    def talker_decode(self, text_ids: list[int], slots: list[int], longest: int) -> torch.Tensor:
+        """The text token id of each slot's next talker input (thinker vocab) -> code 0 [B]; the input's frame codes
+        and position are on the device already, and code 0 with its hidden state stay there for the code predictor
+        (runtime/decode_inputs.py)."""
         check_room(self.talker_cache, longest)
         self._check_suppress()
-        ids = self.indices([*slots, *text_ids])  # one host-to-device copy for both
-        slot_ids, text = ids[:len(slots)], ids[len(slots):]
+        slot_ids, text = self.slot_ids(slots), self.indices(text_ids)  # a steady batch uploads only the text
         if self.exported is not None and self.exported.talker:
             embeds, positions = self.talker_input(text, slot_ids)
             logits, hidden = self.exported.talker_decode(embeds, positions, slots)
             code0 = self.sampling["talker"].sample(logits, slot_ids, self.suppress)
             self.talker_inputs.advance(slot_ids, positions)
-            return code0, hidden
-        return self.run("talker_decode", (text, slot_ids))
+            self.talker_inputs.record_code0(slot_ids, code0, hidden)
+            return code0
+        return self.run("talker_decode", (text, slot_ids))[0]
 
-    def first_token(self, logits: torch.Tensor, slot: int) -> torch.Tensor:
-        """The prompt's last logits [1, V] -> the first generated token [1], sampled as the decode steps do."""
-        return self.sampling["thinker"].sample(logits, self.slot_ids([slot]))
+    def first_token(self, logits: torch.Tensor, slot: int, last_positions: torch.Tensor) -> torch.Tensor:
+        """The prompt's last logits [1, V] and last positions [3, 1, 1] -> the first generated token [1], sampled
+        as the decode steps do; both become the slot's ThinkerInputs (the first decode step feeds them)."""
+        token = self.sampling["thinker"].sample(logits, self.slot_ids([slot]))
+        self.thinker_inputs.start(slot, token, last_positions)
+        return token
 
-    def first_code0(self, logits: torch.Tensor, slot: int) -> torch.Tensor:
-        """The talker prompt's last logits [1, V] -> code 0 of the first frame [1] (control ids suppressed)."""
+    def first_code0(self, logits: torch.Tensor, hidden: torch.Tensor, slot: int) -> torch.Tensor:
+        """The talker prompt's last logits [1, V] and hidden state [1, H] -> code 0 of the first frame [1] (control
+        ids suppressed), recorded with that state for the code predictor's step."""
         self._check_suppress()
-        return self.sampling["talker"].sample(logits, self.slot_ids([slot]), self.suppress)
+        slot_ids = self.slot_ids([slot])
+        code0 = self.sampling["talker"].sample(logits, slot_ids, self.suppress)
+        self.talker_inputs.record_code0(slot_ids, code0, hidden)
+        return code0
 
     def _check_suppress(self) -> None:
         # the mask spares the talker's current EOS id; rewritten in place, as the captured steps read it
@@ -338,9 +384,10 @@ class ModelRunner:
             self.suppress.copy_(code0_suppress_mask(talker_cfg, self.device))
             self.suppress_for = talker_cfg.codec_eos_token_id
 
-    def code_predictor_frame(self, hidden, code0, slots: list[int]) -> torch.Tensor:
-        """hidden [B, H], code0 [B] -> codes [B, G] (code 0, then the code predictor's sampled codes)."""
-        return self.run("code_predictor", (hidden, code0, self.slot_ids(slots)))[0]
+    def code_predictor_frame(self, slots: list[int]) -> torch.Tensor:
+        """-> codes [B, G] of each slot's next frame (code 0, then the code predictor's sampled codes), from its code 0
+        and talker state on the device."""
+        return self.run("code_predictor", (self.slot_ids(slots),))[0]
 
     def code2wav_frame(self, codes, slots: list[int], first: bool) -> torch.Tensor:
         """codes [B, G] of one new frame per slot -> samples [B, n] float32. A slot's first frame (`first`:
@@ -348,9 +395,7 @@ class ModelRunner:
         edge, so it makes fewer samples."""
         if self.exported is not None and self.exported.code2wav:
             return torch.stack(self.exported.code2wav_frame(codes, slots)).float()
-        frame, slot_ids = codes[:, :, None], self.slot_ids(slots)  # [B, G, 1]
-        wav = self.run("code2wav_first" if first else "code2wav", (frame, slot_ids))[0]
-        return wav[:, 0].float()
+        return self.run("code2wav_first" if first else "code2wav", (self.slot_ids(slots),))[0]  # codes: on the device
 
 def prefill_buckets(prefill_chunk: int) -> list[int]:
     """Static chunk lengths of the captured prefill: powers of two from 16 below prefill_chunk, then

@@ -173,10 +173,10 @@ class Scheduler:
         th.prefilled = end
         if end < th.prompt_len:
             return
-        th.positions = th.prompt.positions[:, :, -1:]
+        last_positions = th.prompt.positions[:, :, -1:]
         th.prompt = None
         session.state = "decode"
-        token = runner.first_token(logits, session.slot)  # [1]
+        token = runner.first_token(logits, session.slot, last_positions)  # [1]
         self._take_tokens([session], [token], runner.read_back(token)[0])
         if session.speaks and not th.done and not session.finished:  # t1 is fed next: the talker can start now
             if runner.talker_stream is not None:  # it reads the thinker prefill's states
@@ -185,12 +185,9 @@ class Scheduler:
                 speech.start_talker(runner, session)
 
     def _thinker_decode(self, sessions: list[Session]) -> list[torch.Tensor]:
-        tokens = torch.cat([s.thinker.next_token for s in sessions])  # [B]
-        positions = torch.cat([s.thinker.positions + 1 for s in sessions], dim=1)  # [3, B, 1]
+        # each slot's last token and position are on the device (runtime/decode_inputs.py): only slot ids go up
         longest = max(s.thinker.prompt_len + len(s.thinker.tokens) for s in sessions)
-        chosen = self.runner.thinker_decode(tokens, positions, [s.slot for s in sessions], longest)  # [B]
-        for i, session in enumerate(sessions):
-            session.thinker.positions = positions[:, i:i + 1]
+        chosen = self.runner.thinker_decode([s.slot for s in sessions], longest)  # [B]
         return list(chosen[:, None])  # [1] per session, read after the talker's work is launched
 
     def _read_back(self, decoded: list[tuple[Session, torch.Tensor]]) -> None:

@@ -34,9 +34,8 @@ class ThinkerProgress:
     prefilled: int = 0  # prompt tokens through the decoder so far
     prompt: PromptEmbedding | None = None  # while prefilling
     states: list = field(default_factory=list)  # talker-prompt states per prefill chunk (speech), [1, n, H] pairs
-    positions: torch.Tensor | None = None  # [3, 1, 1] position of the last fed token
     tokens: list[int] = field(default_factory=list)  # generated so far
-    next_token: torch.Tensor | None = None  # [1] generated, not fed yet
+    next_token: torch.Tensor | None = None  # [1] generated, not fed yet (decode steps read ThinkerInputs' copy)
     done: bool = False
 
 
@@ -45,8 +44,8 @@ class TalkerProgress:
     prompt_len: int  # talker prompt positions (the last fed input's position is on the device: TalkerInputs)
     tts_eos_id: int  # thinker ids of the text after the generation's last token, then after that: the talker
     tts_pad_id: int  # step projects them as it projects a fed token
-    code0: torch.Tensor | None = None  # [1] code 0 of the next frame, sampled, its frame not made yet
-    hidden: torch.Tensor | None = None  # [1, H] the final-norm state that produced `code0`
+    code0: torch.Tensor | None = None  # [1] code 0 of the next frame, sampled, its frame not made yet (with the
+    # state that produced it also in TalkerInputs, where the code predictor's step reads both)
     code0_value: int | None = None  # `code0` on the host (the tick's read-back), None until read
     codes: torch.Tensor | None = None  # [1, G] the last frame (also in TalkerInputs), waiting for its text
     frame: int = 0  # frames produced
@@ -147,15 +146,16 @@ class Session:
         tk = self.talker
         if tk.waiting:
             self._send_audio()
-        tk.done, tk.codes, tk.code0, tk.code0_value, tk.hidden = True, None, None, None, None
+        tk.done, tk.codes, tk.code0, tk.code0_value = True, None, None, None
 
     def _send_audio(self) -> None:
         """One AudioChunk of the decoded frames not sent yet: its samples start their copy to the host (on the
         talker's stream, where they were made) and the chunk is queued once they are there (`deliver_audio`)."""
         tk = self.talker
-        samples = torch.cat(tk.samples)
+        # one frame per packet (the default) needs no concatenation: its samples and codes as they are
+        samples = tk.samples[0] if len(tk.samples) == 1 else torch.cat(tk.samples)
         out = pcm16(samples) if self.options.audio_format == "pcm16" else samples
-        codes = torch.stack(tk.waiting, dim=-1)  # [G, n]
+        codes = tk.waiting[0][:, None] if len(tk.waiting) == 1 else torch.stack(tk.waiting, dim=-1)  # [G, n]
         self.audio_pending.append((HostSamples(out), codes, tk.frame - 1, tk.emitted))
         tk.emitted += samples.numel()
         self.timings.audio_seconds = tk.emitted / self.sample_rate

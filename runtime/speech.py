@@ -4,10 +4,10 @@
 Frame loop of one session (as transformers' `generate`, sampled with the request's talker and code-predictor
 parameters inside the runner's steps; greedy = `talker_do_sample=False, talker_repetition_penalty=1.0`):
     prefill the talker prompt -> logits of its last position -> code 0 (control ids suppressed, sampled)
-    per frame k: the code predictor fills codebooks 1..G-1 from (talker hidden, code 0); Code2Wav decodes the
-                 frame's final samples from the session's streaming state
+    per frame k: the code predictor fills codebooks 1..G-1 from (talker hidden, code 0: both on the device by
+                 slot); Code2Wav decodes the frame's final samples from the session's streaming state
                  next talker input = frame_input(codes_k, text of frame k) -> one talker step -> code 0, the
-                 input built inside that step from per-slot device state (runtime/talker_inputs.py): the host
+                 input built inside that step from per-slot device state (runtime/decode_inputs.py): the host
                  gives only the text token id (a fed token, tts_eos or tts_pad)
     code 0 reaches the host with the tick's one read-back (runtime/scheduler.py), for the stop rule.
     stop at codec EOS or at the last allowed step (runtime/session.py holds the rules).
@@ -76,7 +76,7 @@ def start_talker(runner, session: Session) -> None:
     logits, hidden = talker_prefill(runner, talker_prompt.inputs_embeds, positions, session.slot)
     runner.talker_inputs.start(session.slot, positions[:, :, -1])
     session.talker = TalkerProgress(talker_prompt.inputs_embeds.shape[1], cfg.tts_eos_token_id, cfg.tts_pad_token_id,
-                                    runner.first_code0(logits, session.slot), hidden)
+                                    runner.first_code0(logits, hidden, session.slot))
 
 
 def frames(runner, sessions: list[Session]) -> None:
@@ -88,16 +88,16 @@ def frames(runner, sessions: list[Session]) -> None:
     codes = samples = None
     if going:
         predictor_span = runner.timer.start()  # GPU time on a GPU: CUDA events on this stream (runtime/timing.py)
-        hidden = torch.cat([sessions[i].talker.hidden for i in going])  # [B', H]
-        code0 = torch.cat([sessions[i].talker.code0 for i in going])  # [B']
-        codes = runner.code_predictor_frame(hidden, code0, [sessions[i].slot for i in going])  # [B', G]
+        # code 0 and its talker state are on the device by slot, and so is the frame for Code2Wav after it
+        codes = runner.code_predictor_frame([sessions[i].slot for i in going])  # [B', G]
         predictor_span.stop()
         samples, spans = [None] * len(going), [None] * len(going)
         for first in (True, False):
             rows = [r for r, i in enumerate(going) if (sessions[i].talker.frame == 0) == first]
             if rows:
                 span = runner.timer.start()
-                wav = runner.code2wav_frame(codes[rows], [sessions[going[r]].slot for r in rows], first)  # [B'', n]
+                rows_codes = codes if len(rows) == len(going) else codes[rows]  # read only by exported Code2Wav
+                wav = runner.code2wav_frame(rows_codes, [sessions[going[r]].slot for r in rows], first)  # [B'', n]
                 span.stop()
                 for j, r in enumerate(rows):
                     samples[r], spans[r] = wav[j], span
@@ -107,7 +107,7 @@ def frames(runner, sessions: list[Session]) -> None:
             session.end_speech()
     for row, i in enumerate(going):
         tk = sessions[i].talker
-        tk.codes, tk.hidden = codes[row:row + 1], None
+        tk.codes = codes[row:row + 1]
         sessions[i].add_frame(codes[row], samples[row], predictor_span, spans[row])
 
 
@@ -115,8 +115,8 @@ def talker_decode(runner, sessions: list[Session]) -> None:
     """One talker step for every session whose last frame and its text are ready: code 0 of its next frame. The
     step builds each input from the slot's last frame and position (on the device) and its text token id."""
     longest = max(s.talker.prompt_len + s.talker.frame for s in sessions)
-    code0, hidden = runner.talker_decode([s.frame_text() for s in sessions], [s.slot for s in sessions], longest)
+    code0 = runner.talker_decode([s.frame_text() for s in sessions], [s.slot for s in sessions], longest)
     for i, session in enumerate(sessions):
         tk = session.talker
         tk.codes = None
-        tk.code0, tk.code0_value, tk.hidden = code0[i:i + 1], None, hidden[i:i + 1]
+        tk.code0, tk.code0_value = code0[i:i + 1], None

@@ -166,6 +166,29 @@ def test_repetition_penalties_match_transformers(pair):
     assert not torch.equal(plain.codes, ours.codes) or not torch.equal(plain.sequences, ours.sequences)
 
 
+def video_request(cfg) -> dict:
+    """A user turn with one random video (2 frames of 4 x 4 patches, no audio) at 2/3 s per grid: its second frame's
+    time position (2/3 × the position rate) and every position after it are fractional, which the decode steps
+    must carry on exactly (runtime/decode_inputs.py)."""
+    vision = cfg.thinker.vision
+    merge = vision.spatial_merge_size
+    grid = torch.tensor([[2, 2 * merge, 2 * merge]])
+    pixels = torch.randn(int(grid.prod()), 3 * vision.temporal_patch_size * vision.patch_size ** 2)
+    span = ([cfg.thinker.vision_start_token_id] + [cfg.thinker.video_token_id] * (int(grid.prod()) // merge ** 2)
+            + [VISION_END])
+    return dict(input_ids=torch.tensor([_chat(cfg, _text(2) + span + _text(3))]), pixel_values_videos=pixels,
+                video_grid_thw=grid, video_second_per_grid=torch.tensor([2 / 3]))
+
+
+def test_speech_with_a_video_matches_transformers(pair):
+    """Fractional TM-RoPE positions (a video at 2/3 s per grid) through the thinker's and the talker's decode
+    steps: both continue from the prompt's last position exactly, not from it rounded."""
+    oracle, engine = pair
+    request, ours = speech_request(engine, make_request=video_request, max_new_tokens=THINKER_TOKENS,
+                                   talker_max_new_tokens=TALKER_TOKENS, **GREEDY)
+    _assert_same_speech(ours, *transformers_speech(oracle, engine.config, request))
+
+
 def test_speech_with_image_matches_transformers(pair):
     """An image in the prompt: the talker positions are TM-RoPE ids of the talker input ids (MODEL_SPEC §8.3)."""
     oracle, engine = pair

@@ -194,6 +194,13 @@ def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
     caches = (runner.thinker_cache, runner.talker_cache)
     before = [(c.keys[:, :-1].clone(), c.lengths.clone()) for c in caches]
     code2wav_before = [t[:-1].clone() for t in runner.code2wav_slots.state_tensors()]
+    # per-slot decode inputs (runtime/decode_inputs.py): slot rows first, the scratch row last (positions: dim 1)
+    decode_state = [*runner.thinker_inputs.state_tensors(), *runner.talker_inputs.state_tensors()]
+    by_slot_on_dim1 = {id(runner.thinker_inputs.positions), id(runner.talker_inputs.positions)}
+    for tensor in decode_state:  # non-zero, so a padded row writing a real slot shows
+        tensor.copy_(torch.randint(1, 50, tensor.shape).to(tensor.dtype))
+    slot_rows = lambda t: t[:, :-1] if id(t) in by_slot_on_dim1 else t[:-1]  # noqa: E731
+    decode_before = [slot_rows(t).clone() for t in decode_state]
     with torch.inference_mode():
         for spec in plan:
             outputs = spec.fn(*spec.example_inputs)
@@ -203,6 +210,8 @@ def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
         assert torch.equal(cache.keys[:, :-1], keys) and torch.equal(cache.lengths, lengths)
     for tensor, saved in zip(runner.code2wav_slots.state_tensors(), code2wav_before):
         assert torch.equal(tensor[:-1], saved)
+    for tensor, saved in zip(decode_state, decode_before):
+        assert torch.equal(slot_rows(tensor), saved)
 
 
 def test_runner_builds_at_released_shapes_without_a_gpu():
@@ -246,9 +255,10 @@ def _restore(cache, saved):
 
 def _side_state(runner) -> list[torch.Tensor]:
     """State a step changes besides the KV caches: Code2Wav's streams, the per-slot sampling state (step
-    counters, histories) and the talker's next-input state (frame codes, positions)."""
+    counters, histories) and the decode steps' input state (runtime/decode_inputs.py)."""
     sampling = [t for stage in runner.sampling.values() for t in vars(stage).values() if torch.is_tensor(t)]
-    return [*runner.code2wav_slots.state_tensors(), *sampling, *runner.talker_inputs.state_tensors()]
+    return [*runner.code2wav_slots.state_tensors(), *sampling, *runner.thinker_inputs.state_tensors(),
+            *runner.talker_inputs.state_tensors()]
 
 
 @needs_cuda
@@ -274,15 +284,17 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
     for cache in (runner.thinker_cache, runner.talker_cache):
         cache.keys.normal_()
         cache.values.normal_()
-    tokens = torch.randint(11, 470, (3,), device=device)
-    positions = torch.randint(0, 30, (3, 3, 1), device=device)
+    # each slot's decode inputs on the device (runtime/decode_inputs.py): the steps take only slot ids
+    runner.thinker_inputs.tokens[:3] = torch.randint(11, 470, (3,), device=device)
+    runner.thinker_inputs.positions[:, :3] = torch.randint(0, 30, (3, 3), device=device)
     text_ids = torch.randint(11, 470, (3,), device=device)  # the talker step embeds and projects them itself
-    groups, codebook = cfg.talker.num_code_groups, cfg.talker.code_predictor.vocab_size
-    runner.talker_inputs.codes[:3] = torch.randint(0, codebook, (3, groups), device=device)  # each slot's last frame
+    groups = cfg.talker.num_code_groups
+    # each slot's last frame: codes the talker's tables and Code2Wav's codebooks both hold
+    codebook = min(cfg.code2wav.codebook_size, cfg.talker.code_predictor.vocab_size)
+    runner.talker_inputs.codes[:3] = torch.randint(0, codebook, (3, groups), device=device)
     runner.talker_inputs.positions[:, :3] = torch.randint(0, 30, (3, 3), device=device)
-    hidden = torch.randn(3, cfg.talker.text.hidden_size, device=device)
-    code0 = torch.randint(0, 100, (3,), device=device)
-    frame_codes = torch.randint(0, cfg.code2wav.codebook_size, (3, cfg.code2wav.num_quantizers, 1), device=device)
+    runner.talker_inputs.hidden[:3] = torch.randn(3, cfg.talker.text.hidden_size, device=device)
+    runner.talker_inputs.code0[:3] = torch.randint(0, 100, (3,), device=device)
     bucket = runner.prefill_buckets[1]  # a chunk of bucket − 3 tokens, front-padded, after slot 2's 5 tokens
     chunk = (torch.randn(1, bucket, cfg.thinker.text.hidden_size, device=device),
              torch.randint(0, 30, (3, 1, bucket), device=device),
@@ -301,11 +313,11 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
     for cache, name, inputs in (
         (runner.thinker_cache, "thinker_prefill", chunk),
         (runner.talker_cache, "talker_prefill", talker_chunk),
-        (runner.thinker_cache, "thinker_decode", (tokens, positions, slots)),
+        (runner.thinker_cache, "thinker_decode", (slots,)),
         (runner.talker_cache, "talker_decode", (text_ids, slots)),
-        (None, "code_predictor", (hidden, code0, slots)),
-        (None, "code2wav", (frame_codes, slots)),
-        (None, "code2wav_first", (frame_codes, slots)),
+        (None, "code_predictor", (slots,)),
+        (None, "code2wav", (slots,)),
+        (None, "code2wav_first", (slots,)),
     ):
         if name == "code2wav_first":  # fresh streams: the first frame trims the transposed convs' left edge
             for slot in (0, 1, 2):
@@ -350,3 +362,41 @@ def test_stream_with_graphs_equals_offline(gpu_engine):
     assert len(timings.code_predictor_per_frame) == len(timings.code2wav_per_frame) == frames
     assert all(t > 0 for t in timings.code_predictor_per_frame + timings.code2wav_per_frame)  # CUDA-event spans
     assert timings.thinker_first_token <= timings.first_packet and timings.talker_first_frame <= timings.first_packet
+
+
+def test_replay_copies_an_input_again_unless_it_is_the_same_constant_at_the_same_batch():
+    """runtime/graphs.py copy_inputs: a steady batch's slot ids (constant, kept by the runner) stay in the graph's
+    buffer; anything else, a new tensor or another batch size is copied in (and the rest of the bucket padded)."""
+    from runtime.graphs import copy_inputs, mark_constant
+
+    buffers = [torch.full((4,), 9), torch.full((4,), 9)]
+    last = [None, None]
+    slots, text = mark_constant(torch.tensor([2, 0])), torch.tensor([7, 8])
+    copy_inputs(buffers, (text, slots), (0, 0), (0, -1), last)
+    assert buffers[0].tolist() == [7, 8, 0, 0] and buffers[1].tolist() == [2, 0, -1, -1]
+    for buffer in buffers:
+        buffer.fill_(5)  # what a skipped copy would leave
+    copy_inputs(buffers, (torch.tensor([3, 4]), slots), (0, 0), (0, -1), last)
+    assert buffers[0].tolist() == [3, 4, 0, 0], "a non-constant input is copied every time"
+    assert buffers[1].tolist() == [5, 5, 5, 5], "the same constant at the same batch is not copied again"
+    copy_inputs(buffers, (torch.tensor([3, 4]), torch.tensor([2, 0])), (0, 0), (0, -1), last)
+    assert buffers[1].tolist() == [2, 0, -1, -1], "another tensor with the same values is copied"
+    buffers[1].fill_(5)
+    copy_inputs(buffers, (torch.tensor([3]), slots[:1]), (0, 0), (0, -1), last)
+    assert buffers[1].tolist() == [2, -1, -1, -1], "a view of the constant is another tensor"
+
+
+def test_slot_ids_are_kept_per_batch_and_never_rewritten():
+    from runtime.config import OmniConfig
+    from runtime.models.omni import build_model
+    from runtime.options import SchedulerConfig
+    from runtime.runner import SLOT_ID_CACHE, ModelRunner
+
+    config = OmniConfig.from_pretrained("qwen3-omni-30b-a3b")
+    runner = ModelRunner(build_model(config, "meta").to(torch.bfloat16), config,
+                         SchedulerConfig(max_sessions=4, use_graphs=False))
+    first = runner.slot_ids([2, 0])
+    assert runner.slot_ids([2, 0]) is first and runner.slot_ids([0, 2]) is not first
+    for n in range(SLOT_ID_CACHE + 1):  # the oldest batch is dropped once more than SLOT_ID_CACHE are kept
+        runner.slot_ids([n % 4] * (n // 4 + 1))
+    assert len(runner._slot_ids) == SLOT_ID_CACHE and runner.slot_ids([2, 0]) is not first

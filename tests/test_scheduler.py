@@ -180,11 +180,11 @@ def test_a_failing_row_fails_alone_beside_three_good_sessions(engine, monkeypatc
     poisoned = 2  # the third request (session ids count submits)
     failed_batches = []
 
-    def decode(tokens, positions, slots, longest):  # runs on the engine loop's thread, beside the scheduler
+    def decode(slots, longest):  # runs on the engine loop's thread, beside the scheduler
         if any(s.id == poisoned and s.slot in slots for s in scheduler.live):
             failed_batches.append(len(slots))
             raise RuntimeError(f"injected fault in session {poisoned}")
-        return real_decode(tokens, positions, slots, longest)
+        return real_decode(slots, longest)
 
     monkeypatch.setattr(runner, "thinker_decode", decode)
     streams = [served.stream(**request) for request, _ in pairs]

@@ -1,4 +1,4 @@
-"""The talker's next input built inside its decode step (runtime/talker_inputs.py, ModelRunner.talker_decode_step):
+"""The talker's next input built inside its decode step (runtime/decode_inputs.py, ModelRunner.talker_decode_step):
 the G codec embeddings as one gather + sum over Talker's stacked tables, bit-equal to the per-codebook lookups
 (the order transformers sums them in; tests/test_talker.py compares frame_input with transformers itself), and the
 per-slot state the step reads (frame codes, last positions) with padded rows (slot −1) touching only the scratch

@@ -1,0 +1,101 @@
+"""What the decode steps build their inputs from, kept per slot on the device, so each captured step takes only
+slot ids (and, for the talker, text token ids) from the host and nothing is gathered or concatenated eagerly per
+session between the graphs.
+
+Thinker (`ThinkerInputs`): each slot's last sampled token and the TM-RoPE position it was fed at. Text decode
+positions advance by one on all three axes (MODEL_SPEC §5), so the step feeds the last token at that position + 1
+and records what it samples. The prefill's end sets both (the first token and the prompt's last position).
+
+Talker (`TalkerInputs`, MODEL_SPEC §8.4): the talker input after frame k is Σ codec embeddings of frame k's G
+codes + the projected text of frame k, at the slot's last position + 1. Kept here, the step computes all of it
+inside its CUDA graph: the code predictor's step records each slot's frame codes, the talker prefill sets the
+slot's last position, and the decode step reads both and takes only the text token ids from the host (a fed
+token, or tts_eos / tts_pad: their projections are the same text projection of their thinker embeddings). The
+talker step records the code 0 it samples and the hidden state that produced it, the code predictor's step reads
+them and records the frame's codes, and Code2Wav's step reads those: a frame passes from stage to stage on the
+device, by slot.
+
+Positions are float32: TM-RoPE time positions of a video are fractional (seconds per grid × rate), and the
+rotary tables are computed in fp32 from whatever dtype they get, so integer positions give the same angles.
+
+Rows are indexed by slot id; slot −1 (a padded batch row) indexes the last row, the scratch row, so a padded row
+reads and writes only that (tensor indexing counts −1 from the end, as the KV caches' scratch slot does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ThinkerInputs:
+    """tokens: [slots + 1] int64, each slot's last sampled token (not fed yet); positions: [3, slots + 1] float32,
+    the position of the last token fed (the prompt's last, then each decode step's)."""
+
+    def __init__(self, slots: int, device):
+        self.tokens = torch.zeros(slots + 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, slots + 1, dtype=torch.float32, device=device)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [self.tokens, self.positions]
+
+    def start(self, slot: int, first_token: torch.Tensor, last_positions: torch.Tensor) -> None:
+        """After the thinker prefill: first_token [1] sampled from the prompt, last_positions [3] (or [3, 1, 1])."""
+        self.tokens[slot] = first_token.reshape(())
+        self.positions[:, slot] = last_positions.reshape(3)
+
+    def build(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [B] -> (tokens [B], positions [3, B, 1]): each slot's last token at its last position + 1."""
+        return self.tokens[slots], (self.positions[:, slots] + 1)[:, :, None]
+
+    def advance(self, slots: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> None:
+        """slots [B], positions [3, B, 1] just fed, tokens [B] just sampled (last, as the cache's commit: a failed
+        step changes nothing)."""
+        self.positions[:, slots] = positions[:, :, 0]
+        self.tokens[slots] = tokens
+
+
+class TalkerInputs:
+    """codes: [slots + 1, G] int64, the last frame of each slot (written by the code predictor's step);
+    positions: [3, slots + 1] float32, the TM-RoPE position of each slot's last talker input (t, h, w);
+    code0: [slots + 1] int64 and hidden: [slots + 1, H], the next frame's code 0 and the talker state that
+    produced it (written by the talker's prefill and decode steps, read by the code predictor's)."""
+
+    def __init__(self, slots: int, num_code_groups: int, hidden_size: int, dtype, device):
+        self.codes = torch.zeros(slots + 1, num_code_groups, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, slots + 1, dtype=torch.float32, device=device)
+        self.code0 = torch.zeros(slots + 1, dtype=torch.long, device=device)
+        self.hidden = torch.zeros(slots + 1, hidden_size, dtype=dtype, device=device)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [self.codes, self.positions, self.code0, self.hidden]
+
+    def record_code0(self, slots: torch.Tensor, code0: torch.Tensor, hidden: torch.Tensor) -> None:
+        """slots [B], code0 [B] just sampled, hidden [B, H] the state it came from."""
+        self.code0[slots] = code0
+        self.hidden[slots] = hidden
+
+    def frame_inputs(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [B] -> (hidden [B, H], code 0 [B]): what the code predictor's frame starts from."""
+        return self.hidden[slots], self.code0[slots]
+
+    def start(self, slot: int, last_positions: torch.Tensor) -> None:
+        """After the talker prefill: last_positions [3] (or [3, 1, 1]) of the prompt's last position."""
+        self.positions[:, slot] = last_positions.reshape(3)
+
+    def record_codes(self, slots: torch.Tensor, codes: torch.Tensor) -> None:
+        """slots [B] (−1 = padded), codes [B, G] of the frame each slot has just made (inside the code predictor's
+        step)."""
+        self.codes[slots] = codes
+
+    def build(self, talker, embed_tokens, text_ids: torch.Tensor, slots: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """text_ids [B] thinker token ids, slots [B] -> (embeds [B, 1, H], positions [3, B, 1]): each slot's last
+        frame embedded and summed plus its projected text (Talker.frame_input), at its last position + 1."""
+        text = talker.project_text(embed_tokens(text_ids))  # [B, H]
+        embeds = talker.frame_input(self.codes[slots], text)
+        positions = self.positions[:, slots] + 1  # [3, B]
+        return embeds, positions[:, :, None]
+
+    def advance(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """slots [B], positions [3, B, 1] of the inputs just fed: the slots' last positions now."""
+        self.positions[:, slots] = positions[:, :, 0]
