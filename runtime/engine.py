@@ -47,6 +47,9 @@ SCHEDULED_BACKENDS = {"audio_encoder", "vision_encoder", "code_predictor", "thin
 class Prompt:
     """A prepared thinker prompt: ids plus the encoder inputs its placeholders stand for."""
 
+    # On the host once the engine has it (`_to_device` leaves them there): the layouts read from them (TM-RoPE ids,
+    # the talker prompt, a batch's rows) need their values, which on the device would each be a blocking read.
+    # The prefill uploads the ids once (runtime/prefill.py).
     input_ids: torch.Tensor  # [B, L] int64, left-padded when rows differ
     attention_mask: torch.Tensor | None  # [B, L], 1 = real token; None = nothing padded
     inputs: MultimodalInputs = field(default_factory=MultimodalInputs)
@@ -446,8 +449,8 @@ class OmniEngine:
     def _to_device(self, prompt: Prompt) -> Prompt:
         inputs = MultimodalInputs(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
                                      for k, v in vars(prompt.inputs).items()})
-        mask = prompt.attention_mask.to(self.device) if prompt.attention_mask is not None else None
-        return Prompt(prompt.input_ids.to(self.device), mask, inputs)
+        mask = prompt.attention_mask.cpu() if prompt.attention_mask is not None else None
+        return Prompt(prompt.input_ids.cpu(), mask, inputs)  # ids stay on the host (see Prompt)
 
 
 def _check_prompt(prompt: Prompt, config: OmniConfig, need_assistant_turn: bool) -> None:

@@ -33,20 +33,24 @@ def embed_prompt(runner, prompt) -> PromptEmbedding:
     """A one-row prompt (runtime.engine.Prompt) -> its embeddings, with the encoders run and their features
     merged in, its TM-RoPE positions and DeepStack additions (dense for static prefill: one scatter for
     the whole prompt, so that chunks slice it without host reads)."""
-    thinker, inputs, ids = runner.model.thinker, prompt.inputs, prompt.input_ids
+    thinker, inputs, host_ids = runner.model.thinker, prompt.inputs, prompt.input_ids
+    upload = runner.transfers.upload  # the prompt's ids live on the host (runtime/engine.py Prompt)
     audio_embeds = getattr(inputs, "audio_embeds", None)  # encoded with the rest of a batch (runtime/batch.py)
     if audio_embeds is None:
-        embeds, deepstack = thinker.embed(ids, inputs)
+        embeds, deepstack = thinker.embed(host_ids, inputs, upload=upload)
     else:
-        embeds, deepstack = thinker.embed(ids, replace(inputs, input_features=None, feature_attention_mask=None),
-                                          required=False)
-        audio_rows = (ids == thinker.cfg.audio_token_id)[..., None]  # [1, L, 1]
+        embeds, deepstack = thinker.embed(host_ids, replace(inputs, input_features=None, feature_attention_mask=None),
+                                          required=False, upload=upload)
+        audio_rows = upload((host_ids == thinker.cfg.audio_token_id)[..., None])  # [1, L, 1]
         embeds = embeds.masked_scatter(audio_rows, audio_embeds.to(embeds.dtype))
-    positions, _ = get_rope_index(ids, None, inputs.image_grid_thw, inputs.video_grid_thw,
+    # from the host ids: a text or audio prompt's positions without a device read (images and videos still read
+    # their grids, which live with the pixels on the device)
+    positions, _ = get_rope_index(host_ids, None, inputs.image_grid_thw, inputs.video_grid_thw,
                                   inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video,
                                   config=thinker.cfg)
+    positions = runner.transfers.upload(positions)
     if runner.static_prefill:
-        length, hidden = ids.shape[1], runner.config.thinker.text.hidden_size
+        length, hidden = host_ids.shape[1], runner.config.thinker.text.hidden_size
         if deepstack is not None:
             deepstack = deepstack.to_dense(1, length, hidden, runner.dtype, runner.device)
         else:

@@ -171,8 +171,8 @@ class ModelRunner:
 
     def admit(self, slot: int, options: GenerationOptions, prompt_ids: torch.Tensor) -> None:
         """A new request's sampling state in its slot (options resolved: every stage set, a seed); the thinker's
-        repetition-penalty history starts with the prompt ids [1, L], as transformers' input_ids do."""
-        self.sampling["thinker"].admit(slot, options.thinker, options.seed, prompt_ids)
+        repetition-penalty history starts with the prompt ids [1, L] (on the host), as transformers' input_ids do."""
+        self.sampling["thinker"].admit(slot, options.thinker, options.seed, self.transfers.upload(prompt_ids))
         if self.speech:
             with self.on_talker_stream():
                 self.sampling["talker"].admit(slot, options.talker, options.seed)

@@ -67,12 +67,15 @@ def start_talker(runner, session: Session) -> None:
         for tensor in (embeds, accepted, th.next_token):  # until the talker stream is done with it
             tensor.record_stream(runner.talker_stream)
     embed_tokens = model.thinker.model.embed_tokens
+    # the layout from the prompt's ids on the host (runtime/engine.py Prompt), the states gathered on the device
     talker_prompt = model.talker.build_prompt(cfg, prompt.input_ids, prompt.input_ids, embeds, accepted, embed_tokens,
                                               session.options.speaker or "ethan",
-                                              first_token_embeds=embed_tokens(th.next_token))
+                                              first_token_embeds=embed_tokens(th.next_token),
+                                              upload=runner.transfers.upload)
     inputs = prompt.inputs
-    positions = talker_position_ids(talker_prompt, cfg, inputs.image_grid_thw, inputs.video_grid_thw,
-                                    inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video)
+    positions = runner.transfers.upload(talker_position_ids(  # from the host ids too
+        talker_prompt, cfg, inputs.image_grid_thw, inputs.video_grid_thw, inputs.audio_frames(),
+        inputs.video_second_per_grid, inputs.use_audio_in_video))
     logits, hidden = talker_prefill(runner, talker_prompt.inputs_embeds, positions, session.slot)
     runner.talker_inputs.start(session.slot, positions[:, :, -1])
     session.talker = TalkerProgress(talker_prompt.inputs_embeds.shape[1], cfg.tts_eos_token_id, cfg.tts_pad_token_id,

@@ -1,6 +1,7 @@
 """Host <-> device transfers of the scheduler's tick, so that it blocks on the device at most once.
 
     HostTransfers.to_device([3, 7])      # host ints -> [2] int64 on the device, pinned and non-blocking on a GPU
+    HostTransfers.upload(host_tensor)    # a host tensor (a prompt's ids, positions) the same way
     HostTransfers.read_back(tokens, c0)  # the tick's one blocking read: [[...], [...]]
 
 A pageable host-to-device copy (`torch.tensor(list, device="cuda")`) waits for the stream, and every `.tolist()`
@@ -43,6 +44,14 @@ class HostTransfers:
         out.copy_(host, non_blocking=True)
         copied.record()
         return out
+
+    def upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor -> the same on the device. On a GPU: staged in pinned memory (the caching host allocator
+        keeps it until the copy has run) and copied on the current stream without blocking; a pageable copy would
+        wait for everything queued on the stream first."""
+        if tensor.device.type != "cpu" or not self.on_gpu:
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def read_back(self, *tensors: torch.Tensor) -> list[list[int]]:
         """Integer device tensors (any shapes) -> their values, one flat list each, through one blocking read:

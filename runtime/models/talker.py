@@ -265,7 +265,8 @@ class Talker(nn.Module):
                      thinker_embedding: Callable[[torch.Tensor], torch.Tensor], speaker: str | int = "ethan",
                      attention_mask: torch.Tensor | None = None,
                      thinker_eos_token_id: int | Sequence[int] | None = None, *,
-                     first_token_embeds: torch.Tensor | None = None) -> TalkerPrompt:
+                     first_token_embeds: torch.Tensor | None = None,
+                     upload: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TalkerPrompt:
         """The talker prefill from a finished (or running) thinker generation, as transformers' omni `generate`
         builds it (MODEL_SPEC §8.3).
 
@@ -285,10 +286,16 @@ class Talker(nn.Module):
           scheduler's sessions): thinker_embeds / thinker_hidden then cover the prompt only (N = L), and
           `sequences` may be the prompt alone; the trailing text is then just tts_eos (a session feeds its
           text frame by frame, runtime/session.py).
+        upload: host tensor -> the states' device (default `.to`). The layout (which positions are user, which
+          multimodal, where the assistant turn starts) is read from the ids where they are: on the host, as the
+          engine keeps them, nothing here waits for the device; the states are then gathered by index tensors
+          that `upload` sends over (runtime/transfers.py: pinned, non-blocking). input_ids, attention_mask and
+          sequences on the same device; the returned input_ids and attention_mask stay there.
         """
         talker_cfg = self.cfg
         batch, length = input_ids.shape
-        device = input_ids.device
+        device, states_device = input_ids.device, thinker_embeds.device
+        upload = upload or (lambda t: t.to(states_device))
         if first_token_embeds is not None:
             # t1 is a text token: its embedding is its token embedding, and its hidden state is never read
             # (only multimodal user positions read thinker_hidden), so a zero row stands in for it.
@@ -318,10 +325,21 @@ class Talker(nn.Module):
         multimodal = torch.isin(sequences[:, :length], torch.tensor(
             [cfg.thinker.audio_token_id, cfg.thinker.image_token_id, cfg.thinker.video_token_id], device=device))
         user_mm = multimodal.gather(1, order)  # [B, U]
-        gather = lambda t: t[:, :length].gather(1, order[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-        user_embeds = thinker_embeds.new_empty(batch, width, talker_cfg.text.hidden_size)  # [B, U, H]
-        user_embeds[user_mm] = self.project_hidden(gather(thinker_hidden)[user_mm])
-        user_embeds[~user_mm] = self.project_text(gather(thinker_embeds)[~user_mm])
+        # Rows of the flattened states [B·N] each user slot reads, and the slots [B·U] they fill: multimodal ones
+        # through the hidden projection, the others through the text projection, each set in row-major order (as
+        # boolean-mask indexing takes them), all in one upload.
+        source = (torch.arange(batch, device=device)[:, None] * thinker_embeds.shape[1] + order).reshape(-1)
+        target = torch.arange(batch * width, device=device)
+        picked = user_mm.reshape(-1)
+        mm_count = int(picked.sum())
+        text_count = batch * width - mm_count
+        indices = upload(torch.cat((source[picked], target[picked], source[~picked], target[~picked])))
+        mm_source, mm_target, text_source, text_target = indices.split([mm_count, mm_count, text_count, text_count])
+        hidden_size = thinker_embeds.shape[-1]
+        user_embeds = thinker_embeds.new_empty(batch * width, talker_cfg.text.hidden_size)  # [B·U, H]
+        user_embeds[mm_target] = self.project_hidden(thinker_hidden.reshape(-1, hidden_size)[mm_source])
+        user_embeds[text_target] = self.project_text(thinker_embeds.reshape(-1, hidden_size)[text_source])
+        user_embeds = user_embeds.view(batch, width, -1)  # [B, U, H]
         user_ids = input_ids.gather(1, order)  # [B, U]
         user_mask = (torch.arange(width, device=device) >= (width - user_lengths)[:, None]).long()  # [B, U]
 
@@ -338,7 +356,12 @@ class Talker(nn.Module):
             raise ValueError(f"the thinker states cover {thinker_embeds.shape[1]} positions; the talker prompt needs "
                              f"{start + ASSISTANT_PREFIX + 1} (through the first generated text token)")
 
-        special = torch.tensor([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id], device=device)
+        # the tts text ids (thinker vocab), then the assistant prefix's codec ids: one upload
+        ids = upload(torch.tensor([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id,
+                                   talker_cfg.codec_nothink_id, talker_cfg.codec_think_bos_id,
+                                   talker_cfg.codec_think_eos_id, speaker_id, talker_cfg.codec_pad_id,
+                                   talker_cfg.codec_bos_id]))
+        special, codec_ids = ids[:3], ids[3:]
         tts_bos, tts_eos, tts_pad = self.project_text(thinker_embedding(special)).to(user_embeds.dtype)  # 3 × [H]
         assistant_text = self.project_text(thinker_embeds[:, start:])  # [B, 3 + fed text tokens, H]
         text_side = torch.cat((
@@ -347,9 +370,6 @@ class Talker(nn.Module):
             tts_bos.expand(batch, 1, -1),
             assistant_text[:, ASSISTANT_PREFIX:ASSISTANT_PREFIX + 1],  # t1
         ), dim=1)  # [B, 9, H]
-        codec_ids = torch.tensor([talker_cfg.codec_nothink_id, talker_cfg.codec_think_bos_id,
-                                  talker_cfg.codec_think_eos_id, speaker_id, talker_cfg.codec_pad_id,
-                                  talker_cfg.codec_bos_id], device=device)
         codec_side = self.model.codec_embedding(codec_ids).to(user_embeds.dtype)  # [6, H]
         assistant_embeds = text_side + torch.cat((codec_side.new_zeros(ASSISTANT_PREFIX, codec_side.shape[-1]),
                                                   codec_side))  # [B, 9, H]
@@ -362,8 +382,9 @@ class Talker(nn.Module):
             steps = torch.arange(generated.shape[1], device=device)
             first_eos = torch.where(torch.isin(generated, eos_ids), steps, generated.shape[1]).min(-1).values  # [B]
             slots = torch.arange(trailing.shape[1], device=device)[None, :, None]  # [1, T, 1]
-            trailing = torch.where(slots > first_eos[:, None, None], tts_pad, trailing)
-            trailing = torch.where(slots == first_eos[:, None, None], tts_eos, trailing)
+            after, at = upload(torch.stack((slots > first_eos[:, None, None], slots == first_eos[:, None, None])))
+            trailing = torch.where(after, tts_pad, trailing)
+            trailing = torch.where(at, tts_eos, trailing)
 
         return TalkerPrompt(
             inputs_embeds=torch.cat((user_embeds, assistant_embeds), dim=1),

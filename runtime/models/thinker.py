@@ -17,7 +17,7 @@ Shapes: B = batch, L = tokens this call, S = cached + new tokens, H = hidden_siz
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -115,8 +115,9 @@ class Thinker(nn.Module):
     # ------------------------------------------------------------------ embedding merge
 
     def _scatter(self, embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor | None, what: str,
-                 required: bool) -> torch.Tensor:
-        """embeds [B, L, H]; mask [B, L]: write features [count, H] into the masked rows, in order."""
+                 required: bool, upload: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """embeds [B, L, H]; mask [B, L] (where the ids are): write features [count, H] into the masked rows, in
+        order, through the rows' flat indices (`upload`ed: no boolean mask on the device, whose size is a read)."""
         count = int(mask.sum())
         if features is None:
             if required and count:
@@ -125,38 +126,45 @@ class Thinker(nn.Module):
         if features.shape[0] != count:
             raise ValueError(f"{what}: the prompt has {count} placeholder tokens but the encoder gave "
                              f"{features.shape[0]} {what} features")
+        rows = upload(mask.reshape(-1).nonzero().squeeze(1))  # [count], row-major as a boolean mask takes them
         embeds = embeds.clone()
-        embeds[mask] = features.to(embeds.dtype)
+        embeds.view(-1, embeds.shape[-1])[rows] = features.to(embeds.dtype)
         return embeds
 
     def embed(self, input_ids: torch.Tensor, inputs: MultimodalInputs | None = None,
-              required: bool = True) -> tuple[torch.Tensor, DeepStack | None]:
+              required: bool = True, upload: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, DeepStack | None]:
         """input_ids [B, L] -> (embeddings [B, L, H] with audio/image/video features scattered in,
         DeepStack over the visual rows or None).
 
         required: placeholders without the matching input are an error (prefill); decode steps embed any
         generated placeholder id as an ordinary token, as transformers does.
+        upload: a tensor where the ids are -> the model's device (default `.to`). The placeholders are found
+        where the ids are: the engine keeps a prompt's ids on the host, so counting and placing them reads
+        nothing back from the device (runtime/prefill.py passes a pinned, non-blocking upload).
         Raises ValueError when a modality's placeholder count differs from its feature count.
         """
         cfg = self.cfg
         inputs = inputs or MultimodalInputs()
-        embeds = self.model.embed_tokens(input_ids)  # [B, L, H]
+        device = self.model.embed_tokens.weight.device
+        upload = upload or (lambda t: t.to(device))
+        embeds = self.model.embed_tokens(upload(input_ids))  # [B, L, H]
 
         audio = self.encode_audio(inputs) if inputs.input_features is not None else None
-        embeds = self._scatter(embeds, input_ids == cfg.audio_token_id, audio, "audio", required)
+        embeds = self._scatter(embeds, input_ids == cfg.audio_token_id, audio, "audio", required, upload)
 
         levels: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # (row mask [B, L], DeepStack levels)
         for what, pixels, grid, token in (("image", inputs.pixel_values, inputs.image_grid_thw, cfg.image_token_id),
                                           ("video", inputs.pixel_values_videos, inputs.video_grid_thw, cfg.video_token_id)):
             mask = input_ids == token
             if pixels is None:
-                embeds = self._scatter(embeds, mask, None, what, required)
+                embeds = self._scatter(embeds, mask, None, what, required, upload)
                 continue
             if grid is None:
                 raise ValueError(f"{what} pixel values were given without their grid_thw")
             features, deepstack = self.encode_vision(pixels, grid)
-            embeds = self._scatter(embeds, mask, features, what, required)
-            levels.append((mask, deepstack))
+            embeds = self._scatter(embeds, mask, features, what, required, upload)
+            levels.append((upload(mask), deepstack))  # DeepStack adds by this mask on the device
 
         if not levels:
             return embeds, None
