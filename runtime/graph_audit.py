@@ -19,7 +19,8 @@ while the meta device runs every op the steps use. Meta tensors are as strict wh
 run their registered fake implementations on meta tensors.
 
 Counting rules (bench/launches.py prints them per stage):
-- an aten op that computes (not a view, reshape of metadata or bare allocation) counts as one kernel launch;
+- an aten op that computes on the device (not a view, reshape of metadata or bare allocation) counts as one
+  kernel launch; work on host tensors launches nothing (and inside a step it is a violation);
   a few (sort, topk, scatter with reductions) launch more on a real GPU, so aten counts are a floor;
 - a custom op (the Triton `omni_rt_triton::` and CUDA `omni_rt::` kernels) counts what its launch-count hint
   says (kernels/launch_counts.py), one when it has none;
@@ -103,7 +104,10 @@ class StepReport:
 
 
 def _sync_reason(func, args, kwargs) -> str | None:
-    """Why this op blocks on the device (its result or its output's size depends on tensor values), or None."""
+    """Why this op blocks on the device (its result or its output's size depends on tensor values), or None.
+    Reading host tensors (ids kept on the host) waits for nothing."""
+    if all(t.device.type == "cpu" for t in _tensors((args, kwargs))):
+        return None
     packet = func.overloadpacket
     if packet in HOST_SYNC:
         return HOST_SYNC[packet]
@@ -212,9 +216,12 @@ class StepAudit(TorchDispatchMode):
             out = func(*args, **kwargs)
         except NotImplementedError as error:  # an op with no meta implementation cannot be audited (or captured)
             raise GraphSafetyError(f"{func} cannot run on meta tensors ({error}) at {_where()}") from error
-        if direction is None and any(t.device.type == "cpu" and t.numel() > 1 for t in _tensors(out)):
+        produced = _tensors(out)
+        on_host = direction is None and all(t.device.type == "cpu" for t in produced or inputs)
+        if produced and on_host and any(t.numel() > 1 for t in produced):
             self._violation("CPU computation", f"{func} produced a CPU tensor inside the step")
-        if packet not in NO_LAUNCH and not _aliases_input(func, inputs, _tensors(out)):
+        # a kernel runs on the device: host work (an eager layout read from host ids) launches none
+        if packet not in NO_LAUNCH and not on_host and not _aliases_input(func, inputs, _tensors(out)):
             name = str(func.name())
             hint = self.launch_counts.get(name.split(".")[0]) if func.namespace != "aten" else None
             count = 1 if hint is None else int(hint(args, kwargs))

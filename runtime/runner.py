@@ -201,9 +201,10 @@ class ModelRunner:
         """[n] int64 on the runner's device from host ints (runtime/transfers.py: pinned, non-blocking)."""
         return self.transfers.to_device(values)
 
-    def read_back(self, *tensors: torch.Tensor) -> list[list[int]]:
-        """The tick's one blocking device-to-host read: integer tensors -> their values, one list each."""
-        return self.transfers.read_back(*tensors)
+    def read_back(self, *tensors: torch.Tensor, wait_for_talker: bool = True) -> list[list[int]]:
+        """The tick's one blocking device-to-host read: integer tensors -> their values, one list each.
+        wait_for_talker=False: tensors made on the main stream only, read without waiting for the talker's."""
+        return self.transfers.read_back(*tensors, wait_for_talker=wait_for_talker)
 
     # ------------------------------------------------------------------ step functions (what graphs capture)
 

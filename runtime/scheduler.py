@@ -177,12 +177,18 @@ class Scheduler:
         th.prompt = None
         session.state = "decode"
         token = runner.first_token(logits, session.slot, last_positions)  # [1]
-        self._take_tokens([session], [token], runner.read_back(token)[0])
-        if session.speaks and not th.done and not session.finished:  # t1 is fed next: the talker can start now
+        if session.speaks:
+            # t1 is fed next, so the talker can start now, before t1's value is read: its prompt and prefill
+            # queue on the device right behind the thinker's prefill instead of waiting for the host to see t1
+            # (the read below waits for the thinker's stream only). If t1 ends the text, they are dropped.
+            th.next_token = token
             if runner.talker_stream is not None:  # it reads the thinker prefill's states
                 runner.talker_stream.wait_stream(torch.cuda.current_stream(runner.device))
             with runner.on_talker_stream():
                 speech.start_talker(runner, session)
+        self._take_tokens([session], [token], runner.read_back(token, wait_for_talker=False)[0])
+        if session.talker is not None and th.done and not session.finished:  # the text ended at t1 (EOS):
+            session.end_speech()  # nothing to speak, as when the talker never started
 
     def _thinker_decode(self, sessions: list[Session]) -> list[torch.Tensor]:
         # each slot's last token and position are on the device (runtime/decode_inputs.py): only slot ids go up

@@ -53,14 +53,14 @@ class HostTransfers:
             return tensor.to(self.device)
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def read_back(self, *tensors: torch.Tensor) -> list[list[int]]:
+    def read_back(self, *tensors: torch.Tensor, wait_for_talker: bool = True) -> list[list[int]]:
         """Integer device tensors (any shapes) -> their values, one flat list each, through one blocking read:
         the values are gathered on the device, copied into pinned memory without blocking, then read after an
-        event. Tensors made on the talker's stream are waited for first."""
+        event. Tensors made on the talker's stream are waited for first (wait_for_talker=False: none are)."""
         sizes = [t.numel() for t in tensors]
         if not sum(sizes):
             return [[] for _ in tensors]
-        if self.talker_stream is not None:
+        if self.talker_stream is not None and wait_for_talker:
             torch.cuda.current_stream(self.device).wait_stream(self.talker_stream)
         flat = torch.cat([t.reshape(-1).to(torch.long) for t in tensors])
         if self.on_gpu:

@@ -143,6 +143,13 @@ def test_launches_bench_writes_its_table_and_json(tmp_path, capsys):
     glue = rows["steady-state tick glue (1 session)"]
     assert glue["h2d_copies"] == 1 and glue["host_syncs"] == glue["d2h_copies"] == 0
     assert glue["top_ops"] == {"aten::copy_": 1, "aten::clone": 4}, glue["top_ops"]
+    # Around the first packet's graphs a text prompt's layouts are read on the host (its ids stay there): the only
+    # device reads are the two the path needs, t1 and the first code 0; the rest goes up in 5 uploads (the ids,
+    # the positions, the talker prompt's indices, its special ids, its positions).
+    first = rows["first-packet glue (1 session)"]
+    assert first["host_syncs"] == first["d2h_copies"] == 2 and first["h2d_copies"] == 5, first
+    assert all(v.startswith(("host-to-device copy", "device-to-host copy")) for v in first["violations"]), first
+    assert 0 < first["kernels"] < 150
     assert rows["first packet (1 session)"]["weight_bytes"] > rows["thinker_prefill[256]"]["weight_bytes"] > 0
     assert "steady-state tick" in capsys.readouterr().out
 

@@ -315,3 +315,40 @@ def test_a_first_frame_is_launched_before_the_thinker_step(engine, monkeypatch):
     assert later, "no tick with a later frame beside a thinker step: lengthen the request"
     for tick in later:
         assert tick.index(("thinker", None)) < next(i for i, e in enumerate(tick) if e[0] == "frames"), tick
+
+
+def test_the_talker_starts_before_the_first_token_is_read(engine, monkeypatch):
+    """At the prompt's end the talker's prompt and prefill are launched before t1 is read back, and that read
+    does not wait for the talker's stream: on a GPU the talker prefill queues right behind the thinker's."""
+    from runtime import scheduler as scheduler_module
+
+    request, offline = speech_request(engine, min_frames=2, max_new_tokens=THINKER_TOKENS,
+                                      talker_max_new_tokens=TALKER_TOKENS, seed=77)
+    served = _sharing(engine)
+    runner = served.scheduler.runner  # the loop has not started: nothing else touches the runner yet
+    order = []
+    start_talker, read_back = scheduler_module.speech.start_talker, runner.read_back
+    monkeypatch.setattr(scheduler_module.speech, "start_talker",
+                        lambda *args: order.append("start_talker") or start_talker(*args))
+    monkeypatch.setattr(runner, "read_back", lambda *tensors, wait_for_talker=True: order.append(
+        ("read", wait_for_talker)) or read_back(*tensors, wait_for_talker=wait_for_talker))
+    _check_alone(engine, request, offline, list(served.stream(**request)))
+    assert order[:2] == ["start_talker", ("read", False)], order[:4]
+    assert ("read", True) in order[2:]  # the ticks' reads, with the talker's code 0, wait for its stream
+
+
+def test_a_text_that_ends_at_its_first_token_speaks_nothing(engine, monkeypatch):
+    """t1 = EOS: the talker, started before t1 was read, is dropped; no audio, no text, the slot is freed and
+    the next request in it is served as alone."""
+    request, offline = speech_request(engine, min_frames=2, max_new_tokens=THINKER_TOKENS,
+                                      talker_max_new_tokens=TALKER_TOKENS, seed=78)
+    served = _sharing(engine, max_sessions=1)
+    runner = served.scheduler.runner
+    first_token, eos = runner.first_token, engine.config.im_end_token_id
+    monkeypatch.setattr(runner, "first_token", lambda *args: first_token(*args).fill_(eos))
+    stream = served.stream(**request)
+    assert list(stream) == [] and stream.session.state == "finished"
+    assert stream.session.talker is not None and stream.session.talker.done  # it had started
+    monkeypatch.setattr(runner, "first_token", first_token)
+    _check_alone(engine, request, offline, list(served.stream(**request)))
+    assert served.loop.call(lambda scheduler: (scheduler.idle, scheduler.free_slots)) == (True, [0])
