@@ -27,7 +27,7 @@ def rms_norm_plan(rows: int) -> tuple[str, ...]:
 
 
 def elementwise_plan(rows: int, cols: int, name: str) -> tuple[str, ...]:
-    """silu_mul, sigmoid_gate_add, snake_beta and apply_rope: one kernel over the (rows, cols) output."""
+    """snake_beta and apply_rope: one kernel over the (rows, cols) output."""
     return (name,) if rows and cols else ()
 
 
@@ -174,8 +174,6 @@ SCHEMA_ARGS: dict[str, tuple[str, ...]] = {
     "mrope_qk_norm_": ("q", "k", "q_norm_weight", "k_norm_weight", "eps", "positions", "inv_freq", "mrope_section"),
     "route_topk": ("router_logits", "top_k", "norm_topk_prob"),
     "router_topk": ("hidden", "gate_weight", "top_k", "norm_topk_prob"),
-    "silu_mul": ("gate", "up"),
-    "sigmoid_gate_add": ("x", "gate_logit", "y"),
     "snake_beta": ("x", "alpha_exp", "inv_beta"),
     "apply_rope": ("x", "cos", "sin"),
     "moe_experts": ("hidden", "expert_ids", "expert_weights", "gate_up_proj", "down_proj"),
@@ -232,8 +230,6 @@ _COUNTERS: dict[str, Callable[[dict], int]] = {
     "mrope_qk_norm_": lambda a: len(qk_norm_rope_plan(a["q"].shape[0])),
     "route_topk": lambda a: len(route_topk_plan(a["router_logits"].shape[0])),
     "router_topk": lambda a: len(route_topk_plan(a["hidden"].shape[0])),  # the router GEMM inside
-    "silu_mul": lambda a: len(elementwise_plan(*a["gate"].shape, "silu_mul")),
-    "sigmoid_gate_add": lambda a: len(elementwise_plan(*a["x"].shape, "sigmoid_gate_add")),
     "snake_beta": lambda a: len(elementwise_plan(a["x"].shape[0] * a["x"].shape[1], a["x"].shape[2], "snake_beta")),
     "apply_rope": lambda a: len(elementwise_plan(a["x"].shape[0] * a["x"].shape[1], a["x"].shape[2] * a["x"].shape[3],
                                                  "apply_rope")),

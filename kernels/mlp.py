@@ -1,7 +1,7 @@
 """The elementwise ends of the SiLU-gated MLPs (MODEL_SPEC §3, §8.1): the SiLU·up product between the gate|up
-and down GEMMs, and the talker's sigmoid-gated shared-expert sum. Torch twins of kernels/triton_mlp.py, and of
-kernels/triton_linear.py's linear_swiglu / linear_gated_add (the same steps with their GEMMs, the talker's shared
-expert in two ops)."""
+and down GEMMs, and the talker's sigmoid-gated shared-expert sum, as steps of the torch twins of
+kernels/triton_linear.py's linear_swiglu / linear_gated_add (with their GEMMs: the talker's shared expert in two
+ops) and kernels/norm.py's add_rms_norm_swiglu_ref. The model reaches them only through those fused ops."""
 
 import torch
 import torch.nn.functional as F

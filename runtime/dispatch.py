@@ -54,8 +54,6 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "route_topk": {"torch": _moe.route_topk_ref},
     "router_topk": {"torch": _moe.router_topk_ref},
     "moe_experts": {"torch": _moe.moe_experts_ref},
-    "silu_mul": {"torch": _mlp.silu_mul_ref},
-    "sigmoid_gate_add": {"torch": _mlp.sigmoid_gate_add_ref},
     "linear_swiglu": {"torch": _mlp.linear_swiglu_ref},
     "linear_gated_add": {"torch": _mlp.linear_gated_add_ref},
     "snake_beta": {"torch": _snake.snake_beta_ref},
@@ -71,7 +69,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
 # runtime/cuda_ops.py registers itself on import instead.
 _BACKEND_MODULES: dict[str, list[str]] = {
     "triton": ["kernels.triton_moe", "kernels.triton_rope", "kernels.triton_conv", "kernels.triton_attention",
-               "kernels.triton_mlp", "kernels.triton_sampling", "kernels.triton_snake", "kernels.triton_apply_rope",
+               "kernels.triton_sampling", "kernels.triton_snake", "kernels.triton_apply_rope",
                "kernels.triton_router", "kernels.triton_linear", "kernels.triton_norm_rope_attention"],
     "cuda": ["runtime.cuda_ops"],
 }
@@ -233,16 +231,6 @@ def router_topk(hidden, gate_weight, top_k, norm_topk_prob):
 
 def moe_experts(hidden, expert_ids, expert_weights, gate_up_proj, down_proj):
     return _call("moe_experts")(hidden, expert_ids, expert_weights, gate_up_proj, down_proj)
-
-
-def silu_mul(gate, up):
-    """silu(gate) * up: the activation between a gated MLP's gate|up and down GEMMs."""
-    return _call("silu_mul")(gate, up)
-
-
-def sigmoid_gate_add(x, gate_logit, y):
-    """x + sigmoid(gate_logit) * y: the routed experts' sum plus the talker's gated shared expert."""
-    return _call("sigmoid_gate_add")(x, gate_logit, y)
 
 
 def linear_swiglu(x, gate_up_weight):

@@ -24,7 +24,7 @@ from kernels.launch_counts import LAUNCHES, NAMESPACE, SCHEMA_ARGS
 
 triton = pytest.importorskip("triton", reason="triton not installed")
 
-from kernels import (triton_attention, triton_conv, triton_mlp, triton_moe, triton_rope,  # noqa: E402  (after the skip)
+from kernels import (triton_attention, triton_conv, triton_moe, triton_rope,  # noqa: E402  (after the skip)
                      triton_router, triton_snake, triton_apply_rope, triton_linear, triton_norm_rope_attention)
 
 OPS = tuple(SCHEMA_ARGS)
@@ -72,8 +72,6 @@ def small_cases(new, ids, counters):
                            ((q, k, w16, w16, 1e-6, ids([[5, 6, 7]]), new(8), None), 1)],
         "route_topk": [((new(5, 8), 2, True), 1)],
         "router_topk": [((new(5, 24), new(8, 24), 2, True), 1), ((new(0, 24), new(8, 24), 2, True), 0)],
-        "silu_mul": [((new(3, 40), new(3, 40)), 1), ((new(0, 40), new(0, 40)), 0)],
-        "sigmoid_gate_add": [((new(3, 40), new(3, 1), new(3, 40)), 1)],
         "snake_beta": [((new(2, 4, 5), new(4), new(4)), 1), ((new(2, 4, 0), new(4), new(4)), 0)],
         "apply_rope": [((new(2, 3, 4, 16), new(2, 3, 16), new(2, 3, 16)), 1), ((new(2, 3, 4, 16), new(1, 3, 16), new(1, 3, 16)), 1)],
         "moe_experts": [((new(3, 16), ids([[0, 1], [3, 2], [1, -1]]), new(3, 2), new(4, 16, 16), new(4, 16, 8)), 2),
@@ -229,13 +227,11 @@ def _real_shape_calls(dtype=torch.bfloat16, device="cuda"):
     # the code predictor's dense MLP (H 1024, I 3072), residual None as a first layer's
     calls.append((triton_linear.add_rms_norm_swiglu, (new(8, 1, 1024), None, new(1024), 1e-6, new(6144, 1024)),
                   [((8, 1, 3072), dtype), ((8, 1, 1024), dtype)]))
-    gate, up = new(8, 2 * 768).split(768, dim=-1)  # the talker's shared expert (H 1024, I 768)
+    # the talker's shared expert (H 1024, I 768)
     calls += [
         (triton_linear.linear_swiglu, (new(8, 1, 1024), new(1536, 1024)), [((8, 1, 768), dtype)]),
         (triton_linear.linear_gated_add, (new(8, 768), new(1024, 768), new(8, 1024), new(1, 1024), new(8, 1024)),
          [((8, 1024), dtype)]),
-        (triton_mlp.silu_mul, (gate, up), [((8, 768), dtype)]),
-        (triton_mlp.sigmoid_gate_add, (new(8, 1024), new(8, 1), new(8, 1024)), [((8, 1024), dtype)]),
         (triton_snake.snake_beta, (new(4, 768, 24), new(768), new(768)), [((4, 768, 24), dtype)]),
         (triton_apply_rope.apply_rope, (new(4, 1, 32, 64), new(4, 1, 64), new(4, 1, 64)), [((4, 1, 32, 64), dtype)]),
         (triton_conv.causal_conv1d, (new(4, 1024, 50), new(1536, 1024, 7), new(1536), 1, 1), [((4, 1536, 50), dtype)]),
@@ -301,7 +297,7 @@ def test_a_dispatch_mode_sees_each_op_and_counts_its_launches(no_gpu_no_triton):
                 "add_rms_norm": [1] * 4, "add_rms_norm_linear": [1] * 4, "add_rms_norm_swiglu": [1],
                 "linear_swiglu": [1], "linear_gated_add": [1],
                 "qk_norm_rope_cache_write": [1], "decode_norm_rope_attention": [1],
-                "silu_mul": [1], "sigmoid_gate_add": [1], "snake_beta": [1], "apply_rope": [1],
+                "snake_beta": [1], "apply_rope": [1],
                 "route_topk": [1] * 4, "router_topk": [1] * 4, "qk_norm_rope": [1] * 4, "mrope_qk_norm_": [1], "causal_conv1d": [1],
                 "causal_conv1d_update": [2], "causal_conv_transpose1d": [1], "causal_conv_transpose1d_update": [2]}
     with FakeTensorMode(allow_non_fake_inputs=False):
