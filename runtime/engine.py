@@ -447,7 +447,10 @@ class OmniEngine:
         return [self.tokenizer.decode(row[prompt_len:].tolist()) for row in sequences]
 
     def _to_device(self, prompt: Prompt) -> Prompt:
-        inputs = MultimodalInputs(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+        # the encoders' inputs go to the device; the audio frame mask stays with the ids on the host: the
+        # audio layout (chunks, tokens) is read from it (runtime/runner.py encode_audio)
+        inputs = MultimodalInputs(**{k: v.cpu() if k == "feature_attention_mask" and v is not None
+                                     else v.to(self.device) if isinstance(v, torch.Tensor) else v
                                      for k, v in vars(prompt.inputs).items()})
         mask = prompt.attention_mask.cpu() if prompt.attention_mask is not None else None
         return Prompt(prompt.input_ids.cpu(), mask, inputs)  # ids stay on the host (see Prompt)

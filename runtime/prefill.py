@@ -36,6 +36,8 @@ def embed_prompt(runner, prompt) -> PromptEmbedding:
     thinker, inputs, host_ids = runner.model.thinker, prompt.inputs, prompt.input_ids
     upload = runner.transfers.upload  # the prompt's ids live on the host (runtime/engine.py Prompt)
     audio_embeds = getattr(inputs, "audio_embeds", None)  # encoded with the rest of a batch (runtime/batch.py)
+    if audio_embeds is None and inputs.input_features is not None:
+        audio_embeds = runner.encode_audio(inputs)  # its captured stage when it has one, else None
     if audio_embeds is None:
         embeds, deepstack = thinker.embed(host_ids, inputs, upload=upload)
     else:

@@ -4,6 +4,7 @@
 steps' input state ThinkerInputs and TalkerInputs), the code-0 suppress mask, the talker's CUDA stream, and one
 step function per stage:
 
+    audio_encoder     a prompt's one audio in whole zero-padded chunks, per chunk-count bucket
     thinker_prefill   one prefill chunk of one slot, front-padded to a static bucket
     talker_prefill    the same for the talker's prompt
     thinker_decode    slot ids -> each slot's last token fed at its next position -> the next tokens, sampled
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from runtime.exported import EXPORTED_STEPS, ExportedSteps
 from runtime.graphs import GraphRunner, batch_buckets, graphs_possible, mark_constant
@@ -51,6 +53,7 @@ from kernels.sampling import STAGE_CODE_PREDICTOR, STAGE_TALKER, STAGE_THINKER
 from runtime.options import GenerationOptions, SchedulerConfig
 from runtime.sampling import SlotSampling
 from runtime.decode_inputs import ThinkerInputs, TalkerInputs
+from runtime.frontend.audio import audio_token_count
 from runtime.timing import StageTimer
 from runtime.transfers import HostTransfers
 
@@ -66,6 +69,11 @@ BATCHED = {
     "code2wav_first": ((0,), (-1,)),
 }
 
+
+# The audio encoder's captured chunk counts (`audio_encoder` stage): whole chunks up to one attention window
+# (8 chunks of 2·n_window frames), then whole windows, up to AUDIO_GRAPH_CHUNKS (~32 s of audio; a chunk is
+# 1 s). A longer clip, several clips in one prompt, or one shorter than a chunk are encoded eagerly.
+AUDIO_GRAPH_CHUNKS = 32
 
 # Slot-id tensors kept (runner.slot_ids): far more than the few batches one tick uses, so one evicted was last
 # used many ticks ago, by work that has completed (each tick ends with a blocking read after both streams).
@@ -146,7 +154,13 @@ class ModelRunner:
         if use_graphs and not self.static_prefill:
             raise ValueError("CUDA graphs capture prefill chunks in their static form: static_prefill=False needs "
                              "use_graphs=False")
+        audio = config.thinker.audio
+        window_chunks = audio.n_window_infer // (2 * audio.n_window)
+        self.audio_buckets = [size for size in batch_buckets(window_chunks)
+                              if size < window_chunks] + list(range(window_chunks, AUDIO_GRAPH_CHUNKS + 1,
+                                                                    window_chunks))
         self.steps: dict[str, Callable] = {
+            "audio_encoder": self.audio_encoder_step,
             "thinker_prefill": self.thinker_prefill_step, "thinker_decode": self.thinker_decode_step,
             "talker_prefill": self.talker_prefill_step, "talker_decode": self.talker_decode_step,
             "code_predictor": self.code_predictor_step, "code2wav": self.code2wav_step,
@@ -207,6 +221,11 @@ class ModelRunner:
         return self.transfers.read_back(*tensors, wait_for_talker=wait_for_talker)
 
     # ------------------------------------------------------------------ step functions (what graphs capture)
+
+    def audio_encoder_step(self, chunks, num_tokens) -> tuple[torch.Tensor]:
+        """chunks [1, C, mel, 2·n_window] one audio's zero-padded chunks, num_tokens [1] -> ([C·Tc, output_dim],):
+        the audio encoder in its static layout (AudioEncoder.forward_chunks), the rows past num_tokens padding."""
+        return (self.model.thinker.audio_tower.forward_chunks(chunks[0], num_tokens),)
 
     def thinker_prefill_step(self, embeds, positions, deepstack, slots, num_valid) -> tuple[torch.Tensor, ...]:
         """embeds [1, C, H], positions [3, 1, C], deepstack [levels, 1, C, H], slots [1], num_valid [1] real
@@ -303,8 +322,11 @@ class ModelRunner:
         prefill = ["thinker_prefill"] + (["talker_prefill"] if self.speech else [])
         batched = ["thinker_decode"] + (["talker_decode", "code_predictor", "code2wav", "code2wav_first"]
                                         if self.speech else [])
-        plan = [StageSpec(name, size, self.steps[name], self._example_inputs(name, size))
-                for size in reversed(self.prefill_buckets) for name in prefill]
+        plan = [StageSpec("audio_encoder", size, self.steps["audio_encoder"], self._example_inputs("audio_encoder",
+                                                                                                    size))
+                for size in reversed(self.audio_buckets)]
+        plan += [StageSpec(name, size, self.steps[name], self._example_inputs(name, size))
+                 for size in reversed(self.prefill_buckets) for name in prefill]
         plan += [StageSpec(name, size, self.steps[name], self._example_inputs(name, size))
                  for size in reversed(batch_buckets(self.max_sessions)) for name in batched]
         return plan
@@ -315,6 +337,10 @@ class ModelRunner:
         index = dict(dtype=torch.long, device=self.device)
         thinker_hidden, talker_hidden = cfg.thinker.text.hidden_size, cfg.talker.text.hidden_size
         padded = torch.full((1 if "prefill" in name else size,), -1, **index)
+        if name == "audio_encoder":  # chunks [1, C, mel, 2·n_window], num_tokens [1]
+            audio = cfg.thinker.audio
+            return (torch.zeros(1, size, audio.num_mel_bins, 2 * audio.n_window, **kw),
+                    torch.full((1,), size, **index))
         if name == "thinker_prefill":
             levels = len(cfg.thinker.vision.deepstack_visual_indexes)
             return (torch.zeros(1, size, thinker_hidden, **kw), torch.zeros(3, 1, size, **index),
@@ -333,6 +359,27 @@ class ModelRunner:
         return self.steps[name](*inputs)
 
     # ------------------------------------------------------------------ host-level steps
+
+    def encode_audio(self, inputs) -> torch.Tensor | None:
+        """A prompt's audio through the `audio_encoder` stage of its chunk bucket (its graph when captured) ->
+        [tokens, output_dim], when the prompt holds one audio of at least one full chunk and at most
+        AUDIO_GRAPH_CHUNKS chunks, and prefill is static (graphs, or static_prefill); else None, and the thinker
+        encodes it eagerly (several audios: transformers encodes a batch's chunks padded together, §5). The
+        frame count comes from the host-side frame mask: nothing is read back."""
+        features, mask = inputs.input_features, inputs.feature_attention_mask
+        if not self.static_prefill or features is None or features.shape[0] != 1:
+            return None
+        audio = self.config.thinker.audio
+        chunk = 2 * audio.n_window
+        frames = features.shape[-1] if mask is None else int(mask.sum())
+        count = -(-frames // chunk)
+        if frames < chunk or count > self.audio_buckets[-1] or (mask is not None and not bool(mask[0, :frames].all())):
+            return None  # (a mask that is not the processor's right padding goes the general way too)
+        bucket = next(size for size in self.audio_buckets if size >= count)
+        chunks = F.pad(features[0, :, :frames], (0, bucket * chunk - frames))  # [mel, bucket · chunk]
+        chunks = chunks.view(audio.num_mel_bins, bucket, chunk).transpose(0, 1)  # [bucket, mel, chunk]
+        tokens = audio_token_count(frames, audio.n_window)
+        return self.run("audio_encoder", (chunks[None], self.indices([tokens])))[0][:tokens]
 
     def thinker_decode(self, slots: list[int], longest: int) -> torch.Tensor:
         """One step of each slot's last token (on the device: ThinkerInputs) -> next tokens [B]; `longest`: the

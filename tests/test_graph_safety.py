@@ -38,6 +38,7 @@ def test_every_captured_stage_is_graph_safe_at_released_shapes(released):
     plan = runner.capture_plan()
     covered = {(spec.name, spec.size) for spec in plan}
     expected = {(name, size) for size in prefill_buckets(PREFILL_CHUNK) for name in ("thinker_prefill", "talker_prefill")}
+    expected |= {("audio_encoder", size) for size in (1, 2, 4, 8, 16, 24, 32)}  # whole chunks, then 8-chunk windows
     expected |= {(name, size) for size in batch_buckets(SLOTS)
                  for name in ("thinker_decode", "talker_decode", "code_predictor", "code2wav", "code2wav_first")}
     assert covered == expected
@@ -48,7 +49,7 @@ def test_every_captured_stage_is_graph_safe_at_released_shapes(released):
             assert report.kernels > 0, spec.name
             assert all(out.device.type == "meta" for out in outputs), spec.name
             assert report.ops.get("omni_rt_triton::moe_experts", 0) > 0 or spec.name in ("code_predictor", "code2wav",
-                                                                                          "code2wav_first")
+                                                                                          "code2wav_first", "audio_encoder")
             # the sampling runs inside the decode steps: one fused filter+draw per token (G − 1 per code-predictor frame)
             draws = {"thinker_decode": 1, "talker_decode": 1,
                      "code_predictor": runner.config.talker.num_code_groups - 1}.get(spec.name, 0)
@@ -151,6 +152,9 @@ def test_launches_bench_writes_its_table_and_json(tmp_path, capsys):
     assert all(v.startswith(("host-to-device copy", "device-to-host copy")) for v in first["violations"]), first
     assert 0 < first["kernels"] < 150
     assert rows["first packet (1 session)"]["weight_bytes"] > rows["thinker_prefill[256]"]["weight_bytes"] > 0
+    # a spoken question's first packet runs in graphs from its audio encoder on (issue 18: <= 2,500 kernels)
+    assert "audio_encoder[16]" in rows["first packet (1 session)"]["note"]
+    assert rows["audio_encoder[16]"]["kernels"] > 0 and rows["first packet (1 session)"]["kernels"] <= 2500
     assert "steady-state tick" in capsys.readouterr().out
 
 

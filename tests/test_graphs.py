@@ -187,8 +187,12 @@ def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
     engine = OmniEngine.from_pretrained(tmp_path, scheduler=dict(max_sessions=2, prefill_chunk=40))
     runner = engine.scheduler.runner
     plan = runner.capture_plan()
+    audio = engine.config.thinker.audio
+    window = audio.n_window_infer // (2 * audio.n_window)  # chunks per attention window (8 released, 3 here)
+    assert runner.audio_buckets == [s for s in (1, 2, 4, 8, 16) if s < window] + list(range(window, 33, window))
     assert [(spec.name, spec.size) for spec in plan] == (
-        [(name, size) for size in (40, 32, 16) for name in ("thinker_prefill", "talker_prefill")]
+        [("audio_encoder", size) for size in reversed(runner.audio_buckets)]
+        + [(name, size) for size in (40, 32, 16) for name in ("thinker_prefill", "talker_prefill")]
         + [(name, size) for size in (2, 1) for name in ("thinker_decode", "talker_decode", "code_predictor", "code2wav",
                                                         "code2wav_first")])
     caches = (runner.thinker_cache, runner.talker_cache)
@@ -204,7 +208,9 @@ def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
     with torch.inference_mode():
         for spec in plan:
             outputs = spec.fn(*spec.example_inputs)
-            rows = 1 if "prefill" in spec.name else spec.size
+            tokens_per_chunk = -(-2 * audio.n_window // 8)  # three stride-2 convs
+            rows = (1 if "prefill" in spec.name else tokens_per_chunk * spec.size if spec.name == "audio_encoder"
+                    else spec.size)
             assert isinstance(outputs, tuple) and all(torch.is_tensor(o) and o.shape[0] == rows for o in outputs), spec
     for cache, (keys, lengths) in zip(caches, before):
         assert torch.equal(cache.keys[:, :-1], keys) and torch.equal(cache.lengths, lengths)
@@ -228,7 +234,7 @@ def test_runner_builds_at_released_shapes_without_a_gpu():
     runner = ModelRunner(model, config, SchedulerConfig(max_sessions=4, prefill_chunk=64, use_graphs=False))
     plan = runner.capture_plan()
     assert runner.talker_stream is None and runner.graphs is None and runner.static_prefill is False
-    assert {spec.name for spec in plan} == {"thinker_prefill", "talker_prefill", "thinker_decode", "talker_decode",
+    assert {spec.name for spec in plan} == {"audio_encoder", "thinker_prefill", "talker_prefill", "thinker_decode", "talker_decode",
                                             "code_predictor", "code2wav", "code2wav_first"}
     assert all(t.device.type == "meta" for spec in plan for t in spec.example_inputs)
     assert runner.thinker_cache.keys.device.type == "meta" and runner.thinker_cache.keys.dtype == torch.bfloat16
@@ -310,7 +316,11 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
         runner.code2wav_slots.frames[slot] = 3 + slot
     for pool in (*runner.code2wav_slots.conv.values(), *runner.code2wav_slots.tails.values()):
         pool.normal_()
+    audio = cfg.thinker.audio
+    audio_chunks = (torch.randn(1, runner.audio_buckets[1], audio.num_mel_bins, 2 * audio.n_window, device=device),
+                    torch.tensor([runner.audio_buckets[1] * -(-2 * audio.n_window // 8) - 3], device=device))
     for cache, name, inputs in (
+        (None, "audio_encoder", audio_chunks),  # 2 chunks, the last 3 token slots padding
         (runner.thinker_cache, "thinker_prefill", chunk),
         (runner.talker_cache, "talker_prefill", talker_chunk),
         (runner.thinker_cache, "thinker_decode", (slots,)),

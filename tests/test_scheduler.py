@@ -16,7 +16,8 @@ from runtime.runner import prefill_buckets
 from runtime.scheduler import Scheduler
 from runtime.streaming import AudioChunk, TextDelta, consume_together
 from tests.oracle import build_oracle, rel_err
-from tests.test_generate import ORACLE_SEEDS, _chat, _text, audio_request, image_request, speech_request
+from tests.test_generate import (ORACLE_SEEDS, _audio_prompt, _chat, _text, audio_request, image_request,
+                                 speech_request)
 
 THINKER_TOKENS, TALKER_TOKENS = 7, 11
 
@@ -352,3 +353,26 @@ def test_a_text_that_ends_at_its_first_token_speaks_nothing(engine, monkeypatch)
     monkeypatch.setattr(runner, "first_token", first_token)
     _check_alone(engine, request, offline, list(served.stream(**request)))
     assert served.loop.call(lambda scheduler: (scheduler.idle, scheduler.free_slots)) == (True, [0])
+
+
+@pytest.mark.parametrize("frames", [100, 250, 420])
+def test_static_prefill_encodes_one_audio_in_its_chunk_bucket(engine, monkeypatch, frames):
+    """With static prefill (what CUDA graphs capture) a prompt's audio goes through the `audio_encoder` stage of
+    its chunk bucket (zero-padded whole chunks, padded slots masked: AudioEncoder.forward_chunks), and the
+    session equals the offline result, which encodes it the general way."""
+    cfg = engine.config
+    request = dict(input_ids=_audio_prompt(cfg, frames),
+                   input_features=torch.randn(1, cfg.thinker.audio.num_mel_bins, frames),
+                   feature_attention_mask=torch.ones(1, frames, dtype=torch.long), max_new_tokens=THINKER_TOKENS,
+                   talker_max_new_tokens=TALKER_TOKENS, seed=5)
+    offline = engine.generate(**request, return_audio=True)
+    served = _sharing(engine, static_prefill=True)
+    runner = served.scheduler.runner
+    stages, run = [], runner.run
+    monkeypatch.setattr(runner, "run", lambda name, inputs: stages.append(
+        (name, inputs[0].shape[1] if name == "audio_encoder" else None)) or run(name, inputs))
+    events = list(served.stream(**request))
+    chunks = -(-frames // (2 * cfg.thinker.audio.n_window))
+    bucket = next(size for size in runner.audio_buckets if size >= chunks)
+    assert ("audio_encoder", bucket) in stages
+    _check_alone(engine, request, offline, events)

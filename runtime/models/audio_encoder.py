@@ -234,10 +234,17 @@ class AudioEncoder(nn.Module):
         chunks, conv_out, per-chunk sinusoids, padding dropped."""
         frame_index, frame_valid = pad_segments(layout.chunk_frames, features.device)  # [C, Fc]
         chunks = torch.where(frame_valid, features[:, frame_index], 0)  # [mel, C, Fc]
-        chunks = chunks.transpose(0, 1).unsqueeze(1)  # [C, 1, mel, Fc]
+        x = self._conv_stem(chunks.transpose(0, 1))  # [C, Tc, d]
 
+        chunk_tokens = torch.tensor(layout.chunk_tokens, device=x.device)  # [C]
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < chunk_tokens[:, None]  # [C, Tc]
+        return x.reshape(-1, x.shape[-1])[valid.flatten()]  # [N, d]
+
+    def _conv_stem(self, chunks: torch.Tensor) -> torch.Tensor:
+        """chunks: [C, mel, Fc] zero-padded frames -> [C, Tc, d]: the three convs (CONV_BATCH chunks at a time),
+        conv_out, and the sinusoids, restarted in every chunk."""
         embeds = []
-        for batch in chunks.split(CONV_BATCH, dim=0):
+        for batch in chunks.unsqueeze(1).split(CONV_BATCH, dim=0):  # [c, 1, mel, Fc]
             h = F.gelu(self.conv2d1(batch))  # [c, ch, mel/2, Fc/2]
             h = F.gelu(self.conv2d2(h))  # [c, ch, mel/4, Fc/4]
             h = F.gelu(self.conv2d3(h))  # [c, ch, mel/8, Tc]
@@ -245,11 +252,35 @@ class AudioEncoder(nn.Module):
             h = h.permute(0, 3, 1, 2).reshape(c, time, ch * freq)  # [c, Tc, ch*mel/8], channel-major
             embeds.append(self.conv_out(h))  # [c, Tc, d]
         x = torch.cat(embeds) if len(embeds) > 1 else embeds[0]  # [C, Tc, d]
-        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)  # restarts at 0 in every chunk
+        return x + self.positional_embedding[: x.shape[1]].to(x.dtype)
 
-        chunk_tokens = torch.tensor(layout.chunk_tokens, device=x.device)  # [C]
-        valid = torch.arange(x.shape[1], device=x.device)[None, :] < chunk_tokens[:, None]  # [C, Tc]
-        return x.reshape(-1, x.shape[-1])[valid.flatten()]  # [N, d]
+    def forward_chunks(self, chunks: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        """One audio of at least one full chunk, in a static layout (what a CUDA graph captures per chunk count,
+        runtime/runner.py). chunks: [C, mel, 2·n_window] its frames cut into full chunks, the last one (and any
+        chunk past the audio) zero-padded, as `forward` pads a batch that holds a full chunk; num_tokens: [1]
+        int64 its token count, on the device. C <= n_window_infer / (2·n_window) or a multiple of it, so that
+        attention windows are whole.
+
+        Returns [C·Tc, output_dim]: the first num_tokens rows equal `forward`'s for the audio (its tokens are a
+        prefix of the chunk slots: only its last chunk is partial); the rest are padding, finite, to be dropped.
+        The slots are the tokens: windows are runs of whole chunks, padded slots masked as keys. No host read.
+        """
+        cfg = self.cfg
+        x = self._conv_stem(chunks.to(self.conv_out.weight.dtype))  # [C, Tc, d]
+        count, per_chunk, width = x.shape
+        slots = count * per_chunk
+        window_len = min(per_chunk * (cfg.n_window_infer // (2 * cfg.n_window)), slots)
+        if slots % window_len:
+            raise ValueError(f"{count} chunks do not fill whole attention windows of {window_len} tokens")
+        x = x.reshape(slots, width)
+        index = torch.arange(slots, device=x.device)
+        window_index = index.view(-1, window_len)  # [W, L]
+        valid = (index < num_tokens).view(-1, window_len)  # [W, L]
+        window_mask = valid[:, None, None, :].expand(-1, 1, window_len, window_len)
+        for layer in self.layers:
+            x = layer(x, window_index, window_mask, index)
+        x = self.proj1(self.ln_post(x))
+        return self.proj2(F.gelu(x))  # [C·Tc, output_dim]
 
     def encode(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """The processor's padded batch. input_features: [B, num_mel_bins, T] float; feature_attention_mask:
