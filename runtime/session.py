@@ -25,7 +25,7 @@ import torch
 from runtime.frontend.tokenizer import StreamingDecoder
 from runtime.options import Request
 from runtime.prefill import PromptEmbedding
-from runtime.streaming import AudioChunk, HostSamples, StreamTimings, TextDelta, pcm16
+from runtime.streaming import AudioChunk, HostCopy, StreamTimings, TextDelta, pcm16
 
 
 @dataclass
@@ -156,7 +156,7 @@ class Session:
         samples = tk.samples[0] if len(tk.samples) == 1 else torch.cat(tk.samples)
         out = pcm16(samples) if self.options.audio_format == "pcm16" else samples
         codes = tk.waiting[0][:, None] if len(tk.waiting) == 1 else torch.stack(tk.waiting, dim=-1)  # [G, n]
-        self.audio_pending.append((HostSamples(out), codes, tk.frame - 1, tk.emitted))
+        self.audio_pending.append((HostCopy(out, codes), tk.frame - 1, tk.emitted))
         tk.emitted += samples.numel()
         self.timings.audio_seconds = tk.emitted / self.sample_rate
         tk.waiting, tk.samples = [], []
@@ -169,8 +169,8 @@ class Session:
         calls this before it hands a session's events over. On the CPU everything is there at once."""
         self.timings.resolve(self.now, wait)
         while self.audio_pending and (wait or self.audio_pending[0][0].ready()):
-            host, codes, frame, start = self.audio_pending.popleft()
-            samples = host.wait()
+            copy, frame, start = self.audio_pending.popleft()
+            samples, codes = copy.wait()
             now = self.now()  # the samples are on the host now
             if self.timings.first_packet is None and samples.numel():
                 self.timings.first_packet = now

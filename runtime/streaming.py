@@ -38,7 +38,7 @@ class AudioChunk:
     samples: torch.Tensor  # [n] on the CPU: float32 in [-1, 1] at `sample_rate`, or int16 PCM (audio_format="pcm16")
     sample_rate: int
     frame: int  # index of the last codec frame these samples complete
-    codes: torch.Tensor  # [G, frames in this chunk] int64: the codec codes decoded into these samples
+    codes: torch.Tensor  # [G, frames in this chunk] int64 on the CPU: the codec codes decoded into these samples
     start_sample: int  # offset of samples[0] in the utterance
     time: float  # seconds since the request started
 
@@ -273,28 +273,30 @@ class _AsyncEvents:
             self._stream._leave()
 
 
-class HostSamples:
-    """A packet's samples on their way to the host: on a GPU, copied without blocking into pinned memory on the
-    current stream (the talker's, where they were made), an event recorded after the copy; `ready()` asks the
-    event (never waits), `wait()` waits for it. On the CPU the samples are already there."""
+class HostCopy:
+    """A packet's tensors (its samples, its codes) on their way to the host: on a GPU, copied without blocking
+    into pinned memory on the current stream (the talker's, where they were made), one event recorded after the
+    copies; `ready()` asks the event (never waits), `wait()` waits for it and returns them. On the CPU they are
+    there already."""
 
-    def __init__(self, samples: torch.Tensor):
-        if samples.device.type != "cuda":
-            self.host, self.event, self._source = samples, None, None
+    def __init__(self, *tensors: torch.Tensor):
+        if all(t.device.type != "cuda" for t in tensors):
+            self.host, self.event, self._sources = tensors, None, None
             return
-        self.host = torch.empty(samples.shape, dtype=samples.dtype, pin_memory=True)
-        self.host.copy_(samples, non_blocking=True)
+        self.host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+        for host, tensor in zip(self.host, tensors):
+            host.copy_(tensor, non_blocking=True)
         self.event = torch.cuda.Event()
         self.event.record()
-        self._source = samples  # kept alive until the copy has completed
+        self._sources = tensors  # kept alive until the copies have completed
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> tuple[torch.Tensor, ...]:
         if self.event is not None:
             self.event.synchronize()
-        self._source = None
+        self._sources = None
         return self.host
 
 

@@ -1,4 +1,4 @@
-"""Honest per-stage timers and packets on the host (runtime/timing.py, StreamTimings, HostSamples): spans are read
+"""Honest per-stage timers and packets on the host (runtime/timing.py, StreamTimings, HostCopy): spans are read
 only once complete, in order, without waiting unless asked; a packet is queued (and first_packet stamped) only once
 its samples are on the host. CPU tests use stand-in spans and copies; the CUDA-event versions need a GPU."""
 
@@ -10,7 +10,7 @@ import torch
 
 import runtime.session as session_module
 from runtime.session import Session, TalkerProgress
-from runtime.streaming import AudioChunk, HostSamples, StreamTimings
+from runtime.streaming import AudioChunk, HostCopy, StreamTimings
 from runtime.timing import CpuSpan, StageTimer
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA events, pinned copies)")
@@ -72,12 +72,12 @@ def test_timings_read_spans_in_order_once_complete():
 
 
 class _SlowCopy:
-    """HostSamples whose copy completes when the test says so."""
+    """HostCopy whose copy completes when the test says so."""
 
     made: list = []
 
-    def __init__(self, samples):
-        self.samples, self.arrived = samples.clone(), False
+    def __init__(self, *tensors):
+        self.tensors, self.arrived = tuple(t.clone() for t in tensors), False
         _SlowCopy.made.append(self)
 
     def ready(self):
@@ -85,7 +85,7 @@ class _SlowCopy:
 
     def wait(self):
         self.arrived = True
-        return self.samples
+        return self.tensors
 
 
 def _speaking_session(chunk_frames: int, audio_format: str = "float32") -> Session:
@@ -98,7 +98,7 @@ def _speaking_session(chunk_frames: int, audio_format: str = "float32") -> Sessi
 
 
 def test_a_packet_is_sent_once_its_samples_are_on_the_host(monkeypatch):
-    monkeypatch.setattr(session_module, "HostSamples", _SlowCopy)
+    monkeypatch.setattr(session_module, "HostCopy", _SlowCopy)
     _SlowCopy.made = []
     session = _speaking_session(chunk_frames=2)
     generator = torch.Generator().manual_seed(5)
@@ -126,30 +126,32 @@ def test_a_packet_is_sent_once_its_samples_are_on_the_host(monkeypatch):
 
 
 def test_a_cancel_drops_packets_on_their_way(monkeypatch):
-    monkeypatch.setattr(session_module, "HostSamples", _SlowCopy)
+    monkeypatch.setattr(session_module, "HostCopy", _SlowCopy)
     session = _speaking_session(chunk_frames=1, audio_format="pcm16")
     session.add_frame(torch.zeros(3, dtype=torch.long), torch.full((4,), 0.5), _stopped(), _stopped())
     session.release("cancelled")
     assert not session.events and not session.audio_pending and session.timings.first_packet is None
 
 
-def test_host_samples_on_the_cpu_are_the_samples():
-    samples = torch.randn(9, generator=torch.Generator().manual_seed(3))
-    copy = HostSamples(samples)
-    assert copy.ready() and copy.wait() is samples
+def test_a_host_copy_on_the_cpu_is_the_tensors():
+    samples, codes = torch.randn(9, generator=torch.Generator().manual_seed(3)), torch.arange(6).view(3, 2)
+    copy = HostCopy(samples, codes)
+    host_samples, host_codes = copy.wait()
+    assert copy.ready() and host_samples is samples and host_codes is codes
 
 
 @needs_cuda
-def test_host_samples_arrive_in_pinned_memory_after_their_event():
+def test_a_packet_arrives_in_pinned_memory_after_its_event():
     samples = torch.randn(24000, generator=torch.Generator().manual_seed(3))
     pcm = (samples.clamp(-1, 1) * 32767).round().to(torch.int16)
+    codes = torch.arange(32).view(16, 2)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        torch.cuda._sleep(50_000_000)  # keep the stream busy: the copy is queued behind it, the host goes on
-        copy = HostSamples(pcm.cuda())
-        assert copy.host.is_pinned() and copy.host.device.type == "cpu"
-    host = copy.wait()
-    assert copy.ready() and host.dtype == torch.int16 and torch.equal(host, pcm)
+        torch.cuda._sleep(50_000_000)  # keep the stream busy: the copies are queued behind it, the host goes on
+        copy = HostCopy(pcm.cuda(), codes.cuda())
+        assert all(t.is_pinned() and t.device.type == "cpu" for t in copy.host)
+    host, host_codes = copy.wait()
+    assert copy.ready() and host.dtype == torch.int16 and torch.equal(host, pcm) and torch.equal(host_codes, codes)
 
 
 @needs_cuda
