@@ -147,8 +147,8 @@ def first_packet_glue(model, runner):
     """StepReport of what a text prompt's first packet runs eagerly outside its graphs (the stages of the
     'first packet' row): the prompt's embedding and TM-RoPE ids (runtime/prefill.py), the thinker prefill's host
     side (its chunk's padding, the lm_head on the last position, the first token's draw and read), the talker
-    prompt build and its prefill's host side, the first code 0's draw and read, then the first frame's host side
-    (runtime/speech.py frames: code predictor, Code2Wav's first frame, the packet). runner.run stands in for each
+    prompt build and its prefill's host side, the first code 0's draw, the first frame's host side (runtime/speech.py
+    first_frame: code predictor, Code2Wav's first frame), the read of code 0 and the packet. runner.run stands in for each
     replay as in `tick_glue`. A prompt of PROMPT_BUCKET tokens, one prefill chunk."""
     from runtime.engine import Prompt
     from runtime.models.thinker import MultimodalInputs
@@ -180,9 +180,10 @@ def first_packet_glue(model, runner):
         s.take_token(v, t) for s, t, v in zip(sessions, tokens, values)])
 
     def first_packet():
-        Scheduler._prefill_chunk(scheduler, [session])  # embeds, the chunk, t1 (read), the talker prompt + prefill
+        # embeds, the chunk, the talker prompt + prefill and the first frame, then t1 (read)
+        Scheduler._prefill_chunk(scheduler, [session])
         session.talker.code0_value = runner.read_back(session.talker.code0)[0][0]  # the tick's read of code 0
-        speech.frames(runner, [session])  # the first frame and its packet
+        speech.settle_first_frame(session)  # the frame stands: its packet
 
     runner.run = replay
     try:

@@ -126,6 +126,7 @@ class ModelRunner:
             self.suppress = code0_suppress_mask(model.talker.cfg, self.device)  # [V]
             self.suppress_for = model.talker.cfg.codec_eos_token_id
             self.code2wav_slots = Code2WavSlots(model.code2wav, slots, self.device, self.dtype)
+            self.first_column = torch.arange(config.talker.num_code_groups, device=self.device) == 0  # [G]
             self.talker_inputs = TalkerInputs(slots, config.talker.num_code_groups, talker_cfg.hidden_size,
                                               self.dtype, self.device)
             self.sampling["talker"] = SlotSampling(slots, self.talker_max_len, STAGE_TALKER, self.device)
@@ -311,9 +312,15 @@ class ModelRunner:
         return self._code2wav(slots, first=True)
 
     def _code2wav(self, slots, first: bool) -> tuple[torch.Tensor]:
-        codes = self.talker_inputs.codes[slots][:, :, None]  # [B, G, 1]
+        codes = self.in_codebook(self.talker_inputs.codes[slots])[:, :, None]  # [B, G, 1]
         wav = self.model.code2wav.decode_frame(codes, self.code2wav_slots.view(slots, first=first))  # [B, 1, n]
         return (wav[:, 0].float(),)  # packets are float32 (or pcm16 from it), cast here rather than between graphs
+
+    def in_codebook(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, G] as Code2Wav reads them: a first frame is made before its code 0 is read (runtime/speech.py
+        first_frame), so code 0 may be the end-of-speech id, past Code2Wav's tables; that frame is dropped, and
+        code 0 stands in for it so the lookup stays inside them. Every other code is left as it is."""
+        return torch.where((codes == self.model.talker.cfg.codec_eos_token_id) & self.first_column, 0, codes)
 
     def capture_plan(self) -> list[StageSpec]:
         """Every stage the runner captures at every bucket, largest first (the smaller graphs reuse the larger
@@ -442,7 +449,7 @@ class ModelRunner:
         all rows are, else none) has its own stage (code2wav_first): its transposed convs still trim their left
         edge, so it makes fewer samples."""
         if self.exported is not None and self.exported.code2wav:
-            return torch.stack(self.exported.code2wav_frame(codes, slots)).float()
+            return torch.stack(self.exported.code2wav_frame(self.in_codebook(codes), slots)).float()
         return self.run("code2wav_first" if first else "code2wav", (self.slot_ids(slots),))[0]  # codes: on the device
 
 def prefill_buckets(prefill_chunk: int) -> list[int]:

@@ -3,14 +3,18 @@
 Each tick (`Scheduler.step`):
   1. admit waiting sessions into free slots (FIFO), each slot reset first (never trusted from its last user);
   2. one prefill chunk of the oldest session still prefilling (chunked, so a long prompt never stalls the
-     others' audio for more than one chunk); its last chunk yields t1 and, with speech, the talker prefill;
+     others' audio for more than one chunk); its last chunk yields t1 and, with speech, the talker prefill
+     and the first frame (code predictor, Code2Wav), launched before t1 or the first code 0 is read: the
+     frame is kept aside until step 5 reads code 0 (runtime/speech.py first_frame), so the first packet is
+     ready at the end of this tick;
   3. one thinker decode step for every session still generating text (one batch), launched now; it samples
      the next tokens on the device;
   4. on the talker's stream (GPU), overlapping the thinker step: the frames of every session whose code 0
      was read back (runtime/speech.py), then one talker step (sampling code 0) for every session whose next
      input is ready;
   5. one read-back, the tick's only blocking device-to-host read: the thinker's tokens of step 3 and the
-     talker's new code 0s (`ModelRunner.read_back`); sessions with nothing left finish.
+     talker's new code 0s (`ModelRunner.read_back`); a first frame made in step 2 stands or is dropped (its
+     code 0 ended the speech); sessions with nothing left finish. (A prompt's last chunk adds one read: t1.)
 
 A batched step that raises is retried row by row: only the sessions that fail alone fail (state "failed",
 the error kept for their stream), the others go on. Sampling draws from (the request's seed, the stage, the
@@ -117,16 +121,10 @@ class Scheduler:
             self._guarded([prefilling[0]], self._prefill_chunk)
         # The thinker step is launched first and its tokens read last: on a GPU the talker's work runs on its
         # own (higher-priority) stream meanwhile, so the two decoders overlap; the host then reads both in one
-        # read-back. A session's first audio frame goes ahead of the thinker step instead: the first packet
-        # waits for nothing the thinker does in this tick.
-        first_frame = any(s.talker is not None and s.talker.code0_value is not None and s.talker.frame == 0
-                          for s in self.live)
-        if first_frame:
-            self._talker_work()
+        # read-back. (A session's first frame was launched with its talker prefill, ahead of this step.)
         thinking = [s for s in self.live if s.state == "decode" and not s.thinker.done]
         decoded = self._guarded(thinking, self._thinker_decode)
-        if not first_frame:
-            self._talker_work()
+        self._talker_work()
         self._read_back([(s, token) for s, token in decoded if not s.finished])
         for session in list(self.live):
             if session.done:
@@ -186,6 +184,7 @@ class Scheduler:
                 runner.talker_stream.wait_stream(torch.cuda.current_stream(runner.device))
             with runner.on_talker_stream():
                 speech.start_talker(runner, session)
+                speech.first_frame(runner, session)  # its code 0 is read with the tick's read-back
         self._take_tokens([session], [token], runner.read_back(token, wait_for_talker=False)[0])
         if session.talker is not None and th.done and not session.finished:  # the text ended at t1 (EOS):
             session.end_speech()  # nothing to speak, as when the talker never started
@@ -208,6 +207,9 @@ class Scheduler:
             self._take_tokens([s for s, _ in decoded], [t for _, t in decoded], values.pop(0))
         for session, value in zip(talkers, values.pop(0) if talkers else []):
             session.talker.code0_value = value
+            if session.talker.pending is not None:  # a first frame made before this read
+                with self.runner.on_talker_stream():  # its packet is copied out where it was made
+                    self._guarded([session], lambda one: speech.settle_first_frame(one[0]))
 
     def _take_tokens(self, sessions: list[Session], tokens: list[torch.Tensor], values: list[int]) -> None:
         """Each session's next token: [1] on the device (fed at its next decode step) and its value on the host."""

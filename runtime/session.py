@@ -52,6 +52,9 @@ class TalkerProgress:
     waiting: list = field(default_factory=list)  # frames decoded, not sent yet: [G] each
     samples: list = field(default_factory=list)  # their samples, [n] each
     emitted: int = 0  # samples sent so far
+    # the first frame, made before its code 0 was read (runtime/speech.py first_frame): (codes [G], samples [n],
+    # the two stage spans) until the read says whether it stands
+    pending: tuple | None = None
     done: bool = False
 
 
@@ -146,7 +149,7 @@ class Session:
         tk = self.talker
         if tk.waiting:
             self._send_audio()
-        tk.done, tk.codes, tk.code0, tk.code0_value = True, None, None, None
+        tk.done, tk.codes, tk.code0, tk.code0_value, tk.pending = True, None, None, None, None
 
     def _send_audio(self) -> None:
         """One AudioChunk of the decoded frames not sent yet: its samples start their copy to the host (on the

@@ -82,12 +82,35 @@ def start_talker(runner, session: Session) -> None:
                                     runner.first_code0(logits, hidden, session.slot))
 
 
-def frames(runner, sessions: list[Session]) -> None:
+def first_frame(runner, session: Session) -> None:
+    """A session's first frame, launched right behind its talker prefill, before its code 0 is read: the code
+    predictor and Code2Wav run on the device from code 0 where it is, and the frame is kept aside
+    (`TalkerProgress.pending`) until the tick's read-back says whether code 0 ended the speech (`settle_first_frame`).
+    So the first packet is ready at the end of the prefill's tick instead of a tick later."""
+    frames(runner, [session], speculative=True)
+
+
+def settle_first_frame(session: Session) -> None:
+    """Once the first code 0 is read: the frame kept aside becomes the session's first frame, or is dropped when
+    code 0 ends the speech (as `frames` would not have made it)."""
+    tk = session.talker
+    codes, samples, predictor_span, code2wav_span = tk.pending
+    tk.pending = None
+    if session.speech_ends(tk.code0_value):
+        session.end_speech()
+        return
+    tk.code0 = tk.code0_value = None
+    tk.codes = codes[None]
+    session.add_frame(codes, samples, predictor_span, code2wav_span)
+
+
+def frames(runner, sessions: list[Session], speculative: bool = False) -> None:
     """Sessions whose code 0 was read back: for those whose speech goes on, the code predictor's frame (one
     batch) and Code2Wav (sessions on their first frame in one batch, the others in another). The model
     work comes first and the sessions change only after it all succeeded, so a failed batch can be retried
-    row by row (Code2Wav's conv states are the exception: they update in place, layer by layer)."""
-    going = [i for i, s in enumerate(sessions) if not s.speech_ends(s.talker.code0_value)]
+    row by row (Code2Wav's conv states are the exception: they update in place, layer by layer).
+    speculative: code 0 not read yet (`first_frame`): every session's frame is made and kept aside."""
+    going = [i for i, s in enumerate(sessions) if speculative or not s.speech_ends(s.talker.code0_value)]
     codes = samples = None
     if going:
         predictor_span = runner.timer.start()  # GPU time on a GPU: CUDA events on this stream (runtime/timing.py)
@@ -104,6 +127,10 @@ def frames(runner, sessions: list[Session]) -> None:
                 span.stop()
                 for j, r in enumerate(rows):
                     samples[r], spans[r] = wav[j], span
+    if speculative:
+        for row, session in enumerate(sessions):
+            session.talker.pending = (codes[row], samples[row], predictor_span, spans[row])
+        return
     for i, session in enumerate(sessions):
         session.talker.code0 = session.talker.code0_value = None
         if i not in going:

@@ -282,27 +282,31 @@ def test_static_cache_refuses_overflow():
     assert isinstance(DynamicKVCache(1).seq_len, int)
 
 
-def test_a_first_frame_is_launched_before_the_thinker_step(engine, monkeypatch):
-    """The tick that holds a session's first audio frame launches it (code predictor, Code2Wav) before the
-    thinker's decode step, so the first packet waits for nothing the thinker does then; later frames follow the
-    thinker step, which then overlaps them. The output is the same either way."""
+def test_the_first_frame_is_made_in_the_prefill_tick_before_its_code_0_is_read(engine, monkeypatch):
+    """The prompt's last prefill chunk launches the talker prefill and the first frame (code predictor, Code2Wav)
+    before the tick's thinker step and before code 0 is read; the tick's read-back settles it, so the first
+    packet is out at the end of that tick. Later frames follow the thinker step, which they overlap. The output
+    is the same."""
     from runtime import scheduler as scheduler_module
 
     request, offline = speech_request(engine, min_frames=3, max_new_tokens=THINKER_TOKENS,
                                       talker_max_new_tokens=TALKER_TOKENS, seed=2024)
     order = []
     frames, thinker_decode, step = (scheduler_module.speech.frames, Scheduler._thinker_decode, Scheduler.step)
+    settle = scheduler_module.speech.settle_first_frame
 
-    def recorded_frames(runner, sessions):
-        order.append(("frames", min(s.talker.frame for s in sessions)))
-        return frames(runner, sessions)
+    def recorded_frames(runner, sessions, speculative=False):
+        order.append(("first frame" if speculative else "frames", min(s.talker.frame for s in sessions)))
+        return frames(runner, sessions, speculative)
 
     monkeypatch.setattr(scheduler_module.speech, "frames", recorded_frames)
+    monkeypatch.setattr(scheduler_module.speech, "settle_first_frame",
+                        lambda session: order.append(("settled", session.talker.code0_value)) or settle(session))
     monkeypatch.setattr(Scheduler, "_thinker_decode", lambda self, sessions: order.append(("thinker", None))
                         or thinker_decode(self, sessions))
     monkeypatch.setattr(Scheduler, "step", lambda self: order.append(("tick", None)) or step(self))
-    got = _sharing(engine).generate(**request, return_audio=True)
-    assert torch.equal(got.codes, offline.codes) and torch.equal(got.sequences, offline.sequences)
+    events = list(_sharing(engine).stream(**request))
+    _check_alone(engine, request, offline, events)
     ticks, current = [], None
     for event in order:
         if event[0] == "tick":
@@ -310,9 +314,11 @@ def test_a_first_frame_is_launched_before_the_thinker_step(engine, monkeypatch):
             ticks.append(current)
         else:
             current.append(event)
-    first = next(t for t in ticks if ("frames", 0) in t)
-    later = [t for t in ticks if any(e[0] == "frames" and e[1] > 0 for e in t) and ("thinker", None) in t]
-    assert ("thinker", None) in first and first.index(("frames", 0)) < first.index(("thinker", None)), first
+    first = next(t for t in ticks if ("first frame", 0) in t)
+    assert [e[0] for e in first] == ["first frame", "thinker", "settled"], first  # launched ahead, then read
+    assert not any(e == ("frames", 0) for t in ticks for e in t), "frame 0 is made once, in the prefill tick"
+    assert next(e for e in events if isinstance(e, AudioChunk)).frame == 0  # settled into the first packet
+    later = [t for t in ticks if any(e[0] == "frames" for e in t) and ("thinker", None) in t]
     assert later, "no tick with a later frame beside a thinker step: lengthen the request"
     for tick in later:
         assert tick.index(("thinker", None)) < next(i for i, e in enumerate(tick) if e[0] == "frames"), tick
@@ -376,3 +382,47 @@ def test_static_prefill_encodes_one_audio_in_its_chunk_bucket(engine, monkeypatc
     bucket = next(size for size in runner.audio_buckets if size >= chunks)
     assert ("audio_encoder", bucket) in stages
     _check_alone(engine, request, offline, events)
+
+
+def test_a_first_frame_made_before_an_end_of_speech_code_0_is_dropped(engine, monkeypatch):
+    """The first frame is made before its code 0 is read; when that code 0 is the codec's end of speech the
+    frame is dropped: no audio, the text unchanged, the session finishes and its slot is served again."""
+    request, offline = speech_request(engine, min_frames=2, max_new_tokens=THINKER_TOKENS,
+                                      talker_max_new_tokens=TALKER_TOKENS, seed=79)
+    served = _sharing(engine, max_sessions=1)
+    runner = served.scheduler.runner
+    first_code0, codec_eos = runner.first_code0, engine.model.talker.cfg.codec_eos_token_id
+    made = []
+    monkeypatch.setattr(runner, "first_code0", lambda *args: first_code0(*args).fill_(codec_eos))
+    monkeypatch.setattr(runner, "code2wav_frame", lambda *args, run=runner.code2wav_frame: made.append(1) or run(*args))
+    events = list(served.stream(**request))
+    assert made and not any(isinstance(e, AudioChunk) for e in events)  # made, then dropped
+    prompt_len = request["input_ids"].shape[1]
+    assert [t for e in events for t in e.token_ids] == [
+        t for t in offline.sequences[0, prompt_len:].tolist() if t != engine.config.im_end_token_id]
+    monkeypatch.setattr(runner, "first_code0", first_code0)
+    _check_alone(engine, request, offline, list(served.stream(**request)))
+
+
+def test_a_first_frame_made_from_the_end_of_speech_id_stays_in_the_codebook(engine, monkeypatch):
+    """The first frame is made before its code 0 is read, so Code2Wav may meet the end-of-speech id there (past
+    its codebook: an embedding lookup out of range, a device assert on a GPU). Its codes are clamped into the
+    codebook and the frame is dropped."""
+    request, offline = speech_request(engine, min_frames=2, max_new_tokens=THINKER_TOKENS,
+                                      talker_max_new_tokens=TALKER_TOKENS, seed=80)
+    served = _sharing(engine, max_sessions=1)
+    runner = served.scheduler.runner
+    codec_eos = engine.model.talker.cfg.codec_eos_token_id
+    assert codec_eos >= engine.config.code2wav.codebook_size
+    first_code0 = runner.first_code0
+
+    def end_of_speech(logits, hidden, slot):  # the sampled code 0 is the end of speech, where the frame reads it
+        code0 = first_code0(logits, hidden, slot).fill_(codec_eos)
+        runner.talker_inputs.code0[slot] = codec_eos
+        return code0
+
+    monkeypatch.setattr(runner, "first_code0", end_of_speech)
+    events = list(served.stream(**request))
+    assert events and not any(isinstance(e, AudioChunk) for e in events)
+    monkeypatch.setattr(runner, "first_code0", first_code0)
+    _check_alone(engine, request, offline, list(served.stream(**request)))

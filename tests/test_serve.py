@@ -317,7 +317,8 @@ def test_realtime_barge_in_then_a_second_response_sees_the_history(engine, serve
     assert wait_idle(server)["slots"]["in_use"] == 0
     heard = first["output"][0]["content"][0]["text"] if first["output"] else ""
 
-    rt.send("session.update", session={"omni": {"talker_max_new_tokens": 6}})
+    # greedy with the penalty that keeps the random talker from ending early (LONG_TALK): exactly 5 frames
+    rt.send("session.update", session={"omni": dict(LONG_TALK, talker_max_new_tokens=6)})
     rt.until("session.updated")
     rt.send("conversation.item.create",
             item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "And then?"}]})
