@@ -76,10 +76,10 @@ def measure(kernels: str, slots: int) -> list[dict]:
             unit = "tokens" if "prefill" in spec.name else "chunks" if spec.name == "audio_encoder" else "rows"
             rows.append(_row(f"{spec.name}[{spec.size}]", report, f"captured; {spec.size} {unit}"))
         rows.append(_row("steady-state tick glue (1 session)", tick_glue(model, runner),
-                         "eager, between the graphs: one steady session's thinker step (runtime/scheduler.py), frame "
-                         "and talker step (runtime/speech.py: its packet assembled and sent) minus the captured "
-                         "stages, each replay counted as the copies it makes (each input into its graph buffer, "
-                         "each output out)"))
+                         "eager, between the graphs: one steady session's thinker step (runtime/scheduler.py), "
+                         "talker step and the frame of its code 0 (runtime/speech.py: settled into its packet) "
+                         "minus the captured stages, each replay counted as the copies it makes (each input into "
+                         "its graph buffer, each output out)"))
 
         rows.append(_row("first-packet glue (1 session)", first_packet_glue(model, runner),
                          f"eager, outside the first packet's graph stages: a text prompt of {PROMPT_BUCKET} tokens "
@@ -100,10 +100,11 @@ def measure(kernels: str, slots: int) -> list[dict]:
 
 def tick_glue(model, runner):
     """StepReport of what one steady tick runs eagerly for one session past its first frame, outside its graphs:
-    the scheduler's thinker step, runtime/speech.py's frame (code predictor, Code2Wav, the packet) and talker
-    step, with runner.run standing in for each replay: its inputs copied into graph buffers by runtime/graphs.py's
-    own copy_inputs, its outputs copied out, as GraphRunner.replay does at an exact bucket. The second of two
-    ticks is counted: the first uploads the batch's slot ids, which a steady batch then reuses."""
+    the scheduler's thinker step, runtime/speech.py's talker step and the frame of its code 0 (code predictor,
+    Code2Wav, settled into its packet), with runner.run standing in for each replay: its inputs copied into graph
+    buffers by runtime/graphs.py's own copy_inputs, its outputs copied out, as GraphRunner.replay does at an exact
+    bucket. The second of two ticks is counted: the first uploads the batch's slot ids, which a steady batch
+    then reuses."""
     from runtime.graphs import copy_inputs
     from runtime.runner import BATCHED
     from runtime.scheduler import Scheduler
@@ -126,12 +127,14 @@ def tick_glue(model, runner):
         return tuple(out.clone() for out in outputs[name]())
 
     def tick(frame: int):
-        # frame k done, code 0 of frame k + 1 read back: the input after it carries a fed token
+        # frame k settled, its text a fed token: the talker step, the next frame made, read and settled
         session.talker = TalkerProgress(49, cfg.tts_eos_token_id, cfg.tts_pad_token_id, frame=frame,
-                                        code0=torch.empty(1, dtype=torch.long, **meta), code0_value=5)
+                                        codes=torch.empty(1, cfg.talker.num_code_groups, dtype=torch.long, **meta))
         Scheduler._thinker_decode(SimpleNamespace(runner=runner), [session])
-        speech.frames(runner, [session])
         speech.talker_decode(runner, [session])
+        speech.make_frames(runner, [session])
+        session.talker.code0_value = 5  # read with the tick's one read-back (the thinker's tokens with it)
+        speech.settle_frame(session)
 
     runner.run = replay
     try:
@@ -147,9 +150,9 @@ def first_packet_glue(model, runner):
     """StepReport of what a text prompt's first packet runs eagerly outside its graphs (the stages of the
     'first packet' row): the prompt's embedding and TM-RoPE ids (runtime/prefill.py), the thinker prefill's host
     side (its chunk's padding, the lm_head on the last position, the first token's draw and read), the talker
-    prompt build and its prefill's host side, the first code 0's draw, the first frame's host side (runtime/speech.py
-    first_frame: code predictor, Code2Wav's first frame), the read of code 0 and the packet. runner.run stands in for each
-    replay as in `tick_glue`. A prompt of PROMPT_BUCKET tokens, one prefill chunk."""
+    prompt build and its prefill's host side, the first code 0's draw, the first frame's host side
+    (runtime/speech.py make_frames: code predictor, Code2Wav's first frame), the read of code 0 and the packet.
+    runner.run stands in for each replay as in `tick_glue`. A prompt of PROMPT_BUCKET tokens, one prefill chunk."""
     from runtime.engine import Prompt
     from runtime.models.thinker import MultimodalInputs
     from runtime.scheduler import Scheduler
@@ -183,7 +186,7 @@ def first_packet_glue(model, runner):
         # embeds, the chunk, the talker prompt + prefill and the first frame, then t1 (read)
         Scheduler._prefill_chunk(scheduler, [session])
         session.talker.code0_value = runner.read_back(session.talker.code0)[0][0]  # the tick's read of code 0
-        speech.settle_first_frame(session)  # the frame stands: its packet
+        speech.settle_frame(session)  # the frame stands: its packet
 
     runner.run = replay
     try:

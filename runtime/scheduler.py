@@ -5,21 +5,21 @@ Each tick (`Scheduler.step`):
   2. one prefill chunk of the oldest session still prefilling (chunked, so a long prompt never stalls the
      others' audio for more than one chunk); its last chunk yields t1 and, with speech, the talker prefill
      and the first frame (code predictor, Code2Wav), launched before t1 or the first code 0 is read: the
-     frame is kept aside until step 5 reads code 0 (runtime/speech.py first_frame), so the first packet is
-     ready at the end of this tick;
+     frame is kept aside until step 5 reads code 0, so the first packet is ready at the end of this tick;
   3. one thinker decode step for every session still generating text (one batch), launched now; it samples
      the next tokens on the device;
-  4. on the talker's stream (GPU), overlapping the thinker step: the frames of every session whose code 0
-     was read back (runtime/speech.py), then one talker step (sampling code 0) for every session whose next
-     input is ready;
+  4. on the talker's stream (GPU), overlapping the thinker step: one talker step (sampling code 0) for every
+     session whose next input is ready, then the frames of those code 0s (runtime/speech.py make_frames),
+     made before code 0 is read;
   5. one read-back, the tick's only blocking device-to-host read: the thinker's tokens of step 3 and the
-     talker's new code 0s (`ModelRunner.read_back`); a first frame made in step 2 stands or is dropped (its
-     code 0 ended the speech); sessions with nothing left finish. (A prompt's last chunk adds one read: t1.)
+     talker's new code 0s (`ModelRunner.read_back`); each frame made from them stands (its packet goes out) or
+     is dropped (its code 0 ended the speech); sessions with nothing left finish. (A prompt's last chunk adds
+     one read: t1.)
 
 A batched step that raises is retried row by row: only the sessions that fail alone fail (state "failed",
 the error kept for their stream), the others go on. Sampling draws from (the request's seed, the stage, the
-step), so each session's tokens, codes and audio equal what it gives alone, whatever runs beside it. The model work is the runner's (runtime/runner.py),
-the per-request rules the session's (runtime/session.py).
+step), so each session's tokens, codes and audio equal what it gives alone, whatever runs beside it. The model
+work is the runner's (runtime/runner.py), the per-request rules the session's (runtime/session.py).
 """
 
 from __future__ import annotations
@@ -132,13 +132,13 @@ class Scheduler:
                 self._release(session, "finished")
 
     def _talker_work(self) -> None:
-        """Launch the tick's talker side on its stream: the frames whose code 0 was read (code predictor, Code2Wav),
-        then the talker steps whose frame and text are ready."""
+        """Launch the tick's talker side on its stream: one talker step for every session whose last frame and
+        text are ready, then the frames of the code 0s just sampled (code predictor, Code2Wav), settled at the
+        read-back. Two guarded batches: a failed frame batch is retried row by row without stepping again."""
         with self.runner.on_talker_stream():
-            self._guarded([s for s in self.live if s.talker is not None and s.talker.code0_value is not None],
-                          lambda sessions: speech.frames(self.runner, sessions))
-            self._guarded([s for s in self.live if s.talker is not None and s.talker.codes is not None
-                           and s.text_ready()], lambda sessions: speech.talker_decode(self.runner, sessions))
+            stepped = self._guarded([s for s in self.live if s.talker is not None and s.talker.codes is not None
+                                     and s.text_ready()], lambda sessions: speech.talker_decode(self.runner, sessions))
+            self._guarded([s for s, _ in stepped], lambda sessions: speech.make_frames(self.runner, sessions))
 
     def _guarded(self, sessions: list[Session], work) -> list[tuple[Session, object]]:
         """Run one batched piece of work (work(sessions) -> one result per session, or None). If it raises, run
@@ -184,7 +184,7 @@ class Scheduler:
                 runner.talker_stream.wait_stream(torch.cuda.current_stream(runner.device))
             with runner.on_talker_stream():
                 speech.start_talker(runner, session)
-                speech.first_frame(runner, session)  # its code 0 is read with the tick's read-back
+                speech.make_frames(runner, [session])  # its code 0 is read with the tick's read-back
         self._take_tokens([session], [token], runner.read_back(token, wait_for_talker=False)[0])
         if session.talker is not None and th.done and not session.finished:  # the text ended at t1 (EOS):
             session.end_speech()  # nothing to speak, as when the talker never started
@@ -207,9 +207,9 @@ class Scheduler:
             self._take_tokens([s for s, _ in decoded], [t for _, t in decoded], values.pop(0))
         for session, value in zip(talkers, values.pop(0) if talkers else []):
             session.talker.code0_value = value
-            if session.talker.pending is not None:  # a first frame made before this read
+            if session.talker.pending is not None:  # the frame made from it before this read
                 with self.runner.on_talker_stream():  # its packet is copied out where it was made
-                    self._guarded([session], lambda one: speech.settle_first_frame(one[0]))
+                    self._guarded([session], lambda one: speech.settle_frame(one[0]))
 
     def _take_tokens(self, sessions: list[Session], tokens: list[torch.Tensor], values: list[int]) -> None:
         """Each session's next token: [1] on the device (fed at its next decode step) and its value on the host."""

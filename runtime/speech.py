@@ -1,16 +1,18 @@
 """The talker's side of a scheduler tick (MODEL_SPEC §8-11): a session's talker prompt and prefill, its frames
-(code 0 -> code predictor -> Code2Wav) and the talker decode step that follows each frame.
+(code 0 -> code predictor -> Code2Wav, made before code 0 is read, settled after) and the talker decode step that
+follows each frame.
 
 Frame loop of one session (as transformers' `generate`, sampled with the request's talker and code-predictor
 parameters inside the runner's steps; greedy = `talker_do_sample=False, talker_repetition_penalty=1.0`):
     prefill the talker prompt -> logits of its last position -> code 0 (control ids suppressed, sampled)
     per frame k: the code predictor fills codebooks 1..G-1 from (talker hidden, code 0: both on the device by
-                 slot); Code2Wav decodes the frame's final samples from the session's streaming state
+                 slot); Code2Wav decodes the frame's final samples from the session's streaming state. Both are
+                 launched right behind the step that sampled code 0, before it is read (`make_frames`)
                  next talker input = frame_input(codes_k, text of frame k) -> one talker step -> code 0, the
                  input built inside that step from per-slot device state (runtime/decode_inputs.py): the host
                  gives only the text token id (a fed token, tts_eos or tts_pad)
-    code 0 reaches the host with the tick's one read-back (runtime/scheduler.py), for the stop rule.
-    stop at codec EOS or at the last allowed step (runtime/session.py holds the rules).
+    code 0 reaches the host with the tick's one read-back (runtime/scheduler.py): the frame made from it is then
+    kept, or dropped at codec EOS or at the last allowed step (`settle_frame`; runtime/session.py holds the rules).
 
 Shapes: B = sessions in one batched step, P = talker prompt length, G = num_code_groups, H = hidden size.
 """
@@ -82,17 +84,35 @@ def start_talker(runner, session: Session) -> None:
                                     runner.first_code0(logits, hidden, session.slot))
 
 
-def first_frame(runner, session: Session) -> None:
-    """A session's first frame, launched right behind its talker prefill, before its code 0 is read: the code
-    predictor and Code2Wav run on the device from code 0 where it is, and the frame is kept aside
-    (`TalkerProgress.pending`) until the tick's read-back says whether code 0 ended the speech (`settle_first_frame`).
-    So the first packet is ready at the end of the prefill's tick instead of a tick later."""
-    frames(runner, [session], speculative=True)
+def make_frames(runner, sessions: list[Session]) -> None:
+    """Each session's next frame, launched right behind the talker step (or prefill) that sampled its code 0, before
+    that code 0 is read: the code predictor's frame (one batch) and Code2Wav (sessions on their first frame in one
+    batch, the others in another) run on the device from code 0 where it is. Each frame is kept aside
+    (`TalkerProgress.pending`) until the tick's read-back says whether code 0 ended the speech (`settle_frame`),
+    so a packet is out at the end of the tick that sampled its code 0. The model work comes first and the
+    sessions change only after it all succeeded, so a failed batch can be retried row by row (Code2Wav's conv
+    states are the exception: they update in place, layer by layer)."""
+    predictor_span = runner.timer.start()  # GPU time on a GPU: CUDA events on this stream (runtime/timing.py)
+    # code 0 and its talker state are on the device by slot, and so is the frame for Code2Wav after it
+    codes = runner.code_predictor_frame([s.slot for s in sessions])  # [B, G]
+    predictor_span.stop()
+    samples, spans = [None] * len(sessions), [None] * len(sessions)
+    for first in (True, False):
+        rows = [r for r, s in enumerate(sessions) if (s.talker.frame == 0) == first]
+        if rows:
+            span = runner.timer.start()
+            rows_codes = codes if len(rows) == len(sessions) else codes[rows]  # read only by exported Code2Wav
+            wav = runner.code2wav_frame(rows_codes, [sessions[r].slot for r in rows], first)  # [B', n]
+            span.stop()
+            for j, r in enumerate(rows):
+                samples[r], spans[r] = wav[j], span
+    for row, session in enumerate(sessions):
+        session.talker.pending = (codes[row], samples[row], predictor_span, spans[row])
 
 
-def settle_first_frame(session: Session) -> None:
-    """Once the first code 0 is read: the frame kept aside becomes the session's first frame, or is dropped when
-    code 0 ends the speech (as `frames` would not have made it)."""
+def settle_frame(session: Session) -> None:
+    """Once a frame's code 0 is read: the frame kept aside becomes the session's next frame (its packet), or is
+    dropped when code 0 ends the speech (codec EOS, or the last allowed step: as if it had never been made)."""
     tk = session.talker
     codes, samples, predictor_span, code2wav_span = tk.pending
     tk.pending = None
@@ -102,43 +122,6 @@ def settle_first_frame(session: Session) -> None:
     tk.code0 = tk.code0_value = None
     tk.codes = codes[None]
     session.add_frame(codes, samples, predictor_span, code2wav_span)
-
-
-def frames(runner, sessions: list[Session], speculative: bool = False) -> None:
-    """Sessions whose code 0 was read back: for those whose speech goes on, the code predictor's frame (one
-    batch) and Code2Wav (sessions on their first frame in one batch, the others in another). The model
-    work comes first and the sessions change only after it all succeeded, so a failed batch can be retried
-    row by row (Code2Wav's conv states are the exception: they update in place, layer by layer).
-    speculative: code 0 not read yet (`first_frame`): every session's frame is made and kept aside."""
-    going = [i for i, s in enumerate(sessions) if speculative or not s.speech_ends(s.talker.code0_value)]
-    codes = samples = None
-    if going:
-        predictor_span = runner.timer.start()  # GPU time on a GPU: CUDA events on this stream (runtime/timing.py)
-        # code 0 and its talker state are on the device by slot, and so is the frame for Code2Wav after it
-        codes = runner.code_predictor_frame([sessions[i].slot for i in going])  # [B', G]
-        predictor_span.stop()
-        samples, spans = [None] * len(going), [None] * len(going)
-        for first in (True, False):
-            rows = [r for r, i in enumerate(going) if (sessions[i].talker.frame == 0) == first]
-            if rows:
-                span = runner.timer.start()
-                rows_codes = codes if len(rows) == len(going) else codes[rows]  # read only by exported Code2Wav
-                wav = runner.code2wav_frame(rows_codes, [sessions[going[r]].slot for r in rows], first)  # [B'', n]
-                span.stop()
-                for j, r in enumerate(rows):
-                    samples[r], spans[r] = wav[j], span
-    if speculative:
-        for row, session in enumerate(sessions):
-            session.talker.pending = (codes[row], samples[row], predictor_span, spans[row])
-        return
-    for i, session in enumerate(sessions):
-        session.talker.code0 = session.talker.code0_value = None
-        if i not in going:
-            session.end_speech()
-    for row, i in enumerate(going):
-        tk = sessions[i].talker
-        tk.codes = codes[row:row + 1]
-        sessions[i].add_frame(codes[row], samples[row], predictor_span, spans[row])
 
 
 def talker_decode(runner, sessions: list[Session]) -> None:

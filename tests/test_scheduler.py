@@ -282,26 +282,25 @@ def test_static_cache_refuses_overflow():
     assert isinstance(DynamicKVCache(1).seq_len, int)
 
 
-def test_the_first_frame_is_made_in_the_prefill_tick_before_its_code_0_is_read(engine, monkeypatch):
-    """The prompt's last prefill chunk launches the talker prefill and the first frame (code predictor, Code2Wav)
-    before the tick's thinker step and before code 0 is read; the tick's read-back settles it, so the first
-    packet is out at the end of that tick. Later frames follow the thinker step, which they overlap. The output
-    is the same."""
+def test_each_frame_is_made_in_the_tick_that_samples_its_code_0(engine, monkeypatch):
+    """Every frame (code predictor, Code2Wav) is launched right behind the step that sampled its code 0, before
+    that code 0 is read, and settled by the same tick's read-back: the first one behind the talker prefill,
+    ahead of that tick's thinker step; later ones behind the talker step, after the thinker step they overlap.
+    Each packet is out at the end of the tick that sampled its code 0. The output is the same."""
     from runtime import scheduler as scheduler_module
 
     request, offline = speech_request(engine, min_frames=3, max_new_tokens=THINKER_TOKENS,
                                       talker_max_new_tokens=TALKER_TOKENS, seed=2024)
     order = []
-    frames, thinker_decode, step = (scheduler_module.speech.frames, Scheduler._thinker_decode, Scheduler.step)
-    settle = scheduler_module.speech.settle_first_frame
-
-    def recorded_frames(runner, sessions, speculative=False):
-        order.append(("first frame" if speculative else "frames", min(s.talker.frame for s in sessions)))
-        return frames(runner, sessions, speculative)
-
-    monkeypatch.setattr(scheduler_module.speech, "frames", recorded_frames)
-    monkeypatch.setattr(scheduler_module.speech, "settle_first_frame",
-                        lambda session: order.append(("settled", session.talker.code0_value)) or settle(session))
+    speech = scheduler_module.speech
+    make_frames, talker_decode, settle = speech.make_frames, speech.talker_decode, speech.settle_frame
+    thinker_decode, step = Scheduler._thinker_decode, Scheduler.step
+    monkeypatch.setattr(speech, "make_frames", lambda runner, sessions: order.append(
+        ("frames", min(s.talker.frame for s in sessions))) or make_frames(runner, sessions))
+    monkeypatch.setattr(speech, "talker_decode", lambda runner, sessions: order.append(("talker", None))
+                        or talker_decode(runner, sessions))
+    monkeypatch.setattr(speech, "settle_frame", lambda session: order.append(("settled", session.talker.frame))
+                        or settle(session))
     monkeypatch.setattr(Scheduler, "_thinker_decode", lambda self, sessions: order.append(("thinker", None))
                         or thinker_decode(self, sessions))
     monkeypatch.setattr(Scheduler, "step", lambda self: order.append(("tick", None)) or step(self))
@@ -314,14 +313,16 @@ def test_the_first_frame_is_made_in_the_prefill_tick_before_its_code_0_is_read(e
             ticks.append(current)
         else:
             current.append(event)
-    first = next(t for t in ticks if ("first frame", 0) in t)
-    assert [e[0] for e in first] == ["first frame", "thinker", "settled"], first  # launched ahead, then read
-    assert not any(e == ("frames", 0) for t in ticks for e in t), "frame 0 is made once, in the prefill tick"
-    assert next(e for e in events if isinstance(e, AudioChunk)).frame == 0  # settled into the first packet
-    later = [t for t in ticks if any(e[0] == "frames" for e in t) and ("thinker", None) in t]
-    assert later, "no tick with a later frame beside a thinker step: lengthen the request"
-    for tick in later:
-        assert tick.index(("thinker", None)) < next(i for i, e in enumerate(tick) if e[0] == "frames"), tick
+    first = next(t for t in ticks if ("frames", 0) in t)
+    assert first == [("frames", 0), ("thinker", None), ("settled", 0)], first  # ahead of the thinker, then read
+    later = [t for t in ticks if any(e[0] == "frames" and e[1] > 0 for e in t)]
+    assert len(later) >= 2, "lengthen the request"
+    for tick in later:  # the thinker step (while text goes on), the talker step, its frame, the read settling it
+        frame = next(e[1] for e in tick if e[0] == "frames")
+        assert tick[-3:] == [("talker", None), ("frames", frame), ("settled", frame)], tick
+        assert tick[:-3] in ([], [("thinker", None)]), tick
+    assert any(tick[0] == ("thinker", None) for tick in later), "no frame beside a thinker step: lengthen the request"
+    assert [e.frame for e in events if isinstance(e, AudioChunk)] == list(range(offline.codes.shape[-1]))
 
 
 def test_the_talker_starts_before_the_first_token_is_read(engine, monkeypatch):
