@@ -338,10 +338,11 @@ def test_whole_pipeline_with_every_scheduled_module_in_onnx_runtime(engine, chec
     frames = want.codes.shape[-1]
     groups = engine.model.talker.code_predictor.num_code_groups
     # one prefill (the prompt fits one chunk) and one step per fed token; the talker's prefill and one step
-    # after each frame; one Code2Wav call per frame
+    # after each frame; a frame (code predictor, Code2Wav) from every code 0 drawn, before it is read: the last
+    # code 0 ends the speech, and its frame is dropped (runtime/speech.py make_frames)
     assert runs == {"audio_encoder": 1, "vision_encoder": 1, "thinker_step": want.sequences.shape[1] - prompt_len,
-                    "talker_step": frames + 1, "code_predictor": frames * (groups - 1),
-                    "code2wav_stream": frames}, runs
+                    "talker_step": frames + 1, "code_predictor": (frames + 1) * (groups - 1),
+                    "code2wav_stream": frames + 1}, runs
     assert torch.equal(got.sequences, want.sequences), f"{got.sequences.tolist()} != {want.sequences.tolist()}"
     assert torch.equal(got.codes, want.codes), f"{got.codes[:, 0].tolist()} != {want.codes[:, 0].tolist()}"
     assert got.waveform.shape == want.waveform.shape
