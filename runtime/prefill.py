@@ -50,7 +50,7 @@ def embed_prompt(runner, prompt) -> PromptEmbedding:
     positions, _ = get_rope_index(host_ids, None, inputs.image_grid_thw, inputs.video_grid_thw,
                                   inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video,
                                   config=thinker.cfg)
-    positions = runner.transfers.upload(positions)
+    positions = upload(positions)
     if runner.static_prefill:
         length, hidden = host_ids.shape[1], runner.config.thinker.text.hidden_size
         if deepstack is not None:

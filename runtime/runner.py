@@ -317,26 +317,23 @@ class ModelRunner:
         return (wav[:, 0].float(),)  # packets are float32 (or pcm16 from it), cast here rather than between graphs
 
     def in_codebook(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, G] as Code2Wav reads them: a first frame is made before its code 0 is read (runtime/speech.py
-        first_frame), so code 0 may be the end-of-speech id, past Code2Wav's tables; that frame is dropped, and
+        """codes [B, G] as Code2Wav reads them: a frame is made before its code 0 is read (runtime/speech.py
+        make_frames), so code 0 may be the end-of-speech id, past Code2Wav's tables; that frame is dropped, and
         code 0 stands in for it so the lookup stays inside them. Every other code is left as it is."""
         return torch.where((codes == self.model.talker.cfg.codec_eos_token_id) & self.first_column, 0, codes)
 
     def capture_plan(self) -> list[StageSpec]:
         """Every stage the runner captures at every bucket, largest first (the smaller graphs reuse the larger
-        ones' pool blocks): prefill chunks per prefill bucket, then each decode stage per batch bucket. The
+        ones' pool blocks): the audio encoder per chunk bucket, prefill chunks per prefill bucket, then each decode
+        stage per batch bucket. The
         example inputs are all padded rows (slot −1): running them touches only the scratch slots."""
         prefill = ["thinker_prefill"] + (["talker_prefill"] if self.speech else [])
         batched = ["thinker_decode"] + (["talker_decode", "code_predictor", "code2wav", "code2wav_first"]
                                         if self.speech else [])
-        plan = [StageSpec("audio_encoder", size, self.steps["audio_encoder"], self._example_inputs("audio_encoder",
-                                                                                                    size))
-                for size in reversed(self.audio_buckets)]
-        plan += [StageSpec(name, size, self.steps[name], self._example_inputs(name, size))
-                 for size in reversed(self.prefill_buckets) for name in prefill]
-        plan += [StageSpec(name, size, self.steps[name], self._example_inputs(name, size))
-                 for size in reversed(batch_buckets(self.max_sessions)) for name in batched]
-        return plan
+        stages = [("audio_encoder", size) for size in reversed(self.audio_buckets)]
+        stages += [(name, size) for size in reversed(self.prefill_buckets) for name in prefill]
+        stages += [(name, size) for size in reversed(batch_buckets(self.max_sessions)) for name in batched]
+        return [StageSpec(name, size, self.steps[name], self._example_inputs(name, size)) for name, size in stages]
 
     def _example_inputs(self, name: str, size: int) -> tuple[torch.Tensor, ...]:
         """Inputs of the right shapes made on the runner's device by factory functions (no host copies)."""

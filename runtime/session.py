@@ -52,7 +52,7 @@ class TalkerProgress:
     waiting: list = field(default_factory=list)  # frames decoded, not sent yet: [G] each
     samples: list = field(default_factory=list)  # their samples, [n] each
     emitted: int = 0  # samples sent so far
-    # the first frame, made before its code 0 was read (runtime/speech.py first_frame): (codes [G], samples [n],
+    # the next frame, made before its code 0 was read (runtime/speech.py make_frames): (codes [G], samples [n],
     # the two stage spans) until the read says whether it stands
     pending: tuple | None = None
     done: bool = False
