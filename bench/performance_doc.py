@@ -58,9 +58,10 @@ def render(launches: dict) -> str:
     lines += ["", "Notes on the rows:", ""]
     lines += [f"- **{row['stage']}**: {row['note']}" for row in rows if row.get("note")]
     lines += [
-        "- The steady-state tick's host side makes one blocking device-to-host read (the scheduler's `read_back`: "
-        "the thinker's tokens and the talker's code 0 together), counted over real ticks by "
-        "tests/test_sampling_engine.py; the graph stages themselves have none (tests/test_graph_safety.py).",
+        "- The steady-state tick's host side makes one blocking device-to-host read (`ModelRunner.read_tick`: one "
+        "copy of the thinker's tokens and the talker's code 0s, runtime/decode_inputs.py DecodeReadout), counted "
+        "over real ticks by tests/test_sampling_engine.py, and uploads nothing while its batches stay the same; "
+        "the graph stages themselves have none (tests/test_graph_safety.py).",
         "",
     ]
     return "\n".join(lines)

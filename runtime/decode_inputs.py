@@ -1,6 +1,6 @@
-"""What the decode steps build their inputs from, kept per slot on the device, so each captured step takes only
-slot ids (and, for the talker, text token ids) from the host and nothing is gathered or concatenated eagerly per
-session between the graphs.
+"""What the decode steps build their inputs from and write their outputs to, kept per slot on the device, so each
+captured step takes only slot ids from the host and nothing is gathered, copied or concatenated eagerly per session
+between the graphs.
 
 Thinker (`ThinkerInputs`): each slot's last sampled token and the TM-RoPE position it was fed at. Text decode
 positions advance by one on all three axes (MODEL_SPEC §5), so the step feeds the last token at that position + 1
@@ -9,11 +9,18 @@ and records what it samples. The prefill's end sets both (the first token and th
 Talker (`TalkerInputs`, MODEL_SPEC §8.4): the talker input after frame k is Σ codec embeddings of frame k's G
 codes + the projected text of frame k, at the slot's last position + 1. Kept here, the step computes all of it
 inside its CUDA graph: the code predictor's step records each slot's frame codes, the talker prefill sets the
-slot's last position, and the decode step reads both and takes only the text token ids from the host (a fed
-token, or tts_eos / tts_pad: their projections are the same text projection of their thinker embeddings). The
-talker step records the code 0 it samples and the hidden state that produced it, the code predictor's step reads
-them and records the frame's codes, and Code2Wav's step reads those: a frame passes from stage to stage on the
-device, by slot.
+slot's last position, and the decode step reads both. The text of frame k is read on the device too, from the
+thinker's token history (runtime/sampling.py SlotSampling.history: the prompt's ids, then every generated token
+at prompt length + i), at `text_start` (the prompt length) + the talker's steps so far: t_{k+2} while that is a
+fed token. When the text ends the host writes, once per session (`end_text`), tts_eos over the generation's last
+token and tts_pad over the rest of the row, which every later step reads (its index is clamped to the row's last
+entry, a tts_pad: the history is one longer than the longest session). The talker step records the code 0 it
+samples and the hidden state that produced it, the code predictor's step reads them and records the frame's
+codes, and Code2Wav's step reads those: a frame passes from stage to stage on the device, by slot.
+
+What the host reads of a tick (`DecodeReadout`): the thinker's last tokens and the talker's last code 0s are the
+two rows of one [2, slots + 1] tensor, so the tick's read-back is one copy of it, no gather; a frame's samples
+stay in Code2Wav's per-slot output rows until its packet is copied out.
 
 Positions are float32: TM-RoPE time positions of a video are fractional (seconds per grid × rate), and the
 rotary tables are computed in fp32 from whatever dtype they get, so integer positions give the same angles.
@@ -27,13 +34,24 @@ from __future__ import annotations
 import torch
 
 
-class ThinkerInputs:
-    """tokens: [slots + 1] int64, each slot's last sampled token (not fed yet); positions: [3, slots + 1] float32,
-    the position of the last token fed (the prompt's last, then each decode step's)."""
+class DecodeReadout:
+    """tokens: [2, slots + 1] int64 on the device: row 0 each slot's last thinker token (ThinkerInputs.tokens),
+    row 1 each slot's last code 0 (TalkerInputs.code0); what a tick's read-back copies to the host."""
+
+    THINKER, TALKER = 0, 1
 
     def __init__(self, slots: int, device):
-        self.tokens = torch.zeros(slots + 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(3, slots + 1, dtype=torch.float32, device=device)
+        self.tokens = torch.zeros(2, slots + 1, dtype=torch.long, device=device)
+
+
+class ThinkerInputs:
+    """tokens: [slots + 1] int64, each slot's last sampled token (not fed yet; a row of DecodeReadout);
+    positions: [3, slots + 1] float32, the position of the last token fed (the prompt's last, then each decode
+    step's)."""
+
+    def __init__(self, readout: DecodeReadout):
+        self.tokens = readout.tokens[DecodeReadout.THINKER]
+        self.positions = torch.zeros(3, self.tokens.shape[0], dtype=torch.float32, device=self.tokens.device)
 
     def state_tensors(self) -> list[torch.Tensor]:
         return [self.tokens, self.positions]
@@ -57,17 +75,21 @@ class ThinkerInputs:
 class TalkerInputs:
     """codes: [slots + 1, G] int64, the last frame of each slot (written by the code predictor's step);
     positions: [3, slots + 1] float32, the TM-RoPE position of each slot's last talker input (t, h, w);
-    code0: [slots + 1] int64 and hidden: [slots + 1, H], the next frame's code 0 and the talker state that
-    produced it (written by the talker's prefill and decode steps, read by the code predictor's)."""
+    code0: [slots + 1] int64 (a row of DecodeReadout) and hidden: [slots + 1, H], the next frame's code 0 and the
+    talker state that produced it (written by the talker's prefill and decode steps, read by the code
+    predictor's); text_start: [slots + 1] int64, where the slot's generated text starts in the thinker's token
+    history (its prompt length)."""
 
-    def __init__(self, slots: int, num_code_groups: int, hidden_size: int, dtype, device):
-        self.codes = torch.zeros(slots + 1, num_code_groups, dtype=torch.long, device=device)
-        self.positions = torch.zeros(3, slots + 1, dtype=torch.float32, device=device)
-        self.code0 = torch.zeros(slots + 1, dtype=torch.long, device=device)
-        self.hidden = torch.zeros(slots + 1, hidden_size, dtype=dtype, device=device)
+    def __init__(self, readout: DecodeReadout, num_code_groups: int, hidden_size: int, dtype):
+        self.code0 = readout.tokens[DecodeReadout.TALKER]
+        rows, device = self.code0.shape[0], self.code0.device
+        self.codes = torch.zeros(rows, num_code_groups, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, rows, dtype=torch.float32, device=device)
+        self.hidden = torch.zeros(rows, hidden_size, dtype=dtype, device=device)
+        self.text_start = torch.zeros(rows, dtype=torch.long, device=device)
 
     def state_tensors(self) -> list[torch.Tensor]:
-        return [self.codes, self.positions, self.code0, self.hidden]
+        return [self.codes, self.positions, self.code0, self.hidden, self.text_start]
 
     def record_code0(self, slots: torch.Tensor, code0: torch.Tensor, hidden: torch.Tensor) -> None:
         """slots [B], code0 [B] just sampled, hidden [B, H] the state it came from."""
@@ -78,19 +100,31 @@ class TalkerInputs:
         """slots [B] -> (hidden [B, H], code 0 [B]): what the code predictor's frame starts from."""
         return self.hidden[slots], self.code0[slots]
 
-    def start(self, slot: int, last_positions: torch.Tensor) -> None:
-        """After the talker prefill: last_positions [3] (or [3, 1, 1]) of the prompt's last position."""
+    def start(self, slot: int, last_positions: torch.Tensor, text_start: int) -> None:
+        """After the talker prefill: last_positions [3] (or [3, 1, 1]) of the prompt's last position; text_start:
+        the thinker prompt's length (its first generated token's index in the thinker's history)."""
         self.positions[:, slot] = last_positions.reshape(3)
+        self.text_start[slot] = text_start
 
     def record_codes(self, slots: torch.Tensor, codes: torch.Tensor) -> None:
         """slots [B] (−1 = padded), codes [B, G] of the frame each slot has just made (inside the code predictor's
         step)."""
         self.codes[slots] = codes
 
+    def text_ids(self, thinker_history: torch.Tensor, talker_steps: torch.Tensor, slots: torch.Tensor
+                 ) -> torch.Tensor:
+        """thinker_history [slots + 1, W] (thinker SlotSampling.history), talker_steps [slots + 1] (the talker's
+        draws so far, = frames made), slots [B] -> [B] thinker ids of each slot's next talker text: history entry
+        text_start + steps (t_{k+2} for the input after frame k = steps − 1), clamped to the row's last entry (a
+        tts_pad once the text has ended: see the module docstring)."""
+        index = (self.text_start[slots] + talker_steps[slots]).clamp_(max=thinker_history.shape[1] - 1)
+        return thinker_history[slots, index]
+
     def build(self, talker, embed_tokens, text_ids: torch.Tensor, slots: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """text_ids [B] thinker token ids, slots [B] -> (embeds [B, 1, H], positions [3, B, 1]): each slot's last
-        frame embedded and summed plus its projected text (Talker.frame_input), at its last position + 1."""
+        """text_ids [B] thinker token ids (`text_ids`), slots [B] -> (embeds [B, 1, H], positions [3, B, 1]): each
+        slot's last frame embedded and summed plus its projected text (Talker.frame_input), at its last position
+        + 1."""
         text = talker.project_text(embed_tokens(text_ids))  # [B, H]
         embeds = talker.frame_input(self.codes[slots], text)
         positions = self.positions[:, slots] + 1  # [3, B]

@@ -7,16 +7,20 @@ step function per stage:
     audio_encoder     a prompt's one audio in whole zero-padded chunks, per chunk-count bucket
     thinker_prefill   one prefill chunk of one slot, front-padded to a static bucket
     talker_prefill    the same for the talker's prompt
-    thinker_decode    slot ids -> each slot's last token fed at its next position -> the next tokens, sampled
-    talker_decode     slot ids + one text token per slot -> its input (last frame + text) -> code 0, sampled with
-                      the control ids suppressed, recorded with its hidden state
+    thinker_decode    slot ids -> each slot's last token fed at its next position -> the next token, sampled
+    talker_decode     slot ids -> its input (last frame + the text its thinker has reached) -> code 0, sampled
+                      with the control ids suppressed, recorded with its hidden state
     code_predictor    slot ids -> one whole frame (codebooks 1..G−1) per slot from its code 0 and hidden state,
                       each code sampled, the frame recorded per slot
     code2wav          slot ids -> one frame's samples per slot (its recorded frame), after its first frame
     code2wav_first    a slot's first frame (its transposed convs trim their left edge: fewer samples)
 
-A frame passes from stage to stage on the device, by slot (runtime/decode_inputs.py): between the graphs the host
-uploads slot ids and text token ids and reads tokens back, nothing else.
+The decode stages return nothing: each writes its results into per-slot state on the device
+(runtime/decode_inputs.py; Code2Wav's samples into `last_samples`), where the next stage and the host find them
+by slot, so a frame passes from stage to stage on the device and no replay's output is copied out between the
+graphs (and none is overwritten by another replay of the same graph in the same tick: a first frame beside a
+steady one, a batch retried row by row). Between the graphs the host uploads slot ids (once per steady batch)
+and reads the tick's tokens back (`read_tick`: one copy), nothing else.
 
 Each step function has static shapes and no host reads, so it is what a CUDA graph captures (`capture_plan`
 lists every stage at every bucket; runtime/graphs.py captures exactly that list and replays it) and, on the
@@ -27,7 +31,7 @@ talker's tick (runtime/speech.py) call only those.
 
 Sampling lives inside the steps (runtime/sampling.py SlotSampling per stage: parameters, seeds, step counters
 and repetition-penalty histories per slot, set on admission by `admit`), so a graph replay samples every row
-with its own request's parameters. The host learns the tokens through `read_back`, the tick's one blocking
+with its own request's parameters. The host learns the tokens through `read_tick`, the tick's one blocking
 device-to-host read; host ints go to the device through `indices` (pinned, non-blocking on a GPU).
 
 Shapes: B = rows of one batched step, C = a prefill bucket, H = hidden size, G = code groups, V = vocab.
@@ -52,7 +56,7 @@ from runtime.models.talker import code0_suppress_mask
 from kernels.sampling import STAGE_CODE_PREDICTOR, STAGE_TALKER, STAGE_THINKER
 from runtime.options import GenerationOptions, SchedulerConfig
 from runtime.sampling import SlotSampling
-from runtime.decode_inputs import ThinkerInputs, TalkerInputs
+from runtime.decode_inputs import DecodeReadout, ThinkerInputs, TalkerInputs
 from runtime.frontend.audio import audio_token_count
 from runtime.timing import StageTimer
 from runtime.transfers import HostTransfers
@@ -63,7 +67,7 @@ TALKER_PROMPT_EXTRA = 9  # assistant positions the talker prompt adds after the 
 # write only the scratch slot). Prefill stages take one slot and a chunk already padded to its bucket.
 BATCHED = {
     "thinker_decode": ((0,), (-1,)),
-    "talker_decode": ((0, 0), (0, -1)),
+    "talker_decode": ((0,), (-1,)),
     "code_predictor": ((0,), (-1,)),
     "code2wav": ((0,), (-1,)),
     "code2wav_first": ((0,), (-1,)),
@@ -86,7 +90,8 @@ TALKER_STAGES = ("talker_prefill", "talker_decode", "code_predictor", "code2wav"
 @dataclass(frozen=True)
 class StageSpec:
     """One captured stage at one size: `fn(*example_inputs)` runs exactly what its graph captures and returns
-    a tuple of tensors. size: the prefill bucket (tokens) or the batch bucket (rows)."""
+    a tuple of tensors (empty for the decode stages, which write per-slot state). size: the prefill bucket
+    (tokens) or the batch bucket (rows)."""
 
     name: str
     size: int
@@ -113,9 +118,13 @@ class ModelRunner:
         self.accept_layer = config.talker.accept_hidden_layer if self.speech else 0
         slots = options.max_sessions
         self.thinker_cache = StaticKVCache.for_decoder(text_cfg, slots, self.max_seq_len, self.dtype, self.device)
-        self.sampling = {"thinker": SlotSampling(slots, self.max_seq_len, STAGE_THINKER, self.device)}
-        self.thinker_inputs = ThinkerInputs(slots, self.device)
-        self.talker_cache = self.code2wav_slots = self.suppress = self.talker_inputs = None
+        # one entry longer than the longest session: the last one is always past the text, so the talker's text
+        # index clamps to a tts_pad there once the text has ended (runtime/decode_inputs.py)
+        self.sampling = {"thinker": SlotSampling(slots, self.max_seq_len + 1, STAGE_THINKER, self.device)}
+        self.sampling["thinker"].history[-1].zero_()  # padded talker rows read their text there: valid ids
+        self.readout = DecodeReadout(slots, self.device)
+        self.thinker_inputs = ThinkerInputs(self.readout)
+        self.talker_cache = self.code2wav_slots = self.suppress = self.talker_inputs = self.last_samples = None
         self.frame_caches: dict[int, FrameKVCache] = {}
         self.talker_max_len = 0
         if self.speech:
@@ -127,8 +136,12 @@ class ModelRunner:
             self.suppress_for = model.talker.cfg.codec_eos_token_id
             self.code2wav_slots = Code2WavSlots(model.code2wav, slots, self.device, self.dtype)
             self.first_column = torch.arange(config.talker.num_code_groups, device=self.device) == 0  # [G]
-            self.talker_inputs = TalkerInputs(slots, config.talker.num_code_groups, talker_cfg.hidden_size,
-                                              self.dtype, self.device)
+            self.talker_inputs = TalkerInputs(self.readout, config.talker.num_code_groups, talker_cfg.hidden_size,
+                                              self.dtype)
+            # each slot's last frame's samples (Code2Wav's steps write them, its packet copies them out)
+            pool = self.code2wav_slots
+            self.last_samples = torch.zeros(slots + 1, max(pool.first_frame_samples, pool.frame_samples),
+                                            dtype=torch.float32, device=self.device)
             self.sampling["talker"] = SlotSampling(slots, self.talker_max_len, STAGE_TALKER, self.device)
             self.sampling["code_predictor"] = SlotSampling(slots, 0, STAGE_CODE_PREDICTOR, self.device)
             # one frame cache per batch bucket, outside any graph pool: a captured frame allocates nothing (an eager
@@ -216,10 +229,24 @@ class ModelRunner:
         """[n] int64 on the runner's device from host ints (runtime/transfers.py: pinned, non-blocking)."""
         return self.transfers.to_device(values)
 
-    def read_back(self, *tensors: torch.Tensor, wait_for_talker: bool = True) -> list[list[int]]:
-        """The tick's one blocking device-to-host read: integer tensors -> their values, one list each.
-        wait_for_talker=False: tensors made on the main stream only, read without waiting for the talker's."""
-        return self.transfers.read_back(*tensors, wait_for_talker=wait_for_talker)
+    def read_tick(self, talker: bool = True) -> tuple[list[int], list[int] | None]:
+        """The tick's one blocking device-to-host read: (each slot's last thinker token, each slot's last code 0),
+        lists indexed by slot, in one copy of DecodeReadout (rows no step wrote this tick hold older values: the
+        host reads only the slots it stepped). talker=False: the thinker's row only, read without waiting for the
+        talker's stream (a prompt's first token, while the talker's prefill runs); code 0s None."""
+        tokens = self.readout.tokens if talker else self.readout.tokens[:DecodeReadout.TALKER]
+        rows = self.transfers.read(tokens, wait_for_talker=talker)
+        return rows[DecodeReadout.THINKER], rows[DecodeReadout.TALKER] if talker else None
+
+    def end_text(self, slot: int, prompt_len: int, generated: int) -> None:
+        """A speaking session's text has ended after `generated` tokens (once, when the host sees it): in the
+        thinker's history, its last token becomes tts_eos and the rest of the row tts_pad, the texts of the talker
+        inputs that follow (runtime/decode_inputs.py). On the talker's stream, ahead of the talker steps that read
+        them; the thinker writes the row no more."""
+        history, start = self.sampling["thinker"].history, prompt_len
+        with self.on_talker_stream():
+            history[slot, start + generated - 1] = self.config.tts_eos_token_id
+            history[slot, start + generated:] = self.config.tts_pad_token_id
 
     # ------------------------------------------------------------------ step functions (what graphs capture)
 
@@ -239,9 +266,9 @@ class ModelRunner:
             return (out.hidden[:, -1],)
         return out.hidden[:, -1], out.layer_outputs[self.accept_layer - 1]
 
-    def thinker_decode_step(self, slots) -> tuple[torch.Tensor]:
-        """slots [B] (−1 = padded row) -> (next tokens [B],), sampled: each slot's last token fed at its next
-        position, both read from and written back to runtime/decode_inputs.py's ThinkerInputs."""
+    def thinker_decode_step(self, slots) -> tuple[()]:
+        """slots [B] (−1 = padded row): each slot's last token fed at its next position, the next token sampled;
+        both read from and written back to runtime/decode_inputs.py's ThinkerInputs (its tokens: the readout)."""
         thinker, state = self.model.thinker, self.thinker_inputs
         tokens, positions = state.build(slots)
         view = self.thinker_cache.view(slots, 1, 1)
@@ -249,7 +276,7 @@ class ModelRunner:
         view.commit()
         chosen = self.sampling["thinker"].sample(thinker.lm_head(hidden[:, -1]), slots)
         state.advance(slots, positions, chosen)
-        return (chosen,)
+        return ()
 
     def talker_prefill_step(self, embeds, positions, slots, num_valid) -> tuple[torch.Tensor, torch.Tensor]:
         """embeds [1, C, H], positions [3, 1, C], slots [1], num_valid [1] -> (logits [1, V], hidden [1, H])
@@ -259,27 +286,29 @@ class ModelRunner:
         view.commit()
         return logits[:, -1], hidden[:, -1]
 
-    def talker_decode_step(self, text_ids, slots) -> tuple[torch.Tensor]:
-        """text_ids [B] thinker ids, slots [B] -> (code 0 [B],): the input after each slot's last frame built here
-        (runtime/decode_inputs.py), one step, code 0 sampled with the control ids suppressed (§8.2) and recorded
-        with its hidden state for the code predictor's step."""
-        embeds, positions = self.talker_input(text_ids, slots)
+    def talker_decode_step(self, slots) -> tuple[()]:
+        """slots [B]: the input after each slot's last frame built here (its codes and its text: runtime/
+        decode_inputs.py), one step, code 0 sampled with the control ids suppressed (§8.2) and recorded with its
+        hidden state for the code predictor's step."""
+        embeds, positions = self.talker_input(slots)
         view = self.talker_cache.view(slots, 1, 1)
         logits, hidden = self.model.talker(embeds, positions, None, view)
         view.commit()
         code0 = self.sampling["talker"].sample(logits[:, -1], slots, self.suppress)
         self.talker_inputs.advance(slots, positions)  # last, as the cache's commit: a failed step changes nothing
         self.talker_inputs.record_code0(slots, code0, hidden[:, -1])
-        return (code0,)
+        return ()
 
-    def talker_input(self, text_ids, slots) -> tuple[torch.Tensor, torch.Tensor]:
-        """text_ids [B], slots [B] -> (embeds [B, 1, H], positions [3, B, 1]) of the slots' next talker step."""
-        model = self.model
-        return self.talker_inputs.build(model.talker, model.thinker.model.embed_tokens, text_ids, slots)
+    def talker_input(self, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots [B] -> (embeds [B, 1, H], positions [3, B, 1]) of the slots' next talker step (before its draw:
+        the talker's step counter is the frames made so far)."""
+        model, state = self.model, self.talker_inputs
+        text_ids = state.text_ids(self.sampling["thinker"].history, self.sampling["talker"].steps, slots)
+        return state.build(model.talker, model.thinker.model.embed_tokens, text_ids, slots)
 
-    def code_predictor_step(self, slots) -> tuple[torch.Tensor]:
-        """slots [B] -> (codes [B, G],): the code predictor's whole frame from each slot's code 0 and talker state
-        (recorded by the talker's step in runtime/decode_inputs.py's TalkerInputs). Code g of
+    def code_predictor_step(self, slots) -> tuple[()]:
+        """slots [B]: the code predictor's whole frame from each slot's code 0 and talker state (recorded by the
+        talker's step in runtime/decode_inputs.py's TalkerInputs), recorded there as the slot's frame. Code g of
         frame k is drawn at step k * G + g (k: the talker's steps so far − 1), its history the frame's codes so
         far (transformers' code-predictor generate starts its input_ids empty)."""
         sampler, groups = self.sampling["code_predictor"], self.config.talker.num_code_groups
@@ -299,22 +328,31 @@ class ModelRunner:
 
         codes = self.model.talker.predict_frame(hidden, code0, sample_fn=choose,
                                                 frame_cache=self.frame_caches.get(hidden.shape[0]))  # [B, G]
-        self.talker_inputs.record_codes(slots, codes)  # the next talker step's input reads them there
-        return (codes,)
+        self.talker_inputs.record_codes(slots, codes)  # the next talker step's input and Code2Wav read them there
+        return ()
 
-    def code2wav_step(self, slots) -> tuple[torch.Tensor]:
-        """slots [B] -> (samples [B, hop] float32,) of slots past their first frame: each slot's last frame
-        (recorded by the code predictor's step)."""
+    def code2wav_step(self, slots) -> tuple[()]:
+        """slots [B] of slots past their first frame: each slot's last frame (recorded by the code predictor's
+        step) -> its hop of samples, float32, in last_samples[slot, :hop]."""
         return self._code2wav(slots, first=False)
 
-    def code2wav_first_step(self, slots) -> tuple[torch.Tensor]:
-        """slots [B] -> (samples [B, num_samples(1)] float32,) of slots on their first frame."""
+    def code2wav_first_step(self, slots) -> tuple[()]:
+        """slots [B] of slots on their first frame -> last_samples[slot, :num_samples(1)]."""
         return self._code2wav(slots, first=True)
 
-    def _code2wav(self, slots, first: bool) -> tuple[torch.Tensor]:
+    def _code2wav(self, slots, first: bool) -> tuple[()]:
         codes = self.in_codebook(self.talker_inputs.codes[slots])[:, :, None]  # [B, G, 1]
         wav = self.model.code2wav.decode_frame(codes, self.code2wav_slots.view(slots, first=first))  # [B, 1, n]
-        return (wav[:, 0].float(),)  # packets are float32 (or pcm16 from it), cast here rather than between graphs
+        # packets are float32 (or pcm16 from it, on the host), cast here rather than between graphs
+        self.last_samples[:, :wav.shape[-1]].index_put_((slots,), wav[:, 0].float())
+        return ()
+
+    def frame(self, slot: int, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [G], samples [n]) of the slot's last frame: views of the per-slot state the steps wrote (valid
+        until the slot's next frame; a packet copies them out)."""
+        pool = self.code2wav_slots
+        samples = pool.first_frame_samples if first else pool.frame_samples
+        return self.talker_inputs.codes[slot], self.last_samples[slot, :samples]
 
     def in_codebook(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, G] as Code2Wav reads them: a frame is made before its code 0 is read (runtime/speech.py
@@ -352,8 +390,6 @@ class ModelRunner:
         if name == "talker_prefill":
             return (torch.zeros(1, size, talker_hidden, **kw), torch.zeros(3, 1, size, **index), padded,
                     torch.full((1,), size, **index))
-        if name == "talker_decode":  # text ids, slots
-            return torch.zeros(size, **index), padded
         return (padded,)  # the other decode stages read their inputs from runtime/decode_inputs.py by slot
 
     def run(self, name: str, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -385,33 +421,33 @@ class ModelRunner:
         tokens = audio_token_count(frames, audio.n_window)
         return self.run("audio_encoder", (chunks[None], self.indices([tokens])))[0][:tokens]
 
-    def thinker_decode(self, slots: list[int], longest: int) -> torch.Tensor:
-        """One step of each slot's last token (on the device: ThinkerInputs) -> next tokens [B]; `longest`: the
-        longest row's length after it."""
+    def thinker_decode(self, slots: list[int], longest: int) -> None:
+        """One step of each slot's last token (on the device: ThinkerInputs), its next token sampled there (read
+        with `read_tick`); `longest`: the longest row's length after it."""
         check_room(self.thinker_cache, longest)
         slot_ids = self.slot_ids(slots)
         if self.exported is not None and self.exported.thinker:
             tokens, positions = self.thinker_inputs.build(slot_ids)
             chosen = self.sampling["thinker"].sample(self.exported.thinker_decode(tokens, positions, slots), slot_ids)
             self.thinker_inputs.advance(slot_ids, positions, chosen)
-            return chosen
-        return self.run("thinker_decode", (slot_ids,))[0]
+            return
+        self.run("thinker_decode", (slot_ids,))
 
-    def talker_decode(self, text_ids: list[int], slots: list[int], longest: int) -> torch.Tensor:
-        """The text token id of each slot's next talker input (thinker vocab) -> code 0 [B]; the input's frame codes
-        and position are on the device already, and code 0 with its hidden state stay there for the code predictor
-        (runtime/decode_inputs.py)."""
+    def talker_decode(self, slots: list[int], longest: int) -> None:
+        """One talker step per slot: its input (last frame, text, position) built on the device, code 0 sampled and
+        kept there with its hidden state for the code predictor (runtime/decode_inputs.py; read with
+        `read_tick`)."""
         check_room(self.talker_cache, longest)
         self._check_suppress()
-        slot_ids, text = self.slot_ids(slots), self.indices(text_ids)  # a steady batch uploads only the text
+        slot_ids = self.slot_ids(slots)
         if self.exported is not None and self.exported.talker:
-            embeds, positions = self.talker_input(text, slot_ids)
+            embeds, positions = self.talker_input(slot_ids)
             logits, hidden = self.exported.talker_decode(embeds, positions, slots)
             code0 = self.sampling["talker"].sample(logits, slot_ids, self.suppress)
             self.talker_inputs.advance(slot_ids, positions)
             self.talker_inputs.record_code0(slot_ids, code0, hidden)
-            return code0
-        return self.run("talker_decode", (text, slot_ids))[0]
+            return
+        self.run("talker_decode", (slot_ids,))
 
     def first_token(self, logits: torch.Tensor, slot: int, last_positions: torch.Tensor) -> torch.Tensor:
         """The prompt's last logits [1, V] and last positions [3, 1, 1] -> the first generated token [1], sampled
@@ -420,14 +456,13 @@ class ModelRunner:
         self.thinker_inputs.start(slot, token, last_positions)
         return token
 
-    def first_code0(self, logits: torch.Tensor, hidden: torch.Tensor, slot: int) -> torch.Tensor:
-        """The talker prompt's last logits [1, V] and hidden state [1, H] -> code 0 of the first frame [1] (control
-        ids suppressed), recorded with that state for the code predictor's step."""
+    def first_code0(self, logits: torch.Tensor, hidden: torch.Tensor, slot: int) -> None:
+        """The talker prompt's last logits [1, V] and hidden state [1, H] -> code 0 of the first frame (control
+        ids suppressed), recorded with that state for the code predictor's step (read with `read_tick`)."""
         self._check_suppress()
         slot_ids = self.slot_ids([slot])
         code0 = self.sampling["talker"].sample(logits, slot_ids, self.suppress)
         self.talker_inputs.record_code0(slot_ids, code0, hidden)
-        return code0
 
     def _check_suppress(self) -> None:
         # the mask spares the talker's current EOS id; rewritten in place, as the captured steps read it
@@ -436,18 +471,22 @@ class ModelRunner:
             self.suppress.copy_(code0_suppress_mask(talker_cfg, self.device))
             self.suppress_for = talker_cfg.codec_eos_token_id
 
-    def code_predictor_frame(self, slots: list[int]) -> torch.Tensor:
-        """-> codes [B, G] of each slot's next frame (code 0, then the code predictor's sampled codes), from its code 0
-        and talker state on the device."""
-        return self.run("code_predictor", (self.slot_ids(slots),))[0]
+    def code_predictor_frame(self, slots: list[int]) -> None:
+        """Each slot's next frame (code 0, then the code predictor's sampled codes), from its code 0 and talker state
+        on the device, recorded there (TalkerInputs.codes)."""
+        self.run("code_predictor", (self.slot_ids(slots),))
 
-    def code2wav_frame(self, codes, slots: list[int], first: bool) -> torch.Tensor:
-        """codes [B, G] of one new frame per slot -> samples [B, n] float32. A slot's first frame (`first`:
-        all rows are, else none) has its own stage (code2wav_first): its transposed convs still trim their left
-        edge, so it makes fewer samples."""
+    def code2wav_frame(self, slots: list[int], first: bool) -> None:
+        """Each slot's recorded frame through Code2Wav -> its samples in `last_samples` (float32; `frame` gives
+        them). A slot's first frame (`first`: all rows are, else none) has its own stage (code2wav_first): its
+        transposed convs still trim their left edge, so it makes fewer samples."""
         if self.exported is not None and self.exported.code2wav:
-            return torch.stack(self.exported.code2wav_frame(self.in_codebook(codes), slots)).float()
-        return self.run("code2wav_first" if first else "code2wav", (self.slot_ids(slots),))[0]  # codes: on the device
+            codes = self.in_codebook(self.talker_inputs.codes[self.slot_ids(slots)])
+            for slot, wav in zip(slots, self.exported.code2wav_frame(codes, slots)):
+                self.last_samples[slot, :wav.shape[-1]] = wav.float()
+            return
+        self.run("code2wav_first" if first else "code2wav", (self.slot_ids(slots),))
+
 
 def prefill_buckets(prefill_chunk: int) -> list[int]:
     """Static chunk lengths of the captured prefill: powers of two from 16 below prefill_chunk, then

@@ -12,9 +12,14 @@ Each tick (`Scheduler.step`):
      session whose next input is ready, then the frames of those code 0s (runtime/speech.py make_frames),
      made before code 0 is read;
   5. one read-back, the tick's only blocking device-to-host read: the thinker's tokens of step 3 and the
-     talker's new code 0s (`ModelRunner.read_back`); each frame made from them stands (its packet goes out) or
-     is dropped (its code 0 ended the speech); sessions with nothing left finish. (A prompt's last chunk adds
-     one read: t1.)
+     talker's new code 0s (`ModelRunner.read_tick`: one copy of the per-slot tokens); each frame made from them
+     stands (its packet starts its copy to the host) or is dropped (its code 0 ended the speech); a text that
+     has ended is marked for the talker (`ModelRunner.end_text`); sessions with nothing left finish. (A
+     prompt's last chunk adds one read: t1.)
+
+Between the graphs the host uploads nothing in a steady tick (the batch's slot ids stay in the graphs' buffers)
+and launches no kernel: the steps write their results into per-slot device state (runtime/decode_inputs.py),
+where the next step and the read-back find them.
 
 A batched step that raises is retried row by row: only the sessions that fail alone fail (state "failed",
 the error kept for their stream), the others go on. Sampling draws from (the request's seed, the stage, the
@@ -125,7 +130,7 @@ class Scheduler:
         thinking = [s for s in self.live if s.state == "decode" and not s.thinker.done]
         decoded = self._guarded(thinking, self._thinker_decode)
         self._talker_work()
-        self._read_back([(s, token) for s, token in decoded if not s.finished])
+        self._read_back([s for s, _ in decoded if not s.finished])
         for session in list(self.live):
             if session.done:
                 self._guarded([session], lambda one: one[0].finish())  # the tokenizer's last text may fail
@@ -136,7 +141,7 @@ class Scheduler:
         text are ready, then the frames of the code 0s just sampled (code predictor, Code2Wav), settled at the
         read-back. Two guarded batches: a failed frame batch is retried row by row without stepping again."""
         with self.runner.on_talker_stream():
-            stepped = self._guarded([s for s in self.live if s.talker is not None and s.talker.codes is not None
+            stepped = self._guarded([s for s in self.live if s.talker is not None and s.talker.ready
                                      and s.text_ready()], lambda sessions: speech.talker_decode(self.runner, sessions))
             self._guarded([s for s, _ in stepped], lambda sessions: speech.make_frames(self.runner, sessions))
 
@@ -185,34 +190,39 @@ class Scheduler:
             with runner.on_talker_stream():
                 speech.start_talker(runner, session)
                 speech.make_frames(runner, [session])  # its code 0 is read with the tick's read-back
-        self._take_tokens([session], [token], runner.read_back(token, wait_for_talker=False)[0])
+        self._take_tokens([session], runner.read_tick(talker=False)[0])
         if session.talker is not None and th.done and not session.finished:  # the text ended at t1 (EOS):
             session.end_speech()  # nothing to speak, as when the talker never started
 
-    def _thinker_decode(self, sessions: list[Session]) -> list[torch.Tensor]:
-        # each slot's last token and position are on the device (runtime/decode_inputs.py): only slot ids go up
+    def _thinker_decode(self, sessions: list[Session]) -> None:
+        # each slot's last token and position are on the device (runtime/decode_inputs.py): only slot ids go up,
+        # and the sampled tokens stay there (read after the talker's work is launched)
         longest = max(s.thinker.prompt_len + len(s.thinker.tokens) for s in sessions)
-        chosen = self.runner.thinker_decode([s.slot for s in sessions], longest)  # [B]
-        return list(chosen[:, None])  # [1] per session, read after the talker's work is launched
+        self.runner.thinker_decode([s.slot for s in sessions], longest)
 
-    def _read_back(self, decoded: list[tuple[Session, torch.Tensor]]) -> None:
-        """The tick's one blocking read: the thinker tokens just sampled ([1] per session in `decoded`) and every
+    def _read_back(self, decoded: list[Session]) -> None:
+        """The tick's one blocking read: the thinker tokens just sampled (of the sessions in `decoded`) and every
         talker code 0 sampled but not read yet; then the text deltas and stop rules that need them."""
-        talkers = [s for s in self.live if s.talker is not None and s.talker.code0 is not None
-                   and s.talker.code0_value is None and not s.finished]
-        tokens = torch.cat([token for _, token in decoded]) if decoded else None
-        code0 = torch.cat([s.talker.code0 for s in talkers]) if talkers else None
-        values = self.runner.read_back(*(t for t in (tokens, code0) if t is not None)) if decoded or talkers else []
-        if decoded:
-            self._take_tokens([s for s, _ in decoded], [t for _, t in decoded], values.pop(0))
-        for session, value in zip(talkers, values.pop(0) if talkers else []):
-            session.talker.code0_value = value
+        talkers = [s for s in self.live if s.talker is not None and s.talker.drawn and not s.finished]
+        if not decoded and not talkers:
+            return
+        tokens, code0 = self.runner.read_tick()  # indexed by slot
+        self._take_tokens(decoded, tokens)
+        for session in talkers:
+            session.talker.code0_value = code0[session.slot]
             if session.talker.pending is not None:  # the frame made from it before this read
                 with self.runner.on_talker_stream():  # its packet is copied out where it was made
                     self._guarded([session], lambda one: speech.settle_frame(one[0]))
 
-    def _take_tokens(self, sessions: list[Session], tokens: list[torch.Tensor], values: list[int]) -> None:
-        """Each session's next token: [1] on the device (fed at its next decode step) and its value on the host."""
-        for session, token, value in zip(sessions, tokens, values):
+    def _take_tokens(self, sessions: list[Session], tokens: list[int]) -> None:
+        """Each session's next token from the read-back (`tokens` indexed by slot; on the device it waits in the
+        slot's ThinkerInputs, fed at the next decode step). A speaking session whose text has just ended marks
+        that for its talker (ModelRunner.end_text)."""
+        for session in sessions:
             # per session (its detokenizer may fail), and not for one cancelled since its row was computed
-            self._guarded([session], lambda one: one[0].take_token(value, token))
+            self._guarded([session], lambda one: self._take_token(one[0], tokens[one[0].slot]))
+
+    def _take_token(self, session: Session, token: int) -> None:
+        session.take_token(token)
+        if session.thinker.done and session.speaks and self.runner.speech:
+            self.runner.end_text(session.slot, session.thinker.prompt_len, len(session.thinker.tokens))

@@ -9,8 +9,10 @@ parameters inside the runner's steps; greedy = `talker_do_sample=False, talker_r
                  slot); Code2Wav decodes the frame's final samples from the session's streaming state. Both are
                  launched right behind the step that sampled code 0, before it is read (`make_frames`)
                  next talker input = frame_input(codes_k, text of frame k) -> one talker step -> code 0, the
-                 input built inside that step from per-slot device state (runtime/decode_inputs.py): the host
-                 gives only the text token id (a fed token, tts_eos or tts_pad)
+                 input built inside that step from per-slot device state (runtime/decode_inputs.py), its text (a
+                 fed token, tts_eos or tts_pad) read there from the thinker's token history; the host only
+                 decides when the text is ready (runtime/session.py text_ready) and, once, that it has ended
+                 (`end_text`)
     code 0 reaches the host with the tick's one read-back (runtime/scheduler.py): the frame made from it is then
     kept, or dropped at codec EOS or at the last allowed step (`settle_frame`; runtime/session.py holds the rules).
 
@@ -79,57 +81,54 @@ def start_talker(runner, session: Session) -> None:
         talker_prompt, cfg, inputs.image_grid_thw, inputs.video_grid_thw, inputs.audio_frames(),
         inputs.video_second_per_grid, inputs.use_audio_in_video))
     logits, hidden = talker_prefill(runner, talker_prompt.inputs_embeds, positions, session.slot)
-    runner.talker_inputs.start(session.slot, positions[:, :, -1])
-    session.talker = TalkerProgress(talker_prompt.inputs_embeds.shape[1], cfg.tts_eos_token_id, cfg.tts_pad_token_id,
-                                    runner.first_code0(logits, hidden, session.slot))
+    runner.talker_inputs.start(session.slot, positions[:, :, -1], th.prompt_len)
+    runner.first_code0(logits, hidden, session.slot)
+    session.talker = TalkerProgress(talker_prompt.inputs_embeds.shape[1], drawn=True)
 
 
 def make_frames(runner, sessions: list[Session]) -> None:
     """Each session's next frame, launched right behind the talker step (or prefill) that sampled its code 0, before
     that code 0 is read: the code predictor's frame (one batch) and Code2Wav (sessions on their first frame in one
-    batch, the others in another) run on the device from code 0 where it is. Each frame is kept aside
-    (`TalkerProgress.pending`) until the tick's read-back says whether code 0 ended the speech (`settle_frame`),
-    so a packet is out at the end of the tick that sampled its code 0. The model work comes first and the
-    sessions change only after it all succeeded, so a failed batch can be retried row by row (Code2Wav's conv
-    states are the exception: they update in place, layer by layer)."""
+    batch, the others in another) run on the device from code 0 where it is, and leave the frame's codes and
+    samples in the slot's state there. Each frame waits (`TalkerProgress.pending`) until the tick's read-back says
+    whether code 0 ended the speech (`settle_frame`), so a packet is out at the end of the tick that sampled its
+    code 0. The model work comes first and the sessions change only after it all succeeded, so a failed batch can
+    be retried row by row (Code2Wav's conv states are the exception: they update in place, layer by layer)."""
     predictor_span = runner.timer.start()  # GPU time on a GPU: CUDA events on this stream (runtime/timing.py)
-    # code 0 and its talker state are on the device by slot, and so is the frame for Code2Wav after it
-    codes = runner.code_predictor_frame([s.slot for s in sessions])  # [B, G]
+    runner.code_predictor_frame([s.slot for s in sessions])  # code 0 and its talker state are on the device by slot
     predictor_span.stop()
-    samples, spans = [None] * len(sessions), [None] * len(sessions)
+    spans = [None] * len(sessions)
     for first in (True, False):
         rows = [r for r, s in enumerate(sessions) if (s.talker.frame == 0) == first]
         if rows:
             span = runner.timer.start()
-            rows_codes = codes if len(rows) == len(sessions) else codes[rows]  # read only by exported Code2Wav
-            wav = runner.code2wav_frame(rows_codes, [sessions[r].slot for r in rows], first)  # [B', n]
+            runner.code2wav_frame([sessions[r].slot for r in rows], first)  # the frames the code predictor left
             span.stop()
-            for j, r in enumerate(rows):
-                samples[r], spans[r] = wav[j], span
+            for r in rows:
+                spans[r] = span
     for row, session in enumerate(sessions):
-        session.talker.pending = (codes[row], samples[row], predictor_span, spans[row])
+        session.talker.pending = (runner.frame(session.slot, first=session.talker.frame == 0), predictor_span,
+                                  spans[row])
 
 
 def settle_frame(session: Session) -> None:
-    """Once a frame's code 0 is read: the frame kept aside becomes the session's next frame (its packet), or is
-    dropped when code 0 ends the speech (codec EOS, or the last allowed step: as if it had never been made)."""
+    """Once a frame's code 0 is read: the frame waiting in the slot's state becomes the session's next frame (its
+    codes and samples start their copy to the host), or is dropped when code 0 ends the speech (codec EOS, or the
+    last allowed step: as if it had never been made)."""
     tk = session.talker
-    codes, samples, predictor_span, code2wav_span = tk.pending
+    (codes, samples), predictor_span, code2wav_span = tk.pending
     tk.pending = None
     if session.speech_ends(tk.code0_value):
         session.end_speech()
         return
-    tk.code0 = tk.code0_value = None
-    tk.codes = codes[None]
+    tk.drawn, tk.code0_value, tk.ready = False, None, True
     session.add_frame(codes, samples, predictor_span, code2wav_span)
 
 
 def talker_decode(runner, sessions: list[Session]) -> None:
     """One talker step for every session whose last frame and its text are ready: code 0 of its next frame. The
-    step builds each input from the slot's last frame and position (on the device) and its text token id."""
+    step builds each input on the device from the slot's last frame, position and text (runtime/decode_inputs.py)."""
     longest = max(s.talker.prompt_len + s.talker.frame for s in sessions)
-    code0 = runner.talker_decode([s.frame_text() for s in sessions], [s.slot for s in sessions], longest)
-    for i, session in enumerate(sessions):
-        tk = session.talker
-        tk.codes = None
-        tk.code0, tk.code0_value = code0[i:i + 1], None
+    runner.talker_decode([s.slot for s in sessions], longest)
+    for session in sessions:
+        session.talker.ready, session.talker.drawn = False, True

@@ -274,21 +274,24 @@ class _AsyncEvents:
 
 
 class HostCopy:
-    """A packet's tensors (its samples, its codes) on their way to the host: on a GPU, copied without blocking
-    into pinned memory on the current stream (the talker's, where they were made), one event recorded after the
-    copies; `ready()` asks the event (never waits), `wait()` waits for it and returns them. On the CPU they are
-    there already."""
+    """A frame's tensors (its samples, its codes: views of its slot's state, which the slot's next frame overwrites)
+    on their way to the host: on a GPU, copied without blocking into pinned memory on the current stream (the
+    talker's, where they were made, ahead of the next frame), one event recorded after the copies; `ready()` asks
+    the event (never waits), `wait()` waits for it and returns them. On the CPU they are copied at once."""
 
     def __init__(self, *tensors: torch.Tensor):
-        if all(t.device.type != "cuda" for t in tensors):
-            self.host, self.event, self._sources = tensors, None, None
+        self.event, self._sources = None, None
+        if all(t.device.type == "cpu" for t in tensors):
+            self.host = tuple(t.clone() for t in tensors)
             return
-        self.host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+        on_gpu = all(t.is_cuda for t in tensors)  # else the meta device of bench/launches.py's count
+        self.host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=on_gpu) for t in tensors)
         for host, tensor in zip(self.host, tensors):
             host.copy_(tensor, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
-        self._sources = tensors  # kept alive until the copies have completed
+        if on_gpu:
+            self.event = torch.cuda.Event()
+            self.event.record()
+            self._sources = tensors  # kept alive until the copies have completed
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()

@@ -2,13 +2,13 @@
 
     HostTransfers.to_device([3, 7])      # host ints -> [2] int64 on the device, pinned and non-blocking on a GPU
     HostTransfers.upload(host_tensor)    # a host tensor (a prompt's ids, positions) the same way
-    HostTransfers.read_back(tokens, c0)  # the tick's one blocking read: [[...], [...]]
+    HostTransfers.read(readout)          # the tick's one blocking read: the tensor's values
 
 A pageable host-to-device copy (`torch.tensor(list, device="cuda")`) waits for the stream, and every `.tolist()`
 of a device tensor is a blocking read; a tick that did several of each stalled the GPU's queue each time. Here
 host ints are staged in a ring of persistent pinned buffers and copied without blocking, and everything the
-host needs from a tick (the thinker's tokens, the talker's code 0) is copied into one pinned buffer after an
-event, then read once. On the CPU both are plain copies.
+host needs from a tick (the thinker's tokens, the talker's code 0: one tensor, runtime/decode_inputs.py
+DecodeReadout) is copied into one pinned buffer, then read once after an event. On the CPU both are plain copies.
 """
 
 from __future__ import annotations
@@ -53,28 +53,18 @@ class HostTransfers:
             return tensor.to(self.device)
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def read_back(self, *tensors: torch.Tensor, wait_for_talker: bool = True) -> list[list[int]]:
-        """Integer device tensors (any shapes) -> their values, one flat list each, through one blocking read:
-        the values are gathered on the device, copied into pinned memory without blocking, then read after an
-        event. Tensors made on the talker's stream are waited for first (wait_for_talker=False: none are)."""
-        sizes = [t.numel() for t in tensors]
-        if not sum(sizes):
-            return [[] for _ in tensors]
+    def read(self, tensor: torch.Tensor, wait_for_talker: bool = True) -> list:
+        """A contiguous integer device tensor -> its values (`.tolist()`), through one blocking read: copied into
+        pinned memory without blocking, then read after an event. The talker's stream is waited for first
+        (wait_for_talker=False: the tensor is written on the main stream only)."""
         if self.talker_stream is not None and wait_for_talker:
             torch.cuda.current_stream(self.device).wait_stream(self.talker_stream)
-        flat = torch.cat([t.reshape(-1).to(torch.long) for t in tensors])
-        if self.on_gpu:
-            if self._host is None or self._host.numel() < flat.numel():
-                self._host = torch.empty(max(flat.numel(), 256), dtype=torch.long, pin_memory=True)
-            host = self._host[:flat.numel()]
-            host.copy_(flat, non_blocking=True)
-            self._read_done.record()
-            self._read_done.synchronize()
-            values = host.tolist()
-        else:
-            values = flat.tolist()
-        out, start = [], 0
-        for size in sizes:
-            out.append(values[start:start + size])
-            start += size
-        return out
+        if not self.on_gpu:
+            return tensor.tolist()
+        if self._host is None or self._host.numel() < tensor.numel():
+            self._host = torch.empty(max(tensor.numel(), 256), dtype=tensor.dtype, pin_memory=True)
+        host = self._host[:tensor.numel()].view(tensor.shape)
+        host.copy_(tensor, non_blocking=True)
+        self._read_done.record()
+        self._read_done.synchronize()
+        return host.tolist()

@@ -77,11 +77,16 @@ def test_step_input_reads_each_slots_frame_and_position_and_pads_touch_only_scra
     codes = _random_codes(cfg, 3, generator)
     state.record_codes(slots, codes)
     last = {2: torch.tensor([[[9]], [[11]], [[12]]]), 0: torch.tensor([[[4]], [[4]], [[4]]])}  # [3, 1, 1] each
+    history, steps = runner.sampling["thinker"].history, runner.sampling["talker"].steps
+    history.copy_(torch.randint(11, 470, history.shape, generator=generator))  # ordinary thinker ids, tiny vocab
+    starts = {2: 7, 0: 3}  # each slot's prompt length: where its generated text starts in the history
     for slot, positions in last.items():
-        state.start(slot, positions[:, :, -1])
-    text_ids = torch.randint(11, 470, (3,), generator=generator)  # ordinary thinker ids of the tiny vocab
+        state.start(slot, positions[:, :, -1], starts[slot])
+    steps[[2, 0]] = torch.tensor([4, 1])  # frames made so far
+    text_ids = torch.stack([history[2, 7 + 4], history[0, 3 + 1], history[-1, 0]])  # the padded row: scratch
+    steps[-1], state.text_start[-1] = 0, 0
 
-    embeds, positions = runner.talker_input(text_ids, slots)
+    embeds, positions = runner.talker_input(slots)
 
     embed_tokens = model.thinker.model.embed_tokens
     for row in range(2):  # each real row: its slot's frame + its own text, projected alone
@@ -97,3 +102,37 @@ def test_step_input_reads_each_slots_frame_and_position_and_pads_touch_only_scra
     assert torch.equal(state.positions[:, 0], torch.tensor([5, 5, 5]))
     assert torch.equal(state.positions[:, [1, 3]], torch.zeros(3, 2, dtype=torch.long))  # untouched slots
     assert torch.equal(state.positions[:, SLOTS], torch.ones(3, dtype=torch.long))  # scratch: 0 + 1
+
+
+@torch.inference_mode()
+def test_the_talker_text_on_the_device_follows_the_text_rule(runner):
+    """The talker input after frame k carries t_{k+2} while that is a fed token, tts_eos for the generation's
+    last token, tts_pad after it (MODEL_SPEC §8.3): read on the device from the thinker's history at the prompt
+    length + the talker's steps, the end written once by end_text; a talker that speaks past the row's end reads
+    tts_pad. Compared with that rule on the host, step by step, while the text grows and after it ends."""
+    cfg, state = runner.config, runner.talker_inputs
+    history, steps = runner.sampling["thinker"].history, runner.sampling["talker"].steps
+    generator = torch.Generator().manual_seed(17)
+    slot, prompt_len, generated = 1, 9, 6
+    tokens = torch.randint(11, 470, (generated,), generator=generator).tolist()
+    history[slot].fill_(-1)
+    history[slot, :prompt_len] = torch.randint(11, 470, (prompt_len,), generator=generator)
+    state.start(slot, torch.zeros(3), prompt_len)
+
+    def rule(frame: int, known: int, done: bool) -> int:  # the host's definition: 1-based index of t_{k+2}
+        wanted = frame + 1
+        if wanted < known or (wanted == known and not done):
+            return tokens[wanted - 1]
+        return cfg.tts_eos_token_id if wanted == known else cfg.tts_pad_token_id
+
+    slots = torch.tensor([slot])
+    for known in range(1, generated + 1):  # the thinker writes one token a tick; the talker follows when ready
+        history[slot, prompt_len + known - 1] = tokens[known - 1]
+        for frame in range(1, known):  # every frame whose text is ready
+            steps[slot] = frame
+            assert state.text_ids(history, steps, slots).tolist() == [rule(frame, known, done=False)], (known, frame)
+    runner.end_text(slot, prompt_len, generated)
+    assert history.shape[1] == runner.max_seq_len + 1
+    for frame in [*range(1, generated + 4), history.shape[1], history.shape[1] + 50]:  # past the row: clamped
+        steps[slot] = frame
+        assert state.text_ids(history, steps, slots).tolist() == [rule(frame, generated, done=True)], frame

@@ -7,6 +7,7 @@ import torch
 from runtime import dispatch
 from runtime.engine import OmniEngine
 from runtime.graphs import GraphRunner, batch_buckets, check_graph_safe
+from runtime.runner import BATCHED
 from runtime.streaming import AudioChunk
 from tests.oracle import build_oracle, rel_err
 
@@ -264,7 +265,7 @@ def _side_state(runner) -> list[torch.Tensor]:
     counters, histories) and the decode steps' input state (runtime/decode_inputs.py)."""
     sampling = [t for stage in runner.sampling.values() for t in vars(stage).values() if torch.is_tensor(t)]
     return [*runner.code2wav_slots.state_tensors(), *sampling, *runner.thinker_inputs.state_tensors(),
-            *runner.talker_inputs.state_tensors()]
+            *runner.talker_inputs.state_tensors(), runner.last_samples]
 
 
 @needs_cuda
@@ -293,7 +294,9 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
     # each slot's decode inputs on the device (runtime/decode_inputs.py): the steps take only slot ids
     runner.thinker_inputs.tokens[:3] = torch.randint(11, 470, (3,), device=device)
     runner.thinker_inputs.positions[:, :3] = torch.randint(0, 30, (3, 3), device=device)
-    text_ids = torch.randint(11, 470, (3,), device=device)  # the talker step embeds and projects them itself
+    # the talker step reads its text in the thinker's history, at each slot's text start + its steps so far
+    runner.sampling["thinker"].history[:3] = torch.randint(11, 470, (3, runner.max_seq_len + 1), device=device)
+    runner.talker_inputs.text_start[:3] = torch.randint(0, 5, (3,), device=device)
     groups = cfg.talker.num_code_groups
     # each slot's last frame: codes the talker's tables and Code2Wav's codebooks both hold
     codebook = min(cfg.code2wav.codebook_size, cfg.talker.code_predictor.vocab_size)
@@ -324,7 +327,7 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
         (runner.thinker_cache, "thinker_prefill", chunk),
         (runner.talker_cache, "talker_prefill", talker_chunk),
         (runner.thinker_cache, "thinker_decode", (slots,)),
-        (runner.talker_cache, "talker_decode", (text_ids, slots)),
+        (runner.talker_cache, "talker_decode", (slots,)),
         (None, "code_predictor", (slots,)),
         (None, "code2wav", (slots,)),
         (None, "code2wav_first", (slots,)),
@@ -338,12 +341,14 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
         saved = _snapshot(cache) if cache is not None else None
         want = eager()
         after_eager = _snapshot(cache) if cache is not None else None
+        side_eager = [t.clone() for t in _side_state(runner)]  # the decode stages' results are per-slot state
         if cache is not None:
             _restore(cache, saved)
         for tensor, value in zip(_side_state(runner), side_saved):
             tensor.copy_(value)
         got = graphed()
-        for g, w in zip(got, want):
+        assert len(got) == len(want) and (len(want) == 0) == (name in BATCHED), name
+        for g, w in zip([*got, *_side_state(runner)], [*want, *side_eager]):
             if w.is_floating_point():
                 assert not g.isnan().any()
                 assert rel_err(g, w) <= 1e-5

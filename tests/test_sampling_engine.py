@@ -4,8 +4,9 @@
   others (other seeds, other lengths, a bigger batch bucket) give the same tokens and codes; two seeds differ;
   no seed differs across calls;
 - the keywords reach every stage: top_k = 1 everywhere is greedy for any seed; the options are checked;
-- a steady-state tick reads the device once (`ModelRunner.read_back`) and uploads host ints only through the
-  runner's staging (`ModelRunner.indices`), counted by a TorchFunctionMode over real scheduler ticks.
+- a steady-state tick reads the device once (`ModelRunner.read_tick`) and uploads host ints only through the
+  runner's staging (`ModelRunner.indices`), and only when its batches changed, counted by a TorchFunctionMode
+  over real scheduler ticks.
 """
 
 import pytest
@@ -147,31 +148,38 @@ def test_the_mode_sees_every_kind_of_host_read():
 
 def test_a_steady_tick_reads_the_device_once(engine, monkeypatch):
     """Three speaking sessions, ticked here: after their prefills (the first ticks), every tick reads the
-    device exactly once, through read_back, and makes no other host read or unstaged upload."""
+    device exactly once, through read_tick, and makes no other host read or unstaged upload; a tick whose
+    batches are those of the tick before uploads nothing at all (slot ids stay in the graphs' buffers, the
+    talker's text is read on the device)."""
     scheduler = Scheduler(engine, SchedulerConfig(max_sessions=4))
     for i, text in enumerate((PROMPT, "Hi there.", "Name three colours, please.")):
         prompt = engine.prepare(text)
         options = GenerationOptions(max_new_tokens=8 + 3 * i, talker_max_new_tokens=12 + 2 * i, speaker="ethan",
                                     return_audio=True, **sampling_options(engine.sampling, **SAMPLED, seed=i))
         scheduler.submit(Request(prompt, resolve_sampling(options, engine.sampling)))
-    mode, read_backs, staged = HostTraffic(), [], []
+    mode, read_ticks, staged = HostTraffic(), [], []
     runner = scheduler.runner
-    monkeypatch.setattr(runner, "read_back", mode.excused(runner.read_back, read_backs))
+    monkeypatch.setattr(runner, "read_tick", mode.excused(runner.read_tick, read_ticks))
     monkeypatch.setattr(runner, "indices", mode.excused(runner.indices, staged))
     monkeypatch.setattr(torch.nn.Module, "__call__", mode.excused(torch.nn.Module.__call__))
-    per_tick = []
+    slot_ids, batches = runner.slot_ids, []  # the slot lists each tick's steps ran
+    monkeypatch.setattr(runner, "slot_ids", lambda slots: batches[-1].append(tuple(slots)) or slot_ids(slots))
+    per_tick, uploads, previous = [], [], None
     while not scheduler.idle:
         steady = all(s.state == "decode" and s.talker is not None for s in scheduler.live) and not scheduler.waiting
-        read_backs.clear()
+        read_ticks.clear(), staged.clear(), batches.append([])
         with mode:
             scheduler.step()
         if steady:
-            per_tick.append(len(read_backs))
+            per_tick.append(len(read_ticks))
             assert not mode.reads and not mode.uploads, (mode.reads, mode.uploads)
+            if batches[-1] == previous:
+                uploads.append(len(staged))
+        previous = batches[-1] if steady else None
         mode.reads.clear(), mode.uploads.clear()
     assert len(per_tick) >= 8, per_tick
     assert all(count == 1 for count in per_tick[:-1]) and per_tick[-1] <= 1, per_tick
-    assert staged, "slot ids and fed text tokens went through the runner's staging"
+    assert len(uploads) >= 4 and not any(uploads), uploads
 
 
 # ---------------------------------------------------------------------------------------------- CLI

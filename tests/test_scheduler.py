@@ -335,11 +335,11 @@ def test_the_talker_starts_before_the_first_token_is_read(engine, monkeypatch):
     served = _sharing(engine)
     runner = served.scheduler.runner  # the loop has not started: nothing else touches the runner yet
     order = []
-    start_talker, read_back = scheduler_module.speech.start_talker, runner.read_back
+    start_talker, read_tick = scheduler_module.speech.start_talker, runner.read_tick
     monkeypatch.setattr(scheduler_module.speech, "start_talker",
                         lambda *args: order.append("start_talker") or start_talker(*args))
-    monkeypatch.setattr(runner, "read_back", lambda *tensors, wait_for_talker=True: order.append(
-        ("read", wait_for_talker)) or read_back(*tensors, wait_for_talker=wait_for_talker))
+    monkeypatch.setattr(runner, "read_tick", lambda talker=True: order.append(("read", talker))
+                        or read_tick(talker=talker))
     _check_alone(engine, request, offline, list(served.stream(**request)))
     assert order[:2] == ["start_talker", ("read", False)], order[:4]
     assert ("read", True) in order[2:]  # the ticks' reads, with the talker's code 0, wait for its stream
@@ -353,7 +353,13 @@ def test_a_text_that_ends_at_its_first_token_speaks_nothing(engine, monkeypatch)
     served = _sharing(engine, max_sessions=1)
     runner = served.scheduler.runner
     first_token, eos = runner.first_token, engine.config.im_end_token_id
-    monkeypatch.setattr(runner, "first_token", lambda *args: first_token(*args).fill_(eos))
+
+    def ends_at_once(logits, slot, last_positions):  # t1 = EOS, where the talker and the read-back find it
+        token = first_token(logits, slot, last_positions).fill_(eos)
+        runner.thinker_inputs.tokens[slot] = eos
+        return token
+
+    monkeypatch.setattr(runner, "first_token", ends_at_once)
     stream = served.stream(**request)
     assert list(stream) == [] and stream.session.state == "finished"
     assert stream.session.talker is not None and stream.session.talker.done  # it had started
@@ -385,45 +391,30 @@ def test_static_prefill_encodes_one_audio_in_its_chunk_bucket(engine, monkeypatc
     _check_alone(engine, request, offline, events)
 
 
-def test_a_first_frame_made_before_an_end_of_speech_code_0_is_dropped(engine, monkeypatch):
+def test_a_first_frame_made_from_an_end_of_speech_code_0_is_dropped_and_stays_in_the_codebook(engine, monkeypatch):
     """The first frame is made before its code 0 is read; when that code 0 is the codec's end of speech the
-    frame is dropped: no audio, the text unchanged, the session finishes and its slot is served again."""
+    frame is dropped: no audio, the text unchanged, the session finishes and its slot is served again. Code2Wav
+    met the end-of-speech id there (past its codebook: an embedding lookup out of range, a device assert on a
+    GPU): code 0 stands in for it inside the codebook (ModelRunner.in_codebook)."""
     request, offline = speech_request(engine, min_frames=2, max_new_tokens=THINKER_TOKENS,
                                       talker_max_new_tokens=TALKER_TOKENS, seed=79)
     served = _sharing(engine, max_sessions=1)
     runner = served.scheduler.runner
-    first_code0, codec_eos = runner.first_code0, engine.model.talker.cfg.codec_eos_token_id
-    made = []
-    monkeypatch.setattr(runner, "first_code0", lambda *args: first_code0(*args).fill_(codec_eos))
-    monkeypatch.setattr(runner, "code2wav_frame", lambda *args, run=runner.code2wav_frame: made.append(1) or run(*args))
+    codec_eos = engine.model.talker.cfg.codec_eos_token_id
+    assert codec_eos >= engine.config.code2wav.codebook_size
+    first_code0, code2wav_frame, made = runner.first_code0, runner.code2wav_frame, []
+
+    def end_of_speech(logits, hidden, slot):  # the sampled code 0 is the end of speech, where the frame reads it
+        first_code0(logits, hidden, slot)
+        runner.talker_inputs.code0[slot] = codec_eos
+
+    monkeypatch.setattr(runner, "first_code0", end_of_speech)
+    monkeypatch.setattr(runner, "code2wav_frame", lambda *args: made.append(1) or code2wav_frame(*args))
     events = list(served.stream(**request))
     assert made and not any(isinstance(e, AudioChunk) for e in events)  # made, then dropped
     prompt_len = request["input_ids"].shape[1]
     assert [t for e in events for t in e.token_ids] == [
         t for t in offline.sequences[0, prompt_len:].tolist() if t != engine.config.im_end_token_id]
     monkeypatch.setattr(runner, "first_code0", first_code0)
-    _check_alone(engine, request, offline, list(served.stream(**request)))
-
-
-def test_a_first_frame_made_from_the_end_of_speech_id_stays_in_the_codebook(engine, monkeypatch):
-    """The first frame is made before its code 0 is read, so Code2Wav may meet the end-of-speech id there (past
-    its codebook: an embedding lookup out of range, a device assert on a GPU). Its codes are clamped into the
-    codebook and the frame is dropped."""
-    request, offline = speech_request(engine, min_frames=2, max_new_tokens=THINKER_TOKENS,
-                                      talker_max_new_tokens=TALKER_TOKENS, seed=80)
-    served = _sharing(engine, max_sessions=1)
-    runner = served.scheduler.runner
-    codec_eos = engine.model.talker.cfg.codec_eos_token_id
-    assert codec_eos >= engine.config.code2wav.codebook_size
-    first_code0 = runner.first_code0
-
-    def end_of_speech(logits, hidden, slot):  # the sampled code 0 is the end of speech, where the frame reads it
-        code0 = first_code0(logits, hidden, slot).fill_(codec_eos)
-        runner.talker_inputs.code0[slot] = codec_eos
-        return code0
-
-    monkeypatch.setattr(runner, "first_code0", end_of_speech)
-    events = list(served.stream(**request))
-    assert events and not any(isinstance(e, AudioChunk) for e in events)
-    monkeypatch.setattr(runner, "first_code0", first_code0)
+    monkeypatch.setattr(runner, "code2wav_frame", code2wav_frame)
     _check_alone(engine, request, offline, list(served.stream(**request)))

@@ -10,7 +10,7 @@ import torch
 
 import runtime.session as session_module
 from runtime.session import Session, TalkerProgress
-from runtime.streaming import AudioChunk, HostCopy, StreamTimings
+from runtime.streaming import AudioChunk, HostCopy, StreamTimings, pcm16
 from runtime.timing import CpuSpan, StageTimer
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA events, pinned copies)")
@@ -77,7 +77,7 @@ class _SlowCopy:
     made: list = []
 
     def __init__(self, *tensors):
-        self.tensors, self.arrived = tuple(t.clone() for t in tensors), False
+        self.host, self.arrived = tuple(t.clone() for t in tensors), False
         _SlowCopy.made.append(self)
 
     def ready(self):
@@ -85,7 +85,7 @@ class _SlowCopy:
 
     def wait(self):
         self.arrived = True
-        return self.tensors
+        return self.host
 
 
 def _speaking_session(chunk_frames: int, audio_format: str = "float32") -> Session:
@@ -93,7 +93,7 @@ def _speaking_session(chunk_frames: int, audio_format: str = "float32") -> Sessi
                               talker_max_new_tokens=9, return_audio=True)
     request = SimpleNamespace(options=options, prompt=SimpleNamespace(input_ids=torch.zeros(1, 3, dtype=torch.long)))
     session = Session(0, request, None, eos_token_id=1, codec_eos_token_id=2, sample_rate=24000)
-    session.talker = TalkerProgress(5, tts_eos_id=7, tts_pad_id=8)
+    session.talker = TalkerProgress(5)
     return session
 
 
@@ -106,11 +106,15 @@ def test_a_packet_is_sent_once_its_samples_are_on_the_host(monkeypatch):
     codes = torch.arange(15).reshape(5, 3)
     for k in range(4):
         session.add_frame(codes[k], frames[k], _stopped(), _stopped())
-    assert len(_SlowCopy.made) == 2 and not session.events and session.timings.first_packet is None
-    _SlowCopy.made[1].arrived = True  # the second packet's copy is done, the first's not: order is kept
+    # each frame's copy starts as it is added (its slot's state is overwritten by the next frame)
+    assert len(_SlowCopy.made) == 4 and not session.events and session.timings.first_packet is None
+    _SlowCopy.made[2].arrived = _SlowCopy.made[3].arrived = True  # the second packet is there, the first not:
+    session.deliver_audio()  # order is kept
+    assert not session.events
+    _SlowCopy.made[0].arrived = True  # half of the first packet
     session.deliver_audio()
     assert not session.events
-    _SlowCopy.made[0].arrived = True
+    _SlowCopy.made[1].arrived = True
     session.deliver_audio()
     chunks = list(session.events)
     assert [type(c) for c in chunks] == [AudioChunk, AudioChunk]
@@ -133,11 +137,28 @@ def test_a_cancel_drops_packets_on_their_way(monkeypatch):
     assert not session.events and not session.audio_pending and session.timings.first_packet is None
 
 
-def test_a_host_copy_on_the_cpu_is_the_tensors():
+def test_pcm16_packets_are_made_on_the_host_from_the_float_frames(monkeypatch):
+    monkeypatch.setattr(session_module, "HostCopy", _SlowCopy)
+    _SlowCopy.made = []
+    session = _speaking_session(chunk_frames=2, audio_format="pcm16")
+    frames = [torch.rand(6, generator=torch.Generator().manual_seed(k)) * 2.4 - 1.2 for k in range(2)]  # some clip
+    for k, frame in enumerate(frames):
+        session.add_frame(torch.full((3,), k), frame, _stopped(), _stopped())
+    assert all(copy.host[0].dtype == torch.float32 for copy in _SlowCopy.made)  # copied out as made
+    session.release("finished")
+    (chunk,) = session.events
+    assert chunk.samples.dtype == torch.int16 and torch.equal(chunk.samples, pcm16(torch.cat(frames)))
+    assert torch.equal(chunk.codes, torch.tensor([[0, 1]] * 3))
+
+
+def test_a_host_copy_on_the_cpu_is_a_copy():
+    """The frame's tensors are views of its slot's state, which the next frame overwrites: the copy keeps them."""
     samples, codes = torch.randn(9, generator=torch.Generator().manual_seed(3)), torch.arange(6).view(3, 2)
     copy = HostCopy(samples, codes)
+    want = samples.clone(), codes.clone()
+    samples.add_(1), codes.add_(1)  # the next frame
     host_samples, host_codes = copy.wait()
-    assert copy.ready() and host_samples is samples and host_codes is codes
+    assert copy.ready() and torch.equal(host_samples, want[0]) and torch.equal(host_codes, want[1])
 
 
 @needs_cuda
