@@ -173,8 +173,8 @@ def first_packet_glue(model, runner):
             torch.empty_like(value).copy_(value)
         return tuple(out.clone() for out in outputs[name]())
 
-    scheduler = SimpleNamespace(runner=runner, _take_tokens=lambda sessions, tokens: [
-        s.take_token(tokens[s.slot]) for s in sessions])
+    scheduler = SimpleNamespace(runner=runner, _take_tokens=lambda sessions, ring, count: [  # t1: draw 0
+        s.take_token(ring[0][s.slot]) for s in sessions])
 
     def first_packet():
         # embeds, the chunk, the talker prompt + prefill and the first frame, then t1 (read)

@@ -18,9 +18,11 @@ entry, a tts_pad: the history is one longer than the longest session). The talke
 samples and the hidden state that produced it, the code predictor's step reads them and records the frame's
 codes, and Code2Wav's step reads those: a frame passes from stage to stage on the device, by slot.
 
-What the host reads of a tick (`DecodeReadout`): the thinker's last tokens and the talker's last code 0s are the
-two rows of one [2, slots + 1] tensor, so the tick's read-back is one copy of it, no gather; a frame's samples
-stay in Code2Wav's per-slot output rows until its packet is copied out.
+What the host reads of a tick (`DecodeReadout`): the thinker's recent tokens (a ring of `thinker_steps` rows: the
+token of a slot's draw d in row d mod thinker_steps, so the several steps of one tick never overwrite each other)
+and the talker's last code 0s (the last row) are one [thinker_steps + 1, slots + 1] tensor, so the tick's
+read-back is one copy of it, no gather; a frame's samples stay in Code2Wav's per-slot output rows until its packet
+is copied out.
 
 Positions are float32: TM-RoPE time positions of a video are fractional (seconds per grid × rate), and the
 rotary tables are computed in fp32 from whatever dtype they get, so integer positions give the same angles.
@@ -35,41 +37,55 @@ import torch
 
 
 class DecodeReadout:
-    """tokens: [2, slots + 1] int64 on the device: row 0 each slot's last thinker token (ThinkerInputs.tokens),
-    row 1 each slot's last code 0 (TalkerInputs.code0); what a tick's read-back copies to the host."""
+    """tokens: [ring + 1, slots + 1] int64 on the device, what a tick's read-back copies to the host: rows
+    [0, ring) the thinker's draws (ThinkerInputs.ring: draw d of a slot in row d mod ring), row `ring` each slot's
+    last code 0 (TalkerInputs.code0)."""
 
-    THINKER, TALKER = 0, 1
+    def __init__(self, slots: int, ring: int, device):
+        self.ring = ring
+        self.tokens = torch.zeros(ring + 1, slots + 1, dtype=torch.long, device=device)
 
-    def __init__(self, slots: int, device):
-        self.tokens = torch.zeros(2, slots + 1, dtype=torch.long, device=device)
+    @property
+    def thinker(self) -> torch.Tensor:
+        return self.tokens[:self.ring]
+
+    @property
+    def talker(self) -> torch.Tensor:
+        return self.tokens[self.ring]
 
 
 class ThinkerInputs:
-    """tokens: [slots + 1] int64, each slot's last sampled token (not fed yet; a row of DecodeReadout);
-    positions: [3, slots + 1] float32, the position of the last token fed (the prompt's last, then each decode
-    step's)."""
+    """tokens: [slots + 1] int64, each slot's last sampled token (not fed yet); positions: [3, slots + 1] float32,
+    the position of the last token fed (the prompt's last, then each decode step's); ring: [R, slots + 1] the
+    slots' recent draws (DecodeReadout's thinker rows)."""
 
     def __init__(self, readout: DecodeReadout):
-        self.tokens = readout.tokens[DecodeReadout.THINKER]
-        self.positions = torch.zeros(3, self.tokens.shape[0], dtype=torch.float32, device=self.tokens.device)
+        self.ring = readout.thinker
+        rows, device = self.ring.shape[1], self.ring.device
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.positions = torch.zeros(3, rows, dtype=torch.float32, device=device)
 
     def state_tensors(self) -> list[torch.Tensor]:
-        return [self.tokens, self.positions]
+        return [self.tokens, self.positions, self.ring]
 
     def start(self, slot: int, first_token: torch.Tensor, last_positions: torch.Tensor) -> None:
-        """After the thinker prefill: first_token [1] sampled from the prompt, last_positions [3] (or [3, 1, 1])."""
+        """After the thinker prefill: first_token [1] sampled from the prompt (the slot's draw 0),
+        last_positions [3] (or [3, 1, 1])."""
         self.tokens[slot] = first_token.reshape(())
+        self.ring[0, slot] = first_token.reshape(())
         self.positions[:, slot] = last_positions.reshape(3)
 
     def build(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """slots [B] -> (tokens [B], positions [3, B, 1]): each slot's last token at its last position + 1."""
         return self.tokens[slots], (self.positions[:, slots] + 1)[:, :, None]
 
-    def advance(self, slots: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> None:
-        """slots [B], positions [3, B, 1] just fed, tokens [B] just sampled (last, as the cache's commit: a failed
-        step changes nothing)."""
+    def advance(self, slots: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor, drawn_at: torch.Tensor
+                ) -> None:
+        """slots [B], positions [3, B, 1] just fed, tokens [B] just sampled as each slot's draw `drawn_at` [B]
+        (last, as the cache's commit: a failed step changes nothing)."""
         self.positions[:, slots] = positions[:, :, 0]
         self.tokens[slots] = tokens
+        self.ring.index_put_((drawn_at % self.ring.shape[0], slots), tokens)
 
 
 class TalkerInputs:
@@ -81,7 +97,7 @@ class TalkerInputs:
     history (its prompt length)."""
 
     def __init__(self, readout: DecodeReadout, num_code_groups: int, hidden_size: int, dtype):
-        self.code0 = readout.tokens[DecodeReadout.TALKER]
+        self.code0 = readout.talker
         rows, device = self.code0.shape[0], self.code0.device
         self.codes = torch.zeros(rows, num_code_groups, dtype=torch.long, device=device)
         self.positions = torch.zeros(3, rows, dtype=torch.float32, device=device)

@@ -2,7 +2,7 @@
 (`GenerationOptions`). Both validate on construction, so a bad value fails where it is given, before any
 model work, with a message naming the field; both are frozen, so nothing changes them behind the engine's back.
 
-    SchedulerConfig(max_sessions=8, max_seq_len=4096, prefill_chunk=512)
+    SchedulerConfig(max_sessions=8, max_seq_len=4096, prefill_chunk=512, thinker_steps=4)
     GenerationOptions(max_new_tokens=256, talker_max_new_tokens=2048, speaker="ethan", audio_format="pcm16")
 """
 
@@ -44,6 +44,9 @@ class SchedulerConfig:
     use_graphs: replay CUDA graphs of every captured stage; None = on a GPU when the selected kernels are
       graph-safe, off elsewhere.
     static_prefill: run prefill chunks front-padded to static buckets (the form graphs capture); None = with graphs.
+    thinker_steps: thinker decode steps per tick at most (runtime/scheduler.py): the thinker runs ahead of the
+      talker, which takes one text token per frame, so the text is out sooner and a text-only tick does several
+      steps per blocking read; a tick that makes a first packet does one (its read waits for nothing more).
     """
 
     max_sessions: int = 8
@@ -51,9 +54,10 @@ class SchedulerConfig:
     prefill_chunk: int = 512
     use_graphs: bool | None = None
     static_prefill: bool | None = None
+    thinker_steps: int = 4
 
     def __post_init__(self):
-        for name in ("max_sessions", "max_seq_len", "prefill_chunk"):
+        for name in ("max_sessions", "max_seq_len", "prefill_chunk", "thinker_steps"):
             _check_int("SchedulerConfig", name, getattr(self, name), 1)
         for name in ("use_graphs", "static_prefill"):
             _check_optional_bool("SchedulerConfig", name, getattr(self, name))

@@ -122,7 +122,7 @@ class ModelRunner:
         # index clamps to a tts_pad there once the text has ended (runtime/decode_inputs.py)
         self.sampling = {"thinker": SlotSampling(slots, self.max_seq_len + 1, STAGE_THINKER, self.device)}
         self.sampling["thinker"].history[-1].zero_()  # padded talker rows read their text there: valid ids
-        self.readout = DecodeReadout(slots, self.device)
+        self.readout = DecodeReadout(slots, options.thinker_steps, self.device)
         self.thinker_inputs = ThinkerInputs(self.readout)
         self.talker_cache = self.code2wav_slots = self.suppress = self.talker_inputs = self.last_samples = None
         self.frame_caches: dict[int, FrameKVCache] = {}
@@ -229,14 +229,16 @@ class ModelRunner:
         """[n] int64 on the runner's device from host ints (runtime/transfers.py: pinned, non-blocking)."""
         return self.transfers.to_device(values)
 
-    def read_tick(self, talker: bool = True) -> tuple[list[int], list[int] | None]:
-        """The tick's one blocking device-to-host read: (each slot's last thinker token, each slot's last code 0),
-        lists indexed by slot, in one copy of DecodeReadout (rows no step wrote this tick hold older values: the
-        host reads only the slots it stepped). talker=False: the thinker's row only, read without waiting for the
-        talker's stream (a prompt's first token, while the talker's prefill runs); code 0s None."""
-        tokens = self.readout.tokens if talker else self.readout.tokens[:DecodeReadout.TALKER]
-        rows = self.transfers.read(tokens, wait_for_talker=talker)
-        return rows[DecodeReadout.THINKER], rows[DecodeReadout.TALKER] if talker else None
+    def read_tick(self, talker: bool = True) -> tuple[list[list[int]], list[int] | None]:
+        """The tick's one blocking device-to-host read, one copy of DecodeReadout: (the thinker's recent draws,
+        ring[d mod R][slot] = a slot's draw d; each slot's last code 0, indexed by slot). Entries no step wrote
+        this tick hold older values: the host reads only what it stepped. talker=False: the thinker's rows only,
+        read without waiting for the talker's stream (a prompt's first token, while the talker's prefill runs);
+        code 0s None."""
+        if not talker:
+            return self.transfers.read(self.readout.thinker, wait_for_talker=False), None
+        rows = self.transfers.read(self.readout.tokens)
+        return rows[:self.readout.ring], rows[self.readout.ring]
 
     def end_text(self, slot: int, prompt_len: int, generated: int) -> None:
         """A speaking session's text has ended after `generated` tokens (once, when the host sees it): in the
@@ -269,13 +271,13 @@ class ModelRunner:
     def thinker_decode_step(self, slots) -> tuple[()]:
         """slots [B] (−1 = padded row): each slot's last token fed at its next position, the next token sampled;
         both read from and written back to runtime/decode_inputs.py's ThinkerInputs (its tokens: the readout)."""
-        thinker, state = self.model.thinker, self.thinker_inputs
+        thinker, state, sampler = self.model.thinker, self.thinker_inputs, self.sampling["thinker"]
         tokens, positions = state.build(slots)
         view = self.thinker_cache.view(slots, 1, 1)
         hidden = thinker.model(thinker.model.embed_tokens(tokens[:, None]), positions, None, view).hidden
         view.commit()
-        chosen = self.sampling["thinker"].sample(thinker.lm_head(hidden[:, -1]), slots)
-        state.advance(slots, positions, chosen)
+        drawn_at = sampler.steps[slots]  # (padded rows: the scratch row's)
+        state.advance(slots, positions, sampler.sample(thinker.lm_head(hidden[:, -1]), slots), drawn_at)
         return ()
 
     def talker_prefill_step(self, embeds, positions, slots, num_valid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,9 +429,11 @@ class ModelRunner:
         check_room(self.thinker_cache, longest)
         slot_ids = self.slot_ids(slots)
         if self.exported is not None and self.exported.thinker:
+            sampler = self.sampling["thinker"]
             tokens, positions = self.thinker_inputs.build(slot_ids)
-            chosen = self.sampling["thinker"].sample(self.exported.thinker_decode(tokens, positions, slots), slot_ids)
-            self.thinker_inputs.advance(slot_ids, positions, chosen)
+            drawn_at = sampler.steps[slot_ids]
+            chosen = sampler.sample(self.exported.thinker_decode(tokens, positions, slots), slot_ids)
+            self.thinker_inputs.advance(slot_ids, positions, chosen, drawn_at)
             return
         self.run("thinker_decode", (slot_ids,))
 

@@ -6,8 +6,11 @@ Each tick (`Scheduler.step`):
      others' audio for more than one chunk); its last chunk yields t1 and, with speech, the talker prefill
      and the first frame (code predictor, Code2Wav), launched before t1 or the first code 0 is read: the
      frame is kept aside until step 5 reads code 0, so the first packet is ready at the end of this tick;
-  3. one thinker decode step for every session still generating text (one batch), launched now; it samples
-     the next tokens on the device;
+  3. thinker decode steps for every session still generating text (one batch each), launched now; they sample
+     the next tokens on the device. Up to `thinker_steps` of them (SchedulerConfig), so the text runs ahead of
+     the talker (one text token per frame) and several steps share one read; never past a session's
+     max_new_tokens, and one on a tick that ends a prompt (its first token and first packet wait for this
+     tick's read);
   4. on the talker's stream (GPU), overlapping the thinker step: one talker step (sampling code 0) for every
      session whose next input is ready, then the frames of those code 0s (runtime/speech.py make_frames),
      made before code 0 is read;
@@ -121,16 +124,19 @@ class Scheduler:
             self.runner.reset_slot(session.slot)
             self.runner.admit(session.slot, session.options, session.request.prompt.input_ids)
             self.live.append(session)
-        prefilling = [s for s in self.live if s.state == "prefill"]
+        prefilling = [s for s in self.live if s.state == "prefill"][:1]
         if prefilling:
-            self._guarded([prefilling[0]], self._prefill_chunk)
-        # The thinker step is launched first and its tokens read last: on a GPU the talker's work runs on its
+            self._guarded(prefilling, self._prefill_chunk)
+        prompt_ended = any(s.state == "decode" for s in prefilling)
+        # The thinker steps are launched first and their tokens read last: on a GPU the talker's work runs on its
         # own (higher-priority) stream meanwhile, so the two decoders overlap; the host then reads both in one
-        # read-back. (A session's first frame was launched with its talker prefill, ahead of this step.)
+        # read-back. (A session's first frame was launched with its talker prefill, ahead of these steps.)
         thinking = [s for s in self.live if s.state == "decode" and not s.thinker.done]
-        decoded = self._guarded(thinking, self._thinker_decode)
+        steps = self._thinker_steps(thinking, prompt_ended)
+        for ahead in range(steps):  # each step its own guarded batch: a failure retries only that step
+            thinking = [s for s, _ in self._guarded(thinking, lambda sessions: self._thinker_decode(sessions, ahead))]
         self._talker_work()
-        self._read_back([s for s, _ in decoded if not s.finished])
+        self._read_back([s for s in thinking if not s.finished], steps)
         for session in list(self.live):
             if session.done:
                 self._guarded([session], lambda one: one[0].finish())  # the tokenizer's last text may fail
@@ -190,39 +196,56 @@ class Scheduler:
             with runner.on_talker_stream():
                 speech.start_talker(runner, session)
                 speech.make_frames(runner, [session])  # its code 0 is read with the tick's read-back
-        self._take_tokens([session], runner.read_tick(talker=False)[0])
+        self._take_tokens([session], runner.read_tick(talker=False)[0], 1)
         if session.talker is not None and th.done and not session.finished:  # the text ended at t1 (EOS):
             session.end_speech()  # nothing to speak, as when the talker never started
 
-    def _thinker_decode(self, sessions: list[Session]) -> None:
+    def _thinker_steps(self, thinking: list[Session], prompt_ended: bool) -> int:
+        """Thinker steps this tick: up to `thinker_steps`, none past a session's max_new_tokens (its KV slot holds
+        no more), one when a prompt ended this tick (its first token, and its first packet, leave with the read)."""
+        if not thinking:
+            return 0
+        if prompt_ended:
+            return 1
+        left = min(s.options.max_new_tokens - len(s.thinker.tokens) for s in thinking)
+        return max(1, min(self.options.thinker_steps, left))
+
+    def _thinker_decode(self, sessions: list[Session], ahead: int = 0) -> None:
         # each slot's last token and position are on the device (runtime/decode_inputs.py): only slot ids go up,
-        # and the sampled tokens stay there (read after the talker's work is launched)
-        longest = max(s.thinker.prompt_len + len(s.thinker.tokens) for s in sessions)
+        # and the sampled tokens stay there (read after the talker's work is launched); `ahead`: steps already
+        # launched this tick, not read yet
+        longest = max(s.thinker.prompt_len + len(s.thinker.tokens) for s in sessions) + ahead
         self.runner.thinker_decode([s.slot for s in sessions], longest)
 
-    def _read_back(self, decoded: list[Session]) -> None:
-        """The tick's one blocking read: the thinker tokens just sampled (of the sessions in `decoded`) and every
-        talker code 0 sampled but not read yet; then the text deltas and stop rules that need them."""
+    def _read_back(self, decoded: list[Session], steps: int) -> None:
+        """The tick's one blocking read: the `steps` thinker tokens just sampled for each session in `decoded` and
+        every talker code 0 sampled but not read yet; then the text deltas and stop rules that need them."""
         talkers = [s for s in self.live if s.talker is not None and s.talker.drawn and not s.finished]
         if not decoded and not talkers:
             return
-        tokens, code0 = self.runner.read_tick()  # indexed by slot
-        self._take_tokens(decoded, tokens)
+        ring, code0 = self.runner.read_tick()
+        self._take_tokens(decoded, ring, steps)
         for session in talkers:
             session.talker.code0_value = code0[session.slot]
             if session.talker.pending is not None:  # the frame made from it before this read
                 with self.runner.on_talker_stream():  # its packet is copied out where it was made
                     self._guarded([session], lambda one: speech.settle_frame(one[0]))
 
-    def _take_tokens(self, sessions: list[Session], tokens: list[int]) -> None:
-        """Each session's next token from the read-back (`tokens` indexed by slot; on the device it waits in the
-        slot's ThinkerInputs, fed at the next decode step). A speaking session whose text has just ended marks
-        that for its talker (ModelRunner.end_text)."""
+    def _take_tokens(self, sessions: list[Session], ring: list[list[int]], count: int) -> None:
+        """Each session's next `count` tokens from the read-back's ring (a slot's draw d at ring[d mod R][slot];
+        its draws so far are its tokens so far), up to its stop: the steps past it were run ahead and are dropped
+        (on the device the last token waits in the slot's ThinkerInputs, fed at the next decode step). A speaking
+        session whose text has just ended marks that for its talker (ModelRunner.end_text)."""
         for session in sessions:
+            drawn = len(session.thinker.tokens)
+            values = [ring[(drawn + j) % len(ring)][session.slot] for j in range(count)]
             # per session (its detokenizer may fail), and not for one cancelled since its row was computed
-            self._guarded([session], lambda one: self._take_token(one[0], tokens[one[0].slot]))
+            self._guarded([session], lambda one, values=values: self._take(one[0], values))
 
-    def _take_token(self, session: Session, token: int) -> None:
-        session.take_token(token)
+    def _take(self, session: Session, tokens: list[int]) -> None:
+        for token in tokens:
+            if session.thinker.done:
+                break
+            session.take_token(token)
         if session.thinker.done and session.speaks and self.runner.speech:
             self.runner.end_text(session.slot, session.thinker.prompt_len, len(session.thinker.tokens))

@@ -372,6 +372,8 @@ def test_scheduler_options_are_typed_and_fixed_once_serving(base, serve, pool):
         serve(max_seq_len=0)
     with pytest.raises(TypeError, match="max_sessions must be an int"):
         serve(max_sessions=2.0)
+    with pytest.raises(ValueError, match="thinker_steps must be >= 1, got 0"):
+        serve(thinker_steps=0)
     with pytest.raises(ValueError, match="unknown scheduler option"):
         serve(max_batch=2)
     engine = serve(max_sessions=2)

@@ -201,7 +201,8 @@ def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
     code2wav_before = [t[:-1].clone() for t in runner.code2wav_slots.state_tensors()]
     # per-slot decode inputs (runtime/decode_inputs.py): slot rows first, the scratch row last (positions: dim 1)
     decode_state = [*runner.thinker_inputs.state_tensors(), *runner.talker_inputs.state_tensors()]
-    by_slot_on_dim1 = {id(runner.thinker_inputs.positions), id(runner.talker_inputs.positions)}
+    by_slot_on_dim1 = {id(runner.thinker_inputs.positions), id(runner.talker_inputs.positions),
+                       id(runner.thinker_inputs.ring)}
     for tensor in decode_state:  # non-zero, so a padded row writing a real slot shows
         tensor.copy_(torch.randint(1, 50, tensor.shape).to(tensor.dtype))
     slot_rows = lambda t: t[:, :-1] if id(t) in by_slot_on_dim1 else t[:-1]  # noqa: E731

@@ -301,8 +301,8 @@ def test_each_frame_is_made_in_the_tick_that_samples_its_code_0(engine, monkeypa
                         or talker_decode(runner, sessions))
     monkeypatch.setattr(speech, "settle_frame", lambda session: order.append(("settled", session.talker.frame))
                         or settle(session))
-    monkeypatch.setattr(Scheduler, "_thinker_decode", lambda self, sessions: order.append(("thinker", None))
-                        or thinker_decode(self, sessions))
+    monkeypatch.setattr(Scheduler, "_thinker_decode", lambda self, sessions, ahead=0: order.append(("thinker", None))
+                        or thinker_decode(self, sessions, ahead))
     monkeypatch.setattr(Scheduler, "step", lambda self: order.append(("tick", None)) or step(self))
     events = list(_sharing(engine).stream(**request))
     _check_alone(engine, request, offline, events)
@@ -317,10 +317,10 @@ def test_each_frame_is_made_in_the_tick_that_samples_its_code_0(engine, monkeypa
     assert first == [("frames", 0), ("thinker", None), ("settled", 0)], first  # ahead of the thinker, then read
     later = [t for t in ticks if any(e[0] == "frames" and e[1] > 0 for e in t)]
     assert len(later) >= 2, "lengthen the request"
-    for tick in later:  # the thinker step (while text goes on), the talker step, its frame, the read settling it
+    for tick in later:  # the thinker steps (while text goes on), the talker step, its frame, the read settling it
         frame = next(e[1] for e in tick if e[0] == "frames")
         assert tick[-3:] == [("talker", None), ("frames", frame), ("settled", frame)], tick
-        assert tick[:-3] in ([], [("thinker", None)]), tick
+        assert set(tick[:-3]) <= {("thinker", None)}, tick
     assert any(tick[0] == ("thinker", None) for tick in later), "no frame beside a thinker step: lengthen the request"
     assert [e.frame for e in events if isinstance(e, AudioChunk)] == list(range(offline.codes.shape[-1]))
 
@@ -356,7 +356,7 @@ def test_a_text_that_ends_at_its_first_token_speaks_nothing(engine, monkeypatch)
 
     def ends_at_once(logits, slot, last_positions):  # t1 = EOS, where the talker and the read-back find it
         token = first_token(logits, slot, last_positions).fill_(eos)
-        runner.thinker_inputs.tokens[slot] = eos
+        runner.thinker_inputs.tokens[slot] = runner.thinker_inputs.ring[0, slot] = eos
         return token
 
     monkeypatch.setattr(runner, "first_token", ends_at_once)
@@ -418,3 +418,35 @@ def test_a_first_frame_made_from_an_end_of_speech_code_0_is_dropped_and_stays_in
     monkeypatch.setattr(runner, "first_code0", first_code0)
     monkeypatch.setattr(runner, "code2wav_frame", code2wav_frame)
     _check_alone(engine, request, offline, list(served.stream(**request)))
+
+
+@pytest.mark.parametrize("return_audio", [True, False])
+def test_the_thinker_runs_ahead_up_to_thinker_steps_per_tick(engine, monkeypatch, return_audio):
+    """Up to `thinker_steps` thinker steps per tick, read together: the text takes about a quarter of the ticks
+    it took at one step per tick; the tick that ends the prompt steps once (its first token, and first packet,
+    wait for that tick's read only); no session steps past its max_new_tokens (tokens past its EOS are dropped).
+    Tokens, codes and audio equal one step per tick, and the offline result."""
+    max_new = 9  # 1 + 1 + 4 + 3: the last tick is cut to what is left
+    request, offline = speech_request(engine, min_frames=2, max_new_tokens=max_new,
+                                      talker_max_new_tokens=TALKER_TOKENS, seed=81)
+    request = dict(request, return_audio=return_audio)
+    generated = offline.sequences.shape[1] - request["input_ids"].shape[1]  # EOS included, if it came
+    want, known = [1], 2  # the prompt's tick: t1 from the prefill, then one step
+    while known < generated:
+        want.append(min(4, max_new - known))
+        known += want[-1]
+    for steps_per_tick, expected in ((4, want), (1, [1] * (generated - 1))):
+        served = _sharing(engine, max_sessions=1, thinker_steps=steps_per_tick)
+        runner, ticks = served.scheduler.runner, []
+        thinker_decode, step = runner.thinker_decode, Scheduler.step
+        monkeypatch.setattr(runner, "thinker_decode", lambda slots, longest: ticks[-1].append(longest)
+                            or thinker_decode(slots, longest))
+        monkeypatch.setattr(Scheduler, "step", lambda self: ticks.append([]) or step(self))
+        _check_alone(engine, request, offline, list(served.stream(**request)))
+        counts = [len(tick) for tick in ticks if tick]
+        assert counts == expected, (steps_per_tick, counts, generated)
+        prompt_len = request["input_ids"].shape[1]
+        longest = [n for tick in ticks for n in tick]  # the cache length after each step: one more each time,
+        start = prompt_len + 1  # the last feeding the generation's last token but one
+        assert longest == list(range(start, start + len(longest))) and longest[-1] <= prompt_len + max_new - 1
+        monkeypatch.setattr(Scheduler, "step", step)
