@@ -25,9 +25,10 @@ in one graph), Code2Wav's frame decode from per-slot streaming states (`code2wav
 frame), Code2Wav's first frame (`code2wav_first`: it trims the transposed convs' left edge, so it makes fewer
 samples), and thinker prefill chunks: one graph per chunk bucket (runtime/runner.py prefill_buckets), the chunk
 front-padded to it (padded tokens write only the scratch slot; DeepStack additions come in dense), and talker
-prefill chunks the same way, and the audio encoder of a prompt's one audio per chunk-count bucket
-(`audio_encoder`: whole zero-padded chunks, padded slots masked; up to runtime/runner.py AUDIO_GRAPH_CHUNKS).
-The vision encoder, other audio layouts, the embedding merge and the talker prompt's construction run eagerly.
+prefill chunks the same way, and the audio encoder per chunk-count bucket (`audio_encoder`: whole zero-padded
+chunks, padded slots masked; up to runtime/runner.py AUDIO_GRAPH_CHUNKS per piece, a prompt's audios one piece
+after another). The vision encoder, audios all shorter than a chunk, the embedding merge and the talker prompt's
+construction run eagerly.
 
 The runner hands its stages over (`ModelRunner.capture_plan()`, a list of StageSpec: name, size, step
 function, example inputs); this module only captures and replays them, it never calls back into the runner.

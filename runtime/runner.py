@@ -76,7 +76,8 @@ BATCHED = {
 
 # The audio encoder's captured chunk counts (`audio_encoder` stage): whole chunks up to one attention window
 # (8 chunks of 2·n_window frames), then whole windows, up to AUDIO_GRAPH_CHUNKS (~32 s of audio; a chunk is
-# 1 s). A longer clip, several clips in one prompt, or one shorter than a chunk are encoded eagerly.
+# 1 s). A longer clip goes through in pieces of that many chunks, several clips one after another; only prompts
+# whose clips are all shorter than a chunk are encoded eagerly (ModelRunner.encode_audio).
 AUDIO_GRAPH_CHUNKS = 32
 
 # Slot-id tensors kept (runner.slot_ids): far more than the few batches one tick uses, so one evicted was last
@@ -403,25 +404,38 @@ class ModelRunner:
     # ------------------------------------------------------------------ host-level steps
 
     def encode_audio(self, inputs) -> torch.Tensor | None:
-        """A prompt's audio through the `audio_encoder` stage of its chunk bucket (its graph when captured) ->
-        [tokens, output_dim], when the prompt holds one audio of at least one full chunk and at most
-        AUDIO_GRAPH_CHUNKS chunks, and prefill is static (graphs, or static_prefill); else None, and the thinker
-        encodes it eagerly (several audios: transformers encodes a batch's chunks padded together, §5). The
-        frame count comes from the host-side frame mask: nothing is read back."""
+        """A prompt's audios through the `audio_encoder` stage (its graph when captured) -> [tokens, output_dim],
+        every audio's tokens in order: each audio cut at window boundaries into pieces of at most
+        AUDIO_GRAPH_CHUNKS chunks, each piece in the smallest chunk bucket that holds it. That is transformers'
+        encoding whenever one of the audios holds a full chunk: it then pads every chunk of the batch to a full
+        chunk, as the stage does, and cuts attention windows of whole chunks from each audio's start, which the
+        pieces keep whole (runtime/models/audio_encoder.py). Else (every audio shorter than a chunk), with
+        dynamic prefill, or a mask that is not the processor's right padding: None, and the thinker encodes them
+        together eagerly. The frame counts come from the host-side frame mask: nothing is read back."""
         features, mask = inputs.input_features, inputs.feature_attention_mask
-        if not self.static_prefill or features is None or features.shape[0] != 1:
+        if not self.static_prefill or features is None:
             return None
         audio = self.config.thinker.audio
         chunk = 2 * audio.n_window
-        frames = features.shape[-1] if mask is None else int(mask.sum())
-        count = -(-frames // chunk)
-        if frames < chunk or count > self.audio_buckets[-1] or (mask is not None and not bool(mask[0, :frames].all())):
-            return None  # (a mask that is not the processor's right padding goes the general way too)
-        bucket = next(size for size in self.audio_buckets if size >= count)
-        chunks = F.pad(features[0, :, :frames], (0, bucket * chunk - frames))  # [mel, bucket · chunk]
-        chunks = chunks.view(audio.num_mel_bins, bucket, chunk).transpose(0, 1)  # [bucket, mel, chunk]
-        tokens = audio_token_count(frames, audio.n_window)
-        return self.run("audio_encoder", (chunks[None], self.indices([tokens])))[0][:tokens]
+        if mask is None:
+            lengths = [features.shape[-1]] * features.shape[0]
+        else:
+            lengths = [int(n) for n in mask.sum(-1).tolist()]
+            if not all(bool(row[:n].all()) for row, n in zip(mask, lengths)):
+                return None
+        if max(lengths, default=0) < chunk:
+            return None
+        piece_frames = self.audio_buckets[-1] * chunk  # whole attention windows (AUDIO_GRAPH_CHUNKS' buckets)
+        encoded = []
+        for row, frames in enumerate(lengths):
+            for start in range(0, frames, piece_frames):
+                piece = min(piece_frames, frames - start)
+                bucket = next(size for size in self.audio_buckets if size * chunk >= piece)
+                chunks = F.pad(features[row, :, start:start + piece], (0, bucket * chunk - piece))  # [mel, b·chunk]
+                chunks = chunks.view(audio.num_mel_bins, bucket, chunk).transpose(0, 1)  # [bucket, mel, chunk]
+                tokens = audio_token_count(piece, audio.n_window)
+                encoded.append(self.run("audio_encoder", (chunks[None], self.indices([tokens])))[0][:tokens])
+        return torch.cat(encoded) if len(encoded) > 1 else encoded[0]
 
     def thinker_decode(self, slots: list[int], longest: int) -> None:
         """One step of each slot's last token (on the device: ThinkerInputs), its next token sampled there (read

@@ -16,8 +16,8 @@ from runtime.runner import prefill_buckets
 from runtime.scheduler import Scheduler
 from runtime.streaming import AudioChunk, TextDelta, consume_together
 from tests.oracle import build_oracle, rel_err
-from tests.test_generate import (ORACLE_SEEDS, _audio_prompt, _chat, _text, audio_request, image_request,
-                                 speech_request)
+from tests.test_generate import (ORACLE_SEEDS, _audio_prompt, _audio_span, _chat, _text, audio_request,
+                                 image_request, speech_request)
 
 THINKER_TOKENS, TALKER_TOKENS = 7, 11
 
@@ -388,6 +388,57 @@ def test_static_prefill_encodes_one_audio_in_its_chunk_bucket(engine, monkeypatc
     chunks = -(-frames // (2 * cfg.thinker.audio.n_window))
     bucket = next(size for size in runner.audio_buckets if size >= chunks)
     assert ("audio_encoder", bucket) in stages
+    _check_alone(engine, request, offline, events)
+
+
+@pytest.mark.parametrize("frames", [(250, 40), (30, 3330)])
+def test_static_prefill_encodes_several_and_long_audios_in_pieces(engine, monkeypatch, frames):
+    """Several audios in one prompt (one shorter than a chunk), and one longer than the largest chunk
+    bucket, go through the `audio_encoder` stage too: each audio in pieces of whole attention windows, each piece
+    in its bucket; the session equals the offline result, whose encoder takes all audios in one padded batch
+    as transformers does."""
+    cfg = engine.config
+    audio, longest = cfg.thinker.audio, max(frames)
+    mask = torch.zeros(len(frames), longest, dtype=torch.long)
+    for row, length in enumerate(frames):
+        mask[row, :length] = 1
+    features = torch.randn(len(frames), audio.num_mel_bins, longest) * mask[:, None]
+    user = [t for length in frames for t in _audio_span(cfg, length)] + _text(4)
+    request = dict(input_ids=torch.tensor([_chat(cfg, user)]), input_features=features, feature_attention_mask=mask,
+                   max_new_tokens=THINKER_TOKENS, talker_max_new_tokens=TALKER_TOKENS, seed=6)
+    offline = engine.generate(**request, return_audio=True)
+    served = _sharing(engine, static_prefill=True)
+    runner = served.scheduler.runner
+    pieces, run = [], runner.run
+    monkeypatch.setattr(runner, "run", lambda name, inputs: (pieces.append(inputs[0].shape[1])
+                                                             if name == "audio_encoder" else None) or run(name, inputs))
+    events = list(served.stream(**request))
+    chunk, largest = 2 * audio.n_window, runner.audio_buckets[-1]
+    want = []
+    for length in frames:
+        for start in range(0, length, largest * chunk):
+            count = -(-min(largest * chunk, length - start) // chunk)
+            want.append(next(size for size in runner.audio_buckets if size >= count))
+    assert pieces == want and len(pieces) >= len(frames) + (max(frames) > largest * chunk), pieces
+    _check_alone(engine, request, offline, events)
+
+
+def test_audios_all_shorter_than_a_chunk_are_encoded_eagerly(engine, monkeypatch):
+    """When no audio of the prompt holds a full chunk transformers pads the batch's chunks to its longest one,
+    not to a full chunk: the stage's layout would differ, so the thinker encodes them as transformers does."""
+    cfg = engine.config
+    frames = 2 * cfg.thinker.audio.n_window - 17
+    request = dict(input_ids=_audio_prompt(cfg, frames),
+                   input_features=torch.randn(1, cfg.thinker.audio.num_mel_bins, frames),
+                   feature_attention_mask=torch.ones(1, frames, dtype=torch.long), max_new_tokens=THINKER_TOKENS,
+                   talker_max_new_tokens=TALKER_TOKENS, seed=7)
+    offline = engine.generate(**request, return_audio=True)
+    served = _sharing(engine, static_prefill=True)
+    runner = served.scheduler.runner
+    stages, run = [], runner.run
+    monkeypatch.setattr(runner, "run", lambda name, inputs: stages.append(name) or run(name, inputs))
+    events = list(served.stream(**request))
+    assert "audio_encoder" not in stages and "thinker_prefill" in stages
     _check_alone(engine, request, offline, events)
 
 
