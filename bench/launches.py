@@ -40,6 +40,7 @@ HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # nominal (SXM): the floors
 NODE_SECONDS = 1.5e-6  # a dependent kernel in a replayed CUDA graph: ~1.5-2 µs each on Hopper
 PROMPT_BUCKET = 256  # its prompt (~130 audio tokens + the chat template) fits one 256-token prefill chunk
 AUDIO_CHUNKS = 16  # a 10 s question: 10 one-second chunks, in the 16-chunk bucket of the audio encoder's graphs
+VISION_PATCHES = 1024  # a 512 x 512 image: 32 x 32 patches of 16 pixels, the 1024-patch vision encoder bucket
 
 
 def _row(name: str, report, note: str = "") -> dict:
@@ -67,13 +68,15 @@ def measure(kernels: str, slots: int) -> list[dict]:
         runner = ModelRunner(model.model, config, SchedulerConfig(max_sessions=slots, max_seq_len=4096,
                                                                   use_graphs=False, static_prefill=True))
         for spec in runner.capture_plan():
-            if spec.name == "audio_encoder" and spec.size != AUDIO_CHUNKS:
+            encoder = {"audio_encoder": AUDIO_CHUNKS, "vision_encoder": VISION_PATCHES}.get(spec.name)
+            if encoder is not None and spec.size != encoder:
                 continue
-            if spec.name != "audio_encoder" and (spec.size not in (1, slots, PROMPT_BUCKET)
-                                                 or (spec.size == slots and "prefill" in spec.name)):
+            if encoder is None and (spec.size not in (1, slots, PROMPT_BUCKET)
+                                    or (spec.size == slots and "prefill" in spec.name)):
                 continue
             report, _ = model.audit(spec.fn, spec.example_inputs, strict=False)
-            unit = "tokens" if "prefill" in spec.name else "chunks" if spec.name == "audio_encoder" else "rows"
+            unit = ("tokens" if "prefill" in spec.name else "chunks" if spec.name == "audio_encoder"
+                    else "patches (one frame)" if spec.name == "vision_encoder" else "rows")
             rows.append(_row(f"{spec.name}[{spec.size}]", report, f"captured; {spec.size} {unit}"))
         rows.append(_row("steady-state tick glue (1 session)", tick_glue(model, runner),
                          "eager, between the graphs: one steady session's thinker step (runtime/scheduler.py), "

@@ -8,7 +8,8 @@ from kernels.rope import qk_norm_rope_cache_write_ref
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """q: (batch, seq_q, q_heads, head_dim); k, v: (batch, seq_k, kv_heads, head_dim);
-    mask: bool (batch or 1, 1, seq_q, seq_k), True = may attend, or None for full attention.
+    mask: bool (batch or 1, 1, seq_q or 1, seq_k), True = may attend, or None for full attention (a seq_q of 1
+    applies one key mask to every query row).
     Returns (batch, seq_q, q_heads, head_dim) in q's dtype.
 
     Softmax in fp32 as the model's eager path does. q_heads must be a multiple of kv_heads.

@@ -447,9 +447,11 @@ class OmniEngine:
         return [self.tokenizer.decode(row[prompt_len:].tolist()) for row in sequences]
 
     def _to_device(self, prompt: Prompt) -> Prompt:
-        # the encoders' inputs go to the device; the audio frame mask stays with the ids on the host: the
-        # audio layout (chunks, tokens) is read from it (runtime/runner.py encode_audio)
-        inputs = MultimodalInputs(**{k: v.cpu() if k == "feature_attention_mask" and v is not None
+        # the encoders' inputs go to the device; the audio frame mask, the image / video grids and the seconds per
+        # grid stay with the ids on the host: the encoders' layouts and the TM-RoPE ids are read from them
+        # (runtime/runner.py encode_audio, encode_vision; runtime/rope_index.py)
+        on_host = ("feature_attention_mask", "image_grid_thw", "video_grid_thw", "video_second_per_grid")
+        inputs = MultimodalInputs(**{k: v.cpu() if k in on_host and v is not None
                                      else v.to(self.device) if isinstance(v, torch.Tensor) else v
                                      for k, v in vars(prompt.inputs).items()})
         mask = prompt.attention_mask.cpu() if prompt.attention_mask is not None else None

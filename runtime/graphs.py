@@ -27,8 +27,9 @@ samples), and thinker prefill chunks: one graph per chunk bucket (runtime/runner
 front-padded to it (padded tokens write only the scratch slot; DeepStack additions come in dense), and talker
 prefill chunks the same way, and the audio encoder per chunk-count bucket (`audio_encoder`: whole zero-padded
 chunks, padded slots masked; up to runtime/runner.py AUDIO_GRAPH_CHUNKS per piece, a prompt's audios one piece
-after another). The vision encoder, audios all shorter than a chunk, the embedding merge and the talker prompt's
-construction run eagerly.
+after another), and the vision encoder per patch-count bucket (`vision_encoder`: one frame of an image or video
+per replay, padded patches masked). Frames past SchedulerConfig.max_vision_patches, audios all shorter than a
+chunk, the embedding merge and the talker prompt's construction run eagerly.
 
 The runner hands its stages over (`ModelRunner.capture_plan()`, a list of StageSpec: name, size, step
 function, example inputs); this module only captures and replays them, it never calls back into the runner.

@@ -15,6 +15,7 @@ import secrets
 from runtime.sampling import SamplingParams, StageSampling, code_predictor_for
 
 AUDIO_FORMATS = ("float32", "pcm16")
+VISION_GRAPH_MIN = 16  # the smallest captured vision bucket, in patches (runtime/runner.py)
 SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 STAGE_PREFIXES = {"thinker": "", "talker": "talker_", "code_predictor": "code_predictor_"}
 # generate / stream keywords, as transformers names them: do_sample, talker_top_k, code_predictor_top_p, ...
@@ -47,6 +48,8 @@ class SchedulerConfig:
     thinker_steps: thinker decode steps per tick at most (runtime/scheduler.py): the thinker runs ahead of the
       talker, which takes one text token per frame, so the text is out sooner and a text-only tick does several
       steps per blocking read; a tick that makes a first packet does one (its read waits for nothing more).
+    max_vision_patches: the largest image or video frame, in patches, whose vision encoder runs in the captured
+      static form (one bucket per power of two from 16 up to it); a larger frame is encoded eagerly.
     """
 
     max_sessions: int = 8
@@ -55,10 +58,12 @@ class SchedulerConfig:
     use_graphs: bool | None = None
     static_prefill: bool | None = None
     thinker_steps: int = 4
+    max_vision_patches: int = 16384
 
     def __post_init__(self):
         for name in ("max_sessions", "max_seq_len", "prefill_chunk", "thinker_steps"):
             _check_int("SchedulerConfig", name, getattr(self, name), 1)
+        _check_int("SchedulerConfig", "max_vision_patches", self.max_vision_patches, VISION_GRAPH_MIN)
         for name in ("use_graphs", "static_prefill"):
             _check_optional_bool("SchedulerConfig", name, getattr(self, name))
         if self.use_graphs and self.static_prefill is False:

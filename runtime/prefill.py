@@ -38,15 +38,17 @@ def embed_prompt(runner, prompt) -> PromptEmbedding:
     audio_embeds = getattr(inputs, "audio_embeds", None)  # encoded with the rest of a batch (runtime/batch.py)
     if audio_embeds is None and inputs.input_features is not None:
         audio_embeds = runner.encode_audio(inputs)  # its captured stage when it has one, else None
+    def encode_vision(pixels, grid):  # its captured stage when it has one
+        return runner.encode_vision(pixels, grid) or thinker.encode_vision(pixels, grid)
+
     if audio_embeds is None:
-        embeds, deepstack = thinker.embed(host_ids, inputs, upload=upload)
+        embeds, deepstack = thinker.embed(host_ids, inputs, upload=upload, encode_vision=encode_vision)
     else:
         embeds, deepstack = thinker.embed(host_ids, replace(inputs, input_features=None, feature_attention_mask=None),
-                                          required=False, upload=upload)
+                                          required=False, upload=upload, encode_vision=encode_vision)
         audio_rows = upload((host_ids == thinker.cfg.audio_token_id)[..., None])  # [1, L, 1]
         embeds = embeds.masked_scatter(audio_rows, audio_embeds.to(embeds.dtype))
-    # from the host ids: a text or audio prompt's positions without a device read (images and videos still read
-    # their grids, which live with the pixels on the device)
+    # from the host ids and grids: the positions without a device read
     positions, _ = get_rope_index(host_ids, None, inputs.image_grid_thw, inputs.video_grid_thw,
                                   inputs.audio_frames(), inputs.video_second_per_grid, inputs.use_audio_in_video,
                                   config=thinker.cfg)

@@ -4,7 +4,8 @@
 steps' input state ThinkerInputs and TalkerInputs), the code-0 suppress mask, the talker's CUDA stream, and one
 step function per stage:
 
-    audio_encoder     a prompt's one audio in whole zero-padded chunks, per chunk-count bucket
+    audio_encoder     a piece of one audio in whole zero-padded chunks, per chunk-count bucket
+    vision_encoder    one segment (a frame of an image or video) of zero-padded patches, per patch-count bucket
     thinker_prefill   one prefill chunk of one slot, front-padded to a static bucket
     talker_prefill    the same for the talker's prompt
     thinker_decode    slot ids -> each slot's last token fed at its next position -> the next token, sampled
@@ -53,8 +54,9 @@ from runtime.kv_cache import FrameKVCache, StaticKVCache
 from runtime.models.code2wav import Code2WavSlots
 from runtime.models.decoder import DeepStack
 from runtime.models.talker import code0_suppress_mask
+from runtime.models.vision_encoder import vision_layout
 from kernels.sampling import STAGE_CODE_PREDICTOR, STAGE_TALKER, STAGE_THINKER
-from runtime.options import GenerationOptions, SchedulerConfig
+from runtime.options import VISION_GRAPH_MIN, GenerationOptions, SchedulerConfig
 from runtime.sampling import SlotSampling
 from runtime.decode_inputs import DecodeReadout, ThinkerInputs, TalkerInputs
 from runtime.frontend.audio import audio_token_count
@@ -79,6 +81,7 @@ BATCHED = {
 # 1 s). A longer clip goes through in pieces of that many chunks, several clips one after another; only prompts
 # whose clips are all shorter than a chunk are encoded eagerly (ModelRunner.encode_audio).
 AUDIO_GRAPH_CHUNKS = 32
+
 
 # Slot-id tensors kept (runner.slot_ids): far more than the few batches one tick uses, so one evicted was last
 # used many ticks ago, by work that has completed (each tick ends with a blocking read after both streams).
@@ -174,8 +177,12 @@ class ModelRunner:
         self.audio_buckets = [size for size in batch_buckets(window_chunks)
                               if size < window_chunks] + list(range(window_chunks, AUDIO_GRAPH_CHUNKS + 1,
                                                                     window_chunks))
+        # the vision encoder's captured patch counts (`vision_encoder` stage), one segment (a frame of one image or
+        # video: its attention never leaves it) per replay: powers of two from VISION_GRAPH_MIN up to
+        # max_vision_patches (16,384 by default: a 2048 x 2048 image at 16-pixel patches)
+        self.vision_buckets = [size for size in batch_buckets(options.max_vision_patches) if size >= VISION_GRAPH_MIN]
         self.steps: dict[str, Callable] = {
-            "audio_encoder": self.audio_encoder_step,
+            "audio_encoder": self.audio_encoder_step, "vision_encoder": self.vision_encoder_step,
             "thinker_prefill": self.thinker_prefill_step, "thinker_decode": self.thinker_decode_step,
             "talker_prefill": self.talker_prefill_step, "talker_decode": self.talker_decode_step,
             "code_predictor": self.code_predictor_step, "code2wav": self.code2wav_step,
@@ -257,6 +264,14 @@ class ModelRunner:
         """chunks [1, C, mel, 2·n_window] one audio's zero-padded chunks, num_tokens [1] -> ([C·Tc, output_dim],):
         the audio encoder in its static layout (AudioEncoder.forward_chunks), the rows past num_tokens padding."""
         return (self.model.thinker.audio_tower.forward_chunks(chunks[0], num_tokens),)
+
+    def vision_encoder_step(self, pixel_values, layout, num_patches) -> tuple[torch.Tensor, ...]:
+        """pixel_values [1, S, patch_dim] one segment's patches zero-padded to its bucket S, layout [4, S] its
+        rows, cols, heights, widths, num_patches [1] -> (embeds [S / M², H], *DeepStack levels [S / M², H]): the
+        vision encoder in its static layout (VisionEncoder.forward_segment), the rows past num_patches / M²
+        padding."""
+        embeds, deepstack = self.model.thinker.visual.forward_segment(pixel_values[0], layout, num_patches)
+        return (embeds, *deepstack)
 
     def thinker_prefill_step(self, embeds, positions, deepstack, slots, num_valid) -> tuple[torch.Tensor, ...]:
         """embeds [1, C, H], positions [3, 1, C], deepstack [levels, 1, C, H], slots [1], num_valid [1] real
@@ -372,6 +387,7 @@ class ModelRunner:
         batched = ["thinker_decode"] + (["talker_decode", "code_predictor", "code2wav", "code2wav_first"]
                                         if self.speech else [])
         stages = [("audio_encoder", size) for size in reversed(self.audio_buckets)]
+        stages += [("vision_encoder", size) for size in reversed(self.vision_buckets)]
         stages += [(name, size) for size in reversed(self.prefill_buckets) for name in prefill]
         stages += [(name, size) for size in reversed(batch_buckets(self.max_sessions)) for name in batched]
         return [StageSpec(name, size, self.steps[name], self._example_inputs(name, size)) for name, size in stages]
@@ -385,6 +401,11 @@ class ModelRunner:
         if name == "audio_encoder":  # chunks [1, C, mel, 2·n_window], num_tokens [1]
             audio = cfg.thinker.audio
             return (torch.zeros(1, size, audio.num_mel_bins, 2 * audio.n_window, **kw),
+                    torch.full((1,), size, **index))
+        if name == "vision_encoder":  # pixel_values [1, S, patch_dim], layout [4, S], num_patches [1]
+            vision = cfg.thinker.vision
+            patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+            return (torch.zeros(1, size, patch_dim, **kw), torch.ones(4, size, **index),
                     torch.full((1,), size, **index))
         if name == "thinker_prefill":
             levels = len(cfg.thinker.vision.deepstack_visual_indexes)
@@ -436,6 +457,39 @@ class ModelRunner:
                 tokens = audio_token_count(piece, audio.n_window)
                 encoded.append(self.run("audio_encoder", (chunks[None], self.indices([tokens])))[0][:tokens])
         return torch.cat(encoded) if len(encoded) > 1 else encoded[0]
+
+    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """Images or videos through the `vision_encoder` stage (its graph when captured) -> the vision encoder's
+        (embeds [tokens, H], DeepStack levels), items in order: each segment (a frame of an item: its patches
+        attend only among themselves, MODEL_SPEC §6.4) alone, zero-padded to its patch bucket, padded patches
+        masked as keys. grid_thw on the host (runtime/engine.py keeps it there): the layout is computed there and
+        uploaded. None with dynamic prefill, a grid on the device, or a frame past the largest bucket: the thinker
+        encodes them eagerly."""
+        merge = self.config.thinker.vision.spatial_merge_size
+        if not self.static_prefill or grid_thw is None or grid_thw.device.type != "cpu":
+            return None
+        grids = [tuple(int(v) for v in item) for item in grid_thw.tolist()]
+        if any(h * w > self.vision_buckets[-1] for _, h, w in grids):
+            return None
+        outputs, offset = [], 0
+        for t, h, w in grids:
+            patches = h * w
+            bucket = next(size for size in self.vision_buckets if size >= patches)
+            frame = vision_layout(torch.tensor([[1, h, w]]), merge)  # on the host, the same for every frame
+            layout = self.transfers.upload(F.pad(torch.stack((frame.rows, frame.cols, frame.heights, frame.widths)),
+                                                 (0, bucket - patches), value=1))  # [4, bucket]
+            count = self.indices([patches])
+            for _ in range(t):
+                pixels = F.pad(pixel_values[offset:offset + patches], (0, 0, 0, bucket - patches))  # [bucket, dim]
+                out = self.run("vision_encoder", (pixels[None], layout, count))
+                outputs.append([level[:patches // merge ** 2] for level in out])
+                offset += patches
+        if offset != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, grid_thw {grid_thw.tolist()} "
+                             f"describes {offset}")
+        levels = [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*outputs)]
+        return levels[0], levels[1:]
 
     def thinker_decode(self, slots: list[int], longest: int) -> None:
         """One step of each slot's last token (on the device: ThinkerInputs), its next token sampled there (read

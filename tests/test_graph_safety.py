@@ -1,8 +1,9 @@
 """Graph safety of every stage the runtime captures, at the released 30B-A3B shapes, without a GPU.
 
 The model is built on the meta device in bf16 with the Triton kernels selected (runtime/graph_audit.py says why
-meta and how ops are counted); every `ModelRunner.capture_plan()` stage — thinker and talker prefill chunks per
-bucket, each decode stage per batch bucket, the code predictor's frame, Code2Wav's first and later frames — runs under a strict
+meta and how ops are counted); every `ModelRunner.capture_plan()` stage — the audio and vision encoders per
+bucket, thinker and talker prefill chunks per bucket, each decode stage per batch bucket, the code predictor's
+frame, Code2Wav's first and later frames — runs under a strict
 StepAudit, which fails on a host sync, a host copy or a CPU computation inside the step. The other tests show
 that the audit does catch each of those, including the CPU-built TM-RoPE table that once broke every capture.
 """
@@ -39,6 +40,7 @@ def test_every_captured_stage_is_graph_safe_at_released_shapes(released):
     covered = {(spec.name, spec.size) for spec in plan}
     expected = {(name, size) for size in prefill_buckets(PREFILL_CHUNK) for name in ("thinker_prefill", "talker_prefill")}
     expected |= {("audio_encoder", size) for size in (1, 2, 4, 8, 16, 24, 32)}  # whole chunks, then 8-chunk windows
+    expected |= {("vision_encoder", 2 ** power) for power in range(4, 15)}  # 16 .. 16,384 patches per frame
     expected |= {(name, size) for size in batch_buckets(SLOTS)
                  for name in ("thinker_decode", "talker_decode", "code_predictor", "code2wav", "code2wav_first")}
     assert covered == expected
@@ -48,8 +50,8 @@ def test_every_captured_stage_is_graph_safe_at_released_shapes(released):
             assert not report.violations and report.host_syncs == report.h2d_copies == report.d2h_copies == 0
             assert report.kernels > 0, spec.name
             assert all(out.device.type == "meta" for out in outputs), spec.name
-            assert report.ops.get("omni_rt_triton::moe_experts", 0) > 0 or spec.name in ("code_predictor", "code2wav",
-                                                                                          "code2wav_first", "audio_encoder")
+            assert report.ops.get("omni_rt_triton::moe_experts", 0) > 0 or spec.name in (
+                "code_predictor", "code2wav", "code2wav_first", "audio_encoder", "vision_encoder")
             # the sampling runs inside the decode steps: one fused filter+draw per token (G − 1 per code-predictor frame)
             draws = {"thinker_decode": 1, "talker_decode": 1,
                      "code_predictor": runner.config.talker.num_code_groups - 1}.get(spec.name, 0)

@@ -185,14 +185,16 @@ def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
     bucket, its example inputs (all rows padded) fit its step function, which returns a tuple of tensors, and
     no session's slot is touched (only the scratch slots)."""
     build_oracle("odd", tmp_path, seed=int(torch.randint(0, 2**31, ()).item()))
-    engine = OmniEngine.from_pretrained(tmp_path, scheduler=dict(max_sessions=2, prefill_chunk=40))
+    engine = OmniEngine.from_pretrained(tmp_path, scheduler=dict(max_sessions=2, prefill_chunk=40,
+                                                                 max_vision_patches=64))
     runner = engine.scheduler.runner
     plan = runner.capture_plan()
-    audio = engine.config.thinker.audio
+    audio, merge = engine.config.thinker.audio, engine.config.thinker.vision.spatial_merge_size
     window = audio.n_window_infer // (2 * audio.n_window)  # chunks per attention window (8 released, 3 here)
     assert runner.audio_buckets == [s for s in (1, 2, 4, 8, 16) if s < window] + list(range(window, 33, window))
     assert [(spec.name, spec.size) for spec in plan] == (
         [("audio_encoder", size) for size in reversed(runner.audio_buckets)]
+        + [("vision_encoder", size) for size in (64, 32, 16)]
         + [(name, size) for size in (40, 32, 16) for name in ("thinker_prefill", "talker_prefill")]
         + [(name, size) for size in (2, 1) for name in ("thinker_decode", "talker_decode", "code_predictor", "code2wav",
                                                         "code2wav_first")])
@@ -212,7 +214,7 @@ def test_every_stage_runs_from_its_capture_inputs_on_cpu(tmp_path):
             outputs = spec.fn(*spec.example_inputs)
             tokens_per_chunk = -(-2 * audio.n_window // 8)  # three stride-2 convs
             rows = (1 if "prefill" in spec.name else tokens_per_chunk * spec.size if spec.name == "audio_encoder"
-                    else spec.size)
+                    else spec.size // merge ** 2 if spec.name == "vision_encoder" else spec.size)
             assert isinstance(outputs, tuple) and all(torch.is_tensor(o) and o.shape[0] == rows for o in outputs), spec
     for cache, (keys, lengths) in zip(caches, before):
         assert torch.equal(cache.keys[:, :-1], keys) and torch.equal(cache.lengths, lengths)
@@ -236,8 +238,9 @@ def test_runner_builds_at_released_shapes_without_a_gpu():
     runner = ModelRunner(model, config, SchedulerConfig(max_sessions=4, prefill_chunk=64, use_graphs=False))
     plan = runner.capture_plan()
     assert runner.talker_stream is None and runner.graphs is None and runner.static_prefill is False
-    assert {spec.name for spec in plan} == {"audio_encoder", "thinker_prefill", "talker_prefill", "thinker_decode", "talker_decode",
-                                            "code_predictor", "code2wav", "code2wav_first"}
+    assert {spec.name for spec in plan} == {"audio_encoder", "vision_encoder", "thinker_prefill", "talker_prefill",
+                                            "thinker_decode", "talker_decode", "code_predictor", "code2wav",
+                                            "code2wav_first"}
     assert all(t.device.type == "meta" for spec in plan for t in spec.example_inputs)
     assert runner.thinker_cache.keys.device.type == "meta" and runner.thinker_cache.keys.dtype == torch.bfloat16
 

@@ -16,8 +16,8 @@ from runtime.runner import prefill_buckets
 from runtime.scheduler import Scheduler
 from runtime.streaming import AudioChunk, TextDelta, consume_together
 from tests.oracle import build_oracle, rel_err
-from tests.test_generate import (ORACLE_SEEDS, _audio_prompt, _audio_span, _chat, _text, audio_request,
-                                 image_request, speech_request)
+from tests.test_generate import (ORACLE_SEEDS, VISION_END, _audio_prompt, _audio_span, _chat, _text,
+                                 audio_request, image_request, speech_request, video_request)
 
 THINKER_TOKENS, TALKER_TOKENS = 7, 11
 
@@ -440,6 +440,45 @@ def test_audios_all_shorter_than_a_chunk_are_encoded_eagerly(engine, monkeypatch
     events = list(served.stream(**request))
     assert "audio_encoder" not in stages and "thinker_prefill" in stages
     _check_alone(engine, request, offline, events)
+
+
+def _two_images(cfg) -> dict:
+    """A user turn with two random images of different sizes (4 x 6 and 2 x 4 patches)."""
+    first, second = image_request(cfg), image_request(cfg)
+    vision = cfg.thinker.vision
+    merge, patch_dim = vision.spatial_merge_size, second["pixel_values"].shape[1]
+    small = torch.tensor([[1, merge, 2 * merge]])
+    span = ([cfg.thinker.vision_start_token_id] + [cfg.thinker.image_token_id] * (int(small.prod()) // merge ** 2)
+            + [VISION_END])
+    ids = first["input_ids"][0].tolist()
+    at = ids.index(cfg.thinker.vision_start_token_id)
+    return dict(input_ids=torch.tensor([ids[:at] + span + ids[at:]]),
+                pixel_values=torch.cat((torch.randn(int(small.prod()), patch_dim), first["pixel_values"])),
+                image_grid_thw=torch.cat((small, first["image_grid_thw"])))
+
+
+@pytest.mark.parametrize("make_request", [image_request, lambda cfg: image_request(cfg, with_audio=True),
+                                          video_request, _two_images], ids=["image", "image+audio", "video", "2 images"])
+def test_static_prefill_encodes_each_vision_frame_in_its_patch_bucket(engine, monkeypatch, make_request):
+    """With static prefill every frame of every image or video goes through the `vision_encoder` stage of its
+    patch bucket (zero-padded patches masked as keys: VisionEncoder.forward_segment), and the session equals the
+    offline result, whose encoder takes all items in one call; a frame past max_vision_patches is encoded
+    eagerly."""
+    request, offline = speech_request(engine, min_frames=2, make_request=make_request, max_new_tokens=THINKER_TOKENS,
+                                      talker_max_new_tokens=TALKER_TOKENS, seed=8)
+    grid = request.get("image_grid_thw", request.get("video_grid_thw")).tolist()
+    for limit in (64, 16):  # every frame fits; only 4 x 4 frames fit (the video's)
+        buckets = [size for size in (16, 32, 64) if size <= limit]
+        fits = max(h * w for _, h, w in grid) <= limit
+        want = [next(b for b in buckets if b >= h * w) for t, h, w in grid for _ in range(t)] if fits else []
+        served = _sharing(engine, static_prefill=True, max_vision_patches=limit)
+        runner = served.scheduler.runner
+        stages, run = [], runner.run
+        monkeypatch.setattr(runner, "run", lambda name, inputs: (stages.append(inputs[0].shape[1])
+                                                                 if name == "vision_encoder" else None) or run(name, inputs))
+        events = list(served.stream(**request))
+        assert stages == want, (limit, stages)
+        _check_alone(engine, request, offline, events)
 
 
 def test_a_first_frame_made_from_an_end_of_speech_code_0_is_dropped_and_stays_in_the_codebook(engine, monkeypatch):

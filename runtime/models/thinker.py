@@ -132,8 +132,8 @@ class Thinker(nn.Module):
         return embeds
 
     def embed(self, input_ids: torch.Tensor, inputs: MultimodalInputs | None = None,
-              required: bool = True, upload: Callable[[torch.Tensor], torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, DeepStack | None]:
+              required: bool = True, upload: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              encode_vision: Callable | None = None) -> tuple[torch.Tensor, DeepStack | None]:
         """input_ids [B, L] -> (embeddings [B, L, H] with audio/image/video features scattered in,
         DeepStack over the visual rows or None).
 
@@ -142,6 +142,8 @@ class Thinker(nn.Module):
         upload: a tensor where the ids are -> the model's device (default `.to`). The placeholders are found
         where the ids are: the engine keeps a prompt's ids on the host, so counting and placing them reads
         nothing back from the device (runtime/prefill.py passes a pinned, non-blocking upload).
+        encode_vision: (pixels, grid_thw) -> (embeds, DeepStack levels), default `self.encode_vision`
+        (runtime/prefill.py passes the runner's captured stage).
         Raises ValueError when a modality's placeholder count differs from its feature count.
         """
         cfg = self.cfg
@@ -162,7 +164,7 @@ class Thinker(nn.Module):
                 continue
             if grid is None:
                 raise ValueError(f"{what} pixel values were given without their grid_thw")
-            features, deepstack = self.encode_vision(pixels, grid)
+            features, deepstack = (encode_vision or self.encode_vision)(pixels, grid)
             embeds = self._scatter(embeds, mask, features, what, required, upload)
             levels.append((upload(mask), deepstack))  # DeepStack adds by this mask on the device
 

@@ -163,14 +163,17 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                runs: list[tuple[int, int, int]]) -> torch.Tensor:
-        """x: [N, H]; cos, sin: [N, D] fp32; runs: see VisionLayout. Returns [N, H]."""
+                runs: list[tuple[int, int, int]], key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [N, H]; cos, sin: [N, D] fp32; runs: see VisionLayout; or key_mask: [1, 1, 1, N] bool, one segment
+        whose keys past its patches are padding (VisionEncoder.forward_segment). Returns [N, H]."""
         num_patches = x.shape[0]
         q, k, v = self.qkv(x).view(1, num_patches, 3, self.num_heads, self.head_dim).unbind(2)  # [1, N, heads, D]
         # Vision rotary runs in fp32 whatever the activation dtype (MODEL_SPEC §14.3).
         q = dispatch.apply_rope(q.float(), cos[None], sin[None]).to(x.dtype)
         k = dispatch.apply_rope(k.float(), cos[None], sin[None]).to(x.dtype)
         scale = self.head_dim ** -0.5
+        if key_mask is not None:  # [1, 1, 1, N]: broadcast over the query rows, never materialised [N, N]
+            return self.proj(dispatch.attention(q, k, v, key_mask, scale).reshape(num_patches, -1))
         # Full attention inside each segment (one frame of one item), never across: each run of equal-length
         # segments is one batched call with no mask (MODEL_SPEC §6.4).
         outs = []
@@ -203,8 +206,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, cos, sin, runs) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, runs)
+    def forward(self, x, cos, sin, runs, key_mask=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, runs, key_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -287,9 +290,29 @@ class VisionEncoder(nn.Module):
             empty = x.new_zeros(0, cfg.out_hidden_size)
             return empty, [empty.clone() for _ in cfg.deepstack_visual_indexes]
 
-        deepstack = []
+        return self._blocks(x, cos, sin, layout.runs, None)
+
+    def forward_segment(self, pixel_values: torch.Tensor, layout: torch.Tensor, num_patches: torch.Tensor
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One segment (one frame of one image or video: h·w patches, whose attention stays inside it) in a static
+        layout, what a CUDA graph captures per patch count (runtime/runner.py). pixel_values: [S, C*T*P*P] its
+        patches, then zero rows; layout: [4, S] int64 its rows, cols, heights, widths (vision_layout's; padded
+        entries any in-range value); num_patches: [1] int64, h·w, on the device.
+
+        Returns `forward`'s (embeds, deepstack) with S / M² rows each: the first h·w / M² equal `forward`'s for
+        the segment, the rest are padding (finite, to be dropped). Padded patches are masked as keys. No host
+        read."""
+        x = self.patch_embed(pixel_values)  # [S, H]
+        rows, cols, heights, widths = layout.unbind(0)
+        x = x + self.interpolated_pos_embed(VisionLayout(rows, cols, heights, widths, [])).to(x.dtype)
+        cos, sin = vision_rope_cos_sin(rows, cols, self.inv_freq)  # [S, D] fp32
+        key_mask = (torch.arange(x.shape[0], device=x.device) < num_patches)[None, None, None, :]  # [1, 1, 1, S]
+        return self._blocks(x, cos, sin, [], key_mask)
+
+    def _blocks(self, x, cos, sin, runs, key_mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        cfg, deepstack = self.cfg, []
         for index, block in enumerate(self.blocks):
-            x = block(x, cos, sin, layout.runs)
+            x = block(x, cos, sin, runs, key_mask)
             if index in cfg.deepstack_visual_indexes:
                 deepstack.append(self.merger_list[cfg.deepstack_visual_indexes.index(index)](x))
         return self.merger(x), deepstack
