@@ -178,16 +178,17 @@ def measure_ours(args, device, dtype, on_config=lambda results: None) -> dict:
     generate = dict(max_new_tokens=args.max_new_tokens, talker_max_new_tokens=args.talker_max_new_tokens,
                     return_audio=True)
     generator = torch.Generator().manual_seed(1)
+    seeds = iter(range(args.seed, args.seed + 1_000_000))  # the talker samples: seeded, a run repeats exactly
     results = {"graphs": None, "model": model_config(args.preset, args.layers)[1], "configs": {}}
     warm = to_device(build_request(engine.config, "audio", args.audio_seconds, generator), device)
-    run_concurrent(engine, [warm], generate)  # warm-up: compilation, graph capture
+    run_concurrent(engine, [dict(warm, seed=next(seeds))], generate)  # warm-up: compilation, graph capture
     results["graphs"] = engine.scheduler.graphs is not None
     for kind in args.inputs:
         for concurrency in args.concurrency:
             samples = []
             for _ in range(args.repeats):
-                requests = [to_device(build_request(engine.config, kind, args.audio_seconds, generator), device)
-                            for _ in range(concurrency)]
+                requests = [dict(to_device(build_request(engine.config, kind, args.audio_seconds, generator), device),
+                                 seed=next(seeds)) for _ in range(concurrency)]
                 samples += run_concurrent(engine, requests, generate)
             key = f"{kind}/c={concurrency}"
             results["configs"][key] = {"median": median_rows(samples), "sessions": samples,
@@ -296,6 +297,8 @@ def main(argv=None) -> int:
     parser.add_argument("--talker-max-new-tokens", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed of the first request; each next request takes the next one (repeatable)")
     parser.add_argument("--layers", type=int, default=None,
                         help="thinker decoder layers (talker scaled alike; default: the preset's); rows say so")
     parser.add_argument("--graphs", choices=["on", "off"], default=None, help="default: on where possible")

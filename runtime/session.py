@@ -4,7 +4,7 @@ request (one definition each, for `generate` and `stream` alike):
 - the thinker's stop rule: EOS, or `max_new_tokens` tokens;
 - the text of each talker frame: the talker input after frame k carries t_{k+2} while that is a fed token,
   tts_eos for the generation's last token, tts_pad after it (MODEL_SPEC §8.3): read on the device
-  (runtime/decode_inputs.py) once `text_ready`, the end written there once (`text_ended`);
+  (runtime/decode_inputs.py) once `text_ready`, its end written there once (ModelRunner.end_text);
 - the frame stop rule: codec EOS as code 0, or the talker's last allowed step (which emits no frame, as
   transformers counts them: `talker_max_new_tokens` steps give at most `talker_max_new_tokens − 1` frames);
 - packets: each frame's codes and samples are copied to the host as it stands (without blocking: its slot's
