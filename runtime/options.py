@@ -45,9 +45,9 @@ class SchedulerConfig:
     use_graphs: replay CUDA graphs of every captured stage; None = on a GPU when the selected kernels are
       graph-safe, off elsewhere.
     static_prefill: run prefill chunks front-padded to static buckets (the form graphs capture); None = with graphs.
-    thinker_steps: thinker decode steps per tick at most (runtime/scheduler.py): the thinker runs ahead of the
-      talker, which takes one text token per frame, so the text is out sooner and a text-only tick does several
-      steps per blocking read; a tick that makes a first packet does one (its read waits for nothing more).
+    thinker_steps: thinker decode steps per tick at most, on ticks without talker work (text-only sessions, a text
+      that outlasts its speech): several steps per blocking read. A tick with talker work, or one that makes a
+      first packet, does one (runtime/scheduler.py says why).
     max_vision_patches: the largest image or video frame, in patches, whose vision encoder runs in the captured
       static form (one bucket per power of two from 16 up to it); a larger frame is encoded eagerly.
     """

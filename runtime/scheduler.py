@@ -7,10 +7,13 @@ Each tick (`Scheduler.step`):
      and the first frame (code predictor, Code2Wav), launched before t1 or the first code 0 is read: the
      frame is kept aside until step 5 reads code 0, so the first packet is ready at the end of this tick;
   3. thinker decode steps for every session still generating text (one batch each), launched now; they sample
-     the next tokens on the device. Up to `thinker_steps` of them (SchedulerConfig), so the text runs ahead of
-     the talker (one text token per frame) and several steps share one read; never past a session's
-     max_new_tokens, and one on a tick that ends a prompt (its first token and first packet wait for this
-     tick's read);
+     the next tokens on the device. One on a tick with talker work: it overlaps the talker's frame on the other
+     stream, and keeps the text one token ahead of the talker, which takes one per frame; more would stretch
+     the tick past the frame (a batch-1 thinker step and a talker frame take about as long on a GPU:
+     docs/performance.md) and slow the audio. Without talker work (text-only sessions, a text that outlasts its
+     speech) up to `thinker_steps` (SchedulerConfig), so several steps share one blocking read; never past a
+     session's max_new_tokens, and one on a tick that ends a prompt (its first token and first packet wait for
+     this tick's read);
   4. on the talker's stream (GPU), overlapping the thinker step: one talker step (sampling code 0) for every
      session whose next input is ready, then the frames of those code 0s (runtime/speech.py make_frames),
      made before code 0 is read;
@@ -132,23 +135,24 @@ class Scheduler:
         # own (higher-priority) stream meanwhile, so the two decoders overlap; the host then reads both in one
         # read-back. (A session's first frame was launched with its talker prefill, ahead of these steps.)
         thinking = [s for s in self.live if s.state == "decode" and not s.thinker.done]
-        steps = self._thinker_steps(thinking, prompt_ended)
+        talking = [s for s in self.live if s.talker is not None and s.talker.ready and s.text_ready()]
+        steps = self._thinker_steps(thinking, prompt_ended or bool(talking))
         for ahead in range(steps):  # each step its own guarded batch: a failure retries only that step
             thinking = [s for s, _ in self._guarded(thinking, lambda sessions: self._thinker_decode(sessions, ahead))]
-        self._talker_work()
+        self._talker_work(talking)
         self._read_back([s for s in thinking if not s.finished], steps)
         for session in list(self.live):
             if session.done:
                 self._guarded([session], lambda one: one[0].finish())  # the tokenizer's last text may fail
                 self._release(session, "finished")
 
-    def _talker_work(self) -> None:
-        """Launch the tick's talker side on its stream: one talker step for every session whose last frame and
-        text are ready, then the frames of the code 0s just sampled (code predictor, Code2Wav), settled at the
-        read-back. Two guarded batches: a failed frame batch is retried row by row without stepping again."""
+    def _talker_work(self, talking: list[Session]) -> None:
+        """Launch the tick's talker side on its stream: one talker step for every session in `talking` (its last
+        frame and its text ready), then the frames of the code 0s just sampled (code predictor, Code2Wav), settled
+        at the read-back. Two guarded batches: a failed frame batch is retried row by row without stepping
+        again."""
         with self.runner.on_talker_stream():
-            stepped = self._guarded([s for s in self.live if s.talker is not None and s.talker.ready
-                                     and s.text_ready()], lambda sessions: speech.talker_decode(self.runner, sessions))
+            stepped = self._guarded(talking, lambda sessions: speech.talker_decode(self.runner, sessions))
             self._guarded([s for s, _ in stepped], lambda sessions: speech.make_frames(self.runner, sessions))
 
     def _guarded(self, sessions: list[Session], work) -> list[tuple[Session, object]]:
@@ -200,12 +204,12 @@ class Scheduler:
         if session.talker is not None and th.done and not session.finished:  # the text ended at t1 (EOS):
             session.end_speech()  # nothing to speak, as when the talker never started
 
-    def _thinker_steps(self, thinking: list[Session], prompt_ended: bool) -> int:
-        """Thinker steps this tick: up to `thinker_steps`, none past a session's max_new_tokens (its KV slot holds
-        no more), one when a prompt ended this tick (its first token, and its first packet, leave with the read)."""
+    def _thinker_steps(self, thinking: list[Session], one: bool) -> int:
+        """Thinker steps this tick: one when `one` (a prompt ended this tick, or the talker works: see the module
+        docstring), else up to `thinker_steps`, none past a session's max_new_tokens (its KV slot holds no more)."""
         if not thinking:
             return 0
-        if prompt_ended:
+        if one:
             return 1
         left = min(s.options.max_new_tokens - len(s.thinker.tokens) for s in thinking)
         return max(1, min(self.options.thinker_steps, left))

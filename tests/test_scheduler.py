@@ -495,32 +495,41 @@ def test_a_first_frame_made_from_an_end_of_speech_code_0_is_dropped_and_stays_in
 
 
 @pytest.mark.parametrize("return_audio", [True, False])
-def test_the_thinker_runs_ahead_up_to_thinker_steps_per_tick(engine, monkeypatch, return_audio):
-    """Up to `thinker_steps` thinker steps per tick, read together: the text takes about a quarter of the ticks
-    it took at one step per tick; the tick that ends the prompt steps once (its first token, and first packet,
-    wait for that tick's read only); no session steps past its max_new_tokens (tokens past its EOS are dropped).
-    Tokens, codes and audio equal one step per tick, and the offline result."""
-    max_new = 9  # 1 + 1 + 4 + 3: the last tick is cut to what is left
-    request, offline = speech_request(engine, min_frames=2, max_new_tokens=max_new,
-                                      talker_max_new_tokens=TALKER_TOKENS, seed=81)
+def test_the_thinker_runs_ahead_on_ticks_without_talker_work(engine, monkeypatch, return_audio):
+    """A tick with talker work steps the thinker once (it overlaps the talker's frame and stays a token ahead of
+    it); a tick without (text only, or after a short speech has ended) steps it up to `thinker_steps` times, read
+    together, never past max_new_tokens (the cut exercised: 9 tokens); the tick that ends the prompt steps once.
+    Tokens, codes and audio equal one step per tick and the offline result."""
+    from runtime import scheduler as scheduler_module
+
+    max_new = 9
+    request, offline = speech_request(engine, min_frames=2, max_new_tokens=max_new, talker_max_new_tokens=3,
+                                      seed=81)  # two frames: the speech ends well before the text
     request = dict(request, return_audio=return_audio)
     generated = offline.sequences.shape[1] - request["input_ids"].shape[1]  # EOS included, if it came
-    want, known = [1], 2  # the prompt's tick: t1 from the prefill, then one step
-    while known < generated:
-        want.append(min(4, max_new - known))
-        known += want[-1]
-    for steps_per_tick, expected in ((4, want), (1, [1] * (generated - 1))):
+    assert generated > 5, "lengthen the text"
+    prompt_len = request["input_ids"].shape[1]
+    talker_decode = scheduler_module.speech.talker_decode
+    for steps_per_tick in (4, 1):
         served = _sharing(engine, max_sessions=1, thinker_steps=steps_per_tick)
-        runner, ticks = served.scheduler.runner, []
+        runner, ticks = served.scheduler.runner, []  # per tick: [thinker cache lengths, talker stepped]
         thinker_decode, step = runner.thinker_decode, Scheduler.step
-        monkeypatch.setattr(runner, "thinker_decode", lambda slots, longest: ticks[-1].append(longest)
+        monkeypatch.setattr(runner, "thinker_decode", lambda slots, longest: ticks[-1][0].append(longest)
                             or thinker_decode(slots, longest))
-        monkeypatch.setattr(Scheduler, "step", lambda self: ticks.append([]) or step(self))
+        monkeypatch.setattr(scheduler_module.speech, "talker_decode", lambda runner, sessions: ticks[-1].__setitem__(
+            1, True) or talker_decode(runner, sessions))
+        monkeypatch.setattr(Scheduler, "step", lambda self: ticks.append([[], False]) or step(self))
         _check_alone(engine, request, offline, list(served.stream(**request)))
-        counts = [len(tick) for tick in ticks if tick]
-        assert counts == expected, (steps_per_tick, counts, generated)
-        prompt_len = request["input_ids"].shape[1]
-        longest = [n for tick in ticks for n in tick]  # the cache length after each step: one more each time,
+        ticks = [tick for tick in ticks if tick[0]]
+        want, known = [1], 2  # the prompt's tick: t1 from the prefill, then one step
+        for _, talked in ticks[1:]:
+            want.append(1 if talked else min(steps_per_tick, max_new - known))
+            known += want[-1]
+        assert [len(lengths) for lengths, _ in ticks] == want and known >= generated, (steps_per_tick, ticks)
+        assert return_audio == any(talked for _, talked in ticks)
+        if steps_per_tick > 1:
+            assert max(want) > 1, "the thinker never ran ahead"
+        lengths = [n for tick, _ in ticks for n in tick]  # the cache length after each step: one more each time,
         start = prompt_len + 1  # the last feeding the generation's last token but one
-        assert longest == list(range(start, start + len(longest))) and longest[-1] <= prompt_len + max_new - 1
+        assert lengths == list(range(start, start + len(lengths))) and lengths[-1] <= prompt_len + max_new - 1
         monkeypatch.setattr(Scheduler, "step", step)
