@@ -9,8 +9,8 @@ Each tick (`Scheduler.step`):
   3. thinker decode steps for every session still generating text (one batch each), launched now; they sample
      the next tokens on the device. One on a tick with talker work: it overlaps the talker's frame on the other
      stream, and keeps the text one token ahead of the talker, which takes one per frame; more would stretch
-     the tick past the frame (a batch-1 thinker step and a talker frame take about as long on a GPU:
-     docs/performance.md) and slow the audio. Without talker work (text-only sessions, a text that outlasts its
+     the tick past the frame (by the floors counted in docs/performance.md, not measured, a batch-1 thinker
+     step and a talker frame take about as long on a GPU) and slow the audio. Without talker work (text-only sessions, a text that outlasts its
      speech) up to `thinker_steps` (SchedulerConfig), so several steps share one blocking read; never past a
      session's max_new_tokens, and one on a tick that ends a prompt (its first token and first packet wait for
      this tick's read);
