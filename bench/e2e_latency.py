@@ -161,14 +161,17 @@ def model_config(preset: str, layers: int | None) -> tuple[OmniConfig, str]:
 
 
 def build_engine(args, device, dtype) -> OmniEngine:
-    scheduler = dict(max_sessions=max(args.concurrency), prefill_chunk=args.prefill_chunk)
+    config, _ = model_config(args.preset, args.layers)
+    # vision graphs only as large as build_request's video frames (256 x 256 pixels): capture time and memory
+    frame_patches = (256 // config.thinker.vision.patch_size) ** 2 if "video" in args.inputs else 16
+    scheduler = dict(max_sessions=max(args.concurrency), prefill_chunk=args.prefill_chunk,
+                     max_vision_patches=max(frame_patches, 16))
     if args.graphs is not None:
         scheduler["use_graphs"] = args.graphs == "on"
     if args.layers is None:
         return OmniEngine.from_pretrained(args.preset, device=device, dtype=dtype, seed=0, scheduler=scheduler)
     from runtime.weights import init_random
 
-    config, _ = model_config(args.preset, args.layers)
     return OmniEngine(config, init_random(config, device, dtype, seed=0), None, device, dtype, scheduler=scheduler)
 
 
