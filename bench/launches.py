@@ -41,6 +41,7 @@ NODE_SECONDS = 1.5e-6  # a dependent kernel in a replayed CUDA graph: ~1.5-2 µs
 PROMPT_BUCKET = 256  # its prompt (~130 audio tokens + the chat template) fits one 256-token prefill chunk
 AUDIO_CHUNKS = 16  # a 10 s question: 10 one-second chunks, in the 16-chunk bucket of the audio encoder's graphs
 VISION_PATCHES = 1024  # a 512 x 512 image: 32 x 32 patches of 16 pixels, the 1024-patch vision encoder bucket
+IMAGE_PROMPT_BUCKET = 512  # its prompt (256 image tokens + the question and the chat template) fits one 512 chunk
 
 
 def _row(name: str, report, note: str = "") -> dict:
@@ -71,7 +72,8 @@ def measure(kernels: str, slots: int) -> list[dict]:
             encoder = {"audio_encoder": AUDIO_CHUNKS, "vision_encoder": VISION_PATCHES}.get(spec.name)
             if encoder is not None and spec.size != encoder:
                 continue
-            if encoder is None and (spec.size not in (1, slots, PROMPT_BUCKET)
+            prompts = (PROMPT_BUCKET, IMAGE_PROMPT_BUCKET) if "prefill" in spec.name else ()
+            if encoder is None and (spec.size not in (1, slots, *prompts)
                                     or (spec.size == slots and "prefill" in spec.name)):
                 continue
             report, _ = model.audit(spec.fn, spec.example_inputs, strict=False)
@@ -99,6 +101,11 @@ def measure(kernels: str, slots: int) -> list[dict]:
                         f"talker_prefill[{PROMPT_BUCKET}]", "code_predictor[1]", "code2wav_first[1]"],
                        "graph stages of a 10 s spoken question; the eager work around them is the 'first-packet "
                        "glue' row (counted for a text prompt)"))
+    rows.append(_total("first packet, image question (1 session)", rows,
+                       [f"vision_encoder[{VISION_PATCHES}]", f"thinker_prefill[{IMAGE_PROMPT_BUCKET}]",
+                        f"talker_prefill[{IMAGE_PROMPT_BUCKET}]", "code_predictor[1]", "code2wav_first[1]"],
+                       "graph stages of a question about a 512 x 512 image; the eager work around them as in the "
+                       "'first-packet glue' row plus the merge of the image's features"))
     return rows
 
 
@@ -196,12 +203,12 @@ def first_packet_glue(model, runner):
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'stage':34} {'kernels':>8} {'syncs':>6} {'H2D':>4} {'D2H':>4} {'weights GB':>10} " \
+    head = f"{'stage':42} {'kernels':>8} {'syncs':>6} {'H2D':>4} {'D2H':>4} {'weights GB':>10} " \
            f"{'H100 µs':>8} {'H200 µs':>8} {'launch µs':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['stage']:34} {r['kernels']:8d} {r['host_syncs']:6d} {r['h2d_copies']:4d} {r['d2h_copies']:4d} "
+        print(f"{r['stage']:42} {r['kernels']:8d} {r['host_syncs']:6d} {r['h2d_copies']:4d} {r['d2h_copies']:4d} "
               f"{r['weight_bytes'] / 1e9:10.3f} {r['bytes_floor_us_H100']:8.0f} {r['bytes_floor_us_H200']:8.0f} "
               f"{r['launch_floor_us']:9.0f}")
     print("\nweights GB: parameter bytes read (MoE: routed experts only, worst case); H100/H200 µs: those bytes at "

@@ -159,6 +159,9 @@ def test_launches_bench_writes_its_table_and_json(tmp_path, capsys):
     # a spoken question's first packet runs in graphs from its audio encoder on (issue 18: <= 2,500 kernels)
     assert "audio_encoder[16]" in rows["first packet (1 session)"]["note"]
     assert rows["audio_encoder[16]"]["kernels"] > 0 and rows["first packet (1 session)"]["kernels"] <= 2500
+    image = rows["first packet, image question (1 session)"]  # and an image question's from its vision encoder on
+    assert "vision_encoder[1024]" in image["note"] and rows["vision_encoder[1024]"]["kernels"] > 0
+    assert image["kernels"] <= 2500 and image["h2d_copies"] == image["host_syncs"] == 0
     assert "steady-state tick" in capsys.readouterr().out
 
 
