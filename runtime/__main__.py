@@ -72,6 +72,8 @@ def _run(engine, out: str | None, out_format: str | None, **request) -> int:
     if writer is not None:
         print(f"speech: {frames} codec frames, {stream.timings.audio_seconds:.2f} s at 24000 Hz -> {out} "
               f"({out_format})")
+    elif request.get("return_audio"):  # the talker ended the speech before its first frame (or the text at t1)
+        print(f"speech: none (the talker ended the speech before its first frame); nothing written to {out}")
     _print_timings(stream.timings)
     return 0
 
