@@ -7,6 +7,7 @@ import torch
 from runtime import dispatch
 from runtime.engine import OmniEngine
 from runtime.graphs import GraphRunner, batch_buckets, check_graph_safe
+from runtime.models.vision_encoder import vision_layout
 from runtime.runner import BATCHED
 from runtime.streaming import AudioChunk
 from tests.oracle import build_oracle, rel_err
@@ -326,8 +327,17 @@ def test_replay_equals_eager_for_every_stage(gpu_engine):
     audio = cfg.thinker.audio
     audio_chunks = (torch.randn(1, runner.audio_buckets[1], audio.num_mel_bins, 2 * audio.n_window, device=device),
                     torch.tensor([runner.audio_buckets[1] * -(-2 * audio.n_window // 8) - 3], device=device))
+    vision, merge = cfg.thinker.vision, cfg.thinker.vision.spatial_merge_size
+    frame = vision_layout(torch.tensor([[1, 2 * merge, 3 * merge]]), merge)  # 6·M² patches in the 32 bucket
+    patches = frame.rows.numel()
+    layout = torch.nn.functional.pad(torch.stack((frame.rows, frame.cols, frame.heights, frame.widths)),
+                                     (0, 32 - patches), value=1).to(device)
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    vision_frame = (torch.nn.functional.pad(torch.randn(1, patches, patch_dim, device=device), (0, 0, 0, 32 - patches)),
+                    layout, torch.tensor([patches], device=device))
     for cache, name, inputs in (
         (None, "audio_encoder", audio_chunks),  # 2 chunks, the last 3 token slots padding
+        (None, "vision_encoder", vision_frame),  # a 2M x 3M-patch frame, the rest of its bucket padding
         (runner.thinker_cache, "thinker_prefill", chunk),
         (runner.talker_cache, "talker_prefill", talker_chunk),
         (runner.thinker_cache, "thinker_decode", (slots,)),

@@ -94,6 +94,30 @@ def test_items_are_independent(pair):
     assert rel_err(out, together[:16 // merge]) <= 1e-6
 
 
+@torch.inference_mode()
+def test_a_padded_frame_equals_the_general_encoder(pair):
+    """forward_segment (the static form the runner captures per patch bucket): a frame's patches zero-padded to
+    a larger bucket, padded patches masked as keys, gives the general encoder's rows for that frame (fp32), and
+    finite padding rows; frames of every size in GRIDS, each in the next power-of-two bucket."""
+    _, seed, ours, _ = pair
+    merge = ours.cfg.spatial_merge_size
+    for index, (t, h, w) in enumerate(GRIDS):
+        pixels, grid_thw = random_pixels(ours.cfg, [(1, h, w)], seed + 10 + index)
+        want, want_deep = ours(pixels, grid_thw)
+        patches = h * w
+        bucket = 1 << patches.bit_length()  # strictly larger: some padding in every case
+        frame = vision_layout(grid_thw, merge)
+        layout = torch.nn.functional.pad(torch.stack((frame.rows, frame.cols, frame.heights, frame.widths)),
+                                         (0, bucket - patches), value=1)
+        padded = torch.nn.functional.pad(pixels, (0, 0, 0, bucket - patches))
+        got, got_deep = ours.forward_segment(padded, layout, torch.tensor([patches]))
+        rows = patches // merge ** 2
+        assert got.shape[0] == bucket // merge ** 2 and torch.isfinite(got).all()
+        assert rel_err(got[:rows], want) <= 1e-5, (t, h, w)
+        for level, feature in zip(got_deep, want_deep):
+            assert rel_err(level[:rows], feature) <= 1e-5, (t, h, w)
+
+
 def test_layout():
     layout = vision_layout(torch.tensor([(2, 2, 4), (1, 2, 4), (1, 4, 2)]), merge_size=2)
     # Merge-block order inside a 2x4 frame: block (0,0) then block (0,1).
