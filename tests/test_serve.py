@@ -36,8 +36,12 @@ from tests.serve_client import ROOT, Realtime, Server, health, metric, wait_idle
 MAX_TOKENS, TALKER_FRAMES, MAX_SEQ_LEN, MAX_SESSIONS, MAX_QUEUE = 10, 12, 2048, 8, 4
 # 2 minutes of speech: only a cancel ends it in a test. Greedy with a repetition penalty below 1, which favours the
 # codes already drawn: the random talker's codec EOS, never drawn before, loses more each frame (a sampled one draws
-# it after ~57 frames, a plain greedy one after 25-112 frames for short prompts on the tiny model).
+# it after ~57 frames, a plain greedy one after 25-112 frames for short prompts on the tiny model). The talker is
+# greedy (temperature 0); the code predictor still samples (the serving API turns talker_do_sample on with any
+# talker temperature), so each stream carries a seed: unseeded, some runs drew a path that ended a stream within
+# a few frames (the 429 test then found a free place).
 LONG_TALK = {"talker_max_new_tokens": 1500, "talker_temperature": 0, "talker_repetition_penalty": 0.5}
+LONG_TALK_SEED = 300  # streams seeded 300, 301, ... keep talking (0 + i and 100 + i did not: one ended early)
 BODY_LIMIT_MB = 1
 WAVE_TOL = 5e-4
 SERVER_ARGS = ["--max-sessions", str(MAX_SESSIONS), "--max-queue", str(MAX_QUEUE), "--max-seq-len", str(MAX_SEQ_LEN),
@@ -238,9 +242,9 @@ def test_eight_concurrent_streams_each_get_what_they_get_alone(engine, server, c
     assert wait_idle(server)["slots"]["in_use"] == 0
 
 
-def _open_stream(server, messages, omni):
+def _open_stream(server, messages, omni, seed: int = LONG_TALK_SEED):
     body = {"model": "omni-rt", "messages": messages, "modalities": ["text", "audio"], "stream": True,
-            "audio": {"voice": "ethan", "format": "pcm16"}, "max_tokens": MAX_TOKENS, "omni": omni}
+            "audio": {"voice": "ethan", "format": "pcm16"}, "max_tokens": MAX_TOKENS, "omni": omni, "seed": seed}
     return httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60)
 
 
@@ -265,7 +269,8 @@ def test_disconnect_after_first_audio_chunk_frees_its_slot(server, client):
 def test_admission_beyond_the_queue_is_429_with_retry_after(server):
     messages, _, _ = question(seed=4)
     capacity = MAX_SESSIONS + MAX_QUEUE
-    contexts = [_open_stream(server, messages, LONG_TALK) for _ in range(capacity)]
+    # seeded (see LONG_TALK): LONG_TALK_SEED + i keep all of them talking
+    contexts = [_open_stream(server, messages, LONG_TALK, seed=LONG_TALK_SEED + i) for i in range(capacity)]
     try:
         responses = [c.__enter__() for c in contexts]
         assert [r.status_code for r in responses] == [200] * capacity
